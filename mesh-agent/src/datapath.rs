@@ -1,0 +1,224 @@
+//! The kernel side of the mesh: loads the programs, reuses or creates their
+//! pinned maps, and attaches them so that they keep working when the agent
+//! stops, crashes or is replaced.
+//!
+//! Pin directory layout (see docs/architecture.md):
+//! - `SOCK_HASH`, `SOCKETS`, `COUNTERS`, `SETTINGS`: the maps, by name;
+//! - `sockops_cgroup_<id>`: the cgroup link of the sockops program.
+//!
+//! The sk_msg program is attached to `SOCK_HASH` itself, so it lives as long
+//! as that map's pin.
+
+pub mod maps;
+pub mod pins;
+mod sys;
+
+use std::{os::fd::AsFd as _, path::PathBuf};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, SockHash},
+    programs::{CgroupAttachMode, SkMsg, SockOps, links::FdLink},
+};
+use mesh_common::{SocketKey, map_names};
+use tracing::info;
+
+use crate::{cgroup, config::Config};
+use maps::{MapsError, PinnedMaps};
+use pins::PinDir;
+
+/// The programs' object, built by `cargo xtask build-ebpf` (see build.rs).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
+
+const SOCKOPS_PROGRAM: &str = "mesh_sockops";
+const MSG_PROGRAM: &str = "mesh_msg_redirect";
+const SOCKOPS_LINK_PREFIX: &str = "sockops_cgroup_";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::CgroupError),
+    #[error("loading the kernel programs")]
+    Load(#[from] aya::EbpfError),
+    #[error("kernel program {name}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{dir} already attaches the mesh to another cgroup ({other}); one pin directory \
+         serves one cgroup: use another --bpffs, or remove the old pins first"
+    )]
+    OtherCgroup { dir: PathBuf, other: String },
+}
+
+/// The loaded and attached data path. Dropping it leaves everything attached.
+pub struct Datapath {
+    _ebpf: Ebpf,
+    pub maps: PinnedMaps,
+}
+
+impl Datapath {
+    /// Loads the programs into the kernel, adopting the maps and links
+    /// already pinned under `pins` (a restart or upgrade) or creating them.
+    pub fn install(config: &Config, pins: &PinDir) -> Result<Self, DatapathError> {
+        let dir = pins.path();
+        maps::check_pinned_layouts(dir)?;
+        let fresh = !dir.join(map_names::SETTINGS).exists();
+        let cgroup = cgroup::open_cgroup2(&config.cgroup)?;
+        let cgroup_id = cgroup::cgroup_id(&cgroup).map_err(|source| DatapathError::Io {
+            what: format!("reading the id of cgroup {}", config.cgroup.display()),
+            source,
+        })?;
+        let link_pin = dir.join(format!("{SOCKOPS_LINK_PREFIX}{cgroup_id}"));
+        if let Some(other) = other_cgroup_link(dir, &link_pin)? {
+            return Err(DatapathError::OtherCgroup {
+                dir: dir.to_owned(),
+                other,
+            });
+        }
+
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(dir)
+            .map_max_entries(map_names::SOCK_HASH, config.max_sockets)
+            .map_max_entries(map_names::SOCKETS, config.max_sockets)
+            .load(OBJECT)?;
+        let maps = PinnedMaps::open(dir)?;
+
+        // Settings first: the programs read them from their first run.
+        match (config.short_circuit, fresh) {
+            (Some(on), _) => maps.set_short_circuit(on)?,
+            (None, true) => maps.set_short_circuit(true)?,
+            (None, false) => {}
+        }
+
+        // sk_msg before sockops: a socket added to the sockhash runs the
+        // sk_msg program attached to the map at that moment, so the program
+        // must be there before the first socket is.
+        attach_msg_redirect(&mut ebpf)?;
+        attach_sockops(&mut ebpf, &cgroup, &link_pin)?;
+
+        info!(
+            bpffs = %dir.display(),
+            cgroup = %config.cgroup.display(),
+            cgroup_id,
+            adopted_pins = !fresh,
+            short_circuit = maps.short_circuit()?,
+            "kernel programs attached"
+        );
+        Ok(Self { _ebpf: ebpf, maps })
+    }
+}
+
+fn program_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> DatapathError {
+    move |source| DatapathError::Program { name, source }
+}
+
+fn attach_msg_redirect(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
+    let map = ebpf
+        .map(map_names::SOCK_HASH)
+        .expect("the object defines SOCK_HASH");
+    let sock_hash: SockHash<&MapData, SocketKey> =
+        SockHash::try_from(map).map_err(|source| MapsError::Map {
+            name: map_names::SOCK_HASH,
+            dir: PathBuf::new(),
+            source,
+        })?;
+    let map_fd = sock_hash
+        .fd()
+        .try_clone()
+        .map_err(|source| DatapathError::Io {
+            what: "duplicating the sockhash descriptor".into(),
+            source,
+        })?;
+    let program: &mut SkMsg = ebpf
+        .program_mut(MSG_PROGRAM)
+        .expect("the object defines the sk_msg program")
+        .try_into()
+        .map_err(program_err(MSG_PROGRAM))?;
+    program.load().map_err(program_err(MSG_PROGRAM))?;
+    // Attaching replaces whatever program a previous agent attached, with no gap.
+    let link_id = program.attach(&map_fd).map_err(program_err(MSG_PROGRAM))?;
+    let link = program
+        .take_link(link_id)
+        .map_err(program_err(MSG_PROGRAM))?;
+    // The attachment belongs to the pinned map, not to this process: dropping
+    // the link would detach the program, so it is deliberately leaked.
+    std::mem::forget(link);
+    Ok(())
+}
+
+fn attach_sockops(
+    ebpf: &mut Ebpf,
+    cgroup: &std::fs::File,
+    link_pin: &std::path::Path,
+) -> Result<(), DatapathError> {
+    let program: &mut SockOps = ebpf
+        .program_mut(SOCKOPS_PROGRAM)
+        .expect("the object defines the sockops program")
+        .try_into()
+        .map_err(program_err(SOCKOPS_PROGRAM))?;
+    program.load().map_err(program_err(SOCKOPS_PROGRAM))?;
+    let io_err = |what: &str| {
+        let what = format!("{what} {}", link_pin.display());
+        move |source| DatapathError::Io { what, source }
+    };
+    if link_pin.exists() {
+        // A previous agent's link: swap its program in place (BPF_LINK_UPDATE),
+        // so the cgroup is never without one.
+        let link = sys::obj_get(link_pin).map_err(io_err("opening pinned link"))?;
+        let prog_fd = program.fd().map_err(program_err(SOCKOPS_PROGRAM))?;
+        sys::link_update(link.as_fd(), prog_fd.as_fd())
+            .map_err(io_err("updating the program of pinned link"))?;
+        info!(link = %link_pin.display(), "adopted pinned sockops link");
+    } else {
+        // With a bpf_link the kernel always lets other programs share the
+        // cgroup (it refuses the ALLOW_MULTI flag there), so other tools'
+        // sockops programs keep working beside ours.
+        let link_id = program
+            .attach(cgroup, CgroupAttachMode::Single)
+            .map_err(program_err(SOCKOPS_PROGRAM))?;
+        let link = program
+            .take_link(link_id)
+            .map_err(program_err(SOCKOPS_PROGRAM))?;
+        let link = FdLink::try_from(link).map_err(|e| DatapathError::Io {
+            what: "the kernel gave a sockops attachment that is not a bpf_link".into(),
+            source: std::io::Error::other(e),
+        })?;
+        link.pin(link_pin).map_err(|e| DatapathError::Io {
+            what: format!("pinning sockops link at {}", link_pin.display()),
+            source: std::io::Error::other(e),
+        })?;
+    }
+    Ok(())
+}
+
+/// A sockops link pinned in `dir` for a cgroup other than `ours`, if any.
+fn other_cgroup_link(
+    dir: &std::path::Path,
+    ours: &std::path::Path,
+) -> Result<Option<String>, DatapathError> {
+    let entries = std::fs::read_dir(dir).map_err(|source| DatapathError::Io {
+        what: format!("listing {}", dir.display()),
+        source,
+    })?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(SOCKOPS_LINK_PREFIX) && entry.path() != ours {
+            return Ok(Some(format!(
+                "cgroup id {}",
+                &name[SOCKOPS_LINK_PREFIX.len()..]
+            )));
+        }
+    }
+    Ok(None)
+}

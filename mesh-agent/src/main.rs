@@ -1,0 +1,24 @@
+//! `mesh-agent`: the node agent of the in-kernel service mesh, and the
+//! operator's CLI for inspecting what the kernel is doing.
+#![deny(unsafe_code)]
+
+mod agent;
+mod cgroup;
+mod cli;
+mod config;
+mod datapath;
+mod inspect;
+mod table;
+
+use clap::Parser as _;
+
+fn main() -> std::process::ExitCode {
+    let cli = cli::Cli::parse();
+    match cli::dispatch(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

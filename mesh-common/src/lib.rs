@@ -1,0 +1,343 @@
+//! Types shared by the mesh's kernel programs (`mesh-ebpf`) and its node agent.
+//!
+//! Everything here is `#[repr(C)]` with explicit padding: the kernel hashes
+//! keys byte by byte, so no byte of a key may be left uninitialised, and the
+//! agent reads the same bytes back from pinned maps. The layout tests at the
+//! bottom pin every size and offset; a change to them is a change of the
+//! pinned-map format and needs a migration.
+#![no_std]
+#![deny(unsafe_code)]
+
+/// Names of the maps, as they appear in the object file and under the pin directory.
+pub mod map_names {
+    /// Sockhash of established local TCP sockets, keyed by [`crate::SocketKey`].
+    pub const SOCK_HASH: &str = "SOCK_HASH";
+    /// Per-socket state ([`crate::SocketInfo`]) for the sockets in `SOCK_HASH`.
+    pub const SOCKETS: &str = "SOCKETS";
+    /// Per-CPU counters indexed by [`crate::Counter`].
+    pub const COUNTERS: &str = "COUNTERS";
+    /// Runtime settings indexed by [`crate::Setting`].
+    pub const SETTINGS: &str = "SETTINGS";
+}
+
+/// Default capacity of the socket maps: the number of TCP sockets of the
+/// node's pods that can be short-circuited at once.
+pub const DEFAULT_MAX_SOCKETS: u32 = 65_536;
+
+/// Identifies one end of a TCP connection, from that end's point of view.
+///
+/// IPv4 addresses are stored IPv4-mapped (`::ffff:a.b.c.d`) so that a
+/// dual-stack socket talking to an IPv4 peer and the IPv4 peer socket produce
+/// matching keys. Addresses are the kernel's network-byte-order words, ports
+/// are in host byte order.
+///
+/// `netns` is the network-namespace cookie for loopback connections and 0
+/// otherwise: `127.0.0.1:80` in one pod is not `127.0.0.1:80` in another, but
+/// a pod IP is unique on the node, so peers in different namespaces still
+/// find each other.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SocketKey {
+    pub local_ip: [u32; 4],
+    pub remote_ip: [u32; 4],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub _pad: u32,
+    pub netns: u64,
+}
+
+/// Address family constants as the kernel reports them in `family`.
+pub const AF_INET: u32 = 2;
+pub const AF_INET6: u32 = 10;
+
+/// The raw socket fields as sock_ops and sk_msg contexts expose them.
+#[derive(Clone, Copy, Debug)]
+pub struct RawTuple {
+    pub family: u32,
+    pub local_ip4: u32,
+    pub remote_ip4: u32,
+    pub local_ip6: [u32; 4],
+    pub remote_ip6: [u32; 4],
+    /// Host byte order.
+    pub local_port: u32,
+    /// Network byte order in the upper half on little-endian (what the
+    /// kernel's context rewrite produces): `u32::from_be` yields the port.
+    pub remote_port: u32,
+}
+
+impl SocketKey {
+    /// Builds the key of the socket whose context fields are `raw`.
+    /// Returns `None` for families other than IPv4 and IPv6.
+    /// `netns_cookie` is only called for loopback connections.
+    #[inline(always)]
+    pub fn from_raw(raw: &RawTuple, netns_cookie: impl FnOnce() -> u64) -> Option<Self> {
+        let (local_ip, remote_ip) = match raw.family {
+            AF_INET => (ipv4_mapped(raw.local_ip4), ipv4_mapped(raw.remote_ip4)),
+            AF_INET6 => (raw.local_ip6, raw.remote_ip6),
+            _ => return None,
+        };
+        let netns = if is_loopback(&remote_ip) {
+            netns_cookie()
+        } else {
+            0
+        };
+        Some(Self {
+            local_ip,
+            remote_ip,
+            local_port: raw.local_port as u16,
+            remote_port: u32::from_be(raw.remote_port) as u16,
+            _pad: 0,
+            netns,
+        })
+    }
+
+    /// The key under which the other end of this connection is stored.
+    #[inline(always)]
+    pub fn peer(&self) -> Self {
+        Self {
+            local_ip: self.remote_ip,
+            remote_ip: self.local_ip,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+            _pad: 0,
+            netns: self.netns,
+        }
+    }
+}
+
+/// `::ffff:a.b.c.d` for an IPv4 address in network byte order.
+#[inline(always)]
+pub fn ipv4_mapped(ip4: u32) -> [u32; 4] {
+    [0, 0, u32::from_be(0x0000_ffff), ip4]
+}
+
+/// Whether an address (IPv6 or IPv4-mapped, network byte order words) is a
+/// loopback address: `::1` or `127.0.0.0/8`.
+#[inline(always)]
+pub fn is_loopback(ip: &[u32; 4]) -> bool {
+    let v6_loopback = ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == u32::from_be(1);
+    let v4_loopback = ip[0] == 0
+        && ip[1] == 0
+        && ip[2] == u32::from_be(0x0000_ffff)
+        && (u32::from_be(ip[3]) >> 24) == 127;
+    v6_loopback || v4_loopback
+}
+
+/// What the kernel keeps about each tracked socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketInfo {
+    /// `SOCKET_*` flags.
+    pub flags: u32,
+    pub _pad: u32,
+    /// The kernel's socket cookie (`SO_COOKIE`).
+    pub cookie: u64,
+    /// When the socket was established, CLOCK_MONOTONIC nanoseconds.
+    pub established_ns: u64,
+}
+
+/// The socket has sent data through the TCP/IP stack (no local peer yet,
+/// or short-circuit off): it must keep doing so, because bytes redirected
+/// now would overtake the bytes still travelling through the stack.
+pub const SOCKET_STACK_ONLY: u32 = 1;
+
+/// Indexes of the per-CPU `COUNTERS` map.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Established sockets added to the socket maps.
+    SocketsTracked = 0,
+    /// Established sockets that could not be added (a map was full).
+    SocketsTrackFailed = 1,
+    /// Tracked sockets that closed and were removed.
+    SocketsClosed = 2,
+    /// Messages handed straight to the peer socket.
+    MsgsRedirected = 3,
+    /// Bytes handed straight to the peer socket.
+    BytesRedirected = 4,
+    /// Redirects that found no eligible local peer: the message took the
+    /// TCP/IP stack (peer on another node, not yet established, or closing).
+    RedirectFailed = 5,
+    /// Messages of sockets pinned to the TCP/IP stack (`SOCKET_STACK_ONLY`).
+    MsgsStackOnly = 6,
+}
+
+impl Counter {
+    pub const ALL: [Counter; 7] = [
+        Counter::SocketsTracked,
+        Counter::SocketsTrackFailed,
+        Counter::SocketsClosed,
+        Counter::MsgsRedirected,
+        Counter::BytesRedirected,
+        Counter::RedirectFailed,
+        Counter::MsgsStackOnly,
+    ];
+
+    /// The counter's name in `inspect stats` and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::SocketsTracked => "sockets_tracked",
+            Counter::SocketsTrackFailed => "sockets_track_failed",
+            Counter::SocketsClosed => "sockets_closed",
+            Counter::MsgsRedirected => "msgs_redirected",
+            Counter::BytesRedirected => "bytes_redirected",
+            Counter::RedirectFailed => "redirect_failed",
+            Counter::MsgsStackOnly => "msgs_stack_only",
+        }
+    }
+}
+
+/// Capacity of `COUNTERS`: room for new counters without a map migration.
+pub const MAX_COUNTERS: u32 = 32;
+
+/// Indexes of the `SETTINGS` array map.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Setting {
+    /// `SHORT_CIRCUIT_ON` to redirect between local sockets; anything else
+    /// sends everything through the TCP/IP stack.
+    ShortCircuit = 0,
+}
+
+/// Capacity of `SETTINGS`.
+pub const MAX_SETTINGS: u32 = 16;
+pub const SHORT_CIRCUIT_ON: u32 = 1;
+pub const SHORT_CIRCUIT_OFF: u32 = 0;
+
+#[cfg(feature = "user")]
+#[allow(unsafe_code)]
+mod pod {
+    // SAFETY: both types are #[repr(C)], contain only integers, and have no
+    // implicit padding (the layout tests below pin that), so every bit
+    // pattern is valid and every byte is initialised.
+    unsafe impl aya::Pod for super::SocketKey {}
+    unsafe impl aya::Pod for super::SocketInfo {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{align_of, offset_of, size_of};
+
+    #[test]
+    fn socket_key_layout_is_pinned() {
+        assert_eq!(size_of::<SocketKey>(), 48);
+        assert_eq!(align_of::<SocketKey>(), 8);
+        assert_eq!(offset_of!(SocketKey, local_ip), 0);
+        assert_eq!(offset_of!(SocketKey, remote_ip), 16);
+        assert_eq!(offset_of!(SocketKey, local_port), 32);
+        assert_eq!(offset_of!(SocketKey, remote_port), 34);
+        assert_eq!(offset_of!(SocketKey, _pad), 36);
+        assert_eq!(offset_of!(SocketKey, netns), 40);
+    }
+
+    #[test]
+    fn socket_info_layout_is_pinned() {
+        assert_eq!(size_of::<SocketInfo>(), 24);
+        assert_eq!(offset_of!(SocketInfo, flags), 0);
+        assert_eq!(offset_of!(SocketInfo, cookie), 8);
+        assert_eq!(offset_of!(SocketInfo, established_ns), 16);
+    }
+
+    #[test]
+    fn counter_indexes_are_dense_and_fit() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
+        assert!(Counter::ALL.len() as u32 <= MAX_COUNTERS);
+        assert!((Setting::ShortCircuit as u32) < MAX_SETTINGS);
+    }
+
+    /// Network-byte-order word for a.b.c.d, as the kernel stores it.
+    fn nbo(a: u8, b: u8, c: u8, d: u8) -> u32 {
+        u32::from_ne_bytes([a, b, c, d])
+    }
+
+    fn v4(local: (u8, u8, u8, u8), lport: u16, remote: (u8, u8, u8, u8), rport: u16) -> RawTuple {
+        RawTuple {
+            family: AF_INET,
+            local_ip4: nbo(local.0, local.1, local.2, local.3),
+            remote_ip4: nbo(remote.0, remote.1, remote.2, remote.3),
+            local_ip6: [0; 4],
+            remote_ip6: [0; 4],
+            local_port: lport as u32,
+            // What the kernel hands out: the big-endian port, shifted up.
+            remote_port: (rport as u32).to_be(),
+        }
+    }
+
+    #[test]
+    fn ipv4_key_is_mapped_and_decodes_ports() {
+        let raw = v4((198, 18, 0, 1), 40000, (198, 18, 0, 2), 80);
+        let key = SocketKey::from_raw(&raw, || panic!("not loopback")).unwrap();
+        assert_eq!(
+            key.local_ip,
+            [0, 0, nbo(0, 0, 0xff, 0xff), nbo(198, 18, 0, 1)]
+        );
+        assert_eq!(key.local_port, 40000);
+        assert_eq!(key.remote_port, 80);
+        assert_eq!(key.netns, 0);
+    }
+
+    #[test]
+    fn the_two_ends_of_a_connection_find_each_other() {
+        let client = v4((198, 18, 0, 1), 40000, (198, 18, 0, 2), 80);
+        let server = v4((198, 18, 0, 2), 80, (198, 18, 0, 1), 40000);
+        let c = SocketKey::from_raw(&client, || 0).unwrap();
+        let s = SocketKey::from_raw(&server, || 0).unwrap();
+        assert_eq!(c.peer(), s);
+        assert_eq!(s.peer(), c);
+    }
+
+    #[test]
+    fn dual_stack_socket_matches_its_ipv4_peer() {
+        let server = v4((198, 18, 0, 2), 80, (198, 18, 0, 1), 40000);
+        let mapped = |ip| ipv4_mapped(ip);
+        let client = RawTuple {
+            family: AF_INET6,
+            local_ip4: 0,
+            remote_ip4: 0,
+            local_ip6: mapped(nbo(198, 18, 0, 1)),
+            remote_ip6: mapped(nbo(198, 18, 0, 2)),
+            local_port: 40000,
+            remote_port: 80u32.to_be(),
+        };
+        let c = SocketKey::from_raw(&client, || 0).unwrap();
+        let s = SocketKey::from_raw(&server, || 0).unwrap();
+        assert_eq!(c.peer(), s);
+    }
+
+    #[test]
+    fn loopback_keys_carry_the_namespace() {
+        let raw = v4((127, 0, 0, 1), 40000, (127, 0, 0, 1), 80);
+        let key = SocketKey::from_raw(&raw, || 42).unwrap();
+        assert_eq!(key.netns, 42);
+        assert_eq!(key.peer().netns, 42);
+
+        let mut v6 = raw;
+        v6.family = AF_INET6;
+        v6.local_ip6 = [0, 0, 0, u32::from_be(1)];
+        v6.remote_ip6 = [0, 0, 0, u32::from_be(1)];
+        assert_eq!(SocketKey::from_raw(&v6, || 7).unwrap().netns, 7);
+    }
+
+    #[test]
+    fn loopback_detection() {
+        assert!(is_loopback(&ipv4_mapped(nbo(127, 1, 2, 3))));
+        assert!(!is_loopback(&ipv4_mapped(nbo(128, 0, 0, 1))));
+        assert!(is_loopback(&[0, 0, 0, u32::from_be(1)]));
+        assert!(!is_loopback(&[
+            u32::from_be(0xfd00_0000),
+            0,
+            0,
+            u32::from_be(1)
+        ]));
+    }
+
+    #[test]
+    fn other_families_are_ignored() {
+        let mut raw = v4((1, 1, 1, 1), 1, (2, 2, 2, 2), 2);
+        raw.family = 1; // AF_UNIX
+        assert!(SocketKey::from_raw(&raw, || 0).is_none());
+    }
+}
