@@ -56,9 +56,10 @@ pub struct RunArgs {
     pub cgroup: Option<PathBuf>,
 
     /// Redirect payload between local sockets, skipping the TCP/IP stack.
-    /// When not given, a restarted agent keeps the setting in force (an
-    /// operator's runtime `short-circuit off` survives restarts); a new
-    /// pin directory starts with `on`.
+    /// Opt-in: see docs/short-circuit.md for the applications it does not
+    /// suit. When not given, a restarted agent keeps the setting in force
+    /// (an operator's runtime switch survives restarts); a new pin
+    /// directory starts with `off`.
     #[arg(long, value_enum)]
     pub short_circuit: Option<OnOff>,
 

@@ -64,7 +64,6 @@ pub enum DatapathError {
 /// The loaded and attached data path. Dropping it leaves everything attached.
 pub struct Datapath {
     _ebpf: Ebpf,
-    pub maps: PinnedMaps,
 }
 
 impl Datapath {
@@ -94,10 +93,12 @@ impl Datapath {
             .load(OBJECT)?;
         let maps = PinnedMaps::open(dir)?;
 
-        // Settings first: the programs read them from their first run.
+        // Settings first: the programs read them from their first run. The
+        // short-circuit is opt-in (docs/short-circuit.md says which kernel
+        // defects make it unsafe for some applications).
         match (config.short_circuit, fresh) {
             (Some(on), _) => maps.set_short_circuit(on)?,
-            (None, true) => maps.set_short_circuit(true)?,
+            (None, true) => maps.set_short_circuit(false)?,
             (None, false) => {}
         }
 
@@ -115,7 +116,7 @@ impl Datapath {
             short_circuit = maps.short_circuit()?,
             "kernel programs attached"
         );
-        Ok(Self { _ebpf: ebpf, maps })
+        Ok(Self { _ebpf: ebpf })
     }
 }
 

@@ -112,10 +112,6 @@ impl PinnedMaps {
         })
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     fn err(&self, name: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapsError + '_ {
         move |source| MapsError::Map {
             name,

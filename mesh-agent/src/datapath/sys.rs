@@ -5,7 +5,7 @@
 
 use std::os::fd::{AsRawFd as _, BorrowedFd};
 
-const BPF_LINK_UPDATE: libc::c_long = 22;
+use aya_obj::generated::bpf_cmd;
 
 /// `bpf_attr.link_update`, the only part of the union this command reads.
 #[repr(C)]
@@ -30,7 +30,7 @@ pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> std::io::Resul
     let ret = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_LINK_UPDATE,
+            bpf_cmd::BPF_LINK_UPDATE as libc::c_long,
             &attr as *const LinkUpdateAttr,
             std::mem::size_of::<LinkUpdateAttr>() as libc::c_uint,
         )
@@ -40,8 +40,6 @@ pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> std::io::Resul
     }
     Ok(())
 }
-
-const BPF_OBJ_GET: libc::c_long = 7;
 
 /// `bpf_attr` for BPF_OBJ_GET.
 #[repr(C)]
@@ -67,7 +65,7 @@ pub fn obj_get(path: &std::path::Path) -> std::io::Result<std::os::fd::OwnedFd> 
     let fd = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_OBJ_GET,
+            bpf_cmd::BPF_OBJ_GET as libc::c_long,
             &attr as *const ObjGetAttr,
             std::mem::size_of::<ObjGetAttr>() as libc::c_uint,
         )

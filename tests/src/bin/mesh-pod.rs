@@ -1,0 +1,571 @@
+//! `mesh-pod`: the workload the kernel tests, the demo and the benchmarks run
+//! inside their pods. Servers echo, sink or hold; clients send a
+//! deterministic byte stream and check every byte that comes back, printing
+//! one JSON report and exiting non-zero on any mismatch, short read or stall.
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsFd as _,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::json;
+
+/// Every blocking read gives up after this long: a stall is a failure, not a hang.
+const IO_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Accept connections forever, serving each on its own thread.
+    Serve {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long, value_enum, default_value_t = Mode::Echo)]
+        mode: Mode,
+        /// For `hold`: how long to leave the first bytes unread.
+        #[arg(long, default_value_t = 1000)]
+        hold_ms: u64,
+    },
+    /// Send patterned bytes of each size and check the echo, byte for byte.
+    Transfer {
+        #[arg(long)]
+        to: SocketAddr,
+        /// Comma-separated sizes in bytes.
+        #[arg(long, value_delimiter = ',')]
+        sizes: Vec<usize>,
+        /// Largest single write; the last write of each size is shorter.
+        #[arg(long, default_value_t = 65536)]
+        chunk: usize,
+        /// Send with sendfile(2) from a file instead of write(2).
+        #[arg(long)]
+        sendfile: bool,
+        /// Parallel connections, each doing every size.
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
+    },
+    /// Many short connections, each a one-byte request and response.
+    Short {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: usize,
+    },
+    /// Ping-pong round trips of `size` bytes; reports the RTT distribution.
+    Pingpong {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+        /// Keep going for this long instead of `count` rounds.
+        #[arg(long)]
+        seconds: Option<f64>,
+    },
+    /// One-way stream of `bytes` to a `sink` server; reports throughput.
+    Stream {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long, default_value_t = 262144)]
+        chunk: usize,
+    },
+    /// Write to a `hold` server that does not read yet: how much is taken
+    /// before the writer is pushed back, then check every byte arrives.
+    Flood {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        bytes: usize,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    /// Echo with read/write; half-close is passed on.
+    Echo,
+    /// Echo with splice(2) through a pipe, never copying to user space.
+    SpliceEcho,
+    /// Read and count; on EOF answer with the byte count (8 bytes, LE).
+    Sink,
+    /// Leave the first bytes unread for hold_ms, then sink with a checksum.
+    Hold,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Serve {
+            listen,
+            mode,
+            hold_ms,
+        } => serve(listen, mode, Duration::from_millis(hold_ms)).map(|()| json!({})),
+        Cmd::Transfer {
+            to,
+            sizes,
+            chunk,
+            sendfile,
+            connections,
+        } => transfer_many(to, &sizes, chunk, sendfile, connections),
+        Cmd::Short { to, count } => short(to, count),
+        Cmd::Pingpong {
+            to,
+            size,
+            count,
+            seconds,
+        } => pingpong(to, size, count, seconds),
+        Cmd::Stream { to, bytes, chunk } => stream(to, bytes, chunk),
+        Cmd::Flood { to, bytes } => flood(to, bytes),
+    };
+    match result {
+        Ok(report) => println!("{report}"),
+        Err(e) => {
+            println!("{}", json!({ "ok": false, "error": format!("{e:#}") }));
+            std::process::exit(1);
+        }
+    }
+}
+
+/// The byte at `offset` of stream `seed`: not periodic over short spans, so
+/// a reordered, duplicated or dropped chunk shows up as a mismatch.
+fn pattern_byte(seed: u64, offset: u64) -> u8 {
+    let mut x = offset.wrapping_add(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    x ^= x >> 29;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 32;
+    x as u8
+}
+
+fn fill_pattern(seed: u64, offset: u64, buf: &mut [u8]) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = pattern_byte(seed, offset + i as u64);
+    }
+}
+
+fn connect(to: SocketAddr) -> anyhow::Result<TcpStream> {
+    let stream = TcpStream::connect(to).with_context(|| format!("connecting to {to}"))?;
+    stream.set_nodelay(true)?;
+    stream.set_nonblocking(true)?;
+    Ok(stream)
+}
+
+// Event-loop I/O, as Go, tokio, Envoy or nginx do it: sockets are
+// non-blocking, and "would block" means wait in poll(2), then retry. A wait
+// that sees no readiness for IO_TIMEOUT is a stall and fails the run.
+
+fn wait_ready(conn: &impl std::os::fd::AsFd, events: nix::poll::PollFlags) -> anyhow::Result<()> {
+    use nix::poll::{PollFd, PollTimeout, poll};
+    let mut fds = [PollFd::new(conn.as_fd(), events)];
+    let timeout = PollTimeout::try_from(IO_TIMEOUT.as_millis() as i32).expect("timeout fits");
+    loop {
+        match poll(&mut fds, timeout) {
+            Ok(0) => bail!("stalled: no progress for {IO_TIMEOUT:?}"),
+            Ok(_) => return Ok(()),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Retries `op` until it does not report "would block".
+fn retry<T>(
+    conn: &impl std::os::fd::AsFd,
+    events: nix::poll::PollFlags,
+    mut op: impl FnMut() -> std::io::Result<T>,
+) -> anyhow::Result<T> {
+    loop {
+        match op() {
+            Ok(v) => return Ok(v),
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
+                wait_ready(conn, events)?
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+const READABLE: nix::poll::PollFlags = nix::poll::PollFlags::POLLIN;
+const WRITABLE: nix::poll::PollFlags = nix::poll::PollFlags::POLLOUT;
+
+fn read_some(conn: &TcpStream, buf: &mut [u8]) -> anyhow::Result<usize> {
+    retry(conn, READABLE, || (&*conn).read(buf))
+}
+
+fn write_some(conn: &TcpStream, buf: &[u8]) -> anyhow::Result<usize> {
+    retry(conn, WRITABLE, || (&*conn).write(buf))
+}
+
+fn write_all(conn: &TcpStream, mut buf: &[u8]) -> anyhow::Result<()> {
+    while !buf.is_empty() {
+        let n = write_some(conn, buf)?;
+        ensure!(n > 0, "write returned 0");
+        buf = &buf[n..];
+    }
+    Ok(())
+}
+
+fn read_exact(conn: &TcpStream, mut buf: &mut [u8]) -> anyhow::Result<()> {
+    while !buf.is_empty() {
+        let n = read_some(conn, buf)?;
+        ensure!(n > 0, "connection closed early");
+        buf = &mut buf[n..];
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- servers
+
+fn serve(listen: SocketAddr, mode: Mode, hold: Duration) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
+    println!("listening {}", listener.local_addr()?);
+    std::io::stdout().flush()?;
+    for conn in listener.incoming() {
+        let conn = conn?;
+        std::thread::spawn(move || {
+            let _ = conn.set_nodelay(true);
+            let _ = conn.set_nonblocking(true);
+            let result = match mode {
+                Mode::Echo => echo(conn),
+                Mode::SpliceEcho => splice_echo(conn),
+                Mode::Sink => sink(conn, Duration::ZERO),
+                Mode::Hold => sink(conn, hold),
+            };
+            if let Err(e) = result {
+                eprintln!("connection: {e:#}");
+            }
+        });
+    }
+    Ok(())
+}
+
+fn echo(conn: TcpStream) -> anyhow::Result<()> {
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = read_some(&conn, &mut buf)?;
+        if n == 0 {
+            conn.shutdown(Shutdown::Write)?;
+            return Ok(());
+        }
+        write_all(&conn, &buf[..n])?;
+    }
+}
+
+fn splice_echo(conn: TcpStream) -> anyhow::Result<()> {
+    use nix::fcntl::{SpliceFFlags, splice};
+    let (pipe_r, pipe_w) = nix::unistd::pipe()?;
+    loop {
+        let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+        let n = retry(&conn, READABLE, || {
+            splice(conn.as_fd(), None, pipe_w.as_fd(), None, 1 << 20, flags).map_err(Into::into)
+        })?;
+        if n == 0 {
+            conn.shutdown(Shutdown::Write)?;
+            return Ok(());
+        }
+        let mut left = n;
+        while left > 0 {
+            left -= retry(&conn, WRITABLE, || {
+                splice(pipe_r.as_fd(), None, conn.as_fd(), None, left, flags).map_err(Into::into)
+            })?;
+        }
+    }
+}
+
+/// FNV-1a, to prove every held byte arrived without echoing it.
+fn fnv1a(hash: u64, bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(hash, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+}
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+fn sink(conn: TcpStream, hold: Duration) -> anyhow::Result<()> {
+    std::thread::sleep(hold);
+    let mut buf = vec![0u8; 256 * 1024];
+    let (mut total, mut hash) = (0u64, FNV_OFFSET);
+    loop {
+        let n = read_some(&conn, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        if !hold.is_zero() {
+            hash = fnv1a(hash, &buf[..n]);
+        }
+    }
+    write_all(&conn, &total.to_le_bytes())?;
+    write_all(&conn, &hash.to_le_bytes())?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- clients
+
+/// Sends `size` patterned bytes (stream `seed`) on one connection, half-closes,
+/// and checks that the echo is the same bytes, in order, then EOF.
+fn transfer_one(
+    to: SocketAddr,
+    seed: u64,
+    size: usize,
+    chunk: usize,
+    sendfile: bool,
+) -> anyhow::Result<()> {
+    let conn = connect(to)?;
+    let writer = conn.try_clone()?;
+    let sender = std::thread::spawn(move || -> anyhow::Result<()> {
+        if sendfile {
+            send_with_sendfile(&writer, seed, size)?;
+        } else {
+            let mut buf = vec![0u8; chunk.max(1)];
+            let mut sent = 0usize;
+            while sent < size {
+                let n = chunk.min(size - sent);
+                fill_pattern(seed, sent as u64, &mut buf[..n]);
+                // write, not write_all: a short write is a partial write
+                // that the loop completes, as applications do.
+                let written = write_some(&writer, &buf[..n])?;
+                ensure!(written > 0, "write returned 0");
+                sent += written;
+            }
+        }
+        // Half-close: the echo server sees EOF, echoes the rest, then closes.
+        writer.shutdown(Shutdown::Write)?;
+        Ok(())
+    });
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut received = 0usize;
+    loop {
+        let n = read_some(&conn, &mut buf)
+            .with_context(|| format!("reading echo after {received} of {size} bytes"))?;
+        if n == 0 {
+            break;
+        }
+        for (i, &b) in buf[..n].iter().enumerate() {
+            let at = received + i;
+            ensure!(at < size, "echo is longer than the {size} bytes sent");
+            ensure!(
+                b == pattern_byte(seed, at as u64),
+                "byte {at} of {size} differs: data corrupted or out of order"
+            );
+        }
+        received += n;
+    }
+    sender.join().expect("sender thread")?;
+    ensure!(
+        received == size,
+        "echo ended after {received} of {size} bytes"
+    );
+    Ok(())
+}
+
+/// sendfile(2) from a file holding the pattern, as static file servers do.
+fn send_with_sendfile(conn: &TcpStream, seed: u64, size: usize) -> anyhow::Result<()> {
+    let mut file = tempfile_in_tmp()?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut written = 0usize;
+    while written < size {
+        let n = buf.len().min(size - written);
+        fill_pattern(seed, written as u64, &mut buf[..n]);
+        file.write_all(&buf[..n])?;
+        written += n;
+    }
+    let mut offset: i64 = 0;
+    while (offset as usize) < size {
+        let left = size - offset as usize;
+        let n = retry(conn, WRITABLE, || {
+            nix::sys::sendfile::sendfile(conn.as_fd(), file.as_fd(), Some(&mut offset), left)
+                .map_err(Into::into)
+        })?;
+        ensure!(n > 0, "sendfile sent nothing at offset {offset}");
+    }
+    Ok(())
+}
+
+/// An unlinked temporary file.
+fn tempfile_in_tmp() -> anyhow::Result<std::fs::File> {
+    let path = std::env::temp_dir().join(format!(
+        "mesh-pod-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)?;
+    std::fs::remove_file(&path)?;
+    Ok(file)
+}
+
+fn transfer_many(
+    to: SocketAddr,
+    sizes: &[usize],
+    chunk: usize,
+    sendfile: bool,
+    connections: usize,
+) -> anyhow::Result<serde_json::Value> {
+    ensure!(!sizes.is_empty(), "--sizes is empty");
+    let start = Instant::now();
+    let workers: Vec<_> = (0..connections.max(1))
+        .map(|c| {
+            let sizes = sizes.to_vec();
+            std::thread::spawn(move || -> anyhow::Result<u64> {
+                let mut bytes = 0u64;
+                for (i, &size) in sizes.iter().enumerate() {
+                    let seed = (c * 1000 + i) as u64 + 1;
+                    transfer_one(to, seed, size, chunk, sendfile)
+                        .with_context(|| format!("connection {c}, {size} bytes"))?;
+                    bytes += size as u64;
+                }
+                Ok(bytes)
+            })
+        })
+        .collect();
+    let mut bytes = 0;
+    for w in workers {
+        bytes += w.join().expect("worker thread")?;
+    }
+    Ok(json!({
+        "ok": true,
+        "connections": connections,
+        "bytes_checked": bytes,
+        "seconds": start.elapsed().as_secs_f64(),
+    }))
+}
+
+fn short(to: SocketAddr, count: usize) -> anyhow::Result<serde_json::Value> {
+    let start = Instant::now();
+    for i in 0..count {
+        let conn = connect(to)?;
+        let byte = [i as u8];
+        write_all(&conn, &byte)?;
+        let mut back = [0u8; 1];
+        read_exact(&conn, &mut back).with_context(|| format!("connection {i}: no echo"))?;
+        ensure!(back == byte, "connection {i}: echo differs");
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(
+        json!({ "ok": true, "connections": count, "seconds": seconds, "per_second": count as f64 / seconds }),
+    )
+}
+
+fn pingpong(
+    to: SocketAddr,
+    size: usize,
+    count: usize,
+    seconds: Option<f64>,
+) -> anyhow::Result<serde_json::Value> {
+    let conn = connect(to)?;
+    let mut out = vec![0u8; size];
+    let mut back = vec![0u8; size];
+    let mut rtts = Vec::with_capacity(count);
+    let deadline = seconds.map(|s| Instant::now() + Duration::from_secs_f64(s));
+    let mut round = 0u64;
+    loop {
+        match deadline {
+            Some(d) if Instant::now() >= d => break,
+            None if rtts.len() >= count => break,
+            _ => {}
+        }
+        fill_pattern(round + 1, 0, &mut out);
+        let t = Instant::now();
+        write_all(&conn, &out)?;
+        read_exact(&conn, &mut back)
+            .with_context(|| format!("round {round}: response did not come"))?;
+        rtts.push(t.elapsed().as_nanos() as u64);
+        ensure!(back == out, "round {round}: response differs from request");
+        round += 1;
+    }
+    rtts.sort_unstable();
+    let pct = |p: f64| {
+        rtts.get(((rtts.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    Ok(json!({
+        "ok": true,
+        "rounds": rtts.len(),
+        "p50_ns": pct(0.50),
+        "p99_ns": pct(0.99),
+    }))
+}
+
+fn stream(to: SocketAddr, bytes: u64, chunk: usize) -> anyhow::Result<serde_json::Value> {
+    let conn = connect(to)?;
+    let buf = vec![0x5au8; chunk];
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = (chunk as u64).min(bytes - sent) as usize;
+        write_all(&conn, &buf[..n])?;
+        sent += n as u64;
+    }
+    conn.shutdown(Shutdown::Write)?;
+    let mut reply = [0u8; 16];
+    read_exact(&conn, &mut reply).context("sink did not confirm")?;
+    let seconds = start.elapsed().as_secs_f64();
+    let counted = u64::from_le_bytes(reply[..8].try_into().unwrap());
+    ensure!(counted == bytes, "sink counted {counted} of {bytes} bytes");
+    Ok(
+        json!({ "ok": true, "bytes": bytes, "seconds": seconds, "gbit_per_s": bytes as f64 * 8.0 / seconds / 1e9 }),
+    )
+}
+
+fn flood(to: SocketAddr, bytes: usize) -> anyhow::Result<serde_json::Value> {
+    let conn = connect(to)?;
+    let seed = 7;
+    let mut buf = vec![0u8; 64 * 1024];
+    // Phase 1: write until the kernel pushes back (would block).
+    let mut sent = 0usize;
+    let mut pushed_back = false;
+    while sent < bytes {
+        let n = buf.len().min(bytes - sent);
+        fill_pattern(seed, sent as u64, &mut buf[..n]);
+        match (&conn).write(&buf[..n]) {
+            Ok(w) => sent += w,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                pushed_back = true;
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let accepted_before_pushback = sent;
+    // Phase 2: the rest, as the server starts reading.
+    while sent < bytes {
+        let n = buf.len().min(bytes - sent);
+        fill_pattern(seed, sent as u64, &mut buf[..n]);
+        sent += write_some(&conn, &buf[..n])?;
+    }
+    conn.shutdown(Shutdown::Write)?;
+    let mut reply = [0u8; 16];
+    read_exact(&conn, &mut reply).context("hold server did not confirm")?;
+    let counted = u64::from_le_bytes(reply[..8].try_into().unwrap()) as usize;
+    let hash = u64::from_le_bytes(reply[8..].try_into().unwrap());
+    ensure!(
+        counted == bytes,
+        "server received {counted} of {bytes} bytes"
+    );
+    let mut expected = FNV_OFFSET;
+    let mut done = 0usize;
+    while done < bytes {
+        let n = buf.len().min(bytes - done);
+        fill_pattern(seed, done as u64, &mut buf[..n]);
+        expected = fnv1a(expected, &buf[..n]);
+        done += n;
+    }
+    if hash != expected {
+        bail!("server's checksum differs: bytes corrupted or out of order");
+    }
+    Ok(
+        json!({ "ok": true, "pushed_back": pushed_back, "accepted_before_pushback": accepted_before_pushback, "bytes": bytes }),
+    )
+}

@@ -1,0 +1,47 @@
+//! Named network namespaces (as `ip netns` makes them), removed on drop.
+use std::{fs::File, path::PathBuf};
+
+use crate::run;
+
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    pub fn create(name: &str) -> anyhow::Result<Self> {
+        run("ip", &["netns", "add", name])?;
+        let ns = Self { name: name.into() };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `ip -n NAME args…`.
+    pub fn ip(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    /// Runs any command inside the namespace (`ip netns exec`).
+    pub fn exec(&self, program: &str, args: &[&str]) -> anyhow::Result<String> {
+        let mut all = vec!["netns", "exec", &self.name, program];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    /// The namespace's file, for setns(2).
+    pub fn file(&self) -> anyhow::Result<File> {
+        Ok(File::open(PathBuf::from("/run/netns").join(&self.name))?)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Removing the namespace removes its interfaces (and the veth peers).
+        let _ = run("ip", &["netns", "del", &self.name]);
+    }
+}

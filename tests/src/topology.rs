@@ -1,0 +1,240 @@
+//! A test's cluster: one "node" (a network namespace with a bridge) per
+//! node, "pods" (network namespaces) plugged into their node's bridge by a
+//! veth pair, one cgroup for the pods' processes and one bpffs for the
+//! agent's pins.
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+
+use crate::{
+    bpffs::TestBpffs,
+    cgroup::TestCgroup,
+    netns::Netns,
+    privileges::require_kernel_test_privileges,
+    process::{Placement, Spawned},
+    unique_name,
+};
+
+/// Path of a binary built next to the running one (the test binaries live
+/// in `target/<profile>/deps`, the tools in `target/<profile>`).
+pub fn sibling_binary(name: &str, env_override: &str) -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os(env_override) {
+        return path.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is not built; run the tests with `cargo xtask test` (or set {env_override})",
+        path.display()
+    );
+    path
+}
+
+pub fn pod_tool() -> std::path::PathBuf {
+    sibling_binary("mesh-pod", "MESH_POD_BIN")
+}
+
+pub struct Pod {
+    pub name: String,
+    pub netns: Netns,
+    pub ip4: Ipv4Addr,
+    pub ip6: Ipv6Addr,
+}
+
+impl Pod {
+    pub fn addr(&self, v6: bool, port: u16) -> SocketAddr {
+        let ip = if v6 {
+            IpAddr::V6(self.ip6)
+        } else {
+            IpAddr::V4(self.ip4)
+        };
+        SocketAddr::new(ip, port)
+    }
+}
+
+pub struct Node {
+    pub netns: Netns,
+    /// Third octet of this node's pod subnet, 198.18.<index>.0/24.
+    index: u8,
+    pods: u8,
+}
+
+/// Everything one test creates; removed in reverse order on drop.
+pub struct TestBed {
+    pub name: String,
+    pub pods: Vec<Pod>,
+    pub nodes: Vec<Node>,
+    // Declared last so they are dropped after the namespaces' processes.
+    pub cgroup: TestCgroup,
+    pub bpffs: TestBpffs,
+}
+
+impl TestBed {
+    /// A bed named after the test, with one node.
+    pub fn new(test: &str) -> anyhow::Result<Self> {
+        require_kernel_test_privileges();
+        // Short: interface and netns names end up in error messages.
+        let name = unique_name(&format!("mt-{}", &test[..test.len().min(12)]));
+        let cgroup = TestCgroup::create(&name)?;
+        let bpffs = TestBpffs::mount(&name)?;
+        let mut bed = Self {
+            name,
+            pods: Vec::new(),
+            nodes: Vec::new(),
+            cgroup,
+            bpffs,
+        };
+        bed.add_node()?;
+        Ok(bed)
+    }
+
+    pub fn add_node(&mut self) -> anyhow::Result<usize> {
+        let index = self.nodes.len() as u8;
+        let netns = Netns::create(&format!("{}-n{index}", self.name))?;
+        netns.ip(&["link", "add", "br0", "type", "bridge"])?;
+        netns.ip(&["addr", "add", &format!("198.18.{index}.1/24"), "dev", "br0"])?;
+        netns.ip(&[
+            "addr",
+            "add",
+            &format!("fd00:0:0:{index}::1/64"),
+            "dev",
+            "br0",
+            "nodad",
+        ])?;
+        netns.ip(&["link", "set", "br0", "up"])?;
+        self.nodes.push(Node {
+            netns,
+            index,
+            pods: 0,
+        });
+        Ok(self.nodes.len() - 1)
+    }
+
+    /// Adds a pod to `node`, with the next free addresses of its subnet.
+    pub fn add_pod(&mut self, node: usize) -> anyhow::Result<&Pod> {
+        let n = &mut self.nodes[node];
+        n.pods += 1;
+        let host = 10 + n.pods;
+        let name = format!("{}-p{}-{host}", self.name, n.index);
+        let netns = Netns::create(&name)?;
+        let veth = format!("veth{host}");
+        n.netns.ip(&[
+            "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &name,
+        ])?;
+        n.netns.ip(&["link", "set", &veth, "master", "br0", "up"])?;
+        let ip4 = Ipv4Addr::new(198, 18, n.index, host);
+        let ip6: Ipv6Addr = format!("fd00:0:0:{}::{host}", n.index).parse()?;
+        netns.ip(&["addr", "add", &format!("{ip4}/24"), "dev", "eth0"])?;
+        netns.ip(&["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
+        netns.ip(&["link", "set", "eth0", "up"])?;
+        self.pods.push(Pod {
+            name,
+            netns,
+            ip4,
+            ip6,
+        });
+        Ok(self.pods.last().expect("just pushed"))
+    }
+
+    /// A mesh workload: runs `mesh-pod args…` in the pod and in the mesh's cgroup.
+    pub fn workload(&self, pod: usize, args: &[&str]) -> anyhow::Result<Spawned> {
+        self.pod_process(pod, args, true)
+    }
+
+    /// The same tool, in the pod but outside the mesh's cgroup.
+    pub fn outsider(&self, pod: usize, args: &[&str]) -> anyhow::Result<Spawned> {
+        self.pod_process(pod, args, false)
+    }
+
+    fn pod_process(&self, pod: usize, args: &[&str], in_mesh: bool) -> anyhow::Result<Spawned> {
+        let mut cmd = Command::new(pod_tool());
+        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        Spawned::spawn(
+            cmd,
+            &Placement {
+                netns: Some(&self.pods[pod].netns),
+                cgroup: in_mesh.then_some(&self.cgroup),
+            },
+        )
+    }
+
+    /// Starts a server in `pod` and waits until it listens.
+    pub fn server(
+        &self,
+        pod: usize,
+        in_mesh: bool,
+        addr: SocketAddr,
+        mode: &str,
+    ) -> anyhow::Result<Spawned> {
+        let listen = addr.to_string();
+        let mut server = self.pod_process(
+            pod,
+            &["serve", "--listen", &listen, "--mode", mode],
+            in_mesh,
+        )?;
+        wait_for_line(&mut server, "listening").context("server did not start")?;
+        Ok(server)
+    }
+
+    /// Runs a client to completion and returns its JSON report; fails when
+    /// it exits non-zero (the tool exits non-zero on any byte mismatch).
+    pub fn client(
+        &self,
+        pod: usize,
+        in_mesh: bool,
+        args: &[&str],
+        timeout: Duration,
+    ) -> anyhow::Result<serde_json::Value> {
+        let client = self.pod_process(pod, args, in_mesh)?;
+        let out = client.wait_output(timeout)?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        anyhow::ensure!(
+            out.status.success(),
+            "client {args:?} failed ({}): {}{}",
+            out.status,
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str(stdout.trim())
+            .with_context(|| format!("client printed no JSON report: {stdout}"))
+    }
+}
+
+impl Drop for TestBed {
+    fn drop(&mut self) {
+        // Anything still running in our cgroup was started by this test.
+        let _ = std::fs::write(self.cgroup.path().join("cgroup.kill"), "1");
+        // Pods before nodes: the veth pairs go with the pod namespaces.
+        self.pods.clear();
+        self.nodes.clear();
+    }
+}
+
+/// Reads the process's stdout until a line starting with `prefix`.
+pub fn wait_for_line(process: &mut Spawned, prefix: &str) -> anyhow::Result<String> {
+    use std::io::BufRead as _;
+    let stdout = process
+        .child_mut()
+        .stdout
+        .as_mut()
+        .context("stdout not captured")?;
+    // The tool prints its readiness line at once; a bounded read is enough.
+    let mut reader = std::io::BufReader::new(stdout);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        anyhow::ensure!(reader.read_line(&mut line)? > 0, "exited before `{prefix}`");
+        if line.starts_with(prefix) {
+            return Ok(line);
+        }
+    }
+}

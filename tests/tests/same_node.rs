@@ -1,0 +1,470 @@
+//! Same-node short-circuit, on the real kernel: two pods (network
+//! namespaces) on one node, the agent attached to the test's own cgroup and
+//! pinning into the test's own bpffs.
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use mesh_tests::{
+    agent::{self, Agent},
+    topology::{TestBed, wait_for_line},
+};
+
+const MIB: usize = 1 << 20;
+const T: Duration = Duration::from_secs(120);
+
+/// A bed with two pods on one node, an echo server in pod 1, and the agent.
+fn two_pods(
+    test: &str,
+    agent_args: &[&str],
+    mode: &str,
+    v6: bool,
+) -> (TestBed, Agent, mesh_tests::process::Spawned, SocketAddr) {
+    let mut bed = TestBed::new(test).unwrap();
+    bed.add_pod(0).unwrap();
+    bed.add_pod(0).unwrap();
+    let agent = Agent::start(&bed, agent_args).unwrap();
+    let addr = bed.pods[1].addr(v6, 8080);
+    let server = bed.server(1, true, addr, mode).unwrap();
+    (bed, agent, server, addr)
+}
+
+fn counter(bed: &TestBed, name: &str) -> u64 {
+    agent::counter(&bed.bpffs.pin_dir(), name).unwrap()
+}
+
+fn sizes(list: &[usize]) -> String {
+    list.iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[test]
+fn redirected_bytes_arrive_intact_from_one_byte_to_16_mib() {
+    let (bed, _agent, _server, addr) =
+        two_pods("intact", &["--short-circuit", "on"], "echo", false);
+    let to = addr.to_string();
+
+    // One-byte writes: every message is its own sk_msg verdict.
+    let small = sizes(&[1, 2, 3, 100, 1000]);
+    bed.client(
+        0,
+        true,
+        &["transfer", "--to", &to, "--sizes", &small, "--chunk", "1"],
+        T,
+    )
+    .unwrap();
+    // Odd-sized writes around buffer boundaries, up to 16 MiB.
+    let large = [4095, 4096, 4097, 65535, 65536, 65537, MIB, 16 * MIB];
+    let report = bed
+        .client(
+            0,
+            true,
+            &[
+                "transfer",
+                "--to",
+                &to,
+                "--sizes",
+                &sizes(&large),
+                "--chunk",
+                "7001",
+            ],
+            T,
+        )
+        .unwrap();
+    assert_eq!(report["ok"], true);
+
+    let sent: usize = large.iter().sum::<usize>() + 1106;
+    let redirected = counter(&bed, "bytes_redirected") as usize;
+    // Both directions go through sk_msg: the request and its echo.
+    assert!(
+        redirected >= sent,
+        "only {redirected} of the {sent} bytes sent each way were redirected"
+    );
+    assert!(counter(&bed, "msgs_redirected") > 0);
+    assert_eq!(counter(&bed, "sockets_track_failed"), 0);
+}
+
+#[test]
+fn two_hundred_concurrent_connections() {
+    let (bed, _agent, _server, addr) =
+        two_pods("concurrent", &["--short-circuit", "on"], "echo", false);
+    let report = bed
+        .client(
+            0,
+            true,
+            &[
+                "transfer",
+                "--to",
+                &addr.to_string(),
+                "--sizes",
+                "1,65536,300000",
+                "--connections",
+                "200",
+                "--chunk",
+                "9000",
+            ],
+            T,
+        )
+        .unwrap();
+    assert_eq!(report["bytes_checked"], 200 * (1 + 65536 + 300000));
+    // 600 connections, two sockets each.
+    assert!(counter(&bed, "sockets_tracked") >= 1200);
+    assert!(counter(&bed, "bytes_redirected") >= 200 * 365537);
+}
+
+#[test]
+fn ipv6_works_like_ipv4() {
+    let (bed, _agent, _server, addr) = two_pods("ipv6", &["--short-circuit", "on"], "echo", true);
+    assert!(addr.is_ipv6());
+    let to = addr.to_string();
+    bed.client(
+        0,
+        true,
+        &[
+            "transfer",
+            "--to",
+            &to,
+            "--sizes",
+            "1,65536,4194304",
+            "--chunk",
+            "5000",
+        ],
+        T,
+    )
+    .unwrap();
+    assert!(counter(&bed, "bytes_redirected") >= 4194304 + 65537);
+
+    // While a connection is open, both of its ends are listed with their
+    // IPv6 addresses and real ports.
+    let pinger = bed
+        .workload(0, &["pingpong", "--to", &to, "--seconds", "2"])
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let sockets = loop {
+        let sockets = agent::sockets(&bed.bpffs.pin_dir()).unwrap();
+        if sockets.len() >= 2 || Instant::now() > deadline {
+            break sockets;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let server_end = sockets
+        .iter()
+        .find(|s| s["local"] == to.as_str())
+        .unwrap_or_else(|| panic!("no socket with local {to} in {sockets:?}"));
+    let client_addr = server_end["remote"].as_str().unwrap().to_string();
+    assert!(client_addr.starts_with(&format!("[{}]:", bed.pods[0].ip6)));
+    assert!(
+        sockets
+            .iter()
+            .any(|s| s["local"] == client_addr.as_str() && s["remote"] == to.as_str())
+    );
+    assert_eq!(server_end["path"], "redirect");
+    let out = pinger.wait_output(T).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn ten_thousand_short_connections_leave_no_entry_behind() {
+    let (bed, _agent, _server, addr) = two_pods("short", &["--short-circuit", "on"], "echo", false);
+    let report = bed
+        .client(
+            0,
+            true,
+            &["short", "--to", &addr.to_string(), "--count", "10000"],
+            T,
+        )
+        .unwrap();
+    assert_eq!(report["connections"], 10000);
+
+    // The server closes its end when it sees EOF; give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let stats = loop {
+        let stats = agent::stats(&bed.bpffs.pin_dir()).unwrap();
+        let left = stats["maps"]["SOCK_HASH"]["entries"].as_u64().unwrap()
+            + stats["maps"]["SOCKETS"]["entries"].as_u64().unwrap();
+        if left == 0 || Instant::now() > deadline {
+            break stats;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(stats["maps"]["SOCK_HASH"]["entries"], 0, "{stats}");
+    assert_eq!(stats["maps"]["SOCKETS"]["entries"], 0, "{stats}");
+    let tracked = stats["counters"]["sockets_tracked"].as_u64().unwrap();
+    assert!(tracked >= 20000, "{stats}");
+    assert_eq!(
+        stats["counters"]["sockets_closed"].as_u64().unwrap(),
+        tracked,
+        "{stats}"
+    );
+}
+
+#[test]
+fn processes_outside_the_cgroup_are_not_touched() {
+    let mut bed = TestBed::new("outside").unwrap();
+    bed.add_pod(0).unwrap();
+    bed.add_pod(0).unwrap();
+    let _agent = Agent::start(&bed, &[]).unwrap();
+    let addr = bed.pods[1].addr(false, 8080);
+    let _server = bed.server(1, false, addr, "echo").unwrap();
+    bed.client(
+        0,
+        false,
+        &[
+            "transfer",
+            "--to",
+            &addr.to_string(),
+            "--sizes",
+            "1,1048576",
+        ],
+        T,
+    )
+    .unwrap();
+    let stats = agent::stats(&bed.bpffs.pin_dir()).unwrap();
+    for (name, value) in stats["counters"].as_object().unwrap() {
+        assert_eq!(
+            value, 0,
+            "counter {name} moved for traffic outside the mesh's cgroup"
+        );
+    }
+    assert!(agent::sockets(&bed.bpffs.pin_dir()).unwrap().is_empty());
+}
+
+#[test]
+fn sendfile_sender_and_splice_receiver_get_every_byte() {
+    // Default settings: the short-circuit is off, so a splice(2) reader
+    // (which cannot see redirected bytes, docs/short-circuit.md) is safe.
+    let (bed, _agent, _server, addr) = two_pods("splice", &[], "splice-echo", false);
+    let sizes = "1,65536,16777216";
+    let report = bed
+        .client(
+            0,
+            true,
+            &[
+                "transfer",
+                "--to",
+                &addr.to_string(),
+                "--sizes",
+                sizes,
+                "--sendfile",
+            ],
+            T,
+        )
+        .unwrap();
+    assert_eq!(report["bytes_checked"], 1 + 65536 + 16777216);
+    assert_eq!(
+        counter(&bed, "sockets_tracked"),
+        0,
+        "tracked sockets with the short-circuit off"
+    );
+}
+
+#[test]
+fn sendfile_sender_is_redirected_intact() {
+    let (bed, _agent, _server, addr) =
+        two_pods("sendfile", &["--short-circuit", "on"], "echo", false);
+    let report = bed
+        .client(
+            0,
+            true,
+            &[
+                "transfer",
+                "--to",
+                &addr.to_string(),
+                "--sizes",
+                "1,65536,16777216",
+                "--sendfile",
+            ],
+            T,
+        )
+        .unwrap();
+    assert_eq!(report["bytes_checked"], 1 + 65536 + 16777216);
+    assert!(
+        counter(&bed, "bytes_redirected") >= 16777216,
+        "the sendfile path was not redirected"
+    );
+}
+
+/// With default settings a receiver that does not read pushes back on its
+/// sender through TCP's own flow control. (With the short-circuit on, the
+/// kernel's redirect path has no per-socket limit: docs/short-circuit.md.)
+#[test]
+fn slow_receiver_pushes_back_and_loses_nothing() {
+    let mut bed = TestBed::new("slowrecv").unwrap();
+    bed.add_pod(0).unwrap();
+    bed.add_pod(0).unwrap();
+    let _agent = Agent::start(&bed, &[]).unwrap();
+    let addr = bed.pods[1].addr(false, 8080);
+    let mut server = bed
+        .workload(
+            1,
+            &[
+                "serve",
+                "--listen",
+                &addr.to_string(),
+                "--mode",
+                "hold",
+                "--hold-ms",
+                "1500",
+            ],
+        )
+        .unwrap();
+    wait_for_line(&mut server, "listening").unwrap();
+    let bytes = 256 * MIB;
+    let report = bed
+        .client(
+            0,
+            true,
+            &[
+                "flood",
+                "--to",
+                &addr.to_string(),
+                "--bytes",
+                &bytes.to_string(),
+            ],
+            T,
+        )
+        .unwrap();
+    assert_eq!(report["pushed_back"], true, "{report}");
+    let buffered = report["accepted_before_pushback"].as_u64().unwrap() as usize;
+    // What the kernel holds for a receiver that does not read is bounded by
+    // the socket buffers (tcp_wmem + tcp_rmem maxima here are 4 + 32 MiB),
+    // not by how much the sender wants to send.
+    assert!(
+        buffered < 48 * MIB,
+        "{buffered} bytes were buffered for a receiver that was not reading"
+    );
+}
+
+#[test]
+fn request_response_never_stalls() {
+    let (bed, _agent, _server, addr) =
+        two_pods("reqresp", &["--short-circuit", "on"], "echo", false);
+    let to = addr.to_string();
+    for size in ["1", "64", "1500", "16384", "65536"] {
+        let report = bed
+            .client(
+                0,
+                true,
+                &["pingpong", "--to", &to, "--size", size, "--count", "300"],
+                T,
+            )
+            .unwrap_or_else(|e| panic!("ping-pong of {size} bytes: {e:#}"));
+        assert_eq!(report["rounds"], 300);
+    }
+    assert!(counter(&bed, "msgs_redirected") >= 2 * 5 * 300);
+}
+
+#[test]
+fn agent_restarts_on_its_pins_and_refuses_a_second_agent() {
+    let (bed, mut agent, _server, addr) =
+        two_pods("restart", &["--short-circuit", "on"], "echo", false);
+    let pins = bed.bpffs.pin_dir();
+    let to = addr.to_string();
+
+    let mut second = Agent::spawn(&bed, &[]).unwrap();
+    let status = second.wait_exit(Duration::from_secs(20)).unwrap();
+    assert!(!status.success());
+    let log = second.log();
+    assert!(
+        log.contains("already running") && log.contains(&format!("pid {}", agent.pid())),
+        "second agent's log: {log}"
+    );
+
+    bed.client(0, true, &["transfer", "--to", &to, "--sizes", "100000"], T)
+        .unwrap();
+    let before = counter(&bed, "bytes_redirected");
+    assert!(before >= 100000);
+
+    assert!(
+        agent.stop().unwrap().success(),
+        "agent log: {}",
+        agent.log()
+    );
+    for pin in ["SOCK_HASH", "SOCKETS", "COUNTERS", "SETTINGS"] {
+        assert!(pins.join(pin).exists(), "{pin} was unpinned on exit");
+    }
+    // No agent: the pinned programs keep short-circuiting.
+    bed.client(0, true, &["transfer", "--to", &to, "--sizes", "100000"], T)
+        .unwrap();
+    let while_down = counter(&bed, "bytes_redirected");
+    assert!(
+        while_down >= before + 100000,
+        "not redirected while the agent was down"
+    );
+
+    let agent = Agent::start(&bed, &[]).unwrap();
+    let log = agent.log();
+    assert!(
+        log.contains("adopted_pins=true") && log.contains("adopted pinned sockops link"),
+        "{log}"
+    );
+    bed.client(0, true, &["transfer", "--to", &to, "--sizes", "100000"], T)
+        .unwrap();
+    assert!(
+        counter(&bed, "bytes_redirected") >= while_down + 100000,
+        "counters were reset"
+    );
+}
+
+#[test]
+fn kill_switch_sends_traffic_through_the_stack_without_breaking_connections() {
+    let (bed, _agent, _server, addr) =
+        two_pods("killswitch", &["--short-circuit", "off"], "echo", false);
+    let pins = bed.bpffs.pin_dir();
+    let to = addr.to_string();
+    let switch = |state: &str| agent::cli(&pins, &["short-circuit", state]).unwrap();
+
+    bed.client(0, true, &["transfer", "--to", &to, "--sizes", "1,65536"], T)
+        .unwrap();
+    assert_eq!(counter(&bed, "msgs_redirected"), 0);
+    assert_eq!(counter(&bed, "sockets_tracked"), 0);
+
+    // A connection opened while off keeps working when switched on.
+    let opened_off = bed
+        .workload(0, &["pingpong", "--to", &to, "--seconds", "2"])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(switch("on").trim(), "short-circuit: on");
+    bed.client(0, true, &["transfer", "--to", &to, "--sizes", "65536"], T)
+        .unwrap();
+    let redirected = counter(&bed, "msgs_redirected");
+    assert!(
+        redirected > 0,
+        "switching on did not redirect new connections"
+    );
+
+    // A redirected connection keeps working when switched off, and its
+    // messages then take the stack.
+    let opened_on = bed
+        .workload(0, &["pingpong", "--to", &to, "--seconds", "2"])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(counter(&bed, "msgs_redirected") > redirected);
+    assert_eq!(switch("off").trim(), "short-circuit: off");
+    let stack_only = counter(&bed, "msgs_stack_only");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        counter(&bed, "msgs_stack_only") > stack_only,
+        "messages still redirected after off"
+    );
+
+    for (name, process) in [
+        ("opened while off", opened_off),
+        ("opened while on", opened_on),
+    ] {
+        let out = process.wait_output(T).unwrap();
+        assert!(
+            out.status.success(),
+            "connection {name} broke: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    assert_eq!(switch("status").trim(), "short-circuit: off");
+}
