@@ -1,1 +1,105 @@
-fn main() {}
+//! `cargo xtask …`: the project's tasks. Everything a fresh machine needs is
+//! installed by `setup`, which `test`, `demo` and `bench` run first.
+mod demo;
+mod ebpf;
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context as _, ensure};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the eBPF toolchain and tools the build and tests need.
+    Setup,
+    /// Build the kernel programs (mesh-ebpf) for bpfel-unknown-none.
+    BuildEbpf,
+    /// Set up, build everything, and run every test (unit and kernel).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Two pods on one machine, the agent, traffic, and what the kernel did.
+    Demo,
+    /// Benchmarks, run against a baseline in the same run.
+    Bench {
+        /// Which benchmark: same-node.
+        which: String,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::BuildEbpf => ebpf::build(),
+        Task::Test { args } => test(&args),
+        Task::Demo => demo::run(),
+        Task::Bench { which } => bench(&which),
+    }
+}
+
+/// Runs a command with inherited output, failing on a non-zero exit.
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    ensure!(status.success(), "{cmd:?} failed with {status}");
+    Ok(())
+}
+
+pub fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// Everything the tests and the demo run: the agent and the pod tools.
+fn build_binaries(release: bool) -> anyhow::Result<()> {
+    setup::ensure_installed()?;
+    ebpf::build()?;
+    let mut cmd = cargo();
+    cmd.args([
+        "build",
+        "--package",
+        "mesh-agent",
+        "--package",
+        "mesh-tests",
+        "--bins",
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    build_binaries(false)?;
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args(["test", "--workspace"]).args(args))
+}
+
+fn bench(which: &str) -> anyhow::Result<()> {
+    ensure!(
+        which == "same-node",
+        "unknown benchmark `{which}` (known: same-node)"
+    );
+    build_binaries(true)?;
+    let root = workspace_root();
+    run(Command::new(root.join("target/release/mesh-bench"))
+        .arg(which)
+        .arg("--out")
+        .arg(root.join("target/bench")))
+}
+
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
