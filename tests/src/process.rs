@@ -31,10 +31,10 @@ pub fn place(cmd: &mut Command, placement: &Placement<'_>) -> anyhow::Result<()>
     // moved into the closure so they stay open until exec.
     unsafe {
         cmd.pre_exec(move || {
-            if let Some(ns) = &netns {
-                if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+            if let Some(ns) = &netns
+                && libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0
+            {
+                return Err(std::io::Error::last_os_error());
             }
             if let Some(procs) = &procs {
                 // "0" moves the writing process into the cgroup.

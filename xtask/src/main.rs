@@ -81,7 +81,44 @@ fn build_binaries(release: bool) -> anyhow::Result<()> {
 fn test(args: &[String]) -> anyhow::Result<()> {
     build_binaries(false)?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
-    run(cargo().args(["test", "--workspace"]).args(args))
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace"]).args(args);
+    eprintln!("xtask: running {cmd:?}");
+    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn()?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line?;
+        println!("{line}");
+        if let Some((p, f)) = parse_test_result(&line) {
+            passed += p;
+            failed += f;
+        }
+    }
+    let status = child.wait()?;
+    // One closing line for the whole run: cargo's last line is the doc-tests
+    // of the last crate, which would otherwise read as "0 passed".
+    println!("xtask test: {passed} passed, {failed} failed");
+    ensure!(status.success(), "cargo test failed with {status}");
+    ensure!(passed > 0, "no test ran");
+    Ok(())
+}
+
+/// `test result: ok. 9 passed; 0 failed; …` → (9, 0).
+fn parse_test_result(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("test result: ")?;
+    let count = |word: &str| {
+        rest.split(';').find_map(|part| {
+            part.trim()
+                .strip_suffix(word)?
+                .trim()
+                .rsplit(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+    };
+    Some((count("passed")?, count("failed")?))
 }
 
 fn bench(which: &str) -> anyhow::Result<()> {
@@ -102,4 +139,14 @@ pub fn workspace_root() -> std::path::PathBuf {
         .parent()
         .expect("xtask lives in the workspace")
         .to_path_buf()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_cargo_test_summaries() {
+        let line = "test result: ok. 11 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 16.53s";
+        assert_eq!(super::parse_test_result(line), Some((11, 2)));
+        assert_eq!(super::parse_test_result("running 3 tests"), None);
+    }
 }
