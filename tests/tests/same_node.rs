@@ -34,6 +34,20 @@ fn counter(bed: &TestBed, name: &str) -> u64 {
     agent::counter(&bed.bpffs.pin_dir(), name).unwrap()
 }
 
+/// Runs `mesh-pod transfer` from pod 0 to `to` (in the mesh, or outside
+/// its cgroup) and returns the report; every echoed byte has been checked.
+fn transfer(
+    bed: &TestBed,
+    in_mesh: bool,
+    to: &str,
+    sizes: &str,
+    extra: &[&str],
+) -> serde_json::Value {
+    let mut args = vec!["transfer", "--to", to, "--sizes", sizes];
+    args.extend_from_slice(extra);
+    bed.client(0, in_mesh, &args, T).unwrap()
+}
+
 fn sizes(list: &[usize]) -> String {
     list.iter()
         .map(|s| s.to_string())
@@ -49,31 +63,10 @@ fn redirected_bytes_arrive_intact_from_one_byte_to_16_mib() {
 
     // One-byte writes: every message is its own sk_msg verdict.
     let small = sizes(&[1, 2, 3, 100, 1000]);
-    bed.client(
-        0,
-        true,
-        &["transfer", "--to", &to, "--sizes", &small, "--chunk", "1"],
-        T,
-    )
-    .unwrap();
+    transfer(&bed, true, &to, &small, &["--chunk", "1"]);
     // Odd-sized writes around buffer boundaries, up to 16 MiB.
     let large = [4095, 4096, 4097, 65535, 65536, 65537, MIB, 16 * MIB];
-    let report = bed
-        .client(
-            0,
-            true,
-            &[
-                "transfer",
-                "--to",
-                &to,
-                "--sizes",
-                &sizes(&large),
-                "--chunk",
-                "7001",
-            ],
-            T,
-        )
-        .unwrap();
+    let report = transfer(&bed, true, &to, &sizes(&large), &["--chunk", "7001"]);
     assert_eq!(report["ok"], true);
 
     let sent: usize = large.iter().sum::<usize>() + 1106;
@@ -91,24 +84,13 @@ fn redirected_bytes_arrive_intact_from_one_byte_to_16_mib() {
 fn two_hundred_concurrent_connections() {
     let (bed, _agent, _server, addr) =
         two_pods("concurrent", &["--short-circuit", "on"], "echo", false);
-    let report = bed
-        .client(
-            0,
-            true,
-            &[
-                "transfer",
-                "--to",
-                &addr.to_string(),
-                "--sizes",
-                "1,65536,300000",
-                "--connections",
-                "200",
-                "--chunk",
-                "9000",
-            ],
-            T,
-        )
-        .unwrap();
+    let report = transfer(
+        &bed,
+        true,
+        &addr.to_string(),
+        "1,65536,300000",
+        &["--connections", "200", "--chunk", "9000"],
+    );
     assert_eq!(report["bytes_checked"], 200 * (1 + 65536 + 300000));
     // 600 connections, two sockets each.
     assert!(counter(&bed, "sockets_tracked") >= 1200);
@@ -120,21 +102,7 @@ fn ipv6_works_like_ipv4() {
     let (bed, _agent, _server, addr) = two_pods("ipv6", &["--short-circuit", "on"], "echo", true);
     assert!(addr.is_ipv6());
     let to = addr.to_string();
-    bed.client(
-        0,
-        true,
-        &[
-            "transfer",
-            "--to",
-            &to,
-            "--sizes",
-            "1,65536,4194304",
-            "--chunk",
-            "5000",
-        ],
-        T,
-    )
-    .unwrap();
+    transfer(&bed, true, &to, "1,65536,4194304", &["--chunk", "5000"]);
     assert!(counter(&bed, "bytes_redirected") >= 4194304 + 65537);
 
     // While a connection is open, both of its ends are listed with their
@@ -213,19 +181,7 @@ fn processes_outside_the_cgroup_are_not_touched() {
     let _agent = Agent::start(&bed, &[]).unwrap();
     let addr = bed.pods[1].addr(false, 8080);
     let _server = bed.server(1, false, addr, "echo").unwrap();
-    bed.client(
-        0,
-        false,
-        &[
-            "transfer",
-            "--to",
-            &addr.to_string(),
-            "--sizes",
-            "1,1048576",
-        ],
-        T,
-    )
-    .unwrap();
+    transfer(&bed, false, &addr.to_string(), "1,1048576", &[]);
     let stats = agent::stats(&bed.bpffs.pin_dir()).unwrap();
     for (name, value) in stats["counters"].as_object().unwrap() {
         assert_eq!(
@@ -242,21 +198,7 @@ fn sendfile_sender_and_splice_receiver_get_every_byte() {
     // (which cannot see redirected bytes, docs/short-circuit.md) is safe.
     let (bed, _agent, _server, addr) = two_pods("splice", &[], "splice-echo", false);
     let sizes = "1,65536,16777216";
-    let report = bed
-        .client(
-            0,
-            true,
-            &[
-                "transfer",
-                "--to",
-                &addr.to_string(),
-                "--sizes",
-                sizes,
-                "--sendfile",
-            ],
-            T,
-        )
-        .unwrap();
+    let report = transfer(&bed, true, &addr.to_string(), sizes, &["--sendfile"]);
     assert_eq!(report["bytes_checked"], 1 + 65536 + 16777216);
     assert_eq!(
         counter(&bed, "sockets_tracked"),
@@ -269,21 +211,13 @@ fn sendfile_sender_and_splice_receiver_get_every_byte() {
 fn sendfile_sender_is_redirected_intact() {
     let (bed, _agent, _server, addr) =
         two_pods("sendfile", &["--short-circuit", "on"], "echo", false);
-    let report = bed
-        .client(
-            0,
-            true,
-            &[
-                "transfer",
-                "--to",
-                &addr.to_string(),
-                "--sizes",
-                "1,65536,16777216",
-                "--sendfile",
-            ],
-            T,
-        )
-        .unwrap();
+    let report = transfer(
+        &bed,
+        true,
+        &addr.to_string(),
+        "1,65536,16777216",
+        &["--sendfile"],
+    );
     assert_eq!(report["bytes_checked"], 1 + 65536 + 16777216);
     assert!(
         counter(&bed, "bytes_redirected") >= 16777216,
@@ -377,8 +311,7 @@ fn agent_restarts_on_its_pins_and_refuses_a_second_agent() {
         "second agent's log: {log}"
     );
 
-    bed.client(0, true, &["transfer", "--to", &to, "--sizes", "100000"], T)
-        .unwrap();
+    transfer(&bed, true, &to, "100000", &[]);
     let before = counter(&bed, "bytes_redirected");
     assert!(before >= 100000);
 
@@ -391,8 +324,7 @@ fn agent_restarts_on_its_pins_and_refuses_a_second_agent() {
         assert!(pins.join(pin).exists(), "{pin} was unpinned on exit");
     }
     // No agent: the pinned programs keep short-circuiting.
-    bed.client(0, true, &["transfer", "--to", &to, "--sizes", "100000"], T)
-        .unwrap();
+    transfer(&bed, true, &to, "100000", &[]);
     let while_down = counter(&bed, "bytes_redirected");
     assert!(
         while_down >= before + 100000,
@@ -405,8 +337,7 @@ fn agent_restarts_on_its_pins_and_refuses_a_second_agent() {
         log.contains("adopted_pins=true") && log.contains("adopted pinned sockops link"),
         "{log}"
     );
-    bed.client(0, true, &["transfer", "--to", &to, "--sizes", "100000"], T)
-        .unwrap();
+    transfer(&bed, true, &to, "100000", &[]);
     assert!(
         counter(&bed, "bytes_redirected") >= while_down + 100000,
         "counters were reset"
@@ -421,8 +352,7 @@ fn kill_switch_sends_traffic_through_the_stack_without_breaking_connections() {
     let to = addr.to_string();
     let switch = |state: &str| agent::cli(&pins, &["short-circuit", state]).unwrap();
 
-    bed.client(0, true, &["transfer", "--to", &to, "--sizes", "1,65536"], T)
-        .unwrap();
+    transfer(&bed, true, &to, "1,65536", &[]);
     assert_eq!(counter(&bed, "msgs_redirected"), 0);
     assert_eq!(counter(&bed, "sockets_tracked"), 0);
 
@@ -432,8 +362,7 @@ fn kill_switch_sends_traffic_through_the_stack_without_breaking_connections() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(switch("on").trim(), "short-circuit: on");
-    bed.client(0, true, &["transfer", "--to", &to, "--sizes", "65536"], T)
-        .unwrap();
+    transfer(&bed, true, &to, "65536", &[]);
     let redirected = counter(&bed, "msgs_redirected");
     assert!(
         redirected > 0,
