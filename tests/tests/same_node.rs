@@ -14,17 +14,23 @@ use mesh_tests::{
 const MIB: usize = 1 << 20;
 const T: Duration = Duration::from_secs(120);
 
-/// A bed with two pods on one node, an echo server in pod 1, and the agent.
+/// A bed with two pods on one node and the agent running.
+fn bed_with_two_pods(test: &str, agent_args: &[&str]) -> (TestBed, Agent) {
+    let mut bed = TestBed::new(test).unwrap();
+    bed.add_pod(0).unwrap();
+    bed.add_pod(0).unwrap();
+    let agent = Agent::start(&bed, agent_args).unwrap();
+    (bed, agent)
+}
+
+/// Two pods, the agent, and a server of `mode` in pod 1 (in the mesh).
 fn two_pods(
     test: &str,
     agent_args: &[&str],
     mode: &str,
     v6: bool,
 ) -> (TestBed, Agent, mesh_tests::process::Spawned, SocketAddr) {
-    let mut bed = TestBed::new(test).unwrap();
-    bed.add_pod(0).unwrap();
-    bed.add_pod(0).unwrap();
-    let agent = Agent::start(&bed, agent_args).unwrap();
+    let (bed, agent) = bed_with_two_pods(test, agent_args);
     let addr = bed.pods[1].addr(v6, 8080);
     let server = bed.server(1, true, addr, mode).unwrap();
     (bed, agent, server, addr)
@@ -175,10 +181,7 @@ fn ten_thousand_short_connections_leave_no_entry_behind() {
 
 #[test]
 fn processes_outside_the_cgroup_are_not_touched() {
-    let mut bed = TestBed::new("outside").unwrap();
-    bed.add_pod(0).unwrap();
-    bed.add_pod(0).unwrap();
-    let _agent = Agent::start(&bed, &[]).unwrap();
+    let (bed, _agent) = bed_with_two_pods("outside", &[]);
     let addr = bed.pods[1].addr(false, 8080);
     let _server = bed.server(1, false, addr, "echo").unwrap();
     transfer(&bed, false, &addr.to_string(), "1,1048576", &[]);
@@ -230,10 +233,7 @@ fn sendfile_sender_is_redirected_intact() {
 /// kernel's redirect path has no per-socket limit: docs/short-circuit.md.)
 #[test]
 fn slow_receiver_pushes_back_and_loses_nothing() {
-    let mut bed = TestBed::new("slowrecv").unwrap();
-    bed.add_pod(0).unwrap();
-    bed.add_pod(0).unwrap();
-    let _agent = Agent::start(&bed, &[]).unwrap();
+    let (bed, _agent) = bed_with_two_pods("slowrecv", &[]);
     let addr = bed.pods[1].addr(false, 8080);
     let mut server = bed
         .workload(

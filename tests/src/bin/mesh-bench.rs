@@ -31,7 +31,7 @@ const T: Duration = Duration::from_secs(300);
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     ensure!(cli.which == "same-node", "unknown benchmark {}", cli.which);
-    let _latency = hold_cpu_dma_latency();
+    let latency = hold_cpu_dmalatency();
 
     let mut bed = TestBed::new("bench")?;
     bed.add_pod(0)?;
@@ -119,7 +119,7 @@ fn main() -> anyhow::Result<()> {
     let report = json!({
         "benchmark": "same-node",
         "machine": machine(),
-        "cpu_dma_latency_held_at_0": _latency.is_some(),
+        "cpu_dmalatency_held_at_0": latency.is_some(),
         "rounds": cli.rounds,
         "pings_per_round": cli.pings,
         "stream_bytes_per_round": cli.stream_bytes,
@@ -132,8 +132,8 @@ fn main() -> anyhow::Result<()> {
         cli.rounds
     );
     println!(
-        "(64-byte ping-pong RTT; single-stream throughput; /dev/cpu_dma_latency held at 0: {})\n",
-        _latency.is_some()
+        "(64-byte ping-pong RTT; single-stream throughput; /dev/cpu_dmalatency held at 0: {})\n",
+        latency.is_some()
     );
     print!("{table}");
     std::fs::create_dir_all(&cli.out)?;
@@ -146,11 +146,11 @@ fn main() -> anyhow::Result<()> {
 
 /// Keeps idle CPUs out of deep sleep while held (as tuned's latency
 /// profiles do): waking one adds ~60 µs to a round trip on these VMs.
-fn hold_cpu_dma_latency() -> Option<std::fs::File> {
+fn hold_cpu_dmalatency() -> Option<std::fs::File> {
     use std::io::Write as _;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
-        .open("/dev/cpu_dma_latency")
+        .open("/dev/cpu_dmalatency")
         .ok()?;
     file.write_all(&0i32.to_ne_bytes()).ok()?;
     Some(file)
