@@ -1,15 +1,32 @@
 //! `mesh-agent run`: the node agent's lifecycle.
+use std::{os::fd::AsFd as _, path::Path, time::Duration};
+
 use anyhow::Context as _;
-use tracing::info;
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use tracing::{error, info};
 
 use crate::{
     config::{Config, LogFormat},
+    control::Control,
     datapath::{Datapath, pins::PinDir},
+    flows::{self, FlowHub},
+    state::NodeState,
 };
+
+/// Editors and `kubectl`-like tools write a file in several steps; changes
+/// that arrive within this window are applied together.
+const SETTLE: Duration = Duration::from_millis(5);
 
 pub fn run(config: Config) -> anyhow::Result<()> {
     init_logging(config.log_format);
-    info!(config = %serde_json::to_string(&config)?, "starting mesh-agent {}", env!("CARGO_PKG_VERSION"));
+    info!(
+        config = %serde_json::to_string(&config)?,
+        node = %config.mesh.node,
+        trust_domain = %config.mesh.trust_domain,
+        default_policy = ?config.mesh.default_action,
+        non_mesh = ?config.mesh.non_mesh_action,
+        "starting mesh-agent {}", env!("CARGO_PKG_VERSION")
+    );
 
     let pins = PinDir::lock(&config.bpffs)?;
     let _datapath = Datapath::install(&config, &pins)?;
@@ -19,13 +36,93 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
-        info!("ready");
-        let signal = wait_for_shutdown().await?;
+        let hub = FlowHub::new();
+        hub.set_names(NodeState::read(&config.state_dir).unwrap_or_default());
+        tokio::spawn(log_failure("flow events", hub.clone().read_kernel_events(config.bpffs.clone())));
+        tokio::spawn(log_failure(
+            "agent socket",
+            hub.clone().serve(flows::socket_path(&config.state_dir)),
+        ));
+
+        let signal = match config.config_dir.clone() {
+            Some(dir) => {
+                let control = Control::adopt(config.clone())?;
+                tokio::select! {
+                    result = follow_config_dir(control, &dir, &hub) => {
+                        result?;
+                        unreachable!("the directory watch only ends with an error")
+                    }
+                    signal = wait_for_shutdown() => signal?,
+                }
+            }
+            None => {
+                info!("ready");
+                wait_for_shutdown().await?
+            }
+        };
         // The programs and maps stay attached and pinned: the data path keeps
-        // working while no agent runs, and the next agent adopts the pins.
+        // enforcing while no agent runs, and the next agent adopts the pins.
         info!(signal, "stopping; kernel programs stay attached");
         anyhow::Ok(())
     })
+}
+
+async fn log_failure(what: &'static str, task: impl Future<Output = anyhow::Result<()>>) {
+    if let Err(e) = task.await {
+        error!(error = format!("{e:#}"), "{what} stopped");
+    }
+}
+
+/// Applies the directory now and after every change to it. The agent is
+/// ready once a configuration has been applied; a refused one leaves the
+/// previous policy enforcing and waits for the next change.
+async fn follow_config_dir(mut control: Control, dir: &Path, hub: &FlowHub) -> anyhow::Result<()> {
+    let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
+    inotify
+        .add_watch(
+            dir,
+            AddWatchFlags::IN_CLOSE_WRITE
+                | AddWatchFlags::IN_MOVED_TO
+                | AddWatchFlags::IN_MOVED_FROM
+                | AddWatchFlags::IN_DELETE
+                | AddWatchFlags::IN_CREATE,
+        )
+        .with_context(|| format!("watching {}", dir.display()))?;
+    let events = crate::datapath::sys::async_owned_fd(inotify.as_fd().try_clone_to_owned()?)?;
+    let mut ready = false;
+    loop {
+        match control.reload() {
+            Ok((compiled, changes)) => {
+                hub.set_names(NodeState::from_compiled(&compiled, changes.generation));
+                if !ready {
+                    ready = true;
+                    info!("ready");
+                }
+            }
+            Err(e) => error!(
+                error = format!("{e:#}"),
+                "configuration refused; the policy in force stays in force"
+            ),
+        }
+        // Wait for a change, then let the writer finish.
+        loop {
+            let mut guard = events.readable().await?;
+            match inotify.read_events() {
+                Ok(evs) if !evs.is_empty() => {
+                    guard.clear_ready();
+                    break;
+                }
+                Ok(_) | Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        tokio::time::sleep(SETTLE).await;
+        while let Ok(evs) = inotify.read_events() {
+            if evs.is_empty() {
+                break;
+            }
+        }
+    }
 }
 
 async fn wait_for_shutdown() -> anyhow::Result<&'static str> {

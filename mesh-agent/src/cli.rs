@@ -9,7 +9,9 @@ use crate::{
     agent,
     config::{self, Config},
     datapath::maps::PinnedMaps,
+    explain,
     inspect::{self, Output},
+    state::NodeState,
 };
 
 #[derive(Debug, Parser)]
@@ -22,6 +24,10 @@ pub struct Cli {
     /// Pin directory of this node's mesh (on a bpf filesystem).
     #[arg(long, global = true, env = config::ENV_BPFFS, default_value = config::DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
+
+    /// The agent's socket and the names behind the maps' numbers.
+    #[arg(long, global = true, env = config::ENV_STATE_DIR, default_value = config::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
 
     #[command(subcommand)]
     pub command: Command,
@@ -46,6 +52,53 @@ pub enum Command {
         #[arg(value_enum)]
         state: SwitchState,
     },
+    /// Show the kernel's verdicts as they happen (from the running agent).
+    Flows(FlowsArgs),
+    /// Say what policy decides for a connection, and which rule decides it,
+    /// from the entries the kernel itself looks up.
+    Explain(ExplainArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct FlowsArgs {
+    /// Keep printing new events until interrupted.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Only flows from or to this identity (a SPIFFE ID, a prefix of one
+    /// ending in `*`, `world`, or a numeric identity).
+    #[arg(long)]
+    pub identity: Option<String>,
+    /// Only flows with this verdict.
+    #[arg(long, value_enum)]
+    pub verdict: Option<crate::explain::VerdictFilter>,
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExplainArgs {
+    /// Source: an IP address or a SPIFFE ID.
+    #[arg(long)]
+    pub from: String,
+    /// Destination: an IP address or a SPIFFE ID.
+    #[arg(long)]
+    pub to: String,
+    #[arg(long)]
+    pub port: u16,
+    #[arg(long, value_enum, default_value_t = crate::explain::Proto::Tcp)]
+    pub proto: crate::explain::Proto,
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+/// What happens to established connections when policy stops allowing them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Established {
+    /// They keep running, as with conntrack-based firewalls; only new
+    /// connections see the new policy (never short-circuited again, though).
+    Keep,
+    /// Their packets from other nodes are checked again and dropped.
+    Revoke,
 }
 
 #[derive(Debug, clap::Args)]
@@ -67,6 +120,54 @@ pub struct RunArgs {
     #[arg(long, default_value_t = mesh_common::DEFAULT_MAX_SOCKETS)]
     pub max_sockets: u32,
 
+    /// Standalone mode: read Workload and MeshPolicy documents from this
+    /// directory and apply every change to it (docs/policy.md).
+    #[arg(long, env = config::ENV_CONFIG_DIR)]
+    pub config_dir: Option<PathBuf>,
+
+    /// This node's name, as workloads' `spec.node` names it (default: the
+    /// host name).
+    #[arg(long, env = config::ENV_NODE_NAME)]
+    pub node: Option<String>,
+
+    /// Interfaces where traffic from other nodes arrives; a tc program on
+    /// each checks it against policy.
+    #[arg(long, value_delimiter = ',', env = config::ENV_INTERFACES)]
+    pub interfaces: Vec<String>,
+
+    /// The SPIFFE trust domain of the mesh's identities.
+    #[arg(long, default_value = "cluster.local")]
+    pub trust_domain: String,
+
+    /// Policies in this namespace select workloads of every namespace.
+    #[arg(long, default_value = "mesh-system")]
+    pub root_namespace: String,
+
+    /// Verdict for mesh sources when no ALLOW policy selects the destination.
+    #[arg(long, value_enum, default_value_t = crate::policy::DefaultAction::Allow)]
+    pub default_policy: crate::policy::DefaultAction,
+
+    /// Verdict for sources that are not mesh workloads when no ALLOW policy
+    /// selects the destination.
+    #[arg(long, value_enum, default_value_t = crate::policy::DefaultAction::Allow)]
+    pub non_mesh: crate::policy::DefaultAction,
+
+    /// What a policy change does to established connections it now denies.
+    #[arg(long, value_enum, default_value_t = Established::Keep)]
+    pub established: Established,
+
+    /// Capacity of the endpoints map (only used when it is created).
+    #[arg(long, default_value_t = mesh_common::policy::DEFAULT_MAX_ENDPOINTS)]
+    pub max_endpoints: u32,
+
+    /// Capacity of the policy map (only used when it is created).
+    #[arg(long, default_value_t = mesh_common::policy::DEFAULT_MAX_POLICY)]
+    pub max_policy: u32,
+
+    /// Capacity of the conntrack map (only used when it is created).
+    #[arg(long, default_value_t = mesh_common::policy::DEFAULT_MAX_CONNTRACK)]
+    pub max_conntrack: u32,
+
     /// Log format.
     #[arg(long, value_enum, default_value_t = config::LogFormat::Plain, env = config::ENV_LOG_FORMAT)]
     pub log_format: config::LogFormat,
@@ -78,6 +179,14 @@ pub enum InspectWhat {
     Sockets,
     /// Counters of the kernel programs and how full each map is.
     Stats,
+    /// Workload addresses: identity, subject, local or remote.
+    Endpoints,
+    /// Identities known to this node, with their numbers.
+    Identities,
+    /// Compiled policy entries, as the kernel looks them up.
+    Policy,
+    /// Flows seen by the tc programs, with their verdicts.
+    Conntrack,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -96,16 +205,28 @@ pub enum SwitchState {
 pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
-            let config = Config::from_args(cli.bpffs, args)?;
+            let config = Config::from_args(cli.bpffs, cli.state_dir, args)?;
             agent::run(config)
         }
         Command::Inspect { output, what } => {
             let maps = PinnedMaps::open(&cli.bpffs)?;
+            let names = NodeState::read(&cli.state_dir)?;
             let text = match what {
                 InspectWhat::Sockets => inspect::sockets(&maps, output)?,
                 InspectWhat::Stats => inspect::stats(&maps, output)?,
+                InspectWhat::Endpoints => inspect::endpoints(&maps, &names, output)?,
+                InspectWhat::Identities => inspect::identities(&maps, &names, output)?,
+                InspectWhat::Policy => inspect::policy(&maps, &names, output)?,
+                InspectWhat::Conntrack => inspect::conntrack(&maps, &names, output)?,
             };
             print!("{text}");
+            Ok(())
+        }
+        Command::Flows(args) => explain::flows(&cli.state_dir, args),
+        Command::Explain(args) => {
+            let maps = PinnedMaps::open(&cli.bpffs)?;
+            let names = NodeState::read(&cli.state_dir)?;
+            print!("{}", explain::explain(&maps, &names, &args)?);
             Ok(())
         }
         Command::ShortCircuit { state } => {

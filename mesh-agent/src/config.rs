@@ -3,12 +3,17 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::{cgroup, cli::RunArgs};
+use crate::{cgroup, cli::RunArgs, policy::MeshSettings};
 
 pub const ENV_BPFFS: &str = "MESH_BPFFS";
 pub const ENV_CGROUP: &str = "MESH_CGROUP";
 pub const ENV_LOG_FORMAT: &str = "MESH_LOG_FORMAT";
+pub const ENV_STATE_DIR: &str = "MESH_STATE_DIR";
+pub const ENV_CONFIG_DIR: &str = "MESH_CONFIG_DIR";
+pub const ENV_NODE_NAME: &str = "NODE_NAME";
+pub const ENV_INTERFACES: &str = "MESH_INTERFACES";
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/mesh";
+pub const DEFAULT_STATE_DIR: &str = "/run/mesh";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -21,26 +26,63 @@ pub enum LogFormat {
 pub struct Config {
     /// Pin directory for maps and links.
     pub bpffs: PathBuf,
+    /// The agent's socket and the names behind the maps' numbers.
+    pub state_dir: PathBuf,
     /// cgroup v2 directory the socket programs attach to.
     pub cgroup: PathBuf,
+    /// Standalone mode: the directory of Workload and MeshPolicy documents.
+    pub config_dir: Option<PathBuf>,
+    /// Interfaces where traffic from other nodes arrives.
+    pub interfaces: Vec<String>,
+    #[serde(skip)]
+    pub mesh: MeshSettings,
     /// `Some` when given on the command line; `None` keeps what is pinned.
     pub short_circuit: Option<bool>,
+    pub revoke_established: bool,
     pub max_sockets: u32,
+    pub max_endpoints: u32,
+    pub max_policy: u32,
+    pub max_conntrack: u32,
     pub log_format: LogFormat,
 }
 
 impl Config {
-    pub fn from_args(bpffs: PathBuf, args: RunArgs) -> anyhow::Result<Self> {
+    pub fn from_args(bpffs: PathBuf, state_dir: PathBuf, args: RunArgs) -> anyhow::Result<Self> {
         let cgroup = match args.cgroup {
             Some(path) => path,
             None => cgroup::detect_cgroup2_mount()?,
         };
-        anyhow::ensure!(args.max_sockets > 0, "--max-sockets must be at least 1");
+        for (flag, value) in [
+            ("--max-sockets", args.max_sockets),
+            ("--max-endpoints", args.max_endpoints),
+            ("--max-policy", args.max_policy),
+            ("--max-conntrack", args.max_conntrack),
+        ] {
+            anyhow::ensure!(value > 0, "{flag} must be at least 1");
+        }
+        let node = match args.node {
+            Some(node) => node,
+            None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
+        };
         Ok(Self {
             bpffs,
+            state_dir,
             cgroup,
+            config_dir: args.config_dir,
+            interfaces: args.interfaces,
+            mesh: MeshSettings {
+                trust_domain: args.trust_domain,
+                node,
+                root_namespace: args.root_namespace,
+                default_action: args.default_policy,
+                non_mesh_action: args.non_mesh,
+            },
             short_circuit: args.short_circuit.map(|s| s == crate::cli::OnOff::On),
+            revoke_established: args.established == crate::cli::Established::Revoke,
             max_sockets: args.max_sockets,
+            max_endpoints: args.max_endpoints,
+            max_policy: args.max_policy,
+            max_conntrack: args.max_conntrack,
             log_format: args.log_format,
         })
     }

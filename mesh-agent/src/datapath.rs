@@ -3,22 +3,32 @@
 //! stops, crashes or is replaced.
 //!
 //! Pin directory layout (see docs/architecture.md):
-//! - `SOCK_HASH`, `SOCKETS`, `COUNTERS`, `SETTINGS`: the maps, by name;
-//! - `sockops_cgroup_<id>`: the cgroup link of the sockops program.
+//! - the maps, by name (`SOCK_HASH`, `POLICY`, …);
+//! - `sockops_cgroup_<id>`, `connect4_cgroup_<id>`, …: the cgroup links;
+//! - `tc_ingress_<ifname>`, `tc_egress_<ifname>`: the TCX links of the
+//!   node's interfaces.
 //!
+//! Every link is pinned, and a restarted agent swaps the program of each
+//! pinned link in place (`BPF_LINK_UPDATE`): no hook is ever left empty.
 //! The sk_msg program is attached to `SOCK_HASH` itself, so it lives as long
 //! as that map's pin.
 
 pub mod maps;
 pub mod pins;
-mod sys;
+pub mod sys;
 
-use std::{os::fd::AsFd as _, path::PathBuf};
+use std::{
+    os::fd::{AsFd as _, BorrowedFd},
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, SockHash},
-    programs::{CgroupAttachMode, SkMsg, SockOps, links::FdLink},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, SkMsg, SockOps,
+        TcAttachType, links::FdLink, tc::TcAttachOptions,
+    },
 };
 use mesh_common::{SocketKey, map_names};
 use tracing::info;
@@ -33,6 +43,19 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
 const SOCKOPS_PROGRAM: &str = "mesh_sockops";
 const MSG_PROGRAM: &str = "mesh_msg_redirect";
 const SOCKOPS_LINK_PREFIX: &str = "sockops_cgroup_";
+/// The connect-time policy programs, by the name of their cgroup hook.
+const SOCK_ADDR_PROGRAMS: [(&str, &str); 6] = [
+    ("mesh_connect4", "connect4"),
+    ("mesh_connect6", "connect6"),
+    ("mesh_sendmsg4", "sendmsg4"),
+    ("mesh_sendmsg6", "sendmsg6"),
+    ("mesh_recvmsg4", "recvmsg4"),
+    ("mesh_recvmsg6", "recvmsg6"),
+];
+const TC_PROGRAMS: [(&str, &str, TcAttachType); 2] = [
+    ("mesh_ingress", "ingress", TcAttachType::Ingress),
+    ("mesh_egress", "egress", TcAttachType::Egress),
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -90,6 +113,10 @@ impl Datapath {
             .default_map_pin_directory(dir)
             .map_max_entries(map_names::SOCK_HASH, config.max_sockets)
             .map_max_entries(map_names::SOCKETS, config.max_sockets)
+            .map_max_entries(map_names::ENDPOINTS, config.max_endpoints)
+            .map_max_entries(map_names::POLICY, config.max_policy)
+            .map_max_entries(map_names::CONNTRACK, config.max_conntrack)
+            .map_max_entries(map_names::UDP_PEERS, config.max_conntrack)
             .load(OBJECT)?;
         let maps = PinnedMaps::open(dir)?;
 
@@ -101,17 +128,29 @@ impl Datapath {
             (None, true) => maps.set_short_circuit(false)?,
             (None, false) => {}
         }
+        maps.set_revoke_established(config.revoke_established)?;
 
         // sk_msg before sockops: a socket added to the sockhash runs the
         // sk_msg program attached to the map at that moment, so the program
         // must be there before the first socket is.
         attach_msg_redirect(&mut ebpf)?;
         attach_sockops(&mut ebpf, &cgroup, &link_pin)?;
+        for (program, hook) in SOCK_ADDR_PROGRAMS {
+            let pin = dir.join(format!("{hook}_cgroup_{cgroup_id}"));
+            attach_sock_addr(&mut ebpf, program, &cgroup, &pin)?;
+        }
+        for interface in &config.interfaces {
+            for (program, direction, attach_type) in TC_PROGRAMS {
+                let pin = dir.join(format!("tc_{direction}_{interface}"));
+                attach_tc(&mut ebpf, program, interface, attach_type, &pin)?;
+            }
+        }
 
         info!(
             bpffs = %dir.display(),
             cgroup = %config.cgroup.display(),
             cgroup_id,
+            interfaces = ?config.interfaces,
             adopted_pins = !fresh,
             short_circuit = maps.short_circuit()?,
             "kernel programs attached"
@@ -161,7 +200,7 @@ fn attach_msg_redirect(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
 fn attach_sockops(
     ebpf: &mut Ebpf,
     cgroup: &std::fs::File,
-    link_pin: &std::path::Path,
+    link_pin: &Path,
 ) -> Result<(), DatapathError> {
     let program: &mut SockOps = ebpf
         .program_mut(SOCKOPS_PROGRAM)
@@ -169,34 +208,107 @@ fn attach_sockops(
         .try_into()
         .map_err(program_err(SOCKOPS_PROGRAM))?;
     program.load().map_err(program_err(SOCKOPS_PROGRAM))?;
+    let prog_fd = dup_program_fd(program.fd().map_err(program_err(SOCKOPS_PROGRAM))?.as_fd())?;
+    attach_pinned(link_pin, prog_fd.as_fd(), || {
+        // With a bpf_link the kernel always lets other programs share the
+        // cgroup (it refuses the ALLOW_MULTI flag there), so other tools'
+        // sockops programs keep working beside ours.
+        let id = program
+            .attach(cgroup, CgroupAttachMode::Single)
+            .map_err(program_err(SOCKOPS_PROGRAM))?;
+        let link = program.take_link(id).map_err(program_err(SOCKOPS_PROGRAM))?;
+        FdLink::try_from(link).map_err(not_a_bpf_link)
+    })
+}
+
+fn attach_sock_addr(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: &std::fs::File,
+    link_pin: &Path,
+) -> Result<(), DatapathError> {
+    let program: &mut CgroupSockAddr = ebpf
+        .program_mut(name)
+        .expect("the object defines the sock_addr programs")
+        .try_into()
+        .map_err(program_err(name))?;
+    program.load().map_err(program_err(name))?;
+    let prog_fd = dup_program_fd(program.fd().map_err(program_err(name))?.as_fd())?;
+    attach_pinned(link_pin, prog_fd.as_fd(), || {
+        let id = program
+            .attach(cgroup, CgroupAttachMode::Single)
+            .map_err(program_err(name))?;
+        let link = program.take_link(id).map_err(program_err(name))?;
+        FdLink::try_from(link).map_err(not_a_bpf_link)
+    })
+}
+
+fn attach_tc(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    interface: &str,
+    attach_type: TcAttachType,
+    link_pin: &Path,
+) -> Result<(), DatapathError> {
+    let program: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .expect("the object defines the tc programs")
+        .try_into()
+        .map_err(program_err(name))?;
+    if program.fd().is_err() {
+        program.load().map_err(program_err(name))?;
+    }
+    let prog_fd = dup_program_fd(program.fd().map_err(program_err(name))?.as_fd())?;
+    attach_pinned(link_pin, prog_fd.as_fd(), || {
+        // TCX (Linux 6.6+): a bpf_link, so it can be pinned and updated in
+        // place, and it coexists with other tc programs on the interface.
+        let id = program
+            .attach_with_options(
+                interface,
+                attach_type,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(program_err(name))?;
+        let link = program.take_link(id).map_err(program_err(name))?;
+        FdLink::try_from(link).map_err(not_a_bpf_link)
+    })
+}
+
+fn dup_program_fd(fd: BorrowedFd<'_>) -> Result<std::os::fd::OwnedFd, DatapathError> {
+    fd.try_clone_to_owned().map_err(|source| DatapathError::Io {
+        what: "duplicating a program descriptor".into(),
+        source,
+    })
+}
+
+fn not_a_bpf_link(e: aya::programs::links::LinkError) -> DatapathError {
+    DatapathError::Io {
+        what: "the kernel gave an attachment that is not a bpf_link".into(),
+        source: std::io::Error::other(e),
+    }
+}
+
+/// The one way every hook is attached: when a previous agent pinned a link
+/// at `link_pin`, swap its program in place (`BPF_LINK_UPDATE`), so the hook
+/// is never empty; otherwise `attach` and pin the new link.
+fn attach_pinned(
+    link_pin: &Path,
+    prog_fd: BorrowedFd<'_>,
+    attach: impl FnOnce() -> Result<FdLink, DatapathError>,
+) -> Result<(), DatapathError> {
     let io_err = |what: &str| {
         let what = format!("{what} {}", link_pin.display());
         move |source| DatapathError::Io { what, source }
     };
     if link_pin.exists() {
-        // A previous agent's link: swap its program in place (BPF_LINK_UPDATE),
-        // so the cgroup is never without one.
         let link = sys::obj_get(link_pin).map_err(io_err("opening pinned link"))?;
-        let prog_fd = program.fd().map_err(program_err(SOCKOPS_PROGRAM))?;
-        sys::link_update(link.as_fd(), prog_fd.as_fd())
+        sys::link_update(link.as_fd(), prog_fd)
             .map_err(io_err("updating the program of pinned link"))?;
-        info!(link = %link_pin.display(), "adopted pinned sockops link");
+        info!(link = %link_pin.display(), "adopted pinned link");
     } else {
-        // With a bpf_link the kernel always lets other programs share the
-        // cgroup (it refuses the ALLOW_MULTI flag there), so other tools'
-        // sockops programs keep working beside ours.
-        let link_id = program
-            .attach(cgroup, CgroupAttachMode::Single)
-            .map_err(program_err(SOCKOPS_PROGRAM))?;
-        let link = program
-            .take_link(link_id)
-            .map_err(program_err(SOCKOPS_PROGRAM))?;
-        let link = FdLink::try_from(link).map_err(|e| DatapathError::Io {
-            what: "the kernel gave a sockops attachment that is not a bpf_link".into(),
-            source: std::io::Error::other(e),
-        })?;
+        let link = attach()?;
         link.pin(link_pin).map_err(|e| DatapathError::Io {
-            what: format!("pinning sockops link at {}", link_pin.display()),
+            what: format!("pinning link at {}", link_pin.display()),
             source: std::io::Error::other(e),
         })?;
     }
@@ -205,8 +317,8 @@ fn attach_sockops(
 
 /// A sockops link pinned in `dir` for a cgroup other than `ours`, if any.
 fn other_cgroup_link(
-    dir: &std::path::Path,
-    ours: &std::path::Path,
+    dir: &Path,
+    ours: &Path,
 ) -> Result<Option<String>, DatapathError> {
     let entries = std::fs::read_dir(dir).map_err(|source| DatapathError::Io {
         what: format!("listing {}", dir.display()),

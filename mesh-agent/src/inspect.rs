@@ -1,11 +1,15 @@
 //! `mesh-agent inspect …`: what the kernel holds, as a table or JSON.
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
-use mesh_common::{Counter, SOCKET_STACK_ONLY, SocketInfo, SocketKey};
+use mesh_common::{
+    Counter, SOCKET_STACK_ONLY, SocketInfo, SocketKey,
+    policy::{ENDPOINT_LOCAL, FLOW_OUTBOUND, PROTO_TCP, PROTO_UDP},
+};
 use serde::Serialize;
 
 use crate::{
     datapath::maps::{MapFill, MapsError, PinnedMaps},
+    state::NodeState,
     table,
 };
 
@@ -150,7 +154,216 @@ pub fn stats(maps: &PinnedMaps, output: Output) -> Result<String, MapsError> {
     })
 }
 
-fn json<T: Serialize>(value: &T) -> String {
+#[derive(Debug, Serialize)]
+pub struct EndpointRow {
+    pub ip: IpAddr,
+    pub identity: String,
+    pub id: String,
+    pub subject: String,
+    pub local: bool,
+}
+
+pub fn endpoints(maps: &PinnedMaps, names: &NodeState, output: Output) -> Result<String, MapsError> {
+    let mut rows: Vec<EndpointRow> = maps
+        .endpoints()?
+        .into_iter()
+        .map(|(key, ep)| EndpointRow {
+            ip: kernel_ip(key.ip),
+            identity: names.identity_name(ep.identity),
+            id: ep.identity.to_string(),
+            subject: format!("{:016x}", ep.subject),
+            local: ep.flags & ENDPOINT_LOCAL != 0,
+        })
+        .collect();
+    rows.sort_by_key(|r| r.ip);
+    Ok(match output {
+        Output::Json => json(&rows),
+        Output::Table => table::render(
+            &["IP", "IDENTITY", "ID", "SUBJECT", "LOCAL"],
+            &rows
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.ip.to_string(),
+                        r.identity.clone(),
+                        r.id.clone(),
+                        r.subject.clone(),
+                        if r.local { "yes" } else { "no" }.into(),
+                    ]
+                })
+                .collect::<Vec<_>>(),
+            "No entries found.",
+        ),
+    })
+}
+
+#[derive(Debug, Serialize)]
+pub struct IdentityRow {
+    pub id: String,
+    pub spiffe_id: String,
+    /// Addresses of this identity in the kernel's endpoints map.
+    pub endpoints: usize,
+    /// Local workloads' network namespaces with this identity.
+    pub local_netns: usize,
+}
+
+pub fn identities(maps: &PinnedMaps, names: &NodeState, output: Output) -> Result<String, MapsError> {
+    let endpoints = maps.endpoints()?;
+    let netns = maps.local_netns()?;
+    let mut ids: std::collections::BTreeSet<u64> =
+        endpoints.iter().map(|(_, e)| e.identity).collect();
+    ids.extend(netns.iter().map(|(_, id)| *id));
+    let rows: Vec<IdentityRow> = ids
+        .into_iter()
+        .map(|id| IdentityRow {
+            id: id.to_string(),
+            spiffe_id: names.identity_name(id),
+            endpoints: endpoints.iter().filter(|(_, e)| e.identity == id).count(),
+            local_netns: netns.iter().filter(|(_, i)| *i == id).count(),
+        })
+        .collect();
+    Ok(match output {
+        Output::Json => json(&rows),
+        Output::Table => table::render(
+            &["ID", "SPIFFE ID", "ENDPOINTS", "LOCAL NETNS"],
+            &rows
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.id.clone(),
+                        r.spiffe_id.clone(),
+                        r.endpoints.to_string(),
+                        r.local_netns.to_string(),
+                    ]
+                })
+                .collect::<Vec<_>>(),
+            "No entries found.",
+        ),
+    })
+}
+
+#[derive(Debug, Serialize)]
+pub struct PolicyRow {
+    pub subject: String,
+    /// The destination identity of the subject.
+    pub destination: String,
+    pub source: String,
+    /// 0: any port.
+    pub port: u16,
+    pub proto: &'static str,
+    pub action: &'static str,
+    pub rule: u32,
+    pub reason: String,
+}
+
+pub fn proto_name(proto: u8) -> &'static str {
+    match proto {
+        PROTO_TCP => "tcp",
+        PROTO_UDP => "udp",
+        _ => "?",
+    }
+}
+
+pub fn policy(maps: &PinnedMaps, names: &NodeState, output: Output) -> Result<String, MapsError> {
+    let mut entries = maps.policy()?;
+    entries.sort_by_key(|(k, _)| *k);
+    let rows: Vec<PolicyRow> = entries
+        .into_iter()
+        .map(|(k, v)| PolicyRow {
+            subject: format!("{:016x}", k.subject),
+            destination: names
+                .subjects
+                .get(&k.subject.to_string())
+                .map_or("?".into(), |s| names.identity_name(s.identity)),
+            source: names.identity_name(k.src_identity),
+            port: k.port,
+            proto: proto_name(k.proto),
+            action: v.action().name(),
+            rule: v.rule,
+            reason: names.rule_name(v.rule),
+        })
+        .collect();
+    Ok(match output {
+        Output::Json => json(&rows),
+        Output::Table => table::render(
+            &["SUBJECT", "DESTINATION", "SOURCE", "PORT", "PROTO", "ACTION", "RULE"],
+            &rows
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.subject.clone(),
+                        r.destination.clone(),
+                        r.source.clone(),
+                        if r.port == 0 { "*".into() } else { r.port.to_string() },
+                        r.proto.into(),
+                        r.action.into(),
+                        r.reason.clone(),
+                    ]
+                })
+                .collect::<Vec<_>>(),
+            "No entries found.",
+        ),
+    })
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConntrackRow {
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub proto: &'static str,
+    /// `inbound` (judged by policy) or `outbound` (opened by a local workload).
+    pub direction: &'static str,
+    pub action: &'static str,
+    pub reason: String,
+    pub generation: u32,
+}
+
+pub fn conntrack(maps: &PinnedMaps, names: &NodeState, output: Output) -> Result<String, MapsError> {
+    let mut rows: Vec<ConntrackRow> = maps
+        .conntrack()?
+        .into_iter()
+        .map(|(k, st)| {
+            let outbound = st.flags & FLOW_OUTBOUND != 0;
+            ConntrackRow {
+                src: SocketAddr::new(kernel_ip(k.src_ip), k.src_port),
+                dst: SocketAddr::new(kernel_ip(k.dst_ip), k.dst_port),
+                proto: proto_name(k.proto),
+                direction: if outbound { "outbound" } else { "inbound" },
+                action: st.verdict.action().name(),
+                reason: if outbound {
+                    "opened by a local workload".into()
+                } else {
+                    names.rule_name(st.verdict.rule)
+                },
+                generation: st.generation,
+            }
+        })
+        .collect();
+    rows.sort_by_key(|r| (r.src, r.dst));
+    Ok(match output {
+        Output::Json => json(&rows),
+        Output::Table => table::render(
+            &["SRC", "DST", "PROTO", "DIRECTION", "ACTION", "RULE", "GEN"],
+            &rows
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.src.to_string(),
+                        r.dst.to_string(),
+                        r.proto.into(),
+                        r.direction.into(),
+                        r.action.into(),
+                        r.reason.clone(),
+                        r.generation.to_string(),
+                    ]
+                })
+                .collect::<Vec<_>>(),
+            "No entries found.",
+        ),
+    })
+}
+
+pub fn json<T: Serialize>(value: &T) -> String {
     let mut text = serde_json::to_string_pretty(value).expect("inspect output serialises");
     text.push('\n');
     text
@@ -186,7 +399,7 @@ mod tests {
     fn rows_are_sorted_and_show_the_path() {
         let info = |flags| SocketInfo {
             flags,
-            _pad: 0,
+            policy_generation: 0,
             cookie: 7,
             established_ns: 1_000_000_000,
         };

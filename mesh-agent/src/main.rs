@@ -6,8 +6,14 @@ mod agent;
 mod cgroup;
 mod cli;
 mod config;
+mod control;
 mod datapath;
+mod explain;
+mod flows;
 mod inspect;
+pub mod policy;
+mod netns;
+mod state;
 mod table;
 
 use clap::Parser as _;

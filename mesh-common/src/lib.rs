@@ -8,6 +8,8 @@
 #![no_std]
 #![deny(unsafe_code)]
 
+pub mod policy;
+
 /// Names of the maps, as they appear in the object file and under the pin directory.
 pub mod map_names {
     /// Sockhash of established local TCP sockets, keyed by [`crate::SocketKey`].
@@ -18,6 +20,18 @@ pub mod map_names {
     pub const COUNTERS: &str = "COUNTERS";
     /// Runtime settings indexed by [`crate::Setting`].
     pub const SETTINGS: &str = "SETTINGS";
+    /// IP → [`crate::policy::Endpoint`]: every workload address the node knows.
+    pub const ENDPOINTS: &str = "ENDPOINTS";
+    /// Network-namespace cookie → identity of the local workload living in it.
+    pub const LOCAL_NETNS: &str = "LOCAL_NETNS";
+    /// [`crate::policy::PolicyKey`] → [`crate::policy::Verdict`]: compiled policy.
+    pub const POLICY: &str = "POLICY";
+    /// [`crate::policy::FlowKey`] → [`crate::policy::FlowState`] (LRU).
+    pub const CONNTRACK: &str = "CONNTRACK";
+    /// [`crate::policy::UdpPeerKey`] → 1 (LRU): whom local UDP sockets heard from.
+    pub const UDP_PEERS: &str = "UDP_PEERS";
+    /// Ring buffer of [`crate::policy::FlowEvent`]s.
+    pub const FLOWS: &str = "FLOWS";
 }
 
 /// Default capacity of the socket maps: the number of TCP sockets of the
@@ -129,7 +143,9 @@ pub fn is_loopback(ip: &[u32; 4]) -> bool {
 pub struct SocketInfo {
     /// `SOCKET_*` flags.
     pub flags: u32,
-    pub _pad: u32,
+    /// The policy generation under which the connection was last found
+    /// allowed; an older one means "check again before redirecting".
+    pub policy_generation: u32,
     /// The kernel's socket cookie (`SO_COOKIE`).
     pub cookie: u64,
     /// When the socket was established, CLOCK_MONOTONIC nanoseconds.
@@ -140,6 +156,8 @@ pub struct SocketInfo {
 /// or short-circuit off): it must keep doing so, because bytes redirected
 /// now would overtake the bytes still travelling through the stack.
 pub const SOCKET_STACK_ONLY: u32 = 1;
+/// The socket opened the connection (the client end).
+pub const SOCKET_ACTIVE: u32 = 2;
 
 /// Indexes of the per-CPU `COUNTERS` map.
 #[repr(u32)]
@@ -160,10 +178,20 @@ pub enum Counter {
     RedirectFailed = 5,
     /// Messages of sockets pinned to the TCP/IP stack (`SOCKET_STACK_ONLY`).
     MsgsStackOnly = 6,
+    /// New connections or flows that policy allowed.
+    PolicyAllowed = 7,
+    /// New connections or flows that policy denied.
+    PolicyDenied = 8,
+    /// New connections or flows that an AUDIT policy let through.
+    PolicyAudited = 9,
+    /// Flow events dropped because the ring buffer was full.
+    FlowEventsLost = 10,
+    /// Flows that could not be recorded in CONNTRACK.
+    ConntrackFailed = 11,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 7] = [
+    pub const ALL: [Counter; 12] = [
         Counter::SocketsTracked,
         Counter::SocketsTrackFailed,
         Counter::SocketsClosed,
@@ -171,6 +199,11 @@ impl Counter {
         Counter::BytesRedirected,
         Counter::RedirectFailed,
         Counter::MsgsStackOnly,
+        Counter::PolicyAllowed,
+        Counter::PolicyDenied,
+        Counter::PolicyAudited,
+        Counter::FlowEventsLost,
+        Counter::ConntrackFailed,
     ];
 
     /// The counter's name in `inspect stats` and metrics.
@@ -183,6 +216,11 @@ impl Counter {
             Counter::BytesRedirected => "bytes_redirected",
             Counter::RedirectFailed => "redirect_failed",
             Counter::MsgsStackOnly => "msgs_stack_only",
+            Counter::PolicyAllowed => "policy_allowed",
+            Counter::PolicyDenied => "policy_denied",
+            Counter::PolicyAudited => "policy_audited",
+            Counter::FlowEventsLost => "flow_events_lost",
+            Counter::ConntrackFailed => "conntrack_failed",
         }
     }
 }
@@ -197,6 +235,13 @@ pub enum Setting {
     /// `SHORT_CIRCUIT_ON` to redirect between local sockets; anything else
     /// sends everything through the TCP/IP stack.
     ShortCircuit = 0,
+    /// Bumped by the agent after each policy change: conntrack entries and
+    /// socket verdicts computed under an older generation are re-checked.
+    PolicyGeneration = 1,
+    /// 1: a policy change applies to established flows too (their packets
+    /// from other nodes are re-checked); 0 (default): established flows keep
+    /// the verdict they started with, as with conntrack-based firewalls.
+    RevokeEstablished = 2,
 }
 
 /// Capacity of `SETTINGS`.
@@ -212,6 +257,14 @@ mod pod {
     // pattern is valid and every byte is initialised.
     unsafe impl aya::Pod for super::SocketKey {}
     unsafe impl aya::Pod for super::SocketInfo {}
+    unsafe impl aya::Pod for super::policy::IpKey {}
+    unsafe impl aya::Pod for super::policy::Endpoint {}
+    unsafe impl aya::Pod for super::policy::PolicyKey {}
+    unsafe impl aya::Pod for super::policy::Verdict {}
+    unsafe impl aya::Pod for super::policy::FlowKey {}
+    unsafe impl aya::Pod for super::policy::FlowState {}
+    unsafe impl aya::Pod for super::policy::FlowEvent {}
+    unsafe impl aya::Pod for super::policy::UdpPeerKey {}
 }
 
 #[cfg(test)]

@@ -27,7 +27,45 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent for `bed` and waits until it reports ready.
     pub fn start(bed: &TestBed, extra: &[&str]) -> anyhow::Result<Self> {
-        let mut agent = Self::spawn(bed, extra)?;
+        Self::wait_ready(Self::spawn(bed, extra)?)
+    }
+
+    /// Starts the agent of `node` in standalone mode, as a DaemonSet pod
+    /// would run it: in the node's network namespace, on the node's cgroup,
+    /// its own pins and state, the bed's config directory, and the uplink
+    /// when the nodes are connected. Waits until it reports ready.
+    pub fn start_node(bed: &TestBed, node: usize, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::wait_ready(Self::spawn_node(bed, node, extra)?)
+    }
+
+    pub fn spawn_node(bed: &TestBed, node: usize, extra: &[&str]) -> anyhow::Result<Self> {
+        let n = &bed.nodes[node];
+        let mut cmd = Command::new(agent_bin());
+        cmd.arg("--bpffs")
+            .arg(bed.pin_dir(node))
+            .arg("--state-dir")
+            .arg(bed.state_dir(node))
+            .arg("run")
+            .arg("--cgroup")
+            .arg(n.cgroup.path())
+            .arg("--node")
+            .arg(n.name())
+            .arg("--config-dir")
+            .arg(bed.config_dir());
+        if bed.has_fabric() {
+            cmd.arg("--interfaces").arg(crate::topology::UPLINK);
+        }
+        cmd.args(extra);
+        Self::launch(
+            cmd,
+            &Placement {
+                netns: Some(&n.netns),
+                cgroup: None,
+            },
+        )
+    }
+
+    fn wait_ready(mut agent: Self) -> anyhow::Result<Self> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if agent.log().contains("ready") {
@@ -54,21 +92,27 @@ impl Agent {
         let mut cmd = Command::new(agent_bin());
         cmd.arg("--bpffs")
             .arg(bed.bpffs.pin_dir())
+            .arg("--state-dir")
+            .arg(bed.state_dir(0))
             .arg("run")
             .arg("--cgroup")
             .arg(bed.cgroup.path())
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .args(extra);
         // The agent runs in the machine's namespaces, outside the pods' cgroup.
-        let mut process = Spawned::spawn(
+        Self::launch(
             cmd,
             &Placement {
                 netns: None,
                 cgroup: None,
             },
-        )?;
+        )
+    }
+
+    fn launch(mut cmd: Command, placement: &Placement<'_>) -> anyhow::Result<Self> {
+        cmd.env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut process = Spawned::spawn(cmd, placement)?;
         let log = Arc::new(Mutex::new(String::new()));
         let stderr = process.child_mut().stderr.take().context("agent stderr")?;
         let sink = log.clone();
@@ -107,6 +151,27 @@ impl Agent {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// SIGKILL: the agent gets no chance to clean anything up.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        self.process.child_mut().kill()?;
+        self.process.child_mut().wait()?;
+        Ok(())
+    }
+
+    /// Waits until the log contains `needle` `times` times.
+    pub fn wait_log(&self, needle: &str, times: usize, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while self.log().matches(needle).count() < times {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "agent log has no {times}× {needle:?} after {timeout:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
     }
 
     /// SIGTERM, as Kubernetes stops a pod; returns the exit status.

@@ -20,6 +20,14 @@ impl TestCgroup {
         Ok(Self { path })
     }
 
+    /// A cgroup below this one (a node's pods, under the test's cgroup).
+    pub fn child(&self, name: &str) -> anyhow::Result<Self> {
+        let path = self.path.join(name);
+        std::fs::create_dir(&path)
+            .map_err(|e| anyhow::anyhow!("creating cgroup {}: {e}", path.display()))?;
+        Ok(Self { path })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -1,7 +1,9 @@
 //! A test's cluster: one "node" (a network namespace with a bridge) per
 //! node, "pods" (network namespaces) plugged into their node's bridge by a
-//! veth pair, one cgroup for the pods' processes and one bpffs for the
-//! agent's pins.
+//! veth pair, a cgroup per node for its pods' processes (under one for the
+//! test), one bpffs for the agents' pins, and a directory of Workload and
+//! MeshPolicy documents. Nodes reach each other through a "fabric"
+//! namespace: each node's `uplink` interface plugs into its bridge.
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     process::{Command, Stdio},
@@ -46,6 +48,7 @@ pub fn pod_tool() -> std::path::PathBuf {
 pub struct Pod {
     pub name: String,
     pub netns: Netns,
+    pub node: usize,
     pub ip4: Ipv4Addr,
     pub ip6: Ipv6Addr,
 }
@@ -63,19 +66,55 @@ impl Pod {
 
 pub struct Node {
     pub netns: Netns,
+    /// The node's pods' processes.
+    pub cgroup: TestCgroup,
     /// Third octet of this node's pod subnet, 198.18.<index>.0/24.
     index: u8,
     pods: u8,
 }
+
+impl Node {
+    /// The node's name, as workloads' `spec.node` says it.
+    pub fn name(&self) -> String {
+        format!("node-{}", self.index)
+    }
+}
+
+/// The interface of each node that faces the other nodes.
+pub const UPLINK: &str = "uplink";
 
 /// Everything one test creates; removed in reverse order on drop.
 pub struct TestBed {
     pub name: String,
     pub pods: Vec<Pod>,
     pub nodes: Vec<Node>,
+    fabric: Option<Netns>,
     // Declared last so they are dropped after the namespaces' processes.
     pub cgroup: TestCgroup,
     pub bpffs: TestBpffs,
+    /// Documents for the agents (`--config-dir`) and their state dirs.
+    pub files: TempDir,
+}
+
+/// A directory under /tmp, removed on drop.
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(name);
+        std::fs::create_dir_all(&path)?;
+        Ok(Self(path))
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 impl TestBed {
@@ -86,12 +125,16 @@ impl TestBed {
         let name = unique_name(&format!("mt-{}", &test[..test.len().min(12)]));
         let cgroup = TestCgroup::create(&name)?;
         let bpffs = TestBpffs::mount(&name)?;
+        let files = TempDir::new(&name)?;
+        std::fs::create_dir_all(files.path().join("config"))?;
         let mut bed = Self {
             name,
             pods: Vec::new(),
             nodes: Vec::new(),
+            fabric: None,
             cgroup,
             bpffs,
+            files,
         };
         bed.add_node()?;
         Ok(bed)
@@ -111,12 +154,116 @@ impl TestBed {
             "nodad",
         ])?;
         netns.ip(&["link", "set", "br0", "up"])?;
+        let cgroup = self.cgroup.child(&format!("node-{index}"))?;
         self.nodes.push(Node {
             netns,
+            cgroup,
             index,
             pods: 0,
         });
         Ok(self.nodes.len() - 1)
+    }
+
+    /// Joins every node to a fabric (a bridge in a namespace of its own)
+    /// through an `uplink` interface, with routes to each other's pod
+    /// subnets: 198.19.255.<node+1>/24 and fd00:ffff::<node+1>/64 on the
+    /// uplinks.
+    pub fn connect_nodes(&mut self) -> anyhow::Result<()> {
+        let fabric = Netns::create(&format!("{}-fab", self.name))?;
+        fabric.ip(&["link", "add", "br0", "type", "bridge"])?;
+        fabric.ip(&["link", "set", "br0", "up"])?;
+        for node in &self.nodes {
+            let i = node.index;
+            let port = format!("n{i}");
+            fabric.ip(&[
+                "link", "add", &port, "type", "veth", "peer", "name", UPLINK, "netns",
+                node.netns.name(),
+            ])?;
+            fabric.ip(&["link", "set", &port, "master", "br0", "up"])?;
+            let ns = &node.netns;
+            ns.ip(&["addr", "add", &format!("198.19.255.{}/24", i + 1), "dev", UPLINK])?;
+            ns.ip(&["addr", "add", &format!("fd00:ffff::{}/64", i + 1), "dev", UPLINK, "nodad"])?;
+            ns.ip(&["link", "set", UPLINK, "up"])?;
+            ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+            ns.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"])?;
+        }
+        for node in &self.nodes {
+            for other in self.nodes.iter().filter(|o| o.index != node.index) {
+                let j = other.index;
+                node.netns.ip(&[
+                    "route", "add", &format!("198.18.{j}.0/24"), "via",
+                    &format!("198.19.255.{}", j + 1),
+                ])?;
+                node.netns.ip(&[
+                    "-6", "route", "add", &format!("fd00:0:0:{j}::/64"), "via",
+                    &format!("fd00:ffff::{}", j + 1),
+                ])?;
+            }
+        }
+        self.fabric = Some(fabric);
+        Ok(())
+    }
+
+    /// Whether the nodes have uplinks (and the agents should watch them).
+    pub fn has_fabric(&self) -> bool {
+        self.fabric.is_some()
+    }
+
+    /// The directory of documents the agents read (`--config-dir`).
+    pub fn config_dir(&self) -> std::path::PathBuf {
+        self.files.path().join("config")
+    }
+
+    /// The agent state directory of `node`.
+    pub fn state_dir(&self, node: usize) -> std::path::PathBuf {
+        self.files.path().join(format!("state-{node}"))
+    }
+
+    /// The pin directory of `node`'s agent.
+    pub fn pin_dir(&self, node: usize) -> std::path::PathBuf {
+        if node == 0 {
+            self.bpffs.pin_dir()
+        } else {
+            self.bpffs.pin_dir().with_file_name(format!("mesh-node-{node}"))
+        }
+    }
+
+    /// Writes a document file into the config directory atomically (a
+    /// rename), as `kubectl`-like tools and editors do, so the agent never
+    /// reads half a file.
+    pub fn write_config(&self, file: &str, yaml: &str) -> anyhow::Result<()> {
+        let tmp = self.files.path().join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, self.config_dir().join(file))?;
+        Ok(())
+    }
+
+    pub fn remove_config(&self, file: &str) -> anyhow::Result<()> {
+        Ok(std::fs::remove_file(self.config_dir().join(file))?)
+    }
+
+    /// A Workload document for `pod` (one file per pod, `workload-<pod>.yaml`).
+    pub fn register_workload(
+        &self,
+        pod: usize,
+        namespace: &str,
+        service_account: &str,
+        labels: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
+        let p = &self.pods[pod];
+        let labels = labels
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let yaml = format!(
+            "apiVersion: mesh.dev/v1alpha1\nkind: Workload\nmetadata:\n  name: pod-{pod}\n  namespace: {namespace}\n  labels: {{{labels}}}\nspec:\n  serviceAccount: {service_account}\n  ips: [\"{}\", \"{}\"]\n  node: {}\n  netns: /run/netns/{}\n",
+            p.ip4,
+            p.ip6,
+            self.nodes[p.node].name(),
+            p.netns.name()
+        );
+        self.write_config(&format!("workload-{pod}.yaml"), &yaml)
     }
 
     /// Adds a pod to `node`, with the next free addresses of its subnet.
@@ -136,9 +283,12 @@ impl TestBed {
         netns.ip(&["addr", "add", &format!("{ip4}/24"), "dev", "eth0"])?;
         netns.ip(&["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
         netns.ip(&["link", "set", "eth0", "up"])?;
+        netns.ip(&["route", "add", "default", "via", &format!("198.18.{}.1", n.index)])?;
+        netns.ip(&["-6", "route", "add", "default", "via", &format!("fd00:0:0:{}::1", n.index)])?;
         self.pods.push(Pod {
             name,
             netns,
+            node,
             ip4,
             ip6,
         });
@@ -162,7 +312,7 @@ impl TestBed {
             cmd,
             &Placement {
                 netns: Some(&self.pods[pod].netns),
-                cgroup: in_mesh.then_some(&self.cgroup),
+                cgroup: in_mesh.then_some(&self.nodes[self.pods[pod].node].cgroup),
             },
         )
     }
@@ -215,6 +365,7 @@ impl Drop for TestBed {
         let _ = std::fs::write(self.cgroup.path().join("cgroup.kill"), "1");
         // Pods before nodes: the veth pairs go with the pod namespaces.
         self.pods.clear();
+        self.fabric = None;
         self.nodes.clear();
     }
 }

@@ -334,7 +334,7 @@ fn agent_restarts_on_its_pins_and_refuses_a_second_agent() {
     let agent = Agent::start(&bed, &[]).unwrap();
     let log = agent.log();
     assert!(
-        log.contains("adopted_pins=true") && log.contains("adopted pinned sockops link"),
+        log.contains("adopted_pins=true") && log.contains("adopted pinned link"),
         "{log}"
     );
     transfer(&bed, true, &to, "100000", &[]);

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use aya::maps::{Array, HashMap, Map, MapData, MapInfo, MapType, PerCpuArray, SockHash};
 use mesh_common::{
     Counter, SHORT_CIRCUIT_OFF, SHORT_CIRCUIT_ON, Setting, SocketInfo, SocketKey, map_names,
+    policy::{Endpoint, FlowKey, FlowState, IpKey, PolicyKey, Verdict},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +52,7 @@ impl std::fmt::Display for MapLayout {
 }
 
 /// The maps this agent's kernel programs use, with their layouts.
-pub const EXPECTED_MAPS: [(&str, MapLayout); 4] = [
+pub const EXPECTED_MAPS: [(&str, MapLayout); 10] = [
     (
         map_names::SOCK_HASH,
         MapLayout {
@@ -82,6 +83,54 @@ pub const EXPECTED_MAPS: [(&str, MapLayout); 4] = [
             map_type: MapType::Array,
             key_size: 4,
             value_size: 4,
+        },
+    ),
+    (
+        map_names::ENDPOINTS,
+        MapLayout {
+            map_type: MapType::Hash,
+            key_size: size_of::<IpKey>() as u32,
+            value_size: size_of::<Endpoint>() as u32,
+        },
+    ),
+    (
+        map_names::LOCAL_NETNS,
+        MapLayout {
+            map_type: MapType::Hash,
+            key_size: 8,
+            value_size: 8,
+        },
+    ),
+    (
+        map_names::POLICY,
+        MapLayout {
+            map_type: MapType::Hash,
+            key_size: size_of::<PolicyKey>() as u32,
+            value_size: size_of::<Verdict>() as u32,
+        },
+    ),
+    (
+        map_names::CONNTRACK,
+        MapLayout {
+            map_type: MapType::LruHash,
+            key_size: size_of::<FlowKey>() as u32,
+            value_size: size_of::<FlowState>() as u32,
+        },
+    ),
+    (
+        map_names::UDP_PEERS,
+        MapLayout {
+            map_type: MapType::LruHash,
+            key_size: size_of::<mesh_common::policy::UdpPeerKey>() as u32,
+            value_size: 4,
+        },
+    ),
+    (
+        map_names::FLOWS,
+        MapLayout {
+            map_type: MapType::RingBuf,
+            key_size: 0,
+            value_size: 0,
         },
     ),
 ];
@@ -182,27 +231,129 @@ impl PinnedMaps {
             .map_err(self.err(map_names::SETTINGS))
     }
 
-    /// Entries in use and capacity of the socket maps.
-    pub fn fill(&self) -> Result<Vec<(&'static str, MapFill)>, MapsError> {
-        let sockhash = self.sockhash_keys()?.len() as u32;
-        let sockets = self.sockets()?.len() as u32;
-        [
-            (map_names::SOCK_HASH, sockhash),
-            (map_names::SOCKETS, sockets),
-        ]
-        .into_iter()
-        .map(|(name, entries)| {
-            let info = MapInfo::from_pin(self.dir.join(name)).map_err(self.err(name))?;
-            Ok((
-                name,
-                MapFill {
-                    entries,
-                    max_entries: info.max_entries(),
-                },
-            ))
-        })
-        .collect()
+    fn hash<K: aya::Pod, V: aya::Pod>(
+        &self,
+        name: &'static str,
+    ) -> Result<HashMap<MapData, K, V>, MapsError> {
+        self.map(name)?.try_into().map_err(self.err(name))
     }
+
+    fn entries<K: aya::Pod, V: aya::Pod>(
+        &self,
+        name: &'static str,
+    ) -> Result<Vec<(K, V)>, MapsError> {
+        self.hash::<K, V>(name)?
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.err(name))
+    }
+
+    /// Every workload address the kernel knows.
+    pub fn endpoints(&self) -> Result<Vec<(IpKey, Endpoint)>, MapsError> {
+        self.entries(map_names::ENDPOINTS)
+    }
+
+    /// Network-namespace cookie → identity of the local workload in it.
+    pub fn local_netns(&self) -> Result<Vec<(u64, u64)>, MapsError> {
+        self.entries(map_names::LOCAL_NETNS)
+    }
+
+    /// The compiled policy entries.
+    pub fn policy(&self) -> Result<Vec<(PolicyKey, Verdict)>, MapsError> {
+        self.entries(map_names::POLICY)
+    }
+
+    /// One policy entry, as the kernel programs look it up.
+    pub fn policy_entry(&self, key: &PolicyKey) -> Result<Option<Verdict>, MapsError> {
+        let map = self.hash::<PolicyKey, Verdict>(map_names::POLICY)?;
+        match map.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(MapsError::Map {
+                name: map_names::POLICY,
+                dir: self.dir.clone(),
+                source: e,
+            }),
+        }
+    }
+
+    /// The flows the tc programs have seen.
+    pub fn conntrack(&self) -> Result<Vec<(FlowKey, FlowState)>, MapsError> {
+        let name = map_names::CONNTRACK;
+        let map: aya::maps::HashMap<MapData, FlowKey, FlowState> =
+            self.map(name)?.try_into().map_err(self.err(name))?;
+        // Entries can be evicted while we walk the LRU: skip the ones that vanish.
+        Ok(map.iter().filter_map(Result::ok).collect())
+    }
+
+    /// Writable handles on the maps the control loop keeps in step.
+    pub fn policy_maps(&self) -> Result<PolicyMaps, MapsError> {
+        Ok(PolicyMaps {
+            endpoints: self.hash(map_names::ENDPOINTS)?,
+            local_netns: self.hash(map_names::LOCAL_NETNS)?,
+            policy: self.hash(map_names::POLICY)?,
+        })
+    }
+
+    pub fn policy_generation(&self) -> Result<u32, MapsError> {
+        self.settings()?
+            .get(&(Setting::PolicyGeneration as u32), 0)
+            .map_err(self.err(map_names::SETTINGS))
+    }
+
+    /// Tells the kernel programs that policy changed: cached verdicts of an
+    /// older generation are checked again.
+    pub fn bump_policy_generation(&self) -> Result<u32, MapsError> {
+        let next = self.policy_generation()?.wrapping_add(1);
+        self.settings()?
+            .set(Setting::PolicyGeneration as u32, next, 0)
+            .map_err(self.err(map_names::SETTINGS))?;
+        Ok(next)
+    }
+
+    pub fn set_revoke_established(&self, on: bool) -> Result<(), MapsError> {
+        self.settings()?
+            .set(Setting::RevokeEstablished as u32, on as u32, 0)
+            .map_err(self.err(map_names::SETTINGS))
+    }
+
+    /// Entries in use and capacity of every map with entries to count.
+    pub fn fill(&self) -> Result<Vec<(&'static str, MapFill)>, MapsError> {
+        let counts = [
+            (map_names::SOCK_HASH, self.sockhash_keys()?.len()),
+            (map_names::SOCKETS, self.sockets()?.len()),
+            (map_names::ENDPOINTS, self.endpoints()?.len()),
+            (map_names::LOCAL_NETNS, self.local_netns()?.len()),
+            (map_names::POLICY, self.policy()?.len()),
+            (map_names::CONNTRACK, self.conntrack()?.len()),
+        ];
+        counts
+            .into_iter()
+            .map(|(name, entries)| {
+                let info = MapInfo::from_pin(self.dir.join(name)).map_err(self.err(name))?;
+                Ok((
+                    name,
+                    MapFill {
+                        entries: entries as u32,
+                        max_entries: info.max_entries(),
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// Capacity of a map.
+    pub fn max_entries(&self, name: &'static str) -> Result<u32, MapsError> {
+        let info = MapInfo::from_pin(self.dir.join(name)).map_err(self.err(name))?;
+        Ok(info.max_entries())
+    }
+}
+
+/// The maps the control loop writes.
+pub struct PolicyMaps {
+    pub endpoints: HashMap<MapData, IpKey, Endpoint>,
+    pub local_netns: HashMap<MapData, u64, u64>,
+    pub policy: HashMap<MapData, PolicyKey, Verdict>,
 }
 
 /// Refuses pinned maps whose layout differs from what this agent's programs

@@ -1,10 +1,14 @@
-//! The two bpf(2) commands aya 0.14 does not expose for what the agent
-//! needs: BPF_OBJ_GET of a pinned link, and BPF_LINK_UPDATE, which swaps the
-//! program behind a link atomically, so an upgraded agent never leaves a
-//! moment with no program attached.
+//! Every unsafe call of the agent, each wrapped in a safe function: the two
+//! bpf(2) commands aya 0.14 does not expose (BPF_OBJ_GET of a pinned link,
+//! and BPF_LINK_UPDATE, which swaps the program behind a link atomically, so
+//! an upgraded agent never leaves a moment with no program attached),
+//! reading plain records out of a ring buffer, and `SO_NETNS_COOKIE`.
 #![allow(unsafe_code)]
 
-use std::os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd};
+use std::{
+    io,
+    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+};
 
 use aya_obj::generated::bpf_cmd;
 
@@ -69,4 +73,61 @@ pub fn obj_get(path: &std::path::Path) -> std::io::Result<OwnedFd> {
     let fd = bpf(bpf_cmd::BPF_OBJ_GET, &attr)?;
     // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// A `T` from the start of `bytes` (a ring buffer record the kernel wrote),
+/// or `None` when the record is too short.
+pub fn read_pod<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < size_of::<T>() {
+        return None;
+    }
+    // SAFETY: `T: Pod` is plain data, valid for every bit pattern; the
+    // length is checked above and read_unaligned copes with any alignment.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+/// `SO_NETNS_COOKIE` (Linux 5.14+); not in every libc crate release.
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// The network-namespace cookie of `socket`'s namespace.
+pub fn netns_cookie(socket: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, which
+    // lives for the whole call.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// Registers a descriptor the agent owns with the tokio reactor, for reading.
+pub fn async_owned_fd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: an OwnedFd keeps its descriptor open and unchanged until it
+    // is dropped, which the AsyncFd does last.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| e.into_parts().1)
+}
+
+/// Registers a ring buffer map with the tokio reactor, for reading.
+pub fn async_ring_buf(
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+) -> io::Result<tokio::io::unix::AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>> {
+    // SAFETY: the RingBuf owns its MapData, whose descriptor stays open and
+    // unchanged until the RingBuf is dropped.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| e.into_parts().1)
 }

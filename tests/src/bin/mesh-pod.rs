@@ -33,6 +33,33 @@ enum Cmd {
         /// For `hold`: how long to leave the first bytes unread.
         #[arg(long, default_value_t = 1000)]
         hold_ms: u64,
+        /// `udp` serves datagrams: each is echoed to its sender.
+        #[arg(long, value_enum, default_value_t = Proto::Tcp)]
+        proto: Proto,
+    },
+    /// Try each target once (`tcp:ADDR` or `udp:ADDR`) and report what
+    /// happened: connected (and the echo came back), eperm, refused, timeout.
+    Probe {
+        #[arg(long, value_delimiter = ',')]
+        targets: Vec<String>,
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+        /// Keep probing every target in turn for this long and report how
+        /// often each result came up, per target.
+        #[arg(long)]
+        repeat_ms: Option<u64>,
+    },
+    /// Probe one target every `interval_ms` until the result differs from
+    /// the first one; report both and the CLOCK_MONOTONIC time of the change.
+    WaitChange {
+        #[arg(long)]
+        target: String,
+        #[arg(long, default_value_t = 2)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 300)]
+        timeout_ms: u64,
+        #[arg(long, default_value_t = 10_000)]
+        give_up_ms: u64,
     },
     /// Send patterned bytes of each size and check the echo, byte for byte.
     Transfer {
@@ -89,6 +116,12 @@ enum Cmd {
     },
 }
 
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum Proto {
+    Tcp,
+    Udp,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum Mode {
     /// Echo with read/write; half-close is passed on.
@@ -106,9 +139,40 @@ fn main() {
     let result = match cli.command {
         Cmd::Serve {
             listen,
+            proto: Proto::Udp,
+            ..
+        } => udp_echo(listen).map(|()| json!({})),
+        Cmd::Serve {
+            listen,
             mode,
             hold_ms,
+            proto: Proto::Tcp,
         } => serve(listen, mode, Duration::from_millis(hold_ms)).map(|()| json!({})),
+        Cmd::Probe {
+            targets,
+            timeout_ms,
+            repeat_ms: None,
+        } => probe_all(&targets, Duration::from_millis(timeout_ms)),
+        Cmd::Probe {
+            targets,
+            timeout_ms,
+            repeat_ms: Some(ms),
+        } => probe_repeatedly(
+            &targets,
+            Duration::from_millis(timeout_ms),
+            Duration::from_millis(ms),
+        ),
+        Cmd::WaitChange {
+            target,
+            interval_ms,
+            timeout_ms,
+            give_up_ms,
+        } => wait_change(
+            &target,
+            Duration::from_millis(interval_ms),
+            Duration::from_millis(timeout_ms),
+            Duration::from_millis(give_up_ms),
+        ),
         Cmd::Transfer {
             to,
             sizes,
@@ -568,4 +632,131 @@ fn flood(to: SocketAddr, bytes: usize) -> anyhow::Result<serde_json::Value> {
     Ok(
         json!({ "ok": true, "pushed_back": pushed_back, "accepted_before_pushback": accepted_before_pushback, "bytes": bytes }),
     )
+}
+
+fn udp_echo(listen: SocketAddr) -> anyhow::Result<()> {
+    let sock = std::net::UdpSocket::bind(listen).with_context(|| format!("binding {listen}"))?;
+    println!("listening on udp {}", sock.local_addr()?);
+    std::io::stdout().flush()?;
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let (n, from) = sock.recv_from(&mut buf)?;
+        // A peer that went away is not the server's failure.
+        let _ = sock.send_to(&buf[..n], from);
+    }
+}
+
+/// What one attempt to reach a target came to.
+fn classify(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::EPERM) => "eperm".into(),
+        Some(libc::ECONNREFUSED) => "refused".into(),
+        Some(libc::EACCES) => "eacces".into(),
+        _ if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock) => "timeout".into(),
+        _ => format!("error: {e}"),
+    }
+}
+
+fn probe(target: &str, timeout: Duration) -> anyhow::Result<String> {
+    let (proto, addr) = target
+        .split_once(':')
+        .with_context(|| format!("target {target:?} is not tcp:ADDR or udp:ADDR"))?;
+    let addr: SocketAddr = addr.parse().with_context(|| format!("bad address in {target:?}"))?;
+    const PAYLOAD: &[u8] = b"mesh-probe";
+    Ok(match proto {
+        "tcp" => {
+            let mut conn = match TcpStream::connect_timeout(&addr, timeout) {
+                Ok(c) => c,
+                Err(e) => return Ok(classify(&e)),
+            };
+            conn.set_read_timeout(Some(timeout))?;
+            conn.write_all(PAYLOAD)?;
+            let mut back = [0u8; PAYLOAD.len()];
+            match conn.read_exact(&mut back) {
+                Ok(()) if back == PAYLOAD => "connected".into(),
+                Ok(()) => "corrupted".into(),
+                Err(e) => classify(&e),
+            }
+        }
+        "udp" => {
+            let local: SocketAddr = if addr.is_ipv4() {
+                "0.0.0.0:0".parse()?
+            } else {
+                "[::]:0".parse()?
+            };
+            let sock = std::net::UdpSocket::bind(local)?;
+            if let Err(e) = sock.connect(addr) {
+                return Ok(classify(&e));
+            }
+            sock.set_read_timeout(Some(timeout))?;
+            if let Err(e) = sock.send(PAYLOAD) {
+                return Ok(classify(&e));
+            }
+            let mut back = [0u8; 64];
+            match sock.recv(&mut back) {
+                Ok(n) if &back[..n] == PAYLOAD => "connected".into(),
+                Ok(_) => "corrupted".into(),
+                Err(e) => classify(&e),
+            }
+        }
+        other => bail!("unknown protocol {other:?} in {target:?}"),
+    })
+}
+
+fn probe_all(targets: &[String], timeout: Duration) -> anyhow::Result<serde_json::Value> {
+    let mut results = serde_json::Map::new();
+    for target in targets {
+        results.insert(target.clone(), json!(probe(target, timeout)?));
+    }
+    Ok(json!({ "ok": true, "results": results }))
+}
+
+fn probe_repeatedly(
+    targets: &[String],
+    timeout: Duration,
+    duration: Duration,
+) -> anyhow::Result<serde_json::Value> {
+    let mut counts: std::collections::BTreeMap<&str, std::collections::BTreeMap<String, u64>> =
+        Default::default();
+    let deadline = Instant::now() + duration;
+    println!("probing");
+    std::io::stdout().flush()?;
+    while Instant::now() < deadline {
+        for target in targets {
+            let result = probe(target, timeout)?;
+            *counts.entry(target).or_default().entry(result).or_default() += 1;
+        }
+    }
+    Ok(json!({ "ok": true, "counts": counts }))
+}
+
+fn monotonic_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+fn wait_change(
+    target: &str,
+    interval: Duration,
+    timeout: Duration,
+    give_up: Duration,
+) -> anyhow::Result<serde_json::Value> {
+    let first = probe(target, timeout)?;
+    println!("first {first}");
+    std::io::stdout().flush()?;
+    let deadline = Instant::now() + give_up;
+    let mut probes = 1u64;
+    loop {
+        std::thread::sleep(interval);
+        let started = monotonic_ns();
+        let now = probe(target, timeout)?;
+        probes += 1;
+        if now != first {
+            return Ok(json!({
+                "ok": true, "from": first, "to": now, "probes": probes,
+                "changed_at_ns": started,
+            }));
+        }
+        ensure!(Instant::now() < deadline, "still {first} after {give_up:?}");
+    }
 }

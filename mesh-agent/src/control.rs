@@ -1,0 +1,353 @@
+//! The control loop of standalone mode: documents in, map diffs out.
+//!
+//! Each reload reads the whole directory, compiles it, and applies only the
+//! difference between what the kernel holds and what it should hold. Order
+//! matters, so that no instant lets through traffic that both the old and
+//! the new policy deny (docs/architecture.md proves it):
+//!
+//! 1. policy entries added or changed (new subjects are not referenced yet);
+//! 2. endpoints and namespaces added or changed (switching to new subjects);
+//! 3. endpoints and namespaces removed;
+//! 4. policy entries removed;
+//! 5. the policy generation bumped, so cached verdicts are checked again.
+//!
+//! Any failure before step 5 undoes the steps taken, in reverse; a refused
+//! configuration never reaches the maps at all.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    time::Instant,
+};
+
+use aya::maps::{HashMap, MapData};
+use mesh_common::{
+    map_names,
+    policy::{Endpoint, IpKey, PolicyKey, Verdict},
+};
+use tracing::{info, warn};
+
+use crate::{
+    config::Config,
+    datapath::maps::{MapsError, PinnedMaps, PolicyMaps},
+    netns,
+    policy::{self, Compiled, ConfigError},
+    state::NodeState,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error(
+        "map {map} would need {needed} entries during the update but holds {max} (raise {flag})"
+    )]
+    Capacity {
+        map: &'static str,
+        needed: usize,
+        max: u32,
+        flag: &'static str,
+    },
+    #[error("updating map {map} failed; every change of this update was undone")]
+    Apply {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    #[error("writing {path}")]
+    State {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the kernel's policy maps hold (the agent is their only writer, so
+/// after adoption this copy is the truth and diffs need no map walks).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct MapState {
+    pub endpoints: BTreeMap<IpKey, Endpoint>,
+    pub local_netns: BTreeMap<u64, u64>,
+    pub policy: BTreeMap<PolicyKey, Verdict>,
+}
+
+/// What one reload changed.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct Changes {
+    pub upserted: usize,
+    pub deleted: usize,
+    pub generation: u32,
+}
+
+pub struct Control {
+    config: Config,
+    pins: PinnedMaps,
+    maps: PolicyMaps,
+    applied: MapState,
+    capacity: Capacity,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Capacity {
+    endpoints: u32,
+    local_netns: u32,
+    policy: u32,
+}
+
+impl Control {
+    /// Takes over the pinned maps as they are: a restarted agent converges
+    /// from what the previous one left, never from empty maps.
+    pub fn adopt(config: Config) -> Result<Self, MapsError> {
+        let pins = PinnedMaps::open(&config.bpffs)?;
+        let applied = MapState {
+            endpoints: pins.endpoints()?.into_iter().collect(),
+            local_netns: pins.local_netns()?.into_iter().collect(),
+            policy: pins.policy()?.into_iter().collect(),
+        };
+        let capacity = Capacity {
+            endpoints: pins.max_entries(map_names::ENDPOINTS)?,
+            local_netns: pins.max_entries(map_names::LOCAL_NETNS)?,
+            policy: pins.max_entries(map_names::POLICY)?,
+        };
+        let maps = pins.policy_maps()?;
+        Ok(Self {
+            config,
+            pins,
+            maps,
+            applied,
+            capacity,
+        })
+    }
+
+    /// Reads, compiles and applies the configuration directory.
+    pub fn reload(&mut self) -> Result<(Compiled, Changes), ReloadError> {
+        let started = Instant::now();
+        let dir = self
+            .config
+            .config_dir
+            .clone()
+            .expect("reload is only called in standalone mode");
+        let docs = policy::load_dir(&dir)?;
+        let compiled = policy::compile(&docs, &self.config.mesh)?;
+        let desired = MapState {
+            endpoints: compiled.endpoints.clone(),
+            local_netns: resolve_netns(&docs, &compiled)?,
+            policy: compiled.policy.clone(),
+        };
+        self.check_capacity(&desired)?;
+        let changes = self.apply(&desired)?;
+        NodeState::from_compiled(&compiled, changes.generation)
+            .write(&self.config.state_dir)
+            .map_err(|source| ReloadError::State {
+                path: NodeState::path(&self.config.state_dir),
+                source,
+            })?;
+        info!(
+            upserted = changes.upserted,
+            deleted = changes.deleted,
+            generation = changes.generation,
+            workloads = compiled.workloads.len(),
+            policy_entries = desired.policy.len(),
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            "policy applied"
+        );
+        Ok((compiled, changes))
+    }
+
+    /// The maps must hold the union of old and new entries while the update
+    /// runs (additions come before removals).
+    fn check_capacity(&self, desired: &MapState) -> Result<(), ReloadError> {
+        fn union<K: Ord, V>(a: &BTreeMap<K, V>, b: &BTreeMap<K, V>) -> usize {
+            a.len() + b.keys().filter(|k| !a.contains_key(k)).count()
+        }
+        let checks = [
+            (
+                map_names::ENDPOINTS,
+                union(&self.applied.endpoints, &desired.endpoints),
+                self.capacity.endpoints,
+                "--max-endpoints",
+            ),
+            (
+                map_names::LOCAL_NETNS,
+                union(&self.applied.local_netns, &desired.local_netns),
+                self.capacity.local_netns,
+                "the local network namespace limit",
+            ),
+            (
+                map_names::POLICY,
+                union(&self.applied.policy, &desired.policy),
+                self.capacity.policy,
+                "--max-policy",
+            ),
+        ];
+        for (map, needed, max, flag) in checks {
+            if needed > max as usize {
+                return Err(ReloadError::Capacity {
+                    map,
+                    needed,
+                    max,
+                    flag,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, desired: &MapState) -> Result<Changes, ReloadError> {
+        let policy = policy::diff(&self.applied.policy, &desired.policy);
+        let endpoints = policy::diff(&self.applied.endpoints, &desired.endpoints);
+        let netns = policy::diff(&self.applied.local_netns, &desired.local_netns);
+        let upserted = policy.upserts.len() + endpoints.upserts.len() + netns.upserts.len();
+        let deleted = policy.deletes.len() + endpoints.deletes.len() + netns.deletes.len();
+        if upserted + deleted == 0 {
+            return Ok(Changes {
+                generation: self.pins.policy_generation()?,
+                ..Changes::default()
+            });
+        }
+
+        let mut undo = Undo::default();
+        let result = (|| {
+            let m = &mut self.maps;
+            let old = &self.applied;
+            for (k, v) in &policy.upserts {
+                put(&mut m.policy, &mut undo.policy, &old.policy, *k, *v, map_names::POLICY)?;
+            }
+            for (k, v) in &endpoints.upserts {
+                put(
+                    &mut m.endpoints,
+                    &mut undo.endpoints,
+                    &old.endpoints,
+                    *k,
+                    *v,
+                    map_names::ENDPOINTS,
+                )?;
+            }
+            for (k, v) in &netns.upserts {
+                put(
+                    &mut m.local_netns,
+                    &mut undo.local_netns,
+                    &old.local_netns,
+                    *k,
+                    *v,
+                    map_names::LOCAL_NETNS,
+                )?;
+            }
+            for k in &netns.deletes {
+                remove(
+                    &mut m.local_netns,
+                    &mut undo.local_netns,
+                    &old.local_netns,
+                    *k,
+                    map_names::LOCAL_NETNS,
+                )?;
+            }
+            for k in &endpoints.deletes {
+                remove(
+                    &mut m.endpoints,
+                    &mut undo.endpoints,
+                    &old.endpoints,
+                    *k,
+                    map_names::ENDPOINTS,
+                )?;
+            }
+            for k in &policy.deletes {
+                remove(&mut m.policy, &mut undo.policy, &old.policy, *k, map_names::POLICY)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            undo.roll_back(&mut self.maps);
+            return Err(e);
+        }
+        self.applied = desired.clone();
+        let generation = self.pins.bump_policy_generation()?;
+        Ok(Changes {
+            upserted,
+            deleted,
+            generation,
+        })
+    }
+}
+
+/// The cookies of the local workloads' network namespaces. A namespace
+/// that cannot be opened refuses the configuration, naming the workload.
+fn resolve_netns(
+    docs: &policy::Documents,
+    compiled: &Compiled,
+) -> Result<BTreeMap<u64, u64>, ConfigError> {
+    let mut cookies = BTreeMap::new();
+    let mut seen = BTreeSet::new();
+    for (path, identity) in &compiled.local_netns {
+        let cookie = netns::cookie(path).map_err(|e| {
+            let mut err = docs.netns_error(path);
+            err.message = format!("{}: {e}", path.display());
+            err
+        })?;
+        if !seen.insert(cookie) {
+            warn!(netns = %path.display(), "two local workloads share a network namespace");
+        }
+        cookies.insert(cookie, *identity);
+    }
+    Ok(cookies)
+}
+
+/// What to restore, per map, if an update fails half-way: the previous
+/// value of each key touched (`None`: the key was absent).
+#[derive(Default)]
+struct Undo {
+    endpoints: Vec<(IpKey, Option<Endpoint>)>,
+    local_netns: Vec<(u64, Option<u64>)>,
+    policy: Vec<(PolicyKey, Option<Verdict>)>,
+}
+
+impl Undo {
+    fn roll_back(self, maps: &mut PolicyMaps) {
+        // Reverse of the apply order.
+        restore(&mut maps.policy, self.policy);
+        restore(&mut maps.endpoints, self.endpoints);
+        restore(&mut maps.local_netns, self.local_netns);
+    }
+}
+
+fn restore<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>, undo: Vec<(K, Option<V>)>) {
+    for (k, previous) in undo.into_iter().rev() {
+        let result = match previous {
+            Some(v) => map.insert(k, v, 0),
+            None => map.remove(&k),
+        };
+        if let Err(e) = result {
+            warn!(error = %e, "could not undo a map change");
+        }
+    }
+}
+
+fn put<K: aya::Pod + Ord, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    undo: &mut Vec<(K, Option<V>)>,
+    old: &BTreeMap<K, V>,
+    k: K,
+    v: V,
+    name: &'static str,
+) -> Result<(), ReloadError> {
+    map.insert(k, v, 0)
+        .map_err(|source| ReloadError::Apply { map: name, source })?;
+    undo.push((k, old.get(&k).copied()));
+    Ok(())
+}
+
+fn remove<K: aya::Pod + Ord, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    undo: &mut Vec<(K, Option<V>)>,
+    old: &BTreeMap<K, V>,
+    k: K,
+    name: &'static str,
+) -> Result<(), ReloadError> {
+    match map.remove(&k) {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+        Err(source) => return Err(ReloadError::Apply { map: name, source }),
+    }
+    undo.push((k, old.get(&k).copied()));
+    Ok(())
+}

@@ -1,0 +1,267 @@
+//! `mesh-agent explain` and `mesh-agent flows`: why the kernel decides what
+//! it decides.
+//!
+//! `explain` runs [`mesh_common::policy::decide`] — the very function the
+//! kernel programs run — against the pinned maps, so its answer is the
+//! kernel's, not a re-interpretation of the documents.
+use std::{
+    cell::RefCell,
+    io::{BufRead as _, BufReader, Write as _},
+    net::IpAddr,
+    os::unix::net::UnixStream,
+    path::Path,
+};
+
+use anyhow::{Context as _, bail};
+use mesh_common::policy::{
+    ANY_IDENTITY, ANY_PORT, Endpoint, PROTO_TCP, PROTO_UDP, PolicyKey, WORLD_IDENTITY, decide,
+};
+use serde::Serialize;
+
+use crate::{
+    cli::{ExplainArgs, FlowsArgs},
+    datapath::maps::PinnedMaps,
+    flows::{self, FlowRecord, Request},
+    inspect::{Output, json, proto_name},
+    policy::{ip_key, numeric_identity},
+    state::NodeState,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum VerdictFilter {
+    Allow,
+    Deny,
+    Audit,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Explanation {
+    pub source: String,
+    pub source_id: String,
+    pub destination: String,
+    pub destination_id: String,
+    /// Destination workloads this answer covers (one subject).
+    pub workloads: Vec<String>,
+    pub subject: String,
+    pub port: u16,
+    pub proto: &'static str,
+    pub verdict: &'static str,
+    pub rule: u32,
+    pub reason: String,
+    /// The policy file, when a document's rule decided.
+    pub file: Option<String>,
+    /// The entry the kernel finds first: "source+port", "source+any port",
+    /// "any source+port", "any source+any port", or none (fails closed).
+    pub matched_entry: Option<String>,
+}
+
+/// The source identity for `--from`.
+fn source_identity(maps: &PinnedMaps, from: &str) -> anyhow::Result<u64> {
+    if let Ok(ip) = from.parse::<IpAddr>() {
+        let key = ip_key(ip);
+        return Ok(maps
+            .endpoints()?
+            .into_iter()
+            .find(|(k, _)| *k == key)
+            .map_or(WORLD_IDENTITY, |(_, e)| e.identity));
+    }
+    if from == "world" {
+        return Ok(WORLD_IDENTITY);
+    }
+    if from.starts_with("spiffe://") {
+        return Ok(numeric_identity(from));
+    }
+    bail!("--from {from:?} is neither an IP address nor a SPIFFE ID (spiffe://…) nor `world`")
+}
+
+/// The destination endpoints for `--to`, one per subject.
+fn destinations(
+    maps: &PinnedMaps,
+    names: &NodeState,
+    to: &str,
+) -> anyhow::Result<Vec<(Endpoint, Vec<String>)>> {
+    let endpoints = maps.endpoints()?;
+    let mut found: Vec<(Endpoint, Vec<String>)> = Vec::new();
+    let mut add = |ep: Endpoint, label: String| match found
+        .iter_mut()
+        .find(|(e, _)| e.subject == ep.subject)
+    {
+        Some((_, labels)) => labels.push(label),
+        None => found.push((ep, vec![label])),
+    };
+    if let Ok(ip) = to.parse::<IpAddr>() {
+        let key = ip_key(ip);
+        let Some((_, ep)) = endpoints.iter().find(|(k, _)| *k == key) else {
+            bail!(
+                "{to} is not a mesh workload's address on this node's maps: MeshPolicy does \
+                 not govern connections to it"
+            );
+        };
+        let label = names
+            .workloads
+            .iter()
+            .find(|w| w.ips.contains(&ip))
+            .map_or(to.to_string(), |w| format!("{}/{}", w.namespace, w.name));
+        add(*ep, label);
+    } else if to.starts_with("spiffe://") {
+        let id = numeric_identity(to);
+        for w in names.workloads.iter().filter(|w| w.identity == id) {
+            if let Some(ip) = w.ips.first() {
+                if let Some((_, ep)) = endpoints.iter().find(|(k, _)| *k == ip_key(*ip)) {
+                    add(*ep, format!("{}/{}", w.namespace, w.name));
+                }
+            }
+        }
+        if found.is_empty() {
+            bail!("no workload with identity {to} is in this node's maps");
+        }
+    } else {
+        bail!("--to {to:?} is neither an IP address nor a SPIFFE ID (spiffe://…)");
+    }
+    Ok(found)
+}
+
+pub fn explain(maps: &PinnedMaps, names: &NodeState, args: &ExplainArgs) -> anyhow::Result<String> {
+    let proto = match args.proto {
+        Proto::Tcp => PROTO_TCP,
+        Proto::Udp => PROTO_UDP,
+    };
+    anyhow::ensure!(args.port != 0, "--port must be 1-65535");
+    let src = source_identity(maps, &args.from)?;
+    let mut answers = Vec::new();
+    for (dst, workloads) in destinations(maps, names, &args.to)? {
+        let failure = RefCell::new(None);
+        let matched = RefCell::new(None);
+        let verdict = decide(dst.subject, src, args.port, proto, |key| {
+            match maps.policy_entry(key) {
+                Ok(Some(v)) => {
+                    *matched.borrow_mut() = Some(*key);
+                    Some(v)
+                }
+                Ok(None) => None,
+                Err(e) => {
+                    failure.borrow_mut().get_or_insert(e);
+                    None
+                }
+            }
+        });
+        if let Some(e) = failure.into_inner() {
+            return Err(e).context("reading the policy map");
+        }
+        let rule = names.rules.get(&verdict.rule);
+        answers.push(Explanation {
+            source: names.identity_name(src),
+            source_id: src.to_string(),
+            destination: names.identity_name(dst.identity),
+            destination_id: dst.identity.to_string(),
+            workloads,
+            subject: format!("{:016x}", dst.subject),
+            port: args.port,
+            proto: proto_name(proto),
+            verdict: verdict.action().name(),
+            rule: verdict.rule,
+            reason: names.rule_name(verdict.rule),
+            file: rule.and_then(|r| r.file.clone()),
+            matched_entry: matched.into_inner().map(|k: PolicyKey| {
+                let s = if k.src_identity == ANY_IDENTITY { "any source" } else { "source" };
+                let p = if k.port == ANY_PORT { "any port" } else { "port" };
+                format!("{s}+{p}")
+            }),
+        });
+    }
+    Ok(match args.output {
+        Output::Json => json(&answers),
+        Output::Table => {
+            let mut text = String::new();
+            for a in &answers {
+                text += &format!(
+                    "{verdict}: {src} -> {dst} ({workloads}) port {port}/{proto}\n  decided by: {reason}{file}\n  kernel entry: {entry}\n",
+                    verdict = a.verdict,
+                    src = a.source,
+                    dst = a.destination,
+                    workloads = a.workloads.join(", "),
+                    port = a.port,
+                    proto = a.proto,
+                    reason = a.reason,
+                    file = a.file.as_ref().map_or(String::new(), |f| format!(" ({f})")),
+                    entry = a.matched_entry.as_deref().unwrap_or("none: no policy entry, fails closed"),
+                );
+            }
+            text
+        }
+    })
+}
+
+fn matches_identity(filter: &str, end: &flows::FlowEnd) -> bool {
+    match filter.strip_suffix('*') {
+        Some(prefix) => end.identity.starts_with(prefix),
+        None => end.identity == filter || end.id == filter,
+    }
+}
+
+pub fn flows(state_dir: &Path, args: FlowsArgs) -> anyhow::Result<()> {
+    let socket = flows::socket_path(state_dir);
+    let mut conn = UnixStream::connect(&socket).with_context(|| {
+        format!(
+            "connecting to the agent at {} (is `mesh-agent run` running with --state-dir {}?)",
+            socket.display(),
+            state_dir.display()
+        )
+    })?;
+    let mut request = serde_json::to_vec(&Request {
+        follow: args.follow,
+    })?;
+    request.push(b'\n');
+    conn.write_all(&request)?;
+    let verdict = args.verdict.map(|v| match v {
+        VerdictFilter::Allow => "ALLOW",
+        VerdictFilter::Deny => "DENY",
+        VerdictFilter::Audit => "AUDIT",
+    });
+    let mut out = std::io::stdout().lock();
+    let mut header = args.output == Output::Table;
+    for line in BufReader::new(conn).lines() {
+        let line = line?;
+        let record: FlowRecord = serde_json::from_str(&line).context("bad event from the agent")?;
+        if verdict.is_some_and(|v| v != record.verdict)
+            || args
+                .identity
+                .as_deref()
+                .is_some_and(|f| !matches_identity(f, &record.src) && !matches_identity(f, &record.dst))
+        {
+            continue;
+        }
+        match args.output {
+            Output::Json => writeln!(out, "{line}")?,
+            Output::Table => {
+                if header {
+                    header = false;
+                    writeln!(out, "VERDICT HOOK     SOURCE -> DESTINATION PORT/PROTO REASON")?;
+                }
+                let end = |e: &flows::FlowEnd| match e.ip {
+                    Some(ip) => format!("{} ({ip})", e.identity),
+                    None => e.identity.clone(),
+                };
+                writeln!(
+                    out,
+                    "{:<7} {:<8} {} -> {} {}/{} {}",
+                    record.verdict,
+                    record.hook,
+                    end(&record.src),
+                    end(&record.dst),
+                    record.dst.port.map_or("*".into(), |p| p.to_string()),
+                    record.proto,
+                    record.reason
+                )?;
+            }
+        }
+        out.flush()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,226 @@
+//! Flow events: the kernel's verdicts, named and served to `mesh-agent flows`.
+//!
+//! The kernel writes one [`FlowEvent`] per judged connection (or inbound
+//! flow) into the `FLOWS` ring buffer. The agent is its only reader: it
+//! names identities and rules, keeps the latest events, and streams them
+//! to clients of its socket (`<state-dir>/agent.sock`), one JSON object per
+//! line. A ring buffer has a single consumer position, so CLI processes
+//! never read it themselves (they would steal each other's events).
+use std::{
+    collections::VecDeque,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context as _;
+use aya::maps::{Map, MapData, RingBuf};
+use mesh_common::{
+    map_names,
+    policy::{FlowEvent, Hook, PROTO_TCP, PROTO_UDP},
+};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::broadcast,
+};
+use tracing::{debug, warn};
+
+use crate::{datapath::sys::{async_ring_buf, read_pod}, policy::ip_from_key, state::NodeState};
+
+/// How many recent events the agent keeps for `flows` without `--follow`.
+const HISTORY: usize = 4096;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FlowEnd {
+    pub identity: String,
+    /// The numeric identity, as a decimal string.
+    pub id: String,
+    pub ip: Option<IpAddr>,
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FlowRecord {
+    /// Seconds since the Unix epoch.
+    pub time: f64,
+    pub verdict: String,
+    /// Where the kernel judged it: connect, sendmsg or ingress.
+    pub hook: String,
+    pub proto: String,
+    pub src: FlowEnd,
+    pub dst: FlowEnd,
+    pub rule: u32,
+    /// The policy rule (or the default) that decided.
+    pub reason: String,
+}
+
+impl FlowRecord {
+    pub fn from_event(ev: &FlowEvent, names: &NodeState, boot_offset: f64) -> Self {
+        let end = |identity: u64, ip: &[u32; 4], port: u16| {
+            let ip = (*ip != [0; 4]).then(|| {
+                ip_from_key(&mesh_common::policy::IpKey { ip: *ip })
+            });
+            FlowEnd {
+                identity: names.identity_name(identity),
+                id: identity.to_string(),
+                ip,
+                port: (port != 0).then_some(port),
+            }
+        };
+        Self {
+            time: boot_offset + ev.timestamp_ns as f64 / 1e9,
+            verdict: ev.verdict.action().name().into(),
+            hook: Hook::from_u8(ev.hook).map_or("?", Hook::name).into(),
+            proto: match ev.proto {
+                PROTO_TCP => "tcp".into(),
+                PROTO_UDP => "udp".into(),
+                p => p.to_string(),
+            },
+            src: end(ev.src_identity, &ev.src_ip, ev.src_port),
+            dst: end(ev.dst_identity, &ev.dst_ip, ev.dst_port),
+            rule: ev.verdict.rule,
+            reason: names.rule_name(ev.verdict.rule),
+        }
+    }
+}
+
+/// Wall-clock seconds at CLOCK_MONOTONIC zero (the kernel stamps events
+/// with bpf_ktime_get_ns, which is CLOCK_MONOTONIC).
+fn monotonic_epoch() -> f64 {
+    let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9)
+        .unwrap_or(0.0);
+    let wall = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs_f64();
+    wall - mono
+}
+
+/// The agent's side: the recent events and the live stream.
+#[derive(Clone)]
+pub struct FlowHub {
+    history: Arc<Mutex<VecDeque<FlowRecord>>>,
+    live: broadcast::Sender<FlowRecord>,
+    names: Arc<Mutex<NodeState>>,
+}
+
+impl FlowHub {
+    pub fn new() -> Self {
+        Self {
+            history: Arc::default(),
+            live: broadcast::channel(HISTORY).0,
+            names: Arc::default(),
+        }
+    }
+
+    /// New names after each applied configuration.
+    pub fn set_names(&self, names: NodeState) {
+        *self.names.lock().unwrap() = names;
+    }
+
+    fn publish(&self, record: FlowRecord) {
+        debug!(
+            verdict = %record.verdict,
+            src = %record.src.identity,
+            dst = %record.dst.identity,
+            port = ?record.dst.port,
+            reason = %record.reason,
+            "flow"
+        );
+        let mut history = self.history.lock().unwrap();
+        if history.len() == HISTORY {
+            history.pop_front();
+        }
+        history.push_back(record.clone());
+        let _ = self.live.send(record);
+    }
+
+    /// Reads the kernel's ring buffer until the agent stops.
+    pub async fn read_kernel_events(self, pin_dir: PathBuf) -> anyhow::Result<()> {
+        let path = pin_dir.join(map_names::FLOWS);
+        let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+        let ring: RingBuf<MapData> = Map::from_map_data(data)?.try_into()?;
+        let mut fd = async_ring_buf(ring).context("polling the flow ring buffer")?;
+        let epoch = monotonic_epoch();
+        loop {
+            let mut guard = fd.readable_mut().await?;
+            let ring = guard.get_inner_mut();
+            while let Some(item) = ring.next() {
+                let Some(ev) = read_pod::<FlowEvent>(&item) else {
+                    continue;
+                };
+                drop(item);
+                let record = FlowRecord::from_event(&ev, &self.names.lock().unwrap(), epoch);
+                self.publish(record);
+            }
+            guard.clear_ready();
+        }
+    }
+
+    /// Serves `mesh-agent flows` on `socket` until the agent stops.
+    pub async fn serve(self, socket: PathBuf) -> anyhow::Result<()> {
+        let _ = std::fs::remove_file(&socket);
+        if let Some(dir) = socket.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let listener =
+            UnixListener::bind(&socket).with_context(|| format!("listening on {}", socket.display()))?;
+        loop {
+            let (conn, _) = listener.accept().await?;
+            let hub = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = hub.serve_client(conn).await {
+                    debug!(error = %e, "flows client went away");
+                }
+            });
+        }
+    }
+
+    async fn serve_client(self, conn: UnixStream) -> anyhow::Result<()> {
+        let (read, mut write) = conn.into_split();
+        let mut line = String::new();
+        BufReader::new(read).read_line(&mut line).await?;
+        let request: Request = serde_json::from_str(line.trim()).context("bad request")?;
+        // Subscribe before copying the history, so no event falls between.
+        let mut live = self.live.subscribe();
+        let history: Vec<FlowRecord> = self.history.lock().unwrap().iter().cloned().collect();
+        for record in history {
+            write_record(&mut write, &record).await?;
+        }
+        if !request.follow {
+            return Ok(());
+        }
+        loop {
+            match live.recv().await {
+                Ok(record) => write_record(&mut write, &record).await?,
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    warn!(missed = n, "a flows client is too slow; events skipped");
+                }
+                Err(broadcast::error::RecvError::Closed) => return Ok(()),
+            }
+        }
+    }
+}
+
+async fn write_record(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    record: &FlowRecord,
+) -> anyhow::Result<()> {
+    let mut line = serde_json::to_vec(record)?;
+    line.push(b'\n');
+    write.write_all(&line).await?;
+    Ok(())
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Request {
+    pub follow: bool,
+}
+
+pub fn socket_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("agent.sock")
+}

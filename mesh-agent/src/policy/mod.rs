@@ -1,0 +1,28 @@
+//! Identity-based policy: the `Workload` and `MeshPolicy` documents
+//! (docs/policy.md), their compilation into the kernel's `ENDPOINTS`,
+//! `LOCAL_NETNS` and `POLICY` entries, the reference semantics those
+//! entries must reproduce, and the diffs applied to the maps on reload.
+//!
+//! ```text
+//! load_dir / parse_str ──► Documents ──compile(settings)──► Compiled ──diff──► maps
+//!                              └──────────evaluate (reference)───────┘
+//! ```
+// Until the agent and the CLI call it, parts of the API are unused in the
+// binary.
+#![allow(dead_code)]
+
+mod compile;
+mod diff;
+mod documents;
+mod identity;
+
+pub use compile::{
+    Compiled, DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN, DefaultAction, MeshSettings, RuleInfo,
+    Source, SubjectInfo, WorkloadInfo, compile, evaluate,
+};
+pub use diff::{MapDiff, diff};
+pub use documents::{
+    API_VERSION, ConfigError, Documents, FromEntry, MeshPolicy, MeshPolicySpec, ObjectMeta, Origin,
+    PolicyAction, PortEntry, Protocol, Rule, Selector, Workload, WorkloadSpec, load_dir, parse_str,
+};
+pub use identity::{IdentityPattern, ip_from_key, ip_key, numeric_identity, spiffe_id};

@@ -1,0 +1,398 @@
+//! Identity-based policy as the kernel sees it: endpoints, compiled policy
+//! entries, conntrack and flow events, and the one lookup order ([`decide`])
+//! that the kernel programs and `mesh-agent explain` share.
+//!
+//! Numbers only: a workload's identity is a 64-bit number derived from its
+//! SPIFFE ID (the agent computes it, the same on every node); a *subject* is
+//! the group of destination workloads that the same set of policies selects
+//! (workloads with one identity can carry different labels, so policy is
+//! keyed by subject, not by identity).
+
+/// Wildcard in [`PolicyKey::src_identity`]: any mesh identity that has no
+/// entry of its own.
+pub const ANY_IDENTITY: u64 = 0;
+/// The identity of every address that is not a mesh workload.
+pub const WORLD_IDENTITY: u64 = 1;
+/// Numeric identities below this are reserved for the mesh's own use.
+pub const FIRST_WORKLOAD_IDENTITY: u64 = 16;
+
+/// Wildcard in [`PolicyKey::port`]: any port that has no entry of its own.
+pub const ANY_PORT: u16 = 0;
+
+/// IP protocol numbers, as in the IP header.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Key of `ENDPOINTS`: an IPv6 or IPv4-mapped address, network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IpKey {
+    pub ip: [u32; 4],
+}
+
+/// Value of `ENDPOINTS`: who owns an address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    pub identity: u64,
+    /// Which policy entries apply when this endpoint is the destination.
+    pub subject: u64,
+    /// `ENDPOINT_*` flags.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// The endpoint is a workload on this node.
+pub const ENDPOINT_LOCAL: u32 = 1;
+
+/// Key of `POLICY`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    pub subject: u64,
+    /// A source identity, or [`ANY_IDENTITY`].
+    pub src_identity: u64,
+    /// Destination port, or [`ANY_PORT`].
+    pub port: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    pub _pad: [u8; 5],
+}
+
+impl PolicyKey {
+    #[inline(always)]
+    pub const fn new(subject: u64, src_identity: u64, port: u16, proto: u8) -> Self {
+        Self {
+            subject,
+            src_identity,
+            port,
+            proto,
+            _pad: [0; 5],
+        }
+    }
+}
+
+/// What policy says about a connection.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Action {
+    Allow = 1,
+    Deny = 2,
+    /// Passes, and is reported as "would deny".
+    Audit = 3,
+}
+
+impl Action {
+    #[inline(always)]
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            1 => Some(Action::Allow),
+            2 => Some(Action::Deny),
+            3 => Some(Action::Audit),
+            _ => None,
+        }
+    }
+
+    /// Whether the kernel lets the traffic through.
+    #[inline(always)]
+    pub const fn passes(self) -> bool {
+        !matches!(self, Action::Deny)
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Action::Allow => "ALLOW",
+            Action::Deny => "DENY",
+            Action::Audit => "AUDIT",
+        }
+    }
+}
+
+/// Value of `POLICY`: the action and the rule that decided it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Verdict {
+    /// An [`Action`] as u32.
+    pub action: u32,
+    /// A rule id (`RULE_*` below, or an id the agent assigned to a rule of
+    /// a MeshPolicy document).
+    pub rule: u32,
+}
+
+impl Verdict {
+    #[inline(always)]
+    pub const fn new(action: Action, rule: u32) -> Self {
+        Self {
+            action: action as u32,
+            rule,
+        }
+    }
+
+    /// The action, failing closed on a value this build does not know.
+    #[inline(always)]
+    pub const fn action(&self) -> Action {
+        match Action::from_u32(self.action) {
+            Some(a) => a,
+            None => Action::Deny,
+        }
+    }
+}
+
+/// The mesh-wide default decided (no ALLOW policy selects the destination).
+pub const RULE_MESH_DEFAULT: u32 = 1;
+/// The rule for sources that are not mesh workloads decided.
+pub const RULE_NON_MESH: u32 = 2;
+/// ALLOW policies select the destination and none of their rules matched.
+pub const RULE_NOT_ALLOWED: u32 = 3;
+/// The destination is an endpoint but no policy entry exists for it: the
+/// maps are inconsistent, so the kernel fails closed.
+pub const RULE_NO_POLICY: u32 = 4;
+/// Rule ids below this are the reserved ones above.
+pub const FIRST_POLICY_RULE: u32 = 16;
+
+/// The order in which policy entries are looked up, most specific first:
+/// (source, port), (source, any port), (any source, port), (any, any).
+///
+/// The agent compiles policy so that the first entry found is the answer
+/// (see the compiler in mesh-agent), and a destination endpoint always has
+/// an (any, any) entry. `lookup` is a map lookup in the kernel and in
+/// `explain`, so both follow exactly the same steps.
+#[inline(always)]
+pub fn decide(
+    subject: u64,
+    src_identity: u64,
+    port: u16,
+    proto: u8,
+    lookup: impl Fn(&PolicyKey) -> Option<Verdict>,
+) -> Verdict {
+    let keys = [
+        PolicyKey::new(subject, src_identity, port, proto),
+        PolicyKey::new(subject, src_identity, ANY_PORT, proto),
+        PolicyKey::new(subject, ANY_IDENTITY, port, proto),
+        PolicyKey::new(subject, ANY_IDENTITY, ANY_PORT, proto),
+    ];
+    // Unrolled by hand: the verifier handles four straight lookups better
+    // than a loop over an array of keys on the BPF stack.
+    if let Some(v) = lookup(&keys[0]) {
+        return v;
+    }
+    if let Some(v) = lookup(&keys[1]) {
+        return v;
+    }
+    if let Some(v) = lookup(&keys[2]) {
+        return v;
+    }
+    if let Some(v) = lookup(&keys[3]) {
+        return v;
+    }
+    Verdict::new(Action::Deny, RULE_NO_POLICY)
+}
+
+/// Key of `CONNTRACK`: one direction of a flow, as seen on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub src_ip: [u32; 4],
+    pub dst_ip: [u32; 4],
+    /// Host byte order.
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl FlowKey {
+    /// The key of the other direction of the same flow.
+    #[inline(always)]
+    pub const fn reversed(&self) -> Self {
+        Self {
+            src_ip: self.dst_ip,
+            dst_ip: self.src_ip,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Value of `CONNTRACK`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowState {
+    /// The [`Verdict`] of an inbound flow; for `FLOW_OUTBOUND` the flow
+    /// left through a hook that had already checked it.
+    pub verdict: Verdict,
+    /// The policy generation the verdict was computed under.
+    pub generation: u32,
+    /// `FLOW_*` flags.
+    pub flags: u32,
+}
+
+/// The flow was opened by a local workload towards another node: packets
+/// of the reverse direction are its replies.
+pub const FLOW_OUTBOUND: u32 = 1;
+
+/// Key of `UDP_PEERS`: a datagram from `remote_ip:remote_port` was received
+/// on a local UDP socket bound to `local_port` in network namespace `netns`.
+/// A datagram sent back from that socket is a reply, not a new flow: the
+/// stateful-firewall rule TCP gets from its connection state.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UdpPeerKey {
+    pub netns: u64,
+    pub remote_ip: [u32; 4],
+    /// Host byte order.
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub _pad: u32,
+}
+
+/// Where a flow event was produced.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// connect(2) of a local workload (TCP, or connected UDP).
+    Connect = 1,
+    /// sendmsg(2) on an unconnected UDP socket of a local workload.
+    Sendmsg = 2,
+    /// A packet that arrived from another node (tc ingress).
+    Ingress = 3,
+}
+
+impl Hook {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Hook::Connect),
+            2 => Some(Hook::Sendmsg),
+            3 => Some(Hook::Ingress),
+            _ => None,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Hook::Connect => "connect",
+            Hook::Sendmsg => "sendmsg",
+            Hook::Ingress => "ingress",
+        }
+    }
+}
+
+/// One verdict, sent from the kernel to the agent through the `FLOWS` ring
+/// buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub timestamp_ns: u64,
+    pub src_identity: u64,
+    pub dst_identity: u64,
+    pub src_ip: [u32; 4],
+    pub dst_ip: [u32; 4],
+    /// Host byte order; 0 when not known yet (connect time).
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    /// A [`Hook`] as u8.
+    pub hook: u8,
+    pub _pad: [u8; 2],
+    pub verdict: Verdict,
+}
+
+/// Capacity of `FLOWS` in bytes (a power of two, as the kernel requires).
+pub const FLOWS_RING_BYTES: u32 = 1 << 20;
+
+/// Default capacities; each is configurable on `mesh-agent run`.
+pub const DEFAULT_MAX_ENDPOINTS: u32 = 65_536;
+pub const DEFAULT_MAX_POLICY: u32 = 262_144;
+pub const DEFAULT_MAX_CONNTRACK: u32 = 262_144;
+pub const DEFAULT_MAX_LOCAL_NETNS: u32 = 4_096;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{offset_of, size_of};
+
+    #[test]
+    fn layouts_are_pinned() {
+        assert_eq!(size_of::<IpKey>(), 16);
+        assert_eq!(size_of::<Endpoint>(), 24);
+        assert_eq!(offset_of!(Endpoint, subject), 8);
+        assert_eq!(offset_of!(Endpoint, flags), 16);
+        assert_eq!(size_of::<PolicyKey>(), 24);
+        assert_eq!(offset_of!(PolicyKey, src_identity), 8);
+        assert_eq!(offset_of!(PolicyKey, port), 16);
+        assert_eq!(offset_of!(PolicyKey, proto), 18);
+        assert_eq!(size_of::<Verdict>(), 8);
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(offset_of!(FlowKey, src_port), 32);
+        assert_eq!(offset_of!(FlowKey, proto), 36);
+        assert_eq!(size_of::<FlowState>(), 16);
+        assert_eq!(size_of::<UdpPeerKey>(), 32);
+        assert_eq!(offset_of!(UdpPeerKey, local_port), 24);
+        assert_eq!(size_of::<FlowEvent>(), 72);
+        assert_eq!(offset_of!(FlowEvent, src_ip), 24);
+        assert_eq!(offset_of!(FlowEvent, src_port), 56);
+        assert_eq!(offset_of!(FlowEvent, hook), 61);
+        assert_eq!(offset_of!(FlowEvent, verdict), 64);
+    }
+
+    fn table(entries: &[(PolicyKey, Verdict)]) -> impl Fn(&PolicyKey) -> Option<Verdict> + '_ {
+        move |k| entries.iter().find(|(key, _)| key == k).map(|(_, v)| *v)
+    }
+
+    #[test]
+    fn most_specific_entry_wins() {
+        let allow = Verdict::new(Action::Allow, 20);
+        let deny = Verdict::new(Action::Deny, 21);
+        let entries = [
+            (PolicyKey::new(7, ANY_IDENTITY, ANY_PORT, PROTO_TCP), deny),
+            (PolicyKey::new(7, 100, 80, PROTO_TCP), allow),
+        ];
+        assert_eq!(decide(7, 100, 80, PROTO_TCP, table(&entries)), allow);
+        assert_eq!(decide(7, 100, 81, PROTO_TCP, table(&entries)), deny);
+        assert_eq!(decide(7, 101, 80, PROTO_TCP, table(&entries)), deny);
+    }
+
+    #[test]
+    fn source_before_port() {
+        let by_src = Verdict::new(Action::Deny, 20);
+        let by_port = Verdict::new(Action::Allow, 21);
+        let entries = [
+            (PolicyKey::new(7, 100, ANY_PORT, PROTO_UDP), by_src),
+            (PolicyKey::new(7, ANY_IDENTITY, 53, PROTO_UDP), by_port),
+        ];
+        assert_eq!(decide(7, 100, 53, PROTO_UDP, table(&entries)), by_src);
+        assert_eq!(decide(7, 101, 53, PROTO_UDP, table(&entries)), by_port);
+    }
+
+    #[test]
+    fn unknown_subject_fails_closed() {
+        let v = decide(9, 100, 80, PROTO_TCP, |_| None);
+        assert_eq!(v.action(), Action::Deny);
+        assert_eq!(v.rule, RULE_NO_POLICY);
+        assert_eq!(
+            Verdict {
+                action: 77,
+                rule: 0
+            }
+            .action(),
+            Action::Deny
+        );
+    }
+
+    #[test]
+    fn reversed_flow_is_an_involution() {
+        let k = FlowKey {
+            src_ip: [1, 2, 3, 4],
+            dst_ip: [5, 6, 7, 8],
+            src_port: 1000,
+            dst_port: 80,
+            proto: PROTO_TCP,
+            _pad: [0; 3],
+        };
+        assert_eq!(k.reversed().reversed(), k);
+        assert_eq!(k.reversed().src_port, 80);
+    }
+}

@@ -1,0 +1,333 @@
+//! Identity-based allow/deny.
+//!
+//! Connections a local workload opens are judged at `connect(2)` (and per
+//! datagram for unconnected UDP, except replies to a peer the socket heard
+//! from, which `mesh_recvmsg4/6` remember in `UDP_PEERS`) by the cgroup
+//! sock_addr programs: the
+//! socket has no source address yet, so the source workload is known by its
+//! network namespace (`LOCAL_NETNS`, filled by the agent from the workload's
+//! `netns`). A denied connect fails with EPERM before any packet leaves.
+//!
+//! Packets from other nodes are judged by `mesh_ingress` on the node's
+//! interfaces, by source address (`ENDPOINTS`), once per flow: the verdict
+//! is cached in `CONNTRACK` under the current policy generation.
+//! `mesh_egress` records the node's own outbound flows there so that their
+//! replies pass.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{BPF_ANY, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::{bpf_get_netns_cookie, bpf_ktime_get_ns},
+    macros::{cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, TcContext},
+};
+use mesh_common::{
+    Counter, Setting, ipv4_mapped,
+    policy::{
+        Action, ENDPOINT_LOCAL, FLOW_OUTBOUND, FlowEvent, FlowKey, FlowState, Hook, IpKey,
+        PROTO_TCP, PROTO_UDP, UdpPeerKey, Verdict, WORLD_IDENTITY, decide,
+    },
+};
+
+use crate::{
+    CONNTRACK, ENDPOINTS, FLOWS, LOCAL_NETNS, POLICY, UDP_PEERS, count,
+    packet::{self, Parsed},
+    policy_generation, setting,
+};
+
+/// sock_addr programs: 1 lets the call proceed, 0 fails it with EPERM.
+const SOCK_ADDR_ALLOW: i32 = 1;
+const SOCK_ADDR_DENY: i32 = 0;
+
+/// What is being judged: one connection or flow, as far as it is known.
+struct Attempt {
+    src_identity: u64,
+    src_ip: [u32; 4],
+    src_port: u16,
+    dst_ip: [u32; 4],
+    dst_port: u16,
+    proto: u8,
+    hook: Hook,
+}
+
+/// The verdict for `a`, reported as a flow event, or `None` when the
+/// destination is not a mesh workload (MeshPolicy does not govern it).
+#[inline(always)]
+fn judge(a: &Attempt) -> Option<Verdict> {
+    // SAFETY: map values are plain data, read and copied at once.
+    let dst = unsafe { ENDPOINTS.get(&IpKey { ip: a.dst_ip }) }.copied()?;
+    let verdict = decide(dst.subject, a.src_identity, a.dst_port, a.proto, |k| {
+        // SAFETY: as above.
+        unsafe { POLICY.get(k) }.copied()
+    });
+    count(
+        match verdict.action() {
+            Action::Allow => Counter::PolicyAllowed,
+            Action::Deny => Counter::PolicyDenied,
+            Action::Audit => Counter::PolicyAudited,
+        },
+        1,
+    );
+    report(a, dst.identity, verdict);
+    Some(verdict)
+}
+
+#[inline(always)]
+fn report(a: &Attempt, dst_identity: u64, verdict: Verdict) {
+    let Some(mut entry) = FLOWS.reserve::<FlowEvent>(0) else {
+        count(Counter::FlowEventsLost, 1);
+        return;
+    };
+    entry.write(FlowEvent {
+        // SAFETY: reads the clock.
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        src_identity: a.src_identity,
+        dst_identity,
+        src_ip: a.src_ip,
+        dst_ip: a.dst_ip,
+        src_port: a.src_port,
+        dst_port: a.dst_port,
+        proto: a.proto,
+        hook: a.hook as u8,
+        _pad: [0; 2],
+        verdict,
+    });
+    entry.submit(0);
+}
+
+#[inline(always)]
+fn identity_of_address(ip: &[u32; 4]) -> u64 {
+    // SAFETY: as in `judge`.
+    match unsafe { ENDPOINTS.get(&IpKey { ip: *ip }) } {
+        Some(e) => e.identity,
+        None => WORLD_IDENTITY,
+    }
+}
+
+/// The identity of the local workload whose network namespace the calling
+/// socket lives in; `world` for anything else in the mesh's cgroup.
+#[inline(always)]
+fn identity_of_caller(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: the helper only reads the context it is given.
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: as in `judge`.
+    match unsafe { LOCAL_NETNS.get(&cookie) } {
+        Some(id) => *id,
+        None => WORLD_IDENTITY,
+    }
+}
+
+/// The local port the calling socket is bound to (0: not bound yet).
+#[inline(always)]
+fn bound_port(ctx: &SockAddrContext) -> u16 {
+    // SAFETY: the kernel's context for this call; `sk` is checked for null
+    // before its u32 field is read.
+    unsafe {
+        let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
+        if sk.is_null() {
+            return 0;
+        }
+        core::ptr::read_volatile(&raw const (*sk).src_port) as u16
+    }
+}
+
+/// The `UDP_PEERS` key for the peer at `remote_ip` and the context's port.
+#[inline(always)]
+fn udp_peer(ctx: &SockAddrContext, remote_ip: [u32; 4]) -> UdpPeerKey {
+    UdpPeerKey {
+        // SAFETY: the helper only reads the context it is given.
+        netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        remote_ip,
+        local_port: bound_port(ctx),
+        // SAFETY: the kernel's context for this call.
+        remote_port: u16::from_be(unsafe { (*ctx.sock_addr).user_port } as u16),
+        _pad: 0,
+    }
+}
+
+#[inline(always)]
+fn judge_sock_addr(ctx: &SockAddrContext, dst_ip: [u32; 4], hook: Hook) -> i32 {
+    // SAFETY: the kernel's context for this call.
+    let sa = unsafe { &*ctx.sock_addr };
+    let proto = sa.protocol as u8;
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return SOCK_ADDR_ALLOW;
+    }
+    // SAFETY: as in `judge`.
+    if hook == Hook::Sendmsg && unsafe { UDP_PEERS.get(&udp_peer(ctx, dst_ip)) }.is_some() {
+        return SOCK_ADDR_ALLOW; // a reply to a datagram this socket received
+    }
+    let attempt = Attempt {
+        src_identity: identity_of_caller(ctx),
+        src_ip: [0; 4],
+        src_port: 0,
+        dst_ip,
+        // The port is in network byte order in the low 16 bits.
+        dst_port: u16::from_be(sa.user_port as u16),
+        proto,
+        hook,
+    };
+    match judge(&attempt) {
+        Some(v) if !v.action().passes() => SOCK_ADDR_DENY,
+        _ => SOCK_ADDR_ALLOW,
+    }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel's context for this call.
+    let dst = ipv4_mapped(unsafe { (*ctx.sock_addr).user_ip4 });
+    judge_sock_addr(&ctx, dst, Hook::Connect)
+}
+
+/// `user_ip6`, one 32-bit load per word: the verifier only allows aligned
+/// word loads from the context, never a copy of the whole array.
+#[inline(always)]
+fn user_ip6(ctx: &SockAddrContext) -> [u32; 4] {
+    // SAFETY: the kernel's context for this call; each field is a u32.
+    unsafe {
+        let sa = ctx.sock_addr;
+        [
+            core::ptr::read_volatile(&raw const (*sa).user_ip6[0]),
+            core::ptr::read_volatile(&raw const (*sa).user_ip6[1]),
+            core::ptr::read_volatile(&raw const (*sa).user_ip6[2]),
+            core::ptr::read_volatile(&raw const (*sa).user_ip6[3]),
+        ]
+    }
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
+    let dst = user_ip6(&ctx);
+    judge_sock_addr(&ctx, dst, Hook::Connect)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn mesh_sendmsg4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel's context for this call.
+    let dst = ipv4_mapped(unsafe { (*ctx.sock_addr).user_ip4 });
+    judge_sock_addr(&ctx, dst, Hook::Sendmsg)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn mesh_sendmsg6(ctx: SockAddrContext) -> i32 {
+    let dst = user_ip6(&ctx);
+    judge_sock_addr(&ctx, dst, Hook::Sendmsg)
+}
+
+/// Remembers who sent the datagram being received, so that the socket may
+/// answer (see `UDP_PEERS`). Never refuses anything.
+#[inline(always)]
+fn remember_udp_peer(ctx: &SockAddrContext, remote_ip: [u32; 4]) -> i32 {
+    // SAFETY: the kernel's context for this call.
+    if unsafe { (*ctx.sock_addr).protocol } as u8 == PROTO_UDP {
+        let _ = UDP_PEERS.insert(&udp_peer(ctx, remote_ip), &1, BPF_ANY as u64);
+    }
+    SOCK_ADDR_ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn mesh_recvmsg4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel's context for this call.
+    let src = ipv4_mapped(unsafe { (*ctx.sock_addr).user_ip4 });
+    remember_udp_peer(&ctx, src)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn mesh_recvmsg6(ctx: SockAddrContext) -> i32 {
+    let src = user_ip6(&ctx);
+    remember_udp_peer(&ctx, src)
+}
+
+#[inline(always)]
+fn is_local_endpoint(ip: &[u32; 4]) -> bool {
+    // SAFETY: as in `judge`.
+    matches!(unsafe { ENDPOINTS.get(&IpKey { ip: *ip }) }, Some(e) if e.flags & ENDPOINT_LOCAL != 0)
+}
+
+#[classifier]
+pub fn mesh_ingress(ctx: TcContext) -> i32 {
+    let pass = match packet::parse(&ctx) {
+        Parsed::Flow { key, syn } => ingress_passes(&key, syn),
+        // Workloads are reached over TCP and UDP; what this program cannot
+        // read the ports of does not reach them.
+        Parsed::Opaque { dst_ip } => !is_local_endpoint(&dst_ip),
+        Parsed::Ignore => true,
+    };
+    if pass { TC_ACT_OK } else { TC_ACT_SHOT }
+}
+
+#[inline(always)]
+fn ingress_passes(key: &FlowKey, syn: bool) -> bool {
+    if !is_local_endpoint(&key.dst_ip) {
+        return true;
+    }
+    // SAFETY: as in `judge`.
+    if let Some(st) = unsafe { CONNTRACK.get(&key.reversed()) } {
+        if st.flags & FLOW_OUTBOUND != 0 {
+            return true; // a reply to a flow this node opened
+        }
+    }
+    let generation = policy_generation();
+    // A SYN is a new connection even if an old one used the same ports.
+    if !syn {
+        // SAFETY: as in `judge`.
+        if let Some(st) = unsafe { CONNTRACK.get(key) } {
+            let current = st.generation == generation;
+            let kept = st.verdict.action().passes() && setting(Setting::RevokeEstablished) == 0;
+            if st.flags & FLOW_OUTBOUND == 0 && (current || kept) {
+                return st.verdict.action().passes();
+            }
+        }
+    }
+    let attempt = Attempt {
+        src_identity: identity_of_address(&key.src_ip),
+        src_ip: key.src_ip,
+        src_port: key.src_port,
+        dst_ip: key.dst_ip,
+        dst_port: key.dst_port,
+        proto: key.proto,
+        hook: Hook::Ingress,
+    };
+    let Some(verdict) = judge(&attempt) else {
+        return true;
+    };
+    let state = FlowState {
+        verdict,
+        generation,
+        flags: 0,
+    };
+    if CONNTRACK.insert(key, &state, BPF_ANY as u64).is_err() {
+        count(Counter::ConntrackFailed, 1);
+    }
+    verdict.action().passes()
+}
+
+#[classifier]
+pub fn mesh_egress(ctx: TcContext) -> i32 {
+    if let Parsed::Flow { key, .. } = packet::parse(&ctx) {
+        record_outbound(&key);
+    }
+    // Egress never drops: local workloads were judged at connect time.
+    TC_ACT_OK
+}
+
+#[inline(always)]
+fn record_outbound(key: &FlowKey) {
+    if !is_local_endpoint(&key.src_ip) {
+        return;
+    }
+    // SAFETY: as in `judge`.
+    if unsafe { CONNTRACK.get(key) }.is_some() || unsafe { CONNTRACK.get(&key.reversed()) }.is_some()
+    {
+        return; // already known, or a reply of an inbound flow
+    }
+    let state = FlowState {
+        verdict: Verdict::new(Action::Allow, 0),
+        generation: policy_generation(),
+        flags: FLOW_OUTBOUND,
+    };
+    if CONNTRACK.insert(key, &state, BPF_ANY as u64).is_err() {
+        count(Counter::ConntrackFailed, 1);
+    }
+}

@@ -1,0 +1,100 @@
+//! Just enough header parsing for the tc programs: the flow of an IPv4 or
+//! IPv6 TCP/UDP packet behind an Ethernet header. Bytes are read with
+//! `bpf_skb_load_bytes` (`TcContext::load`), which bounds-checks for us.
+
+use aya_ebpf::programs::TcContext;
+use mesh_common::{
+    ipv4_mapped,
+    policy::{FlowKey, PROTO_TCP, PROTO_UDP},
+};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPV6_HLEN: usize = 40;
+const PROTO_ICMP: u8 = 1;
+const PROTO_ICMPV6: u8 = 58;
+/// TCP flags byte: SYN set, ACK clear is the first packet of a connection.
+const TCP_FLAGS_OFFSET: usize = 13;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+pub enum Parsed {
+    /// A TCP or UDP packet (the first fragment, for IPv4).
+    Flow { key: FlowKey, syn: bool },
+    /// An IP packet this program cannot see the ports of (other protocols,
+    /// IPv6 extension headers): only its destination is known.
+    Opaque { dst_ip: [u32; 4] },
+    /// Not IP, ICMP, or a non-first IPv4 fragment (which carries no ports
+    /// and is useless without the first one): never ours to judge.
+    Ignore,
+}
+
+#[inline(always)]
+pub fn parse(ctx: &TcContext) -> Parsed {
+    match try_parse(ctx) {
+        Ok(p) => p,
+        // A packet too short to hold the headers it claims: let the stack
+        // drop it.
+        Err(()) => Parsed::Ignore,
+    }
+}
+
+#[inline(always)]
+fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, ()> {
+    ctx.load::<T>(offset).map_err(|_| ())
+}
+
+#[inline(always)]
+fn try_parse(ctx: &TcContext) -> Result<Parsed, ()> {
+    let ethertype = u16::from_be(load::<u16>(ctx, 12)?);
+    let (src_ip, dst_ip, proto, l4) = match ethertype {
+        ETH_P_IP => {
+            let ver_ihl: u8 = load(ctx, ETH_HLEN)?;
+            let frag = u16::from_be(load::<u16>(ctx, ETH_HLEN + 6)?);
+            let proto: u8 = load(ctx, ETH_HLEN + 9)?;
+            let src: u32 = load(ctx, ETH_HLEN + 12)?;
+            let dst: u32 = load(ctx, ETH_HLEN + 16)?;
+            if proto == PROTO_ICMP || frag & 0x1fff != 0 {
+                return Ok(Parsed::Ignore);
+            }
+            let ihl = ((ver_ihl & 0x0f) as usize) * 4;
+            (
+                ipv4_mapped(src),
+                ipv4_mapped(dst),
+                proto,
+                ETH_HLEN + ihl,
+            )
+        }
+        ETH_P_IPV6 => {
+            let proto: u8 = load(ctx, ETH_HLEN + 6)?;
+            let src: [u32; 4] = load(ctx, ETH_HLEN + 8)?;
+            let dst: [u32; 4] = load(ctx, ETH_HLEN + 24)?;
+            if proto == PROTO_ICMPV6 {
+                return Ok(Parsed::Ignore);
+            }
+            (src, dst, proto, ETH_HLEN + IPV6_HLEN)
+        }
+        _ => return Ok(Parsed::Ignore),
+    };
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Ok(Parsed::Opaque { dst_ip });
+    }
+    let src_port = u16::from_be(load::<u16>(ctx, l4)?);
+    let dst_port = u16::from_be(load::<u16>(ctx, l4 + 2)?);
+    let syn = proto == PROTO_TCP && {
+        let flags: u8 = load(ctx, l4 + TCP_FLAGS_OFFSET)?;
+        flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    };
+    Ok(Parsed::Flow {
+        key: FlowKey {
+            src_ip,
+            dst_ip,
+            src_port,
+            dst_port,
+            proto,
+            _pad: [0; 3],
+        },
+        syn,
+    })
+}

@@ -1,0 +1,178 @@
+//! Same-node short-circuit for allowed connections.
+//!
+//! `mesh_sockops` tracks established TCP sockets in `SOCK_HASH` (and their
+//! state in `SOCKETS`) when the connection is allowed; `mesh_msg_redirect`
+//! runs on every `sendmsg` of a tracked socket and hands the payload
+//! straight to the peer socket when it is local. After a policy change the
+//! pair is checked again before its next redirect: a pair that policy now
+//! denies goes back to the TCP/IP stack for good.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{
+        BPF_ANY, BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_TCP_CLOSE, sk_action::SK_PASS,
+    },
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    macros::{sk_msg, sock_ops},
+    programs::{SkMsgContext, SockOpsContext},
+};
+use mesh_common::{
+    Counter, RawTuple, SOCKET_ACTIVE, SOCKET_STACK_ONLY, SocketInfo, SocketKey,
+    policy::{IpKey, PROTO_TCP, WORLD_IDENTITY, decide},
+};
+
+use crate::{ENDPOINTS, POLICY, SOCK_HASH, SOCKETS, count, policy_generation, short_circuit_on};
+
+#[sock_ops]
+pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => track_established(&ctx, SOCKET_ACTIVE),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => track_established(&ctx, 0),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => untrack_closed(&ctx),
+        _ => {}
+    }
+    // sock_ops programs return 1 for "handled"; the value is not a verdict.
+    1
+}
+
+#[inline(always)]
+fn sockops_key(ctx: &SockOpsContext) -> Option<SocketKey> {
+    let raw = RawTuple {
+        family: ctx.family(),
+        local_ip4: ctx.local_ip4(),
+        remote_ip4: ctx.remote_ip4(),
+        local_ip6: ctx.local_ip6(),
+        remote_ip6: ctx.remote_ip6(),
+        local_port: ctx.local_port(),
+        remote_port: ctx.remote_port(),
+    };
+    // SAFETY: the helper only reads the context it is given.
+    SocketKey::from_raw(&raw, || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) })
+}
+
+/// Whether policy allows the connection `key` belongs to. `active`: `key`
+/// is the client's end. Connections to non-workloads are not governed.
+#[inline(always)]
+fn connection_allowed(key: &SocketKey, active: bool) -> bool {
+    let (client_ip, server_ip, server_port) = if active {
+        (key.local_ip, key.remote_ip, key.remote_port)
+    } else {
+        (key.remote_ip, key.local_ip, key.local_port)
+    };
+    // SAFETY: map values are plain data, read and copied at once.
+    let Some(server) = (unsafe { ENDPOINTS.get(&IpKey { ip: server_ip }) }).copied() else {
+        return true;
+    };
+    // SAFETY: as above.
+    let client = match unsafe { ENDPOINTS.get(&IpKey { ip: client_ip }) } {
+        Some(e) => e.identity,
+        None => WORLD_IDENTITY,
+    };
+    decide(server.subject, client, server_port, PROTO_TCP, |k| {
+        // SAFETY: as above.
+        unsafe { POLICY.get(k) }.copied()
+    })
+    .action()
+    .passes()
+}
+
+fn track_established(ctx: &SockOpsContext, side: u32) {
+    if !short_circuit_on() {
+        return;
+    }
+    let Some(mut key) = sockops_key(ctx) else {
+        return;
+    };
+    let generation = policy_generation();
+    if !connection_allowed(&key, side == SOCKET_ACTIVE) {
+        return;
+    }
+    let info = SocketInfo {
+        flags: side,
+        policy_generation: generation,
+        // SAFETY: helpers that only read the context / the clock.
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        established_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    // The info entry goes first: the redirect program refuses to redirect a
+    // socket it has no info for, so a socket is never half-tracked.
+    if SOCKETS.insert(&key, &info, BPF_ANY as u64).is_err() {
+        count(Counter::SocketsTrackFailed, 1);
+        return;
+    }
+    // SAFETY: ctx.ops is the kernel's sock_ops context for this call.
+    if SOCK_HASH
+        .update(&mut key, unsafe { &mut *ctx.ops }, BPF_NOEXIST as u64)
+        .is_err()
+    {
+        let _ = SOCKETS.remove(&key);
+        count(Counter::SocketsTrackFailed, 1);
+        return;
+    }
+    // Ask for state changes so the info entry is removed when the socket
+    // closes (the kernel removes sockhash entries by itself).
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    count(Counter::SocketsTracked, 1);
+}
+
+fn untrack_closed(ctx: &SockOpsContext) {
+    if let Some(key) = sockops_key(ctx) {
+        if SOCKETS.remove(&key).is_ok() {
+            count(Counter::SocketsClosed, 1);
+        }
+    }
+}
+
+#[sk_msg]
+pub fn mesh_msg_redirect(ctx: SkMsgContext) -> u32 {
+    let _ = try_msg_redirect(&ctx);
+    // Always SK_PASS: a message the helper redirected goes to the peer, any
+    // other goes through the TCP/IP stack. Never dropped here.
+    SK_PASS
+}
+
+fn try_msg_redirect(ctx: &SkMsgContext) -> Result<(), ()> {
+    // SAFETY: ctx.msg is the kernel's sk_msg context for this call.
+    let md = unsafe { &*ctx.msg };
+    let raw = RawTuple {
+        family: md.family,
+        local_ip4: md.local_ip4,
+        remote_ip4: md.remote_ip4,
+        local_ip6: md.local_ip6,
+        remote_ip6: md.remote_ip6,
+        local_port: md.local_port,
+        remote_port: md.remote_port,
+    };
+    // SAFETY: the helper only reads the context it is given.
+    let key =
+        SocketKey::from_raw(&raw, || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }).ok_or(())?;
+    let info = SOCKETS.get_ptr_mut(&key).ok_or(())?;
+    // SAFETY: a live hash-map value; this socket's sendmsg holds the socket
+    // lock, so only this program touches this entry now.
+    let info = unsafe { &mut *info };
+    if info.flags & SOCKET_STACK_ONLY != 0 {
+        count(Counter::MsgsStackOnly, 1);
+        return Ok(());
+    }
+    let generation = policy_generation();
+    let revoked = info.policy_generation != generation
+        && !connection_allowed(&key, info.flags & SOCKET_ACTIVE != 0);
+    if revoked || !short_circuit_on() {
+        info.flags |= SOCKET_STACK_ONLY;
+        count(Counter::MsgsStackOnly, 1);
+        return Ok(());
+    }
+    info.policy_generation = generation;
+    let size = ctx.size() as u64;
+    if SOCK_HASH.redirect_msg(ctx, key.peer(), BPF_F_INGRESS as u64) == SK_PASS as i64 {
+        count(Counter::MsgsRedirected, 1);
+        count(Counter::BytesRedirected, size);
+    } else {
+        // These bytes take the stack; later ones must follow them there.
+        info.flags |= SOCKET_STACK_ONLY;
+        count(Counter::RedirectFailed, 1);
+    }
+    Ok(())
+}
