@@ -12,6 +12,12 @@ impl Netns {
         run("ip", &["netns", "add", name])?;
         let ns = Self { name: name.into() };
         ns.ip(&["link", "set", "lo", "up"])?;
+        // No duplicate address detection: the test's addresses are unique by
+        // construction, and a link-local address still tentative drops the
+        // first IPv6 packets routed over a new link.
+        for conf in ["default", "all"] {
+            ns.exec("sysctl", &["-qw", &format!("net.ipv6.conf.{conf}.accept_dad=0")])?;
+        }
         Ok(ns)
     }
 

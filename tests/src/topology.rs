@@ -143,7 +143,7 @@ impl TestBed {
     pub fn add_node(&mut self) -> anyhow::Result<usize> {
         let index = self.nodes.len() as u8;
         let netns = Netns::create(&format!("{}-n{index}", self.name))?;
-        netns.ip(&["link", "add", "br0", "type", "bridge"])?;
+        netns.ip(&["link", "add", "br0", "type", "bridge", "mcast_snooping", "0"])?;
         netns.ip(&["addr", "add", &format!("198.18.{index}.1/24"), "dev", "br0"])?;
         netns.ip(&[
             "addr",
@@ -170,7 +170,7 @@ impl TestBed {
     /// uplinks.
     pub fn connect_nodes(&mut self) -> anyhow::Result<()> {
         let fabric = Netns::create(&format!("{}-fab", self.name))?;
-        fabric.ip(&["link", "add", "br0", "type", "bridge"])?;
+        fabric.ip(&["link", "add", "br0", "type", "bridge", "mcast_snooping", "0"])?;
         fabric.ip(&["link", "set", "br0", "up"])?;
         for node in &self.nodes {
             let i = node.index;

@@ -492,9 +492,11 @@ pub fn compile(docs: &Documents, settings: &MeshSettings) -> Result<Compiled, Co
     }
 
     // Subjects, their entries, and the endpoints.
-    let mut out = Compiled::default();
-    out.rules = rules;
-    out.identities.insert(WORLD_IDENTITY, "world".into());
+    let mut out = Compiled {
+        rules,
+        identities: BTreeMap::from([(WORLD_IDENTITY, "world".to_owned())]),
+        ..Compiled::default()
+    };
     let mut subject_of: HashMap<(u64, Vec<usize>), u64> = HashMap::new();
     let none = Vec::new();
     for k in &workloads {
@@ -1608,7 +1610,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 1500, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: 4000, ..ProptestConfig::default() })]
 
         #[test]
         fn compiled_entries_decide_like_the_reference(

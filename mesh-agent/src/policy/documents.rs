@@ -838,7 +838,9 @@ spec:
         }
         // Too wide for a YAML number: refused by the YAML reader, which
         // names the field and the line itself.
-        let e = err(&policy("  rules: [{ports: [{port: 99999999999999999999}]}]"));
+        let e = err(&policy(
+            "  rules: [{ports: [{port: 99999999999999999999}]}]",
+        ));
         assert!(e.contains("spec.rules[0].ports[0].port"), "{e}");
         let e = err(&policy("  rules: [{ports: [{port: http}]}]"));
         assert!(e.contains("spec.rules[0].ports[0].port: "), "{e}");
@@ -854,7 +856,11 @@ spec:
                 "spec.rules[0].ports[0].protocol",
                 "SCTP",
             ),
-            (policy("  selectr: {}"), "spec.selectr", "unknown field `selectr`"),
+            (
+                policy("  selectr: {}"),
+                "spec.selectr",
+                "unknown field `selectr`",
+            ),
             (
                 policy("  rules: [{from: [{identity: spiffe://cluster.local/ns/*/sa/x}]}]"),
                 "spec.rules[0].from[0].identity",
@@ -1008,6 +1014,15 @@ spec:
         let e = err(&text);
         assert!(e.starts_with("policies/shop.yaml: document 2: "), "{e}");
         assert!(e.contains("line "), "{e}");
+        // A key given twice would silently drop one of the values.
+        let e = err(&format!(
+            "{}  serviceAccount: other\n",
+            workload("w", OK_WORKLOAD_SPEC)
+        ));
+        assert!(
+            e.contains("duplicate entry with key \"serviceAccount\""),
+            "{e}"
+        );
         let e = err("a: [1, 2\n");
         assert!(e.starts_with("policies/shop.yaml: document 1: "), "{e}");
         assert!(e.contains("line 1") || e.contains("line 2"), "{e}");
