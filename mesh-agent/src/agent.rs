@@ -38,7 +38,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     runtime.block_on(async {
         let hub = FlowHub::new();
         hub.set_names(NodeState::read(&config.state_dir).unwrap_or_default());
-        tokio::spawn(log_failure("flow events", hub.clone().read_kernel_events(config.bpffs.clone())));
+        tokio::spawn(log_failure(
+            "flow events",
+            hub.clone().read_kernel_events(config.bpffs.clone()),
+        ));
         tokio::spawn(log_failure(
             "agent socket",
             hub.clone().serve(flows::socket_path(&config.state_dir)),

@@ -37,7 +37,7 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
     #[error("{0}")]
-    Config(#[from] ConfigError),
+    Config(Box<ConfigError>),
     #[error(
         "map {map} would need {needed} entries during the update but holds {max} (raise {flag})"
     )]
@@ -61,6 +61,12 @@ pub enum ReloadError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl From<ConfigError> for ReloadError {
+    fn from(e: ConfigError) -> Self {
+        Self::Config(Box::new(e))
+    }
 }
 
 /// What the kernel's policy maps hold (the agent is their only writer, so
@@ -212,7 +218,14 @@ impl Control {
             let m = &mut self.maps;
             let old = &self.applied;
             for (k, v) in &policy.upserts {
-                put(&mut m.policy, &mut undo.policy, &old.policy, *k, *v, map_names::POLICY)?;
+                put(
+                    &mut m.policy,
+                    &mut undo.policy,
+                    &old.policy,
+                    *k,
+                    *v,
+                    map_names::POLICY,
+                )?;
             }
             for (k, v) in &endpoints.upserts {
                 put(
@@ -253,7 +266,13 @@ impl Control {
                 )?;
             }
             for k in &policy.deletes {
-                remove(&mut m.policy, &mut undo.policy, &old.policy, *k, map_names::POLICY)?;
+                remove(
+                    &mut m.policy,
+                    &mut undo.policy,
+                    &old.policy,
+                    *k,
+                    map_names::POLICY,
+                )?;
             }
             Ok(())
         })();
@@ -276,7 +295,7 @@ impl Control {
 fn resolve_netns(
     docs: &policy::Documents,
     compiled: &Compiled,
-) -> Result<BTreeMap<u64, u64>, ConfigError> {
+) -> Result<BTreeMap<u64, u64>, ReloadError> {
     let mut cookies = BTreeMap::new();
     let mut seen = BTreeSet::new();
     for (path, identity) in &compiled.local_netns {

@@ -26,8 +26,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, SockHash},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, SkMsg, SockOps,
-        TcAttachType, links::FdLink, tc::TcAttachOptions,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, SkMsg, SockOps, TcAttachType,
+        links::FdLink, tc::TcAttachOptions,
     },
 };
 use mesh_common::{SocketKey, map_names};
@@ -216,7 +216,9 @@ fn attach_sockops(
         let id = program
             .attach(cgroup, CgroupAttachMode::Single)
             .map_err(program_err(SOCKOPS_PROGRAM))?;
-        let link = program.take_link(id).map_err(program_err(SOCKOPS_PROGRAM))?;
+        let link = program
+            .take_link(id)
+            .map_err(program_err(SOCKOPS_PROGRAM))?;
         FdLink::try_from(link).map_err(not_a_bpf_link)
     })
 }
@@ -316,10 +318,7 @@ fn attach_pinned(
 }
 
 /// A sockops link pinned in `dir` for a cgroup other than `ours`, if any.
-fn other_cgroup_link(
-    dir: &Path,
-    ours: &Path,
-) -> Result<Option<String>, DatapathError> {
+fn other_cgroup_link(dir: &Path, ours: &Path) -> Result<Option<String>, DatapathError> {
     let entries = std::fs::read_dir(dir).map_err(|source| DatapathError::Io {
         what: format!("listing {}", dir.display()),
         source,

@@ -88,13 +88,12 @@ fn destinations(
 ) -> anyhow::Result<Vec<(Endpoint, Vec<String>)>> {
     let endpoints = maps.endpoints()?;
     let mut found: Vec<(Endpoint, Vec<String>)> = Vec::new();
-    let mut add = |ep: Endpoint, label: String| match found
-        .iter_mut()
-        .find(|(e, _)| e.subject == ep.subject)
-    {
-        Some((_, labels)) => labels.push(label),
-        None => found.push((ep, vec![label])),
-    };
+    let mut add =
+        |ep: Endpoint, label: String| match found.iter_mut().find(|(e, _)| e.subject == ep.subject)
+        {
+            Some((_, labels)) => labels.push(label),
+            None => found.push((ep, vec![label])),
+        };
     if let Ok(ip) = to.parse::<IpAddr>() {
         let key = ip_key(ip);
         let Some((_, ep)) = endpoints.iter().find(|(k, _)| *k == key) else {
@@ -112,10 +111,10 @@ fn destinations(
     } else if to.starts_with("spiffe://") {
         let id = numeric_identity(to);
         for w in names.workloads.iter().filter(|w| w.identity == id) {
-            if let Some(ip) = w.ips.first() {
-                if let Some((_, ep)) = endpoints.iter().find(|(k, _)| *k == ip_key(*ip)) {
-                    add(*ep, format!("{}/{}", w.namespace, w.name));
-                }
+            if let Some(ip) = w.ips.first()
+                && let Some((_, ep)) = endpoints.iter().find(|(k, _)| *k == ip_key(*ip))
+            {
+                add(*ep, format!("{}/{}", w.namespace, w.name));
             }
         }
         if found.is_empty() {
@@ -169,8 +168,16 @@ pub fn explain(maps: &PinnedMaps, names: &NodeState, args: &ExplainArgs) -> anyh
             reason: names.rule_name(verdict.rule),
             file: rule.and_then(|r| r.file.clone()),
             matched_entry: matched.into_inner().map(|k: PolicyKey| {
-                let s = if k.src_identity == ANY_IDENTITY { "any source" } else { "source" };
-                let p = if k.port == ANY_PORT { "any port" } else { "port" };
+                let s = if k.src_identity == ANY_IDENTITY {
+                    "any source"
+                } else {
+                    "source"
+                };
+                let p = if k.port == ANY_PORT {
+                    "any port"
+                } else {
+                    "port"
+                };
                 format!("{s}+{p}")
             }),
         });
@@ -190,7 +197,10 @@ pub fn explain(maps: &PinnedMaps, names: &NodeState, args: &ExplainArgs) -> anyh
                     proto = a.proto,
                     reason = a.reason,
                     file = a.file.as_ref().map_or(String::new(), |f| format!(" ({f})")),
-                    entry = a.matched_entry.as_deref().unwrap_or("none: no policy entry, fails closed"),
+                    entry = a
+                        .matched_entry
+                        .as_deref()
+                        .unwrap_or("none: no policy entry, fails closed"),
                 );
             }
             text
@@ -230,10 +240,9 @@ pub fn flows(state_dir: &Path, args: FlowsArgs) -> anyhow::Result<()> {
         let line = line?;
         let record: FlowRecord = serde_json::from_str(&line).context("bad event from the agent")?;
         if verdict.is_some_and(|v| v != record.verdict)
-            || args
-                .identity
-                .as_deref()
-                .is_some_and(|f| !matches_identity(f, &record.src) && !matches_identity(f, &record.dst))
+            || args.identity.as_deref().is_some_and(|f| {
+                !matches_identity(f, &record.src) && !matches_identity(f, &record.dst)
+            })
         {
             continue;
         }
@@ -242,7 +251,10 @@ pub fn flows(state_dir: &Path, args: FlowsArgs) -> anyhow::Result<()> {
             Output::Table => {
                 if header {
                     header = false;
-                    writeln!(out, "VERDICT HOOK     SOURCE -> DESTINATION PORT/PROTO REASON")?;
+                    writeln!(
+                        out,
+                        "VERDICT HOOK     SOURCE -> DESTINATION PORT/PROTO REASON"
+                    )?;
                 }
                 let end = |e: &flows::FlowEnd| match e.ip {
                     Some(ip) => format!("{} ({ip})", e.identity),

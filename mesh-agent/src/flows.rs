@@ -28,7 +28,11 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use crate::{datapath::sys::{async_ring_buf, read_pod}, policy::ip_from_key, state::NodeState};
+use crate::{
+    datapath::sys::{async_ring_buf, read_pod},
+    policy::ip_from_key,
+    state::NodeState,
+};
 
 /// How many recent events the agent keeps for `flows` without `--follow`.
 const HISTORY: usize = 4096;
@@ -60,9 +64,7 @@ pub struct FlowRecord {
 impl FlowRecord {
     pub fn from_event(ev: &FlowEvent, names: &NodeState, boot_offset: f64) -> Self {
         let end = |identity: u64, ip: &[u32; 4], port: u16| {
-            let ip = (*ip != [0; 4]).then(|| {
-                ip_from_key(&mesh_common::policy::IpKey { ip: *ip })
-            });
+            let ip = (*ip != [0; 4]).then(|| ip_from_key(&mesh_common::policy::IpKey { ip: *ip }));
             FlowEnd {
                 identity: names.identity_name(identity),
                 id: identity.to_string(),
@@ -142,7 +144,8 @@ impl FlowHub {
     /// Reads the kernel's ring buffer until the agent stops.
     pub async fn read_kernel_events(self, pin_dir: PathBuf) -> anyhow::Result<()> {
         let path = pin_dir.join(map_names::FLOWS);
-        let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+        let data =
+            MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
         let ring: RingBuf<MapData> = Map::from_map_data(data)?.try_into()?;
         let mut fd = async_ring_buf(ring).context("polling the flow ring buffer")?;
         let epoch = monotonic_epoch();
@@ -167,8 +170,8 @@ impl FlowHub {
         if let Some(dir) = socket.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let listener =
-            UnixListener::bind(&socket).with_context(|| format!("listening on {}", socket.display()))?;
+        let listener = UnixListener::bind(&socket)
+            .with_context(|| format!("listening on {}", socket.display()))?;
         loop {
             let (conn, _) = listener.accept().await?;
             let hub = self.clone();

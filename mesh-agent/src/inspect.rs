@@ -163,7 +163,11 @@ pub struct EndpointRow {
     pub local: bool,
 }
 
-pub fn endpoints(maps: &PinnedMaps, names: &NodeState, output: Output) -> Result<String, MapsError> {
+pub fn endpoints(
+    maps: &PinnedMaps,
+    names: &NodeState,
+    output: Output,
+) -> Result<String, MapsError> {
     let mut rows: Vec<EndpointRow> = maps
         .endpoints()?
         .into_iter()
@@ -207,7 +211,11 @@ pub struct IdentityRow {
     pub local_netns: usize,
 }
 
-pub fn identities(maps: &PinnedMaps, names: &NodeState, output: Output) -> Result<String, MapsError> {
+pub fn identities(
+    maps: &PinnedMaps,
+    names: &NodeState,
+    output: Output,
+) -> Result<String, MapsError> {
     let endpoints = maps.endpoints()?;
     let netns = maps.local_netns()?;
     let mut ids: std::collections::BTreeSet<u64> =
@@ -286,7 +294,15 @@ pub fn policy(maps: &PinnedMaps, names: &NodeState, output: Output) -> Result<St
     Ok(match output {
         Output::Json => json(&rows),
         Output::Table => table::render(
-            &["SUBJECT", "DESTINATION", "SOURCE", "PORT", "PROTO", "ACTION", "RULE"],
+            &[
+                "SUBJECT",
+                "DESTINATION",
+                "SOURCE",
+                "PORT",
+                "PROTO",
+                "ACTION",
+                "RULE",
+            ],
             &rows
                 .iter()
                 .map(|r| {
@@ -294,7 +310,11 @@ pub fn policy(maps: &PinnedMaps, names: &NodeState, output: Output) -> Result<St
                         r.subject.clone(),
                         r.destination.clone(),
                         r.source.clone(),
-                        if r.port == 0 { "*".into() } else { r.port.to_string() },
+                        if r.port == 0 {
+                            "*".into()
+                        } else {
+                            r.port.to_string()
+                        },
                         r.proto.into(),
                         r.action.into(),
                         r.reason.clone(),
@@ -318,7 +338,11 @@ pub struct ConntrackRow {
     pub generation: u32,
 }
 
-pub fn conntrack(maps: &PinnedMaps, names: &NodeState, output: Output) -> Result<String, MapsError> {
+pub fn conntrack(
+    maps: &PinnedMaps,
+    names: &NodeState,
+    output: Output,
+) -> Result<String, MapsError> {
     let mut rows: Vec<ConntrackRow> = maps
         .conntrack()?
         .into_iter()

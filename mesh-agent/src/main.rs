@@ -11,8 +11,8 @@ mod datapath;
 mod explain;
 mod flows;
 mod inspect;
-pub mod policy;
 mod netns;
+pub mod policy;
 mod state;
 mod table;
 

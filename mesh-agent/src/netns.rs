@@ -20,7 +20,10 @@ pub fn cookie(path: &Path) -> io::Result<u64> {
         scope
             .spawn(move || -> io::Result<u64> {
                 setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|e| {
-                    io::Error::other(format!("{} is not a network namespace: {e}", path.display()))
+                    io::Error::other(format!(
+                        "{} is not a network namespace: {e}",
+                        path.display()
+                    ))
                 })?;
                 socket_netns_cookie()
             })
@@ -48,6 +51,9 @@ mod tests {
         let a = super::socket_netns_cookie().unwrap();
         assert_ne!(a, 0);
         assert_eq!(a, super::socket_netns_cookie().unwrap());
-        assert_eq!(a, super::cookie(std::path::Path::new("/proc/self/ns/net")).unwrap());
+        assert_eq!(
+            a,
+            super::cookie(std::path::Path::new("/proc/self/ns/net")).unwrap()
+        );
     }
 }

@@ -16,7 +16,10 @@ impl Netns {
         // construction, and a link-local address still tentative drops the
         // first IPv6 packets routed over a new link.
         for conf in ["default", "all"] {
-            ns.exec("sysctl", &["-qw", &format!("net.ipv6.conf.{conf}.accept_dad=0")])?;
+            ns.exec(
+                "sysctl",
+                &["-qw", &format!("net.ipv6.conf.{conf}.accept_dad=0")],
+            )?;
         }
         Ok(ns)
     }

@@ -143,7 +143,15 @@ impl TestBed {
     pub fn add_node(&mut self) -> anyhow::Result<usize> {
         let index = self.nodes.len() as u8;
         let netns = Netns::create(&format!("{}-n{index}", self.name))?;
-        netns.ip(&["link", "add", "br0", "type", "bridge", "mcast_snooping", "0"])?;
+        netns.ip(&[
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ])?;
         netns.ip(&["addr", "add", &format!("198.18.{index}.1/24"), "dev", "br0"])?;
         netns.ip(&[
             "addr",
@@ -170,19 +178,48 @@ impl TestBed {
     /// uplinks.
     pub fn connect_nodes(&mut self) -> anyhow::Result<()> {
         let fabric = Netns::create(&format!("{}-fab", self.name))?;
-        fabric.ip(&["link", "add", "br0", "type", "bridge", "mcast_snooping", "0"])?;
+        fabric.ip(&[
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ])?;
         fabric.ip(&["link", "set", "br0", "up"])?;
         for node in &self.nodes {
             let i = node.index;
             let port = format!("n{i}");
             fabric.ip(&[
-                "link", "add", &port, "type", "veth", "peer", "name", UPLINK, "netns",
+                "link",
+                "add",
+                &port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                UPLINK,
+                "netns",
                 node.netns.name(),
             ])?;
             fabric.ip(&["link", "set", &port, "master", "br0", "up"])?;
             let ns = &node.netns;
-            ns.ip(&["addr", "add", &format!("198.19.255.{}/24", i + 1), "dev", UPLINK])?;
-            ns.ip(&["addr", "add", &format!("fd00:ffff::{}/64", i + 1), "dev", UPLINK, "nodad"])?;
+            ns.ip(&[
+                "addr",
+                "add",
+                &format!("198.19.255.{}/24", i + 1),
+                "dev",
+                UPLINK,
+            ])?;
+            ns.ip(&[
+                "addr",
+                "add",
+                &format!("fd00:ffff::{}/64", i + 1),
+                "dev",
+                UPLINK,
+                "nodad",
+            ])?;
             ns.ip(&["link", "set", UPLINK, "up"])?;
             ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
             ns.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"])?;
@@ -191,11 +228,18 @@ impl TestBed {
             for other in self.nodes.iter().filter(|o| o.index != node.index) {
                 let j = other.index;
                 node.netns.ip(&[
-                    "route", "add", &format!("198.18.{j}.0/24"), "via",
+                    "route",
+                    "add",
+                    &format!("198.18.{j}.0/24"),
+                    "via",
                     &format!("198.19.255.{}", j + 1),
                 ])?;
                 node.netns.ip(&[
-                    "-6", "route", "add", &format!("fd00:0:0:{j}::/64"), "via",
+                    "-6",
+                    "route",
+                    "add",
+                    &format!("fd00:0:0:{j}::/64"),
+                    "via",
                     &format!("fd00:ffff::{}", j + 1),
                 ])?;
             }
@@ -224,7 +268,9 @@ impl TestBed {
         if node == 0 {
             self.bpffs.pin_dir()
         } else {
-            self.bpffs.pin_dir().with_file_name(format!("mesh-node-{node}"))
+            self.bpffs
+                .pin_dir()
+                .with_file_name(format!("mesh-node-{node}"))
         }
     }
 
@@ -283,8 +329,21 @@ impl TestBed {
         netns.ip(&["addr", "add", &format!("{ip4}/24"), "dev", "eth0"])?;
         netns.ip(&["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
         netns.ip(&["link", "set", "eth0", "up"])?;
-        netns.ip(&["route", "add", "default", "via", &format!("198.18.{}.1", n.index)])?;
-        netns.ip(&["-6", "route", "add", "default", "via", &format!("fd00:0:0:{}::1", n.index)])?;
+        netns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("198.18.{}.1", n.index),
+        ])?;
+        netns.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("fd00:0:0:{}::1", n.index),
+        ])?;
         self.pods.push(Pod {
             name,
             netns,

@@ -39,10 +39,14 @@ fn bed_with(test: &str, nodes: usize, workloads: &[W]) -> (TestBed, Vec<Spawned>
     let mut servers = Vec::new();
     for (i, w) in workloads.iter().enumerate() {
         bed.add_pod(w.node).unwrap();
-        bed.register_workload(i, w.namespace, w.sa, w.labels).unwrap();
+        bed.register_workload(i, w.namespace, w.sa, w.labels)
+            .unwrap();
         for port in PORTS {
             let listen = format!("[::]:{port}");
-            servers.push(bed.server(i, true, listen.parse().unwrap(), "echo").unwrap());
+            servers.push(
+                bed.server(i, true, listen.parse().unwrap(), "echo")
+                    .unwrap(),
+            );
             let mut udp = bed
                 .workload(i, &["serve", "--proto", "udp", "--listen", &listen])
                 .unwrap();
@@ -129,12 +133,42 @@ fn cli_json(bed: &TestBed, node: usize, args: &[&str]) -> Value {
 
 /// The six workloads of the connectivity matrix: two namespaces, two nodes.
 const MATRIX: [W; 6] = [
-    W { node: 0, namespace: "shop", sa: "frontend", labels: &[("app", "frontend")] },
-    W { node: 0, namespace: "shop", sa: "cart", labels: &[("app", "cart")] },
-    W { node: 0, namespace: "bank", sa: "ledger", labels: &[("app", "ledger")] },
-    W { node: 1, namespace: "shop", sa: "payments", labels: &[("app", "payments")] },
-    W { node: 1, namespace: "bank", sa: "teller", labels: &[("app", "teller")] },
-    W { node: 1, namespace: "bank", sa: "audit", labels: &[("app", "audit"), ("tier", "ops")] },
+    W {
+        node: 0,
+        namespace: "shop",
+        sa: "frontend",
+        labels: &[("app", "frontend")],
+    },
+    W {
+        node: 0,
+        namespace: "shop",
+        sa: "cart",
+        labels: &[("app", "cart")],
+    },
+    W {
+        node: 0,
+        namespace: "bank",
+        sa: "ledger",
+        labels: &[("app", "ledger")],
+    },
+    W {
+        node: 1,
+        namespace: "shop",
+        sa: "payments",
+        labels: &[("app", "payments")],
+    },
+    W {
+        node: 1,
+        namespace: "bank",
+        sa: "teller",
+        labels: &[("app", "teller")],
+    },
+    W {
+        node: 1,
+        namespace: "bank",
+        sa: "audit",
+        labels: &[("app", "audit"), ("tier", "ops")],
+    },
 ];
 const FRONTEND: usize = 0;
 const CART: usize = 1;
@@ -171,7 +205,8 @@ fn matrix_policies(bed: &TestBed) {
             "  action: DENY\n  rules:\n  - from:\n    - identity: spiffe://cluster.local/ns/bank/sa/audit\n    ports:\n    - port: 9090\n    - port: 9090\n      protocol: UDP\n",
         ),
     ];
-    bed.write_config("policies.yaml", &docs.join("---\n")).unwrap();
+    bed.write_config("policies.yaml", &docs.join("---\n"))
+        .unwrap();
 }
 
 /// What the matrix policies say, written out by hand from the documents
@@ -199,7 +234,7 @@ fn connectivity_matrix_six_workloads_two_namespaces_two_nodes() {
 
     let mut failures = Vec::new();
     let mut checked = 0;
-    for src in 0..MATRIX.len() {
+    for (src, source) in MATRIX.iter().enumerate() {
         let mut targets = Vec::new();
         let mut expected = BTreeMap::new();
         for dst in (0..MATRIX.len()).filter(|&d| d != src) {
@@ -207,7 +242,11 @@ fn connectivity_matrix_six_workloads_two_namespaces_two_nodes() {
                 for udp in [false, true] {
                     for v6 in [false, true] {
                         let t = target(&bed, dst, port, udp, v6);
-                        let want = if matrix_allows(src, dst, port, udp) { "connected" } else { "eperm" };
+                        let want = if matrix_allows(src, dst, port, udp) {
+                            "connected"
+                        } else {
+                            "eperm"
+                        };
                         expected.insert(t.clone(), (dst, want));
                         targets.push(t);
                     }
@@ -220,7 +259,7 @@ fn connectivity_matrix_six_workloads_two_namespaces_two_nodes() {
             if got != want {
                 failures.push(format!(
                     "{} -> {} {t}: expected {want}, got {got}",
-                    MATRIX[src].sa, MATRIX[dst].sa
+                    source.sa, MATRIX[dst].sa
                 ));
             }
         }
@@ -243,7 +282,10 @@ fn connectivity_matrix_six_workloads_two_namespaces_two_nodes() {
         .iter()
         .filter(|f| f["direction"] == "inbound" && f["action"] == "ALLOW")
         .count();
-    assert!(inbound_allowed > 0, "no inbound flows in node 1's conntrack: {ct}");
+    assert!(
+        inbound_allowed > 0,
+        "no inbound flows in node 1's conntrack: {ct}"
+    );
 }
 
 #[test]
@@ -263,7 +305,12 @@ fn the_destination_node_judges_traffic_that_was_not_checked_at_its_source() {
         &bed,
         FRONTEND,
         false,
-        &[denied.clone(), denied_v6.clone(), allowed_udp.clone(), allowed_udp_v6.clone()],
+        &[
+            denied.clone(),
+            denied_v6.clone(),
+            allowed_udp.clone(),
+            allowed_udp_v6.clone(),
+        ],
         400,
     );
     assert_eq!(results[&denied], "timeout", "{results:?}");
@@ -280,16 +327,34 @@ fn the_destination_node_judges_traffic_that_was_not_checked_at_its_source() {
     assert!(denied_flow.is_some(), "no denied flow in conntrack: {ct}");
     let ct0 = cli_json(&bed, 0, &["inspect", "conntrack", "-o", "json"]);
     assert!(
-        ct0.as_array().unwrap().iter().any(|f| f["direction"] == "outbound"),
+        ct0.as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["direction"] == "outbound"),
         "node 0 recorded no outbound flow: {ct0}"
     );
 }
 
 /// Three workloads on one node: a client, a second client, a server.
 const TRIO: [W; 3] = [
-    W { node: 0, namespace: "shop", sa: "frontend", labels: &[("app", "frontend")] },
-    W { node: 0, namespace: "shop", sa: "robot", labels: &[("app", "robot")] },
-    W { node: 0, namespace: "shop", sa: "cart", labels: &[("app", "cart")] },
+    W {
+        node: 0,
+        namespace: "shop",
+        sa: "frontend",
+        labels: &[("app", "frontend")],
+    },
+    W {
+        node: 0,
+        namespace: "shop",
+        sa: "robot",
+        labels: &[("app", "robot")],
+    },
+    W {
+        node: 0,
+        namespace: "shop",
+        sa: "cart",
+        labels: &[("app", "cart")],
+    },
 ];
 
 #[test]
@@ -325,8 +390,15 @@ fn deny_wins_over_allow_and_an_allow_makes_its_workloads_default_deny() {
         &bed,
         0,
         &[
-            "explain", "--from", &bed.pods[1].ip4.to_string(), "--to",
-            &bed.pods[2].ip4.to_string(), "--port", "8080", "-o", "json",
+            "explain",
+            "--from",
+            &bed.pods[1].ip4.to_string(),
+            "--to",
+            &bed.pods[2].ip4.to_string(),
+            "--port",
+            "8080",
+            "-o",
+            "json",
         ],
     );
     assert_eq!(explain[0]["verdict"], "DENY", "{explain}");
@@ -335,12 +407,23 @@ fn deny_wins_over_allow_and_an_allow_makes_its_workloads_default_deny() {
         &bed,
         0,
         &[
-            "explain", "--from", &format!("{TD}/ns/shop/sa/frontend"), "--to",
-            &format!("{TD}/ns/shop/sa/cart"), "--port", "9090", "-o", "json",
+            "explain",
+            "--from",
+            &format!("{TD}/ns/shop/sa/frontend"),
+            "--to",
+            &format!("{TD}/ns/shop/sa/cart"),
+            "--port",
+            "9090",
+            "-o",
+            "json",
         ],
     );
     assert_eq!(explain[0]["verdict"], "DENY", "{explain}");
-    assert_eq!(explain[0]["rule"], mesh_common::policy::RULE_NOT_ALLOWED, "{explain}");
+    assert_eq!(
+        explain[0]["rule"],
+        mesh_common::policy::RULE_NOT_ALLOWED,
+        "{explain}"
+    );
 }
 
 /// Probes until `target` gives `want` (a reload is asynchronous).
@@ -351,7 +434,10 @@ fn wait_until(bed: &TestBed, pod: usize, target: &str, want: &str) {
         if got == want {
             return;
         }
-        assert!(Instant::now() < deadline, "{target} still {got}, not {want}");
+        assert!(
+            Instant::now() < deadline,
+            "{target} still {got}, not {want}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -378,7 +464,15 @@ fn audit_passes_and_reports_would_deny() {
     assert_eq!(f["dst"]["identity"], format!("{TD}/ns/shop/sa/cart"));
     assert_eq!(f["reason"], "shop/robots-dry-run rule 0");
     assert_eq!(f["hook"], "connect");
-    let allowed = flows_filtered(&bed, &["--verdict", "allow", "--identity", &format!("{TD}/ns/shop/sa/frontend")]);
+    let allowed = flows_filtered(
+        &bed,
+        &[
+            "--verdict",
+            "allow",
+            "--identity",
+            &format!("{TD}/ns/shop/sa/frontend"),
+        ],
+    );
     assert_eq!(allowed.len(), 1, "{allowed:?}");
     assert!(counter(&bed, "policy_audited") >= 1);
 }
@@ -404,8 +498,12 @@ fn flows_filtered(bed: &TestBed, filters: &[&str]) -> Vec<Value> {
 #[test]
 fn mesh_default_deny_and_the_rule_for_non_mesh_sources() {
     let (bed, _servers) = bed_with("defaults", 1, &TRIO);
-    let _agent =
-        Agent::start_node(&bed, 0, &["--default-policy", "deny", "--non-mesh", "allow"]).unwrap();
+    let _agent = Agent::start_node(
+        &bed,
+        0,
+        &["--default-policy", "deny", "--non-mesh", "allow"],
+    )
+    .unwrap();
     let to = target(&bed, 2, 8080, false, false);
     let to_udp = target(&bed, 2, 9090, true, true);
     // Mesh sources follow the mesh default.
@@ -514,22 +612,43 @@ fn bad_documents_are_refused_whole_and_the_old_policy_stays_enforced() {
 
     // Each bad file would, if half-applied, open robot -> cart (the second
     // document of each allows everyone).
-    let allow_all = policy("shop", "open", "  selector:\n    serviceAccount: cart\n  rules:\n  - {}\n");
+    let allow_all = policy(
+        "shop",
+        "open",
+        "  selector:\n    serviceAccount: cart\n  rules:\n  - {}\n",
+    );
     let cases: [(&str, String, &[&str]); 4] = [
         (
             "malformed YAML",
-            format!("{allow_all}---\napiVersion: mesh.dev/v1alpha1\nkind: MeshPolicy\nmetadata: {{name: x\n"),
+            format!(
+                "{allow_all}---\napiVersion: mesh.dev/v1alpha1\nkind: MeshPolicy\nmetadata: {{name: x\n"
+            ),
             &["bad.yaml", "document 2"],
         ),
         (
             "unknown field",
-            format!("{allow_all}---\n{}", policy("shop", "typo", "  selectr:\n    serviceAccount: cart\n")),
+            format!(
+                "{allow_all}---\n{}",
+                policy("shop", "typo", "  selectr:\n    serviceAccount: cart\n")
+            ),
             &["bad.yaml", "document 2", "MeshPolicy shop/typo", "selectr"],
         ),
         (
             "bad selector",
-            format!("{allow_all}---\n{}", policy("shop", "badlabel", "  selector:\n    matchLabels: {\"-bad key\": x}\n")),
-            &["bad.yaml", "document 2", "MeshPolicy shop/badlabel", "spec.selector.matchLabels"],
+            format!(
+                "{allow_all}---\n{}",
+                policy(
+                    "shop",
+                    "badlabel",
+                    "  selector:\n    matchLabels: {\"-bad key\": x}\n"
+                )
+            ),
+            &[
+                "bad.yaml",
+                "document 2",
+                "MeshPolicy shop/badlabel",
+                "spec.selector.matchLabels",
+            ],
         ),
         (
             "duplicate name",
@@ -541,12 +660,27 @@ fn bad_documents_are_refused_whole_and_the_old_policy_stays_enforced() {
         bed.write_config("bad.yaml", yaml).unwrap();
         agent.wait_log("configuration refused", n + 1, T).unwrap();
         let log = agent.log();
-        let refusal = log.lines().filter(|l| l.contains("configuration refused")).nth(n).unwrap();
+        let refusal = log
+            .lines()
+            .filter(|l| l.contains("configuration refused"))
+            .nth(n)
+            .unwrap();
         for needle in *must_name {
-            assert!(refusal.contains(needle), "{what}: refusal does not name {needle:?}: {refusal}");
+            assert!(
+                refusal.contains(needle),
+                "{what}: refusal does not name {needle:?}: {refusal}"
+            );
         }
-        assert_eq!(probe_one(&bed, 1, &to), "eperm", "{what}: denied traffic was opened");
-        assert_eq!(probe_one(&bed, 0, &to), "connected", "{what}: allowed traffic was closed");
+        assert_eq!(
+            probe_one(&bed, 1, &to),
+            "eperm",
+            "{what}: denied traffic was opened"
+        );
+        assert_eq!(
+            probe_one(&bed, 0, &to),
+            "connected",
+            "{what}: allowed traffic was closed"
+        );
     }
     bed.remove_config("bad.yaml").unwrap();
     agent.wait_log("policy applied", 2, T).unwrap();
@@ -571,17 +705,43 @@ fn sigkill_keeps_enforcing_and_a_restarted_agent_adopts_without_a_window() {
     // Probe without pause from both clients while the agent is killed,
     // stays down, and comes back three times.
     let robot = bed
-        .workload(1, &["probe", "--targets", &format!("{denied},{denied_udp}"), "--repeat-ms", "4000", "--timeout-ms", "1000"])
+        .workload(
+            1,
+            &[
+                "probe",
+                "--targets",
+                &format!("{denied},{denied_udp}"),
+                "--repeat-ms",
+                "4000",
+                "--timeout-ms",
+                "1000",
+            ],
+        )
         .unwrap();
     let frontend = bed
-        .workload(0, &["probe", "--targets", &allowed, "--repeat-ms", "4000", "--timeout-ms", "1000"])
+        .workload(
+            0,
+            &[
+                "probe",
+                "--targets",
+                &allowed,
+                "--repeat-ms",
+                "4000",
+                "--timeout-ms",
+                "1000",
+            ],
+        )
         .unwrap();
     for _ in 0..3 {
         std::thread::sleep(Duration::from_millis(300));
         agent.kill().unwrap();
         std::thread::sleep(Duration::from_millis(300));
         agent = Agent::start_node(&bed, 0, &[]).unwrap();
-        assert!(agent.log().contains("adopted pinned link"), "{}", agent.log());
+        assert!(
+            agent.log().contains("adopted pinned link"),
+            "{}",
+            agent.log()
+        );
     }
     let counts = |p: Spawned| -> Value {
         let out = p.wait_output(T).unwrap();
@@ -592,13 +752,24 @@ fn sigkill_keeps_enforcing_and_a_restarted_agent_adopts_without_a_window() {
     let frontend = counts(frontend);
     for t in [&denied, &denied_udp] {
         let results = robot[t].as_object().unwrap();
-        assert_eq!(results.keys().collect::<Vec<_>>(), ["eperm"], "{t}: {robot}");
+        assert_eq!(
+            results.keys().collect::<Vec<_>>(),
+            ["eperm"],
+            "{t}: {robot}"
+        );
     }
     let results = frontend[&allowed].as_object().unwrap();
-    assert_eq!(results.keys().collect::<Vec<_>>(), ["connected"], "{frontend}");
+    assert_eq!(
+        results.keys().collect::<Vec<_>>(),
+        ["connected"],
+        "{frontend}"
+    );
     assert!(results["connected"].as_u64().unwrap() > 10);
     // The restarted agent converged to the same entries (a diff of nothing).
-    assert_eq!(cli(&bed, 0, &["inspect", "policy", "-o", "json"]), policy_before);
+    assert_eq!(
+        cli(&bed, 0, &["inspect", "policy", "-o", "json"]),
+        policy_before
+    );
     assert!(agent.log().contains("upserted=0"), "{}", agent.log());
 }
 
@@ -615,7 +786,11 @@ fn inspect_shows_endpoints_identities_and_policy() {
 
     let endpoints = cli_json(&bed, 0, &["inspect", "endpoints", "-o", "json"]);
     let endpoints = endpoints.as_array().unwrap();
-    assert_eq!(endpoints.len(), 6, "two addresses per workload: {endpoints:?}");
+    assert_eq!(
+        endpoints.len(),
+        6,
+        "two addresses per workload: {endpoints:?}"
+    );
     let cart = endpoints
         .iter()
         .find(|e| e["ip"] == bed.pods[2].ip6.to_string())
@@ -631,12 +806,16 @@ fn inspect_shows_endpoints_identities_and_policy() {
         .map(|i| i["spiffe_id"].as_str().unwrap())
         .collect();
     for sa in ["frontend", "robot", "cart"] {
-        assert!(names.contains(&format!("{TD}/ns/shop/sa/{sa}").as_str()), "{names:?}");
+        assert!(
+            names.contains(&format!("{TD}/ns/shop/sa/{sa}").as_str()),
+            "{names:?}"
+        );
     }
 
     let policy = cli_json(&bed, 0, &["inspect", "policy", "-o", "json"]);
     assert!(
-        policy.as_array().unwrap().iter().any(|p| p["destination"] == format!("{TD}/ns/shop/sa/cart")
+        policy.as_array().unwrap().iter().any(|p| p["destination"]
+            == format!("{TD}/ns/shop/sa/cart")
             && p["port"] == 8080
             && p["action"] == "ALLOW"
             && p["reason"] == "shop/cart rule 0"),
@@ -657,14 +836,20 @@ fn a_configuration_that_would_overflow_a_map_is_refused_and_nothing_changes() {
     let to = target(&bed, 2, 8080, false, false);
     assert_eq!(probe_one(&bed, 1, &to), "connected");
     // An entry per source identity, port and protocol: far more than 16.
-    let ports: String = (1..=10).map(|p| format!("    - port: {}\n", 1000 + p)).collect();
+    let ports: String = (1..=10)
+        .map(|p| format!("    - port: {}\n", 1000 + p))
+        .collect();
     bed.write_config(
         "big.yaml",
         &policy("shop", "big", &format!("  selector:\n    serviceAccount: cart\n  rules:\n  - from:\n    - namespace: shop\n    ports:\n{ports}")),
     )
     .unwrap();
     agent.wait_log("configuration refused", 1, T).unwrap();
-    assert!(agent.log().contains("map POLICY would need"), "{}", agent.log());
+    assert!(
+        agent.log().contains("map POLICY would need"),
+        "{}",
+        agent.log()
+    );
     assert!(agent.log().contains("--max-policy"), "{}", agent.log());
     // Still the old state: nothing denied.
     assert_eq!(probe_one(&bed, 1, &to), "connected");
@@ -699,7 +884,86 @@ fn short_circuit_only_for_allowed_pairs_and_stops_when_policy_denies_them() {
     );
     assert!(counter(&bed, "msgs_stack_only") > 0);
     let out = pinger.wait_output(T).unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     // A new connection is refused.
     assert_eq!(probe_one(&bed, 0, &format!("tcp:{to}")), "eperm");
+}
+
+/// `count` remote workloads `bulk-<i>` (one address each, on a node that is
+/// not in the bed) in one document file.
+fn bulk_workloads(count: usize) -> String {
+    (0..count)
+        .map(|i| {
+            format!(
+                "apiVersion: mesh.dev/v1alpha1\nkind: Workload\nmetadata:\n  name: bulk-{i}\n  namespace: bulk\nspec:\n  serviceAccount: sa-{i}\n  ips: [\"198.19.{}.{}\"]\n  node: elsewhere\n",
+                i / 200,
+                i % 200 + 1
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+#[test]
+fn one_hundred_thousand_policy_entries_load_and_enforce() {
+    let (bed, _servers) = bed_with("100k", 1, &TRIO);
+    let agent = Agent::start_node(&bed, 0, &[]).unwrap();
+    bed.write_config("bulk.yaml", &bulk_workloads(1000))
+        .unwrap();
+    let identities: String = (0..1000)
+        .map(|i| format!("    - identity: spiffe://cluster.local/ns/bulk/sa/sa-{i}\n"))
+        .collect();
+    let ports: String = (0..100)
+        .map(|p| format!("    - port: {}\n", 20000 + p))
+        .collect();
+    let spec = format!(
+        "  selector:\n    serviceAccount: cart\n  rules:\n  - from:\n{identities}    ports:\n{ports}  - from:\n    - identity: spiffe://cluster.local/ns/shop/sa/frontend\n    ports:\n    - port: 8080\n"
+    );
+    bed.write_config("big.yaml", &policy("shop", "big", &spec))
+        .unwrap();
+    let to = target(&bed, 2, 8080, false, false);
+    wait_until(&bed, 1, &to, "eperm");
+    assert_eq!(probe_one(&bed, 0, &to), "connected");
+    assert_eq!(
+        probe_one(&bed, 0, &target(&bed, 2, 9090, false, true)),
+        "eperm"
+    );
+
+    let entries = agent::stats(&bed.pin_dir(0)).unwrap()["maps"]["POLICY"]["entries"]
+        .as_u64()
+        .unwrap();
+    assert!(entries >= 100_000, "only {entries} policy entries");
+    let applied = agent
+        .log()
+        .lines()
+        .rfind(|l| l.contains("policy applied"))
+        .unwrap()
+        .to_string();
+    eprintln!("{entries} entries: {applied}");
+    // A bulk identity is allowed on its ports, from the kernel's own entries.
+    let explain = cli_json(
+        &bed,
+        0,
+        &[
+            "explain",
+            "--from",
+            "198.19.4.200",
+            "--to",
+            &bed.pods[2].ip4.to_string(),
+            "--port",
+            "20099",
+            "-o",
+            "json",
+        ],
+    );
+    assert_eq!(explain[0]["verdict"], "ALLOW", "{explain}");
+    assert_eq!(
+        explain[0]["source"], "spiffe://cluster.local/ns/bulk/sa/sa-999",
+        "{explain}"
+    );
+    assert_eq!(explain[0]["matched_entry"], "source+port", "{explain}");
 }

@@ -114,10 +114,8 @@ pub fn netns_cookie(socket: BorrowedFd<'_>) -> io::Result<u64> {
 pub fn async_owned_fd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
     // SAFETY: an OwnedFd keeps its descriptor open and unchanged until it
     // is dropped, which the AsyncFd does last.
-    unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
-    }
-    .map_err(|e| e.into_parts().1)
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
 }
 
 /// Registers a ring buffer map with the tokio reactor, for reading.
@@ -126,8 +124,6 @@ pub fn async_ring_buf(
 ) -> io::Result<tokio::io::unix::AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>> {
     // SAFETY: the RingBuf owns its MapData, whose descriptor stays open and
     // unchanged until the RingBuf is dropped.
-    unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
-    }
-    .map_err(|e| e.into_parts().1)
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
 }

@@ -7,9 +7,6 @@
 //! load_dir / parse_str ──► Documents ──compile(settings)──► Compiled ──diff──► maps
 //!                              └──────────evaluate (reference)───────┘
 //! ```
-// Until the agent and the CLI call it, parts of the API are unused in the
-// binary.
-//DEADCODE
 // `ConfigError` is the documented error type (file, document, kind, name,
 // field, message); it is only ever built on the cold path of a refused
 // configuration, so its size does not matter.

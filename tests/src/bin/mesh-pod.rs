@@ -661,7 +661,9 @@ fn probe(target: &str, timeout: Duration) -> anyhow::Result<String> {
     let (proto, addr) = target
         .split_once(':')
         .with_context(|| format!("target {target:?} is not tcp:ADDR or udp:ADDR"))?;
-    let addr: SocketAddr = addr.parse().with_context(|| format!("bad address in {target:?}"))?;
+    let addr: SocketAddr = addr
+        .parse()
+        .with_context(|| format!("bad address in {target:?}"))?;
     const PAYLOAD: &[u8] = b"mesh-probe";
     Ok(match proto {
         "tcp" => {
