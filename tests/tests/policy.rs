@@ -967,3 +967,88 @@ fn one_hundred_thousand_policy_entries_load_and_enforce() {
     );
     assert_eq!(explain[0]["matched_entry"], "source+port", "{explain}");
 }
+
+#[test]
+fn workloads_come_and_go_without_a_transient_deny() {
+    // cart admits only frontend and the newcomers; the mesh default and the
+    // non-mesh rule are deny, so a workload whose identity were missing for
+    // a moment would be refused.
+    let (mut bed, _servers) = bed_with("churn", 1, &TRIO);
+    let agent =
+        Agent::start_node(&bed, 0, &["--default-policy", "deny", "--non-mesh", "deny"]).unwrap();
+    let allow = policy(
+        "shop",
+        "cart",
+        "  selector:\n    serviceAccount: cart\n  rules:\n  - from:\n    - identity: spiffe://cluster.local/ns/shop/sa/frontend\n    - identity: spiffe://cluster.local/ns/shop/sa/new-*\n",
+    );
+    bed.write_config("cart.yaml", &allow).unwrap();
+    let to = target(&bed, 2, 8080, false, false);
+    wait_until(&bed, 0, &to, "connected");
+
+    // frontend keeps connecting while workloads are added and removed.
+    let steady = bed
+        .workload(
+            0,
+            &[
+                "probe",
+                "--targets",
+                &to,
+                "--repeat-ms",
+                "3000",
+                "--timeout-ms",
+                "1000",
+            ],
+        )
+        .unwrap();
+    let mut workloads = TRIO.len();
+    for i in 0..10 {
+        let pod = bed.add_pod(0).unwrap().name.clone();
+        let index = bed.pods.len() - 1;
+        // Registration first, as a CNI plugin does before the pod starts.
+        bed.register_workload(index, "shop", &format!("new-{i}"), &[])
+            .unwrap();
+        workloads += 1;
+        wait_applied(&agent, workloads);
+        assert_eq!(
+            probe_one(&bed, index, &to),
+            "connected",
+            "new workload {pod} refused"
+        );
+        if i % 2 == 1 {
+            bed.remove_config(&format!("workload-{}.yaml", index - 1))
+                .unwrap();
+            workloads -= 1;
+            wait_applied(&agent, workloads);
+        }
+    }
+    let out = steady.wait_output(T).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let counts: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let results = counts["counts"][&to].as_object().unwrap();
+    assert_eq!(
+        results.keys().collect::<Vec<_>>(),
+        ["connected"],
+        "{counts}"
+    );
+}
+
+/// Waits until the agent's latest applied configuration has `workloads`.
+fn wait_applied(agent: &Agent, workloads: usize) {
+    let needle = format!("workloads={workloads} ");
+    let deadline = Instant::now() + T;
+    loop {
+        let log = agent.log();
+        if log
+            .lines()
+            .rfind(|l| l.contains("policy applied"))
+            .is_some_and(|l| l.contains(&needle))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never applied {workloads} workloads:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
