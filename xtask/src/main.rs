@@ -32,8 +32,12 @@ enum Task {
     Demo,
     /// Benchmarks, run against a baseline in the same run.
     Bench {
-        /// Which benchmark: same-node.
+        /// Which benchmark: same-node or policy.
         which: String,
+        /// Extra arguments for the benchmark (e.g. `--rounds 5`; see
+        /// `target/release/mesh-bench <which> --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -43,7 +47,7 @@ fn main() -> anyhow::Result<()> {
         Task::BuildEbpf => ebpf::build(),
         Task::Test { args } => test(&args),
         Task::Demo => demo::run(),
-        Task::Bench { which } => bench(&which),
+        Task::Bench { which, args } => bench(&which, &args),
     }
 }
 
@@ -121,17 +125,22 @@ fn parse_test_result(line: &str) -> Option<(u64, u64)> {
     Some((count("passed")?, count("failed")?))
 }
 
-fn bench(which: &str) -> anyhow::Result<()> {
+/// The benchmarks `bench` knows (subcommands of `mesh-bench`).
+const BENCHMARKS: &[&str] = &["same-node", "policy"];
+
+fn bench(which: &str, args: &[String]) -> anyhow::Result<()> {
     ensure!(
-        which == "same-node",
-        "unknown benchmark `{which}` (known: same-node)"
+        BENCHMARKS.contains(&which),
+        "unknown benchmark `{which}` (known: {})",
+        BENCHMARKS.join(", ")
     );
     build_binaries(true)?;
     let root = workspace_root();
     run(Command::new(root.join("target/release/mesh-bench"))
         .arg(which)
         .arg("--out")
-        .arg(root.join("target/bench")))
+        .arg(root.join("target/bench"))
+        .args(args))
 }
 
 pub fn workspace_root() -> std::path::PathBuf {

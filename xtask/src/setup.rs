@@ -6,7 +6,8 @@ use std::process::Command;
 use anyhow::{bail, ensure};
 
 /// Debian packages: Debian's rustc with a prebuilt `core` for the BPF
-/// target, LLVM 22 for bpf-linker, bpftool, and iproute2 for the tests.
+/// target, LLVM 22 for bpf-linker, bpftool, iproute2 for the tests, and
+/// iptables for the policy benchmark's baseline.
 const PACKAGES: &[&str] = &[
     "rustc-web",
     "libstd-rust-web-dev-bpf",
@@ -17,6 +18,7 @@ const PACKAGES: &[&str] = &[
     "libxml2-dev",
     "bpftool",
     "iproute2",
+    "iptables",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

@@ -1,20 +1,44 @@
-//! `mesh-bench same-node` (run it with `cargo xtask bench same-node`):
-//! plain TCP between two pods against the same pods with the mesh's
-//! short-circuit, alternating rounds in one run, medians and ratios.
-use std::{path::PathBuf, time::Duration};
+//! `mesh-bench same-node|policy` (run them with `cargo xtask bench …`):
+//!
+//! - `same-node`: plain TCP between two pods against the same pods with the
+//!   mesh's short-circuit, alternating rounds in one run, medians and ratios.
+//! - `policy`: the new-connection rate with 10, 1,000 and 100,000 allow
+//!   rules, the mesh's compiled policy against iptables holding the same
+//!   rules (and no rules at all), alternating rounds, medians and ratios.
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, ensure};
-use clap::Parser;
-use mesh_tests::{agent::Agent, topology::TestBed};
+use clap::{Args, Parser, Subcommand};
+use mesh_tests::{
+    agent::{self, Agent},
+    topology::TestBed,
+};
 use serde_json::{Value, json};
 
 #[derive(Parser)]
 struct Cli {
-    /// Which benchmark: same-node.
-    which: String,
     /// Where to write the JSON report.
-    #[arg(long, default_value = "target/bench")]
+    #[arg(long, global = true, default_value = "target/bench")]
     out: PathBuf,
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Plain TCP against the mesh's same-node short-circuit.
+    SameNode(SameNode),
+    /// New connections per second under growing rule sets: mesh vs iptables.
+    Policy(Policy),
+}
+
+#[derive(Args)]
+struct SameNode {
     /// Alternating rounds of each variant.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
@@ -26,11 +50,31 @@ struct Cli {
     stream_bytes: u64,
 }
 
+#[derive(Args)]
+struct Policy {
+    /// Rule set sizes, each K synthetic identities × P ports (K = 10·P when
+    /// the size allows: 10 = 10×1, 1000 = 100×10, 100000 = 1000×100).
+    #[arg(long, value_delimiter = ',', default_values_t = [10, 1_000, 100_000])]
+    rules: Vec<usize>,
+    /// Alternating rounds of each variant, per rule set size.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// New connections per measurement.
+    #[arg(long, default_value_t = 2000)]
+    connections: usize,
+}
+
 const T: Duration = Duration::from_secs(300);
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    ensure!(cli.which == "same-node", "unknown benchmark {}", cli.which);
+    match &cli.bench {
+        Bench::SameNode(args) => same_node(args, &cli.out),
+        Bench::Policy(args) => policy(args, &cli.out),
+    }
+}
+
+fn same_node(cli: &SameNode, out: &Path) -> anyhow::Result<()> {
     let latency = hold_cpu_dmalatency();
 
     let mut bed = TestBed::new("bench")?;
@@ -136,11 +180,542 @@ fn main() -> anyhow::Result<()> {
         latency.is_some()
     );
     print!("{table}");
-    std::fs::create_dir_all(&cli.out)?;
-    let path = cli.out.join("same-node.json");
+    std::fs::create_dir_all(out)?;
+    let path = out.join("same-node.json");
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("writing {}", path.display()))?;
     println!("\nJSON: {}", path.display());
+    Ok(())
+}
+
+// ------------------------------------------------------------------ policy
+
+/// Where the synthetic rules' ports start (TCP, one per rule column).
+const FIRST_RULE_PORT: u16 = 20_000;
+/// The server the measured connections go to, in the mesh and in iptables' bed.
+const SERVER_PORT: u16 = 8080;
+/// The same server outside the mesh, for the baseline with no rules at all.
+const PLAIN_PORT: u16 = 9080;
+/// Synthetic identities get one address each from 198.19.0.0–198.19.254.254.
+const MAX_IDENTITIES: usize = 255 * 254;
+const NAMESPACE: &str = "bench";
+const VARIANTS: [&str; 3] = ["none", "iptables", "mesh"];
+
+/// One rule set: `identities` synthetic sources × `ports` destination ports.
+#[derive(Clone, Copy)]
+struct Shape {
+    rules: usize,
+    identities: usize,
+    ports: usize,
+}
+
+impl Shape {
+    /// K × P = `rules` with K = 10·P where possible (10 = 10×1,
+    /// 1000 = 100×10, 100000 = 1000×100), else the nearest divisor below.
+    fn of(rules: usize) -> anyhow::Result<Self> {
+        ensure!(rules > 0, "a rule set needs at least one rule");
+        let mut ports = ((rules as f64 / 10.0).sqrt() as usize).max(1);
+        while !rules.is_multiple_of(ports) {
+            ports -= 1;
+        }
+        let identities = rules / ports;
+        ensure!(
+            identities <= MAX_IDENTITIES,
+            "{rules} rules need {identities} synthetic identities, more than the {MAX_IDENTITIES} addresses available"
+        );
+        ensure!(
+            ports <= 1000,
+            "{rules} rules need {ports} ports, more than 1000"
+        );
+        Ok(Self {
+            rules,
+            identities,
+            ports,
+        })
+    }
+
+    fn ports(&self) -> impl Iterator<Item = u16> {
+        (0..self.ports).map(|p| FIRST_RULE_PORT + p as u16)
+    }
+}
+
+/// Synthetic identity `i`'s address: 198.19.0.1, …, 198.19.0.254,
+/// 198.19.1.1, … (never 198.19.255.0/24, the beds' uplink subnet).
+fn synthetic_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 19, (i / 254) as u8, (i % 254 + 1) as u8)
+}
+
+fn spiffe(service_account: &str) -> String {
+    format!("spiffe://cluster.local/ns/{NAMESPACE}/sa/{service_account}")
+}
+
+/// The mesh's rule set, in one file so that the agent applies it in one
+/// reload: the synthetic workloads (on another node, so no netns) and one
+/// ALLOW policy selecting the server: rule 0 lets every synthetic identity
+/// reach every rule port, rule 1 lets the client reach the server port.
+fn mesh_documents(shape: &Shape) -> String {
+    use std::fmt::Write as _;
+    let mut yaml = String::with_capacity(shape.identities * 200 + shape.ports * 20);
+    for i in 0..shape.identities {
+        let _ = write!(
+            yaml,
+            "apiVersion: mesh.dev/v1alpha1\nkind: Workload\nmetadata:\n  name: syn-{i}\n  namespace: {NAMESPACE}\nspec:\n  serviceAccount: sa-{i}\n  ips: [\"{}\"]\n  node: elsewhere\n---\n",
+            synthetic_ip(i)
+        );
+    }
+    let _ = write!(
+        yaml,
+        "apiVersion: mesh.dev/v1alpha1\nkind: MeshPolicy\nmetadata:\n  name: server\n  namespace: {NAMESPACE}\nspec:\n  selector:\n    serviceAccount: server\n  action: ALLOW\n  rules:\n  - from:\n"
+    );
+    for i in 0..shape.identities {
+        let _ = writeln!(yaml, "    - identity: {}", spiffe(&format!("sa-{i}")));
+    }
+    yaml.push_str("    ports:\n");
+    for port in shape.ports() {
+        let _ = writeln!(yaml, "    - port: {port}");
+    }
+    let _ = write!(
+        yaml,
+        "  - from:\n    - identity: {}\n    ports:\n    - port: {SERVER_PORT}\n",
+        spiffe("client")
+    );
+    yaml
+}
+
+/// The same allow list as a firewall holds it: established traffic first,
+/// then one rule per (synthetic address, port), then the client, then a
+/// drop for everyone else. A new connection from the client walks them all.
+fn iptables_rules(shape: &Shape, client: Ipv4Addr) -> String {
+    use std::fmt::Write as _;
+    let mut rules = String::with_capacity(shape.rules * 64 + 512);
+    rules.push_str("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n");
+    rules.push_str("-A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\n");
+    for i in 0..shape.identities {
+        let ip = synthetic_ip(i);
+        for port in shape.ports() {
+            let _ = writeln!(rules, "-A INPUT -s {ip}/32 -p tcp --dport {port} -j ACCEPT");
+        }
+    }
+    let _ = writeln!(
+        rules,
+        "-A INPUT -s {client}/32 -p tcp --dport {SERVER_PORT} -j ACCEPT"
+    );
+    let _ = writeln!(rules, "-A INPUT -p tcp --dport {SERVER_PORT} -j DROP");
+    rules.push_str("COMMIT\n");
+    rules
+}
+
+/// What the agent logged for one reload.
+struct MeshApply {
+    policy_entries: u64,
+    elapsed_ms: f64,
+    upserted: u64,
+    deleted: u64,
+    /// From writing the file to the log line (inotify, settle, reload).
+    wall_ms: f64,
+}
+
+/// `key=value` of a log line.
+fn log_field(line: &str, key: &str) -> Option<f64> {
+    line.split_whitespace()
+        .find_map(|token| token.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+}
+
+fn log_tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// Writes the rule set and waits for the agent's `policy applied` line.
+fn apply_mesh(bed: &TestBed, agent: &Agent, documents: &str) -> anyhow::Result<MeshApply> {
+    let before = agent.log();
+    let applied_before = before.matches("policy applied").count();
+    let refused_before = before.matches("configuration refused").count();
+    let started = Instant::now();
+    bed.write_config("bench.yaml", documents)?;
+    let deadline = started + Duration::from_secs(240);
+    loop {
+        let log = agent.log();
+        ensure!(
+            log.matches("configuration refused").count() == refused_before,
+            "the agent refused the rule set:\n{}",
+            log_tail(&log)
+        );
+        if log.matches("policy applied").count() > applied_before {
+            let wall_ms = started.elapsed().as_secs_f64() * 1e3;
+            let line = log
+                .lines()
+                .rfind(|l| l.contains("policy applied"))
+                .expect("counted above");
+            let get = |key| log_field(line, key).with_context(|| format!("no {key}= in {line:?}"));
+            return Ok(MeshApply {
+                policy_entries: get("policy_entries")? as u64,
+                elapsed_ms: get("elapsed_ms")?,
+                upserted: get("upserted")? as u64,
+                deleted: get("deleted")? as u64,
+                wall_ms,
+            });
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the agent did not apply the rule set within 240 s:\n{}",
+            log_tail(&log)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Loads a rule set into `pod`'s network namespace with iptables-restore
+/// (which replaces the filter table) and returns how long that took.
+fn iptables_load(bed: &TestBed, pod: usize, rules: &str) -> anyhow::Result<Duration> {
+    let netns = &bed.pods[pod].netns;
+    netns.exec("iptables", &["-F", "INPUT"])?;
+    let path = bed.files.path().join("iptables.rules");
+    std::fs::write(&path, rules)?;
+    let started = Instant::now();
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns.name(), "iptables-restore"])
+        .stdin(std::fs::File::open(&path)?)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .context("running iptables-restore")?;
+    let took = started.elapsed();
+    ensure!(
+        out.status.success(),
+        "iptables-restore failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(took)
+}
+
+/// Rules in INPUT, as `iptables -S` lists them.
+fn iptables_rule_count(bed: &TestBed, pod: usize) -> anyhow::Result<usize> {
+    let listing = bed.pods[pod].netns.exec("iptables", &["-S", "INPUT"])?;
+    Ok(listing
+        .lines()
+        .filter(|l| l.starts_with("-A INPUT"))
+        .count())
+}
+
+/// Packets that matched INPUT rule number `rule` (1-based).
+fn iptables_packets(bed: &TestBed, pod: usize, rule: usize) -> anyhow::Result<u64> {
+    let line = bed.pods[pod].netns.exec(
+        "iptables",
+        &["-L", "INPUT", &rule.to_string(), "-n", "-v", "-x"],
+    )?;
+    line.split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no packet count in {line:?}"))
+}
+
+/// New connections per second from pod 0 to `to` (`mesh-pod short`).
+fn connection_rate(
+    bed: &TestBed,
+    in_mesh: bool,
+    to: SocketAddr,
+    connections: usize,
+) -> anyhow::Result<f64> {
+    let report = bed.client(
+        0,
+        in_mesh,
+        &[
+            "short",
+            "--to",
+            &to.to_string(),
+            "--count",
+            &connections.to_string(),
+        ],
+        T,
+    )?;
+    report["per_second"]
+        .as_f64()
+        .with_context(|| format!("no per_second in {report}"))
+}
+
+/// Two pods on node 0: pod 0 the client, pod 1 the server. Every
+/// measured connection leaves a socket in TIME_WAIT in the client for a
+/// minute; tens of thousands of them to one destination make connect(2)
+/// scan the port range for a free port, which would measure the port
+/// search rather than the rules. So the client may use every ephemeral
+/// port and reuse TIME_WAIT ones (`tcp_tw_reuse`, as busy clients do).
+fn two_pod_bed(name: &str) -> anyhow::Result<TestBed> {
+    let mut bed = TestBed::new(name)?;
+    bed.add_pod(0)?;
+    bed.add_pod(0)?;
+    let client = &bed.pods[0].netns;
+    client.exec(
+        "sysctl",
+        &["-qw", "net.ipv4.ip_local_port_range=1024 65535"],
+    )?;
+    client.exec("sysctl", &["-qw", "net.ipv4.tcp_tw_reuse=1"])?;
+    Ok(bed)
+}
+
+/// A ratio as the tables print it: `1.23x`.
+fn times(ratio: f64) -> String {
+    format!("{ratio:.2}x")
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn policy(cli: &Policy, out: &Path) -> anyhow::Result<()> {
+    ensure!(!cli.rules.is_empty(), "--rules is empty");
+    ensure!(cli.rounds > 0 && cli.connections > 0, "nothing to measure");
+    let shapes = cli
+        .rules
+        .iter()
+        .map(|&n| Shape::of(n))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let run_started = Instant::now();
+    let latency = hold_cpu_dmalatency();
+
+    // The mesh: the agent on node 0, the client and server in its cgroup;
+    // the same server outside it for the baseline without rules ("none":
+    // no program sees processes outside the cgroup, and this bed's
+    // namespaces never hold an iptables rule).
+    let mesh_bed = two_pod_bed("pol-mesh")?;
+    mesh_bed.register_workload(0, NAMESPACE, "client", &[])?;
+    mesh_bed.register_workload(1, NAMESPACE, "server", &[("app", "server")])?;
+    let mesh_to = mesh_bed.pods[1].addr(false, SERVER_PORT);
+    let none_to = mesh_bed.pods[1].addr(false, PLAIN_PORT);
+    let _mesh_servers = [
+        mesh_bed.server(1, true, mesh_to, "echo")?,
+        mesh_bed.server(1, false, none_to, "echo")?,
+    ];
+    let agent = Agent::start_node(&mesh_bed, 0, &[])?;
+    let pins = mesh_bed.pin_dir(0);
+
+    // iptables: a bed of its own, where no agent ever ran, so no mesh
+    // program is attached anywhere on its path; the rules live in the
+    // server pod's namespace (its INPUT chain).
+    let ipt_bed = two_pod_bed("pol-ipt")?;
+    let ipt_to = ipt_bed.pods[1].addr(false, SERVER_PORT);
+    let _ipt_server = ipt_bed.server(1, false, ipt_to, "echo")?;
+    let iptables_version = ipt_bed.pods[1]
+        .netns
+        .exec("iptables", &["--version"])
+        .context("iptables is not installed (cargo xtask setup installs it)")?
+        .trim()
+        .to_string();
+    let backend = if iptables_version.contains("nf_tables") {
+        "nf_tables"
+    } else if iptables_version.contains("legacy") {
+        "legacy"
+    } else {
+        "unknown"
+    };
+    let client_ip = ipt_bed.pods[0].ip4;
+
+    let mut samples: Vec<Value> = Vec::new();
+    let mut sizes: Vec<Value> = Vec::new();
+    for shape in &shapes {
+        let n = shape.rules;
+        eprintln!(
+            "{n} rules ({} identities × {} ports): applying",
+            shape.identities, shape.ports
+        );
+        let applied = apply_mesh(&mesh_bed, &agent, &mesh_documents(shape))?;
+        let stats = agent::stats(&pins)?;
+        let entries = |map: &str| stats["maps"][map]["entries"].as_u64().unwrap_or(0);
+        ensure!(
+            entries("POLICY") == applied.policy_entries,
+            "POLICY holds {} entries, the agent logged {}",
+            entries("POLICY"),
+            applied.policy_entries
+        );
+        // The policy is in force: the client may reach the server port and
+        // nothing else of the server.
+        let denied_to = mesh_bed.pods[1].addr(false, FIRST_RULE_PORT);
+        let probe = mesh_bed.client(
+            0,
+            true,
+            &[
+                "probe",
+                "--targets",
+                &format!("tcp:{mesh_to},tcp:{denied_to}"),
+            ],
+            T,
+        )?;
+        let result = |to: SocketAddr| probe["results"][format!("tcp:{to}")].as_str();
+        ensure!(
+            result(mesh_to) == Some("connected") && result(denied_to) == Some("eperm"),
+            "the mesh's policy is not what the benchmark wrote: {probe}"
+        );
+
+        let restore = iptables_load(&ipt_bed, 1, &iptables_rules(shape, client_ip))?;
+        let loaded = iptables_rule_count(&ipt_bed, 1)?;
+        ensure!(
+            loaded == n + 3,
+            "INPUT holds {loaded} rules, expected {}",
+            n + 3
+        );
+        eprintln!(
+            "{n} rules: mesh applied {} POLICY entries in {:.1} ms (agent; {:.0} ms from the write), iptables-restore {loaded} rules in {:.0} ms ({backend})",
+            applied.policy_entries,
+            applied.elapsed_ms,
+            applied.wall_ms,
+            restore.as_secs_f64() * 1e3
+        );
+
+        // Warm-up: fill caches, conntrack and the agent's flow reader.
+        let warm = (cli.connections / 10).max(1);
+        connection_rate(&mesh_bed, false, none_to, warm)?;
+        connection_rate(&ipt_bed, false, ipt_to, warm)?;
+        connection_rate(&mesh_bed, true, mesh_to, warm)?;
+        let client_rule = n + 2;
+        let ipt_packets_before = iptables_packets(&ipt_bed, 1, client_rule)?;
+        let counters_before = agent::stats(&pins)?["counters"].clone();
+
+        for round in 0..cli.rounds {
+            for k in 0..VARIANTS.len() {
+                // Rotate the order every round, so drift spreads evenly.
+                let variant = VARIANTS[(round + k) % VARIANTS.len()];
+                let per_second = match variant {
+                    "none" => connection_rate(&mesh_bed, false, none_to, cli.connections)?,
+                    "iptables" => connection_rate(&ipt_bed, false, ipt_to, cli.connections)?,
+                    _ => connection_rate(&mesh_bed, true, mesh_to, cli.connections)?,
+                };
+                eprintln!("{n} rules, round {round} {variant:8}: {per_second:.0} conn/s");
+                samples.push(json!({ "rules": n, "round": round, "variant": variant, "per_second": per_second }));
+            }
+        }
+
+        // Every measured connection took the path it was meant to: through
+        // all of iptables' rules to the client's, through the mesh's check.
+        let measured = (cli.rounds * cli.connections) as u64;
+        let ipt_packets = iptables_packets(&ipt_bed, 1, client_rule)? - ipt_packets_before;
+        ensure!(
+            ipt_packets >= measured,
+            "iptables' client rule matched {ipt_packets} packets for {measured} connections"
+        );
+        let counters = agent::stats(&pins)?["counters"].clone();
+        let delta = |name: &str| {
+            counters[name].as_u64().unwrap_or(0) - counters_before[name].as_u64().unwrap_or(0)
+        };
+        ensure!(
+            delta("policy_allowed") >= measured && delta("policy_denied") == 0,
+            "the mesh allowed {} and denied {} of {measured} connections",
+            delta("policy_allowed"),
+            delta("policy_denied")
+        );
+        sizes.push(json!({
+            "rules": n,
+            "identities": shape.identities,
+            "ports": shape.ports,
+            "mesh": {
+                "policy_entries": applied.policy_entries,
+                "endpoints_entries": entries("ENDPOINTS"),
+                "apply_ms": applied.elapsed_ms,
+                "apply_wall_ms": applied.wall_ms,
+                "upserted": applied.upserted,
+                "deleted": applied.deleted,
+                "policy_allowed_during_rounds": delta("policy_allowed"),
+            },
+            "iptables": {
+                "input_rules": loaded,
+                "restore_ms": restore.as_secs_f64() * 1e3,
+                "client_rule_packets_during_rounds": ipt_packets,
+            },
+        }));
+    }
+    ipt_bed.pods[1].netns.exec("iptables", &["-F", "INPUT"])?;
+
+    let med = |n: usize, variant: &str| {
+        median(
+            samples
+                .iter()
+                .filter(|s| s["rules"] == n && s["variant"] == variant)
+                .map(|s| s["per_second"].as_f64().unwrap_or(0.0))
+                .collect(),
+        )
+    };
+    let first = shapes[0].rules;
+    let (ipt_vs, mesh_vs) = (format!("IPTABLES vs {first}"), format!("MESH vs {first}"));
+    let mut table = format!(
+        "{:<9} {:<12} {:<16} {:<12} {:<14} {ipt_vs:<15} {mesh_vs}\n",
+        "RULES", "NONE conn/s", "IPTABLES conn/s", "MESH conn/s", "MESH/IPTABLES",
+    );
+    let mut medians = Vec::new();
+    for shape in &shapes {
+        let n = shape.rules;
+        let (none, ipt, mesh) = (med(n, "none"), med(n, "iptables"), med(n, "mesh"));
+        let (ipt_rel, mesh_rel) = (ipt / med(first, "iptables"), mesh / med(first, "mesh"));
+        table += &format!(
+            "{n:<9} {none:<12.0} {ipt:<16.0} {mesh:<12.0} {:<14} {:<15} {}\n",
+            times(mesh / ipt),
+            times(ipt_rel),
+            times(mesh_rel),
+        );
+        medians.push(json!({
+            "rules": n,
+            "none_per_second": none,
+            "iptables_per_second": ipt,
+            "mesh_per_second": mesh,
+            "mesh_over_iptables": mesh / ipt,
+            "iptables_vs_first": ipt_rel,
+            "mesh_vs_first": mesh_rel,
+        }));
+    }
+    let mut setup = format!(
+        "{:<9} {:<18} {:<15} {:<15} {:<15} {}\n",
+        "RULES",
+        "IDENTITIES×PORTS",
+        "POLICY ENTRIES",
+        "MESH APPLY ms",
+        "IPTABLES RULES",
+        "IPTABLES-RESTORE ms"
+    );
+    for s in &sizes {
+        setup += &format!(
+            "{:<9} {:<18} {:<15} {:<15.1} {:<15} {:.0}\n",
+            s["rules"].to_string(),
+            format!("{}×{}", s["identities"], s["ports"]),
+            s["mesh"]["policy_entries"].to_string(),
+            s["mesh"]["apply_ms"].as_f64().unwrap_or(0.0),
+            s["iptables"]["input_rules"].to_string(),
+            s["iptables"]["restore_ms"].as_f64().unwrap_or(0.0),
+        );
+    }
+    let total = run_started.elapsed().as_secs_f64();
+    let report = json!({
+        "benchmark": "policy",
+        "machine": machine(),
+        "cpu_dmalatency_held_at_0": latency.is_some(),
+        "rounds": cli.rounds,
+        "connections_per_measurement": cli.connections,
+        "rules": cli.rules,
+        "iptables": { "version": iptables_version, "backend": backend },
+        "variants": {
+            "none": "client and server outside the mesh's cgroup, no rules anywhere",
+            "iptables": "a separate bed (no agent ever started), the rules in the server pod's INPUT chain",
+            "mesh": "client and server in the mesh's cgroup, one ALLOW MeshPolicy compiled by the agent",
+        },
+        "sizes": sizes,
+        "medians": medians,
+        "samples": samples,
+        "total_seconds": total,
+    });
+    println!(
+        "\npolicy: new connections per second (1-byte echo each) from one pod to another on one node,\n\
+         {} alternating rounds of {} connections, medians; iptables {backend} ({iptables_version});\n\
+         /dev/cpu_dmalatency held at 0: {}\n",
+        cli.rounds,
+        cli.connections,
+        latency.is_some()
+    );
+    print!("{table}\n{setup}");
+    std::fs::create_dir_all(out)?;
+    let path = out.join("policy.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("\ntotal {total:.0} s\nJSON: {}", path.display());
+    drop(agent);
     Ok(())
 }
 
