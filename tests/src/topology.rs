@@ -143,15 +143,7 @@ impl TestBed {
     pub fn add_node(&mut self) -> anyhow::Result<usize> {
         let index = self.nodes.len() as u8;
         let netns = Netns::create(&format!("{}-n{index}", self.name))?;
-        netns.ip(&[
-            "link",
-            "add",
-            "br0",
-            "type",
-            "bridge",
-            "mcast_snooping",
-            "0",
-        ])?;
+        add_bridge(&netns)?;
         netns.ip(&["addr", "add", &format!("198.18.{index}.1/24"), "dev", "br0"])?;
         netns.ip(&[
             "addr",
@@ -178,15 +170,7 @@ impl TestBed {
     /// uplinks.
     pub fn connect_nodes(&mut self) -> anyhow::Result<()> {
         let fabric = Netns::create(&format!("{}-fab", self.name))?;
-        fabric.ip(&[
-            "link",
-            "add",
-            "br0",
-            "type",
-            "bridge",
-            "mcast_snooping",
-            "0",
-        ])?;
+        add_bridge(&fabric)?;
         fabric.ip(&["link", "set", "br0", "up"])?;
         for node in &self.nodes {
             let i = node.index;
@@ -427,6 +411,21 @@ impl Drop for TestBed {
         self.fabric = None;
         self.nodes.clear();
     }
+}
+
+/// A bridge `br0` in `ns`. No multicast snooping: until it has heard MLD
+/// reports it would not forward IPv6 neighbour solicitations reliably.
+fn add_bridge(ns: &Netns) -> anyhow::Result<()> {
+    ns.ip(&[
+        "link",
+        "add",
+        "br0",
+        "type",
+        "bridge",
+        "mcast_snooping",
+        "0",
+    ])?;
+    Ok(())
 }
 
 /// Reads the process's stdout until a line starting with `prefix`.

@@ -26,6 +26,20 @@ struct W {
     labels: &'static [(&'static str, &'static str)],
 }
 
+const fn w(
+    node: usize,
+    namespace: &'static str,
+    sa: &'static str,
+    labels: &'static [(&'static str, &'static str)],
+) -> W {
+    W {
+        node,
+        namespace,
+        sa,
+        labels,
+    }
+}
+
 /// Builds the bed: the nodes (connected when more than one), the pods, their
 /// Workload documents, TCP and UDP echo servers on both ports in every pod.
 fn bed_with(test: &str, nodes: usize, workloads: &[W]) -> (TestBed, Vec<Spawned>) {
@@ -133,42 +147,12 @@ fn cli_json(bed: &TestBed, node: usize, args: &[&str]) -> Value {
 
 /// The six workloads of the connectivity matrix: two namespaces, two nodes.
 const MATRIX: [W; 6] = [
-    W {
-        node: 0,
-        namespace: "shop",
-        sa: "frontend",
-        labels: &[("app", "frontend")],
-    },
-    W {
-        node: 0,
-        namespace: "shop",
-        sa: "cart",
-        labels: &[("app", "cart")],
-    },
-    W {
-        node: 0,
-        namespace: "bank",
-        sa: "ledger",
-        labels: &[("app", "ledger")],
-    },
-    W {
-        node: 1,
-        namespace: "shop",
-        sa: "payments",
-        labels: &[("app", "payments")],
-    },
-    W {
-        node: 1,
-        namespace: "bank",
-        sa: "teller",
-        labels: &[("app", "teller")],
-    },
-    W {
-        node: 1,
-        namespace: "bank",
-        sa: "audit",
-        labels: &[("app", "audit"), ("tier", "ops")],
-    },
+    w(0, "shop", "frontend", &[("app", "frontend")]),
+    w(0, "shop", "cart", &[("app", "cart")]),
+    w(0, "bank", "ledger", &[("app", "ledger")]),
+    w(1, "shop", "payments", &[("app", "payments")]),
+    w(1, "bank", "teller", &[("app", "teller")]),
+    w(1, "bank", "audit", &[("app", "audit"), ("tier", "ops")]),
 ];
 const FRONTEND: usize = 0;
 const CART: usize = 1;
@@ -337,24 +321,9 @@ fn the_destination_node_judges_traffic_that_was_not_checked_at_its_source() {
 
 /// Three workloads on one node: a client, a second client, a server.
 const TRIO: [W; 3] = [
-    W {
-        node: 0,
-        namespace: "shop",
-        sa: "frontend",
-        labels: &[("app", "frontend")],
-    },
-    W {
-        node: 0,
-        namespace: "shop",
-        sa: "robot",
-        labels: &[("app", "robot")],
-    },
-    W {
-        node: 0,
-        namespace: "shop",
-        sa: "cart",
-        labels: &[("app", "cart")],
-    },
+    w(0, "shop", "frontend", &[("app", "frontend")]),
+    w(0, "shop", "robot", &[("app", "robot")]),
+    w(0, "shop", "cart", &[("app", "cart")]),
 ];
 
 #[test]
