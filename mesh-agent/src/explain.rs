@@ -64,12 +64,9 @@ pub struct Explanation {
 /// The source identity for `--from`.
 fn source_identity(maps: &PinnedMaps, from: &str) -> anyhow::Result<u64> {
     if let Ok(ip) = from.parse::<IpAddr>() {
-        let key = ip_key(ip);
         return Ok(maps
-            .endpoints()?
-            .into_iter()
-            .find(|(k, _)| *k == key)
-            .map_or(WORLD_IDENTITY, |(_, e)| e.identity));
+            .endpoint(&ip_key(ip))?
+            .map_or(WORLD_IDENTITY, |e| e.identity));
     }
     if from == "world" {
         return Ok(WORLD_IDENTITY);
@@ -86,7 +83,6 @@ fn destinations(
     names: &NodeState,
     to: &str,
 ) -> anyhow::Result<Vec<(Endpoint, Vec<String>)>> {
-    let endpoints = maps.endpoints()?;
     let mut found: Vec<(Endpoint, Vec<String>)> = Vec::new();
     let mut add =
         |ep: Endpoint, label: String| match found.iter_mut().find(|(e, _)| e.subject == ep.subject)
@@ -95,8 +91,7 @@ fn destinations(
             None => found.push((ep, vec![label])),
         };
     if let Ok(ip) = to.parse::<IpAddr>() {
-        let key = ip_key(ip);
-        let Some((_, ep)) = endpoints.iter().find(|(k, _)| *k == key) else {
+        let Some(ep) = maps.endpoint(&ip_key(ip))? else {
             bail!(
                 "{to} is not a mesh workload's address on this node's maps: MeshPolicy does \
                  not govern connections to it"
@@ -107,14 +102,14 @@ fn destinations(
             .iter()
             .find(|w| w.ips.contains(&ip))
             .map_or(to.to_string(), |w| format!("{}/{}", w.namespace, w.name));
-        add(*ep, label);
+        add(ep, label);
     } else if to.starts_with("spiffe://") {
         let id = numeric_identity(to);
         for w in names.workloads.iter().filter(|w| w.identity == id) {
             if let Some(ip) = w.ips.first()
-                && let Some((_, ep)) = endpoints.iter().find(|(k, _)| *k == ip_key(*ip))
+                && let Some(ep) = maps.endpoint(&ip_key(*ip))?
             {
-                add(*ep, format!("{}/{}", w.namespace, w.name));
+                add(ep, format!("{}/{}", w.namespace, w.name));
             }
         }
         if found.is_empty() {

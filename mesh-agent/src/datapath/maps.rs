@@ -263,18 +263,27 @@ impl PinnedMaps {
         self.entries(map_names::POLICY)
     }
 
-    /// One policy entry, as the kernel programs look it up.
-    pub fn policy_entry(&self, key: &PolicyKey) -> Result<Option<Verdict>, MapsError> {
-        let map = self.hash::<PolicyKey, Verdict>(map_names::POLICY)?;
-        match map.get(key, 0) {
+    /// One entry of a hash map, looked up as the kernel programs do.
+    fn lookup<K: aya::Pod, V: aya::Pod>(
+        &self,
+        name: &'static str,
+        key: &K,
+    ) -> Result<Option<V>, MapsError> {
+        match self.hash::<K, V>(name)?.get(key, 0) {
             Ok(v) => Ok(Some(v)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(MapsError::Map {
-                name: map_names::POLICY,
-                dir: self.dir.clone(),
-                source: e,
-            }),
+            Err(e) => Err(self.err(name)(e)),
         }
+    }
+
+    /// One policy entry.
+    pub fn policy_entry(&self, key: &PolicyKey) -> Result<Option<Verdict>, MapsError> {
+        self.lookup(map_names::POLICY, key)
+    }
+
+    /// The endpoint owning an address.
+    pub fn endpoint(&self, key: &IpKey) -> Result<Option<Endpoint>, MapsError> {
+        self.lookup(map_names::ENDPOINTS, key)
     }
 
     /// The flows the tc programs have seen.
