@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use aya::maps::{Array, HashMap, Map, MapData, MapInfo, MapType, PerCpuArray, SockHash};
 use mesh_common::{
     Counter, SHORT_CIRCUIT_OFF, SHORT_CIRCUIT_ON, Setting, SocketInfo, SocketKey, map_names,
-    policy::{Endpoint, FlowKey, FlowState, IpKey, PolicyKey, Verdict},
+    policy::{Endpoint, FlowKey, FlowState, IpKey, PolicyKey, UdpPeerKey, Verdict},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -51,88 +51,49 @@ impl std::fmt::Display for MapLayout {
     }
 }
 
+/// The layout of a map with keys `K` and values `V`.
+const fn layout<K, V>(map_type: MapType) -> MapLayout {
+    MapLayout {
+        map_type,
+        key_size: size_of::<K>() as u32,
+        value_size: size_of::<V>() as u32,
+    }
+}
+
 /// The maps this agent's kernel programs use, with their layouts.
 pub const EXPECTED_MAPS: [(&str, MapLayout); 10] = [
     (
         map_names::SOCK_HASH,
-        MapLayout {
-            map_type: MapType::SockHash,
-            key_size: size_of::<SocketKey>() as u32,
-            value_size: 4,
-        },
+        layout::<SocketKey, u32>(MapType::SockHash),
     ),
     (
         map_names::SOCKETS,
-        MapLayout {
-            map_type: MapType::Hash,
-            key_size: size_of::<SocketKey>() as u32,
-            value_size: size_of::<SocketInfo>() as u32,
-        },
+        layout::<SocketKey, SocketInfo>(MapType::Hash),
     ),
     (
         map_names::COUNTERS,
-        MapLayout {
-            map_type: MapType::PerCpuArray,
-            key_size: 4,
-            value_size: 8,
-        },
+        layout::<u32, u64>(MapType::PerCpuArray),
     ),
-    (
-        map_names::SETTINGS,
-        MapLayout {
-            map_type: MapType::Array,
-            key_size: 4,
-            value_size: 4,
-        },
-    ),
+    (map_names::SETTINGS, layout::<u32, u32>(MapType::Array)),
     (
         map_names::ENDPOINTS,
-        MapLayout {
-            map_type: MapType::Hash,
-            key_size: size_of::<IpKey>() as u32,
-            value_size: size_of::<Endpoint>() as u32,
-        },
+        layout::<IpKey, Endpoint>(MapType::Hash),
     ),
-    (
-        map_names::LOCAL_NETNS,
-        MapLayout {
-            map_type: MapType::Hash,
-            key_size: 8,
-            value_size: 8,
-        },
-    ),
+    (map_names::LOCAL_NETNS, layout::<u64, u64>(MapType::Hash)),
     (
         map_names::POLICY,
-        MapLayout {
-            map_type: MapType::Hash,
-            key_size: size_of::<PolicyKey>() as u32,
-            value_size: size_of::<Verdict>() as u32,
-        },
+        layout::<PolicyKey, Verdict>(MapType::Hash),
     ),
     (
         map_names::CONNTRACK,
-        MapLayout {
-            map_type: MapType::LruHash,
-            key_size: size_of::<FlowKey>() as u32,
-            value_size: size_of::<FlowState>() as u32,
-        },
+        layout::<FlowKey, FlowState>(MapType::LruHash),
     ),
     (
         map_names::UDP_PEERS,
-        MapLayout {
-            map_type: MapType::LruHash,
-            key_size: size_of::<mesh_common::policy::UdpPeerKey>() as u32,
-            value_size: 4,
-        },
+        layout::<UdpPeerKey, u32>(MapType::LruHash),
     ),
-    (
-        map_names::FLOWS,
-        MapLayout {
-            map_type: MapType::RingBuf,
-            key_size: 0,
-            value_size: 0,
-        },
-    ),
+    // A ring buffer has neither keys nor values.
+    (map_names::FLOWS, layout::<(), ()>(MapType::RingBuf)),
 ];
 
 /// How full a map is.
