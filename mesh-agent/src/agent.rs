@@ -95,8 +95,8 @@ async fn follow_config_dir(mut control: Control, dir: &Path, hub: &FlowHub) -> a
     let mut ready = false;
     loop {
         match control.reload() {
-            Ok((compiled, changes)) => {
-                hub.set_names(NodeState::from_compiled(&compiled, changes.generation));
+            Ok(names) => {
+                hub.set_names(names);
                 if !ready {
                     ready = true;
                     info!("ready");

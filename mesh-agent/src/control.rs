@@ -126,8 +126,9 @@ impl Control {
         })
     }
 
-    /// Reads, compiles and applies the configuration directory.
-    pub fn reload(&mut self) -> Result<(Compiled, Changes), ReloadError> {
+    /// Reads, compiles and applies the configuration directory; returns the
+    /// names behind the numbers now in the maps (also written to disk).
+    pub fn reload(&mut self) -> Result<NodeState, ReloadError> {
         let started = Instant::now();
         let dir = self
             .config
@@ -135,15 +136,18 @@ impl Control {
             .clone()
             .expect("reload is only called in standalone mode");
         let docs = policy::load_dir(&dir)?;
-        let compiled = policy::compile(&docs, &self.config.mesh)?;
+        let mut compiled = policy::compile(&docs, &self.config.mesh)?;
         let desired = MapState {
-            endpoints: compiled.endpoints.clone(),
             local_netns: resolve_netns(&docs, &compiled)?,
-            policy: compiled.policy.clone(),
+            // The maps' entries move out; the names stay for NodeState.
+            endpoints: std::mem::take(&mut compiled.endpoints),
+            policy: std::mem::take(&mut compiled.policy),
         };
         self.check_capacity(&desired)?;
-        let changes = self.apply(&desired)?;
-        NodeState::from_compiled(&compiled, changes.generation)
+        let policy_entries = desired.policy.len();
+        let changes = self.apply(desired)?;
+        let names = NodeState::from_compiled(&compiled, changes.generation);
+        names
             .write(&self.config.state_dir)
             .map_err(|source| ReloadError::State {
                 path: NodeState::path(&self.config.state_dir),
@@ -154,11 +158,11 @@ impl Control {
             deleted = changes.deleted,
             generation = changes.generation,
             workloads = compiled.workloads.len(),
-            policy_entries = desired.policy.len(),
+            policy_entries,
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
             "policy applied"
         );
-        Ok((compiled, changes))
+        Ok(names)
     }
 
     /// The maps must hold the union of old and new entries while the update
@@ -200,7 +204,7 @@ impl Control {
         Ok(())
     }
 
-    fn apply(&mut self, desired: &MapState) -> Result<Changes, ReloadError> {
+    fn apply(&mut self, desired: MapState) -> Result<Changes, ReloadError> {
         let policy = policy::diff(&self.applied.policy, &desired.policy);
         let endpoints = policy::diff(&self.applied.endpoints, &desired.endpoints);
         let netns = policy::diff(&self.applied.local_netns, &desired.local_netns);
@@ -280,7 +284,7 @@ impl Control {
             undo.roll_back(&mut self.maps);
             return Err(e);
         }
-        self.applied = desired.clone();
+        self.applied = desired;
         let generation = self.pins.bump_policy_generation()?;
         Ok(Changes {
             upserted,
