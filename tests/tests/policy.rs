@@ -145,6 +145,15 @@ fn cli_json(bed: &TestBed, node: usize, args: &[&str]) -> Value {
     serde_json::from_str(&cli(bed, node, args)).unwrap()
 }
 
+/// `mesh-agent explain -o json` on node 0.
+fn explain(bed: &TestBed, from: &str, to: &str, port: u16) -> Value {
+    let port = port.to_string();
+    let args = [
+        "explain", "--from", from, "--to", to, "--port", &port, "-o", "json",
+    ];
+    cli_json(bed, 0, &args)
+}
+
 /// The six workloads of the connectivity matrix: two namespaces, two nodes.
 const MATRIX: [W; 6] = [
     w(0, "shop", "frontend", &[("app", "frontend")]),
@@ -355,43 +364,25 @@ fn deny_wins_over_allow_and_an_allow_makes_its_workloads_default_deny() {
     // robot: the ALLOW matches, the DENY wins.
     assert_eq!(probe_one(&bed, 1, &to_8080), "eperm");
 
-    let explain = cli_json(
+    let answer = explain(
         &bed,
-        0,
-        &[
-            "explain",
-            "--from",
-            &bed.pods[1].ip4.to_string(),
-            "--to",
-            &bed.pods[2].ip4.to_string(),
-            "--port",
-            "8080",
-            "-o",
-            "json",
-        ],
+        &bed.pods[1].ip4.to_string(),
+        &bed.pods[2].ip4.to_string(),
+        8080,
     );
-    assert_eq!(explain[0]["verdict"], "DENY", "{explain}");
-    assert_eq!(explain[0]["reason"], "shop/no-robots rule 0", "{explain}");
-    let explain = cli_json(
+    assert_eq!(answer[0]["verdict"], "DENY", "{answer}");
+    assert_eq!(answer[0]["reason"], "shop/no-robots rule 0", "{answer}");
+    let answer = explain(
         &bed,
-        0,
-        &[
-            "explain",
-            "--from",
-            &format!("{TD}/ns/shop/sa/frontend"),
-            "--to",
-            &format!("{TD}/ns/shop/sa/cart"),
-            "--port",
-            "9090",
-            "-o",
-            "json",
-        ],
+        &format!("{TD}/ns/shop/sa/frontend"),
+        &format!("{TD}/ns/shop/sa/cart"),
+        9090,
     );
-    assert_eq!(explain[0]["verdict"], "DENY", "{explain}");
+    assert_eq!(answer[0]["verdict"], "DENY", "{answer}");
     assert_eq!(
-        explain[0]["rule"],
+        answer[0]["rule"],
         mesh_common::policy::RULE_NOT_ALLOWED,
-        "{explain}"
+        "{answer}"
     );
 }
 
@@ -914,27 +905,13 @@ fn one_hundred_thousand_policy_entries_load_and_enforce() {
         .to_string();
     eprintln!("{entries} entries: {applied}");
     // A bulk identity is allowed on its ports, from the kernel's own entries.
-    let explain = cli_json(
-        &bed,
-        0,
-        &[
-            "explain",
-            "--from",
-            "198.19.4.200",
-            "--to",
-            &bed.pods[2].ip4.to_string(),
-            "--port",
-            "20099",
-            "-o",
-            "json",
-        ],
-    );
-    assert_eq!(explain[0]["verdict"], "ALLOW", "{explain}");
+    let answer = explain(&bed, "198.19.4.200", &bed.pods[2].ip4.to_string(), 20099);
+    assert_eq!(answer[0]["verdict"], "ALLOW", "{answer}");
     assert_eq!(
-        explain[0]["source"], "spiffe://cluster.local/ns/bulk/sa/sa-999",
-        "{explain}"
+        answer[0]["source"], "spiffe://cluster.local/ns/bulk/sa/sa-999",
+        "{answer}"
     );
-    assert_eq!(explain[0]["matched_entry"], "source+port", "{explain}");
+    assert_eq!(answer[0]["matched_entry"], "source+port", "{answer}");
 }
 
 #[test]
