@@ -57,6 +57,9 @@ pub enum Command {
     /// Say what policy decides for a connection, and which rule decides it,
     /// from the entries the kernel itself looks up.
     Explain(ExplainArgs),
+    /// Create, serve and rotate the mesh's certificate authority.
+    #[command(subcommand)]
+    Ca(crate::pki::cli::CaCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -222,6 +225,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
             print!("{text}");
             Ok(())
         }
+        Command::Ca(command) => crate::pki::cli::run(command),
         Command::Flows(args) => explain::flows(&cli.state_dir, args),
         Command::Explain(args) => {
             let maps = PinnedMaps::open(&cli.bpffs)?;

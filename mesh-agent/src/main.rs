@@ -12,9 +12,11 @@ mod explain;
 mod flows;
 mod inspect;
 mod netns;
+mod pki;
 pub mod policy;
 mod state;
 mod table;
+mod tunnel;
 
 use clap::Parser as _;
 

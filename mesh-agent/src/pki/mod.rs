@@ -1,0 +1,3 @@
+//! The mesh's certificates: the CA, workload SVIDs and the rustls
+//! configurations that verify SPIFFE identities.
+pub mod cli;
