@@ -174,6 +174,46 @@ pub struct RunArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = config::LogFormat::Plain, env = config::ENV_LOG_FORMAT)]
     pub log_format: config::LogFormat,
+
+    #[command(flatten)]
+    pub mtls: MtlsArgs,
+}
+
+/// Mutual TLS between nodes (docs/mtls.md). On when a CA is given: either
+/// one running inside the agent (`--ca-dir`) or the CA service
+/// (`--ca-address` with `--node-credentials`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct MtlsArgs {
+    /// Run the mesh CA inside the agent, from this directory (`ca init`).
+    /// It signs only identities of this node's workloads, as the service does.
+    #[arg(long, conflicts_with = "ca_address")]
+    pub ca_dir: Option<PathBuf>,
+
+    /// The CA service (`ca serve`), as HOST:PORT.
+    #[arg(long, requires = "node_credentials")]
+    pub ca_address: Option<String>,
+
+    /// This node's credentials for the CA service (`ca issue-node`):
+    /// cert.pem, key.pem and bundle.pem.
+    #[arg(long)]
+    pub node_credentials: Option<PathBuf>,
+
+    /// Port of the agent's tunnel listener (HBONE), on every node.
+    #[arg(long, default_value_t = 15008)]
+    pub tunnel_port: u16,
+
+    /// Port of the agent's outbound listener inside each local workload's
+    /// network namespace (on its loopback).
+    #[arg(long, default_value_t = 15001)]
+    pub outbound_port: u16,
+
+    /// Lifetime of the workload certificates the agent asks for.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub svid_lifetime: std::time::Duration,
+
+    /// Renew each certificate when this fraction of its lifetime has passed.
+    #[arg(long, default_value_t = 0.5)]
+    pub renew_fraction: f64,
 }
 
 #[derive(Debug, Subcommand)]

@@ -44,6 +44,36 @@ pub struct Config {
     pub max_policy: u32,
     pub max_conntrack: u32,
     pub log_format: LogFormat,
+    /// `None`: plaintext between nodes.
+    pub mtls: Option<MtlsConfig>,
+}
+
+/// Where the agent's workload certificates come from.
+#[derive(Debug, Clone, Serialize)]
+pub enum CaSource {
+    /// The CA runs inside the agent (standalone mode).
+    Local { ca_dir: PathBuf },
+    /// The CA service, reached with the node's own credentials.
+    Remote {
+        address: String,
+        node_credentials: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MtlsConfig {
+    pub ca: CaSource,
+    pub tunnel_port: u16,
+    pub outbound_port: u16,
+    #[serde(with = "humantime_serde_secs")]
+    pub svid_lifetime: std::time::Duration,
+    pub renew_fraction: f64,
+}
+
+mod humantime_serde_secs {
+    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
 }
 
 impl Config {
@@ -64,7 +94,41 @@ impl Config {
             Some(node) => node,
             None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
         };
+        let m = args.mtls;
+        let ca = match (m.ca_dir, m.ca_address, m.node_credentials) {
+            (Some(ca_dir), None, _) => Some(CaSource::Local { ca_dir }),
+            (None, Some(address), Some(node_credentials)) => Some(CaSource::Remote {
+                address,
+                node_credentials,
+            }),
+            (None, None, None) => None,
+            (None, None, Some(_)) => anyhow::bail!("--node-credentials needs --ca-address"),
+            _ => anyhow::bail!("give either --ca-dir or --ca-address, not both"),
+        };
+        if ca.is_some() {
+            anyhow::ensure!(
+                m.renew_fraction > 0.0 && m.renew_fraction < 1.0,
+                "--renew-fraction must be between 0 and 1 (exclusive), got {}",
+                m.renew_fraction
+            );
+            anyhow::ensure!(
+                m.svid_lifetime >= std::time::Duration::from_secs(1),
+                "--svid-lifetime must be at least 1s"
+            );
+            anyhow::ensure!(
+                m.tunnel_port != 0 && m.outbound_port != 0 && m.tunnel_port != m.outbound_port,
+                "--tunnel-port and --outbound-port must be two different non-zero ports"
+            );
+        }
+        let mtls = ca.map(|ca| MtlsConfig {
+            ca,
+            tunnel_port: m.tunnel_port,
+            outbound_port: m.outbound_port,
+            svid_lifetime: m.svid_lifetime,
+            renew_fraction: m.renew_fraction,
+        });
         Ok(Self {
+            mtls,
             bpffs,
             state_dir,
             cgroup,

@@ -44,13 +44,15 @@ const SOCKOPS_PROGRAM: &str = "mesh_sockops";
 const MSG_PROGRAM: &str = "mesh_msg_redirect";
 const SOCKOPS_LINK_PREFIX: &str = "sockops_cgroup_";
 /// The connect-time policy programs, by the name of their cgroup hook.
-const SOCK_ADDR_PROGRAMS: [(&str, &str); 6] = [
+const SOCK_ADDR_PROGRAMS: [(&str, &str); 8] = [
     ("mesh_connect4", "connect4"),
     ("mesh_connect6", "connect6"),
     ("mesh_sendmsg4", "sendmsg4"),
     ("mesh_sendmsg6", "sendmsg6"),
     ("mesh_recvmsg4", "recvmsg4"),
     ("mesh_recvmsg6", "recvmsg6"),
+    ("mesh_getpeername4", "getpeername4"),
+    ("mesh_getpeername6", "getpeername6"),
 ];
 const TC_PROGRAMS: [(&str, &str, TcAttachType); 2] = [
     ("mesh_ingress", "ingress", TcAttachType::Ingress),

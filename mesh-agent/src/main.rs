@@ -11,6 +11,7 @@ mod datapath;
 mod explain;
 mod flows;
 mod inspect;
+mod mtls;
 mod netns;
 mod pki;
 pub mod policy;

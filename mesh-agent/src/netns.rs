@@ -14,21 +14,28 @@ use nix::sched::{CloneFlags, setns};
 
 /// The cookie of the network namespace at `path` (e.g. `/run/netns/pod`).
 pub fn cookie(path: &Path) -> io::Result<u64> {
+    inside(path, socket_netns_cookie)
+}
+
+/// Runs `f` on a short-lived thread that joined the network namespace at
+/// `path`: sockets it creates live in that namespace for good, whichever
+/// thread uses them later.
+pub fn inside<T: Send>(path: &Path, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
     let ns: OwnedFd = std::fs::File::open(path)?.into();
     // setns changes only the calling thread, which then ends.
     std::thread::scope(|scope| {
         scope
-            .spawn(move || -> io::Result<u64> {
+            .spawn(move || -> io::Result<T> {
                 setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|e| {
                     io::Error::other(format!(
                         "{} is not a network namespace: {e}",
                         path.display()
                     ))
                 })?;
-                socket_netns_cookie()
+                f()
             })
             .join()
-            .map_err(|_| io::Error::other("netns probe thread panicked"))?
+            .map_err(|_| io::Error::other("network namespace thread panicked"))?
     })
 }
 

@@ -25,6 +25,9 @@ pub struct NodeState {
     pub rules: BTreeMap<u32, RuleInfo>,
     pub subjects: BTreeMap<String, SubjectInfo>,
     pub workloads: Vec<WorkloadInfo>,
+    /// Node name → tunnel addresses of its agent.
+    #[serde(default)]
+    pub nodes: BTreeMap<String, Vec<std::net::IpAddr>>,
 }
 
 impl NodeState {
@@ -43,6 +46,7 @@ impl NodeState {
                 .map(|(id, s)| (id.to_string(), s.clone()))
                 .collect(),
             workloads: compiled.workloads.clone(),
+            nodes: compiled.nodes.clone(),
         }
     }
 

@@ -32,6 +32,12 @@ pub mod map_names {
     pub const UDP_PEERS: &str = "UDP_PEERS";
     /// Ring buffer of [`crate::policy::FlowEvent`]s.
     pub const FLOWS: &str = "FLOWS";
+    /// Socket cookie → [`crate::policy::OrigDst`] (LRU): connections the
+    /// connect hook steered to the node agent, for `getpeername(2)`.
+    pub const REDIRECTS: &str = "REDIRECTS";
+    /// [`crate::policy::TunnelKey`] → [`crate::policy::OrigDst`] (LRU): the
+    /// same, keyed as the agent sees the accepted connection.
+    pub const TUNNEL_ORIG: &str = "TUNNEL_ORIG";
 }
 
 /// Default capacity of the socket maps: the number of TCP sockets of the
@@ -188,10 +194,12 @@ pub enum Counter {
     FlowEventsLost = 10,
     /// Flows that could not be recorded in CONNTRACK.
     ConntrackFailed = 11,
+    /// Connections steered to the node agent for mutual TLS.
+    TunnelRedirected = 12,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 12] = [
+    pub const ALL: [Counter; 13] = [
         Counter::SocketsTracked,
         Counter::SocketsTrackFailed,
         Counter::SocketsClosed,
@@ -204,6 +212,7 @@ impl Counter {
         Counter::PolicyAudited,
         Counter::FlowEventsLost,
         Counter::ConntrackFailed,
+        Counter::TunnelRedirected,
     ];
 
     /// The counter's name in `inspect stats` and metrics.
@@ -221,6 +230,7 @@ impl Counter {
             Counter::PolicyAudited => "policy_audited",
             Counter::FlowEventsLost => "flow_events_lost",
             Counter::ConntrackFailed => "conntrack_failed",
+            Counter::TunnelRedirected => "tunnel_redirected",
         }
     }
 }
@@ -242,7 +252,18 @@ pub enum Setting {
     /// from other nodes are re-checked); 0 (default): established flows keep
     /// the verdict they started with, as with conntrack-based firewalls.
     RevokeEstablished = 2,
+    /// Mutual TLS between nodes: the port (host byte order) of the agent's
+    /// outbound listener inside each local workload's network namespace;
+    /// TCP connections from local workloads to workloads on other nodes are
+    /// steered there. 0: off (plaintext between nodes).
+    TunnelPort = 3,
 }
+
+/// `SO_MARK` of the node agent's own sockets (its tunnels and the
+/// connections it makes to local workloads for inbound tunnels): the
+/// connect hooks neither judge nor steer them, since the agent has already
+/// checked policy against a verified certificate.
+pub const AGENT_SOCKET_MARK: u32 = 0x4d53_0000;
 
 /// Capacity of `SETTINGS`.
 pub const MAX_SETTINGS: u32 = 16;
@@ -265,6 +286,8 @@ mod pod {
     unsafe impl aya::Pod for super::policy::FlowState {}
     unsafe impl aya::Pod for super::policy::FlowEvent {}
     unsafe impl aya::Pod for super::policy::UdpPeerKey {}
+    unsafe impl aya::Pod for super::policy::OrigDst {}
+    unsafe impl aya::Pod for super::policy::TunnelKey {}
 }
 
 #[cfg(test)]

@@ -44,6 +44,10 @@ pub struct Endpoint {
 
 /// The endpoint is a workload on this node.
 pub const ENDPOINT_LOCAL: u32 = 1;
+/// mTLS mode STRICT: the workload accepts only mutual TLS from the mesh
+/// (through its node agent) and workloads of its own node; plaintext from
+/// other nodes or from non-mesh processes is refused.
+pub const ENDPOINT_STRICT: u32 = 2;
 
 /// Key of `POLICY`.
 #[repr(C)]
@@ -147,6 +151,8 @@ pub const RULE_NOT_ALLOWED: u32 = 3;
 /// The destination is an endpoint but no policy entry exists for it: the
 /// maps are inconsistent, so the kernel fails closed.
 pub const RULE_NO_POLICY: u32 = 4;
+/// Plaintext to a workload whose mTLS mode is STRICT.
+pub const RULE_STRICT_MTLS: u32 = 5;
 /// Rule ids below this are the reserved ones above.
 pub const FIRST_POLICY_RULE: u32 = 16;
 
@@ -186,6 +192,54 @@ pub fn decide(
         return v;
     }
     Verdict::new(Action::Deny, RULE_NO_POLICY)
+}
+
+/// [`decide`] for a destination endpoint, with its mTLS mode: `plaintext`
+/// says the source's identity was not proven by mutual TLS or by the
+/// kernel on this node (traffic from another node that is not a tunnel, or
+/// a local process that is not a workload), which a STRICT workload refuses.
+#[inline(always)]
+pub fn decide_for(
+    dst: &Endpoint,
+    src_identity: u64,
+    port: u16,
+    proto: u8,
+    plaintext: bool,
+    lookup: impl Fn(&PolicyKey) -> Option<Verdict>,
+) -> Verdict {
+    if plaintext && dst.flags & ENDPOINT_STRICT != 0 {
+        return Verdict::new(Action::Deny, RULE_STRICT_MTLS);
+    }
+    decide(dst.subject, src_identity, port, proto, lookup)
+}
+
+/// Value of `REDIRECTS` and `TUNNEL_ORIG`: where a connection steered to
+/// the node agent was going, and who opened it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct OrigDst {
+    /// IPv6 or IPv4-mapped, network byte order.
+    pub ip: [u32; 4],
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: [u16; 3],
+    /// The source workload, as the connect hook knew it (netns).
+    pub src_identity: u64,
+    pub dst_identity: u64,
+}
+
+/// Key of `TUNNEL_ORIG`: the client end of a connection to the agent's
+/// outbound listener, as the agent sees it after `accept(2)`: the workload's
+/// network namespace and the client's local port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TunnelKey {
+    pub netns: u64,
+    /// Host byte order.
+    pub port: u16,
+    /// 4 or 6: the listener the connection reached.
+    pub family: u16,
+    pub _pad: u32,
 }
 
 /// Key of `CONNTRACK`: one direction of a flow, as seen on the wire.
@@ -308,6 +362,9 @@ pub const DEFAULT_MAX_ENDPOINTS: u32 = 65_536;
 pub const DEFAULT_MAX_POLICY: u32 = 262_144;
 pub const DEFAULT_MAX_CONNTRACK: u32 = 262_144;
 pub const DEFAULT_MAX_LOCAL_NETNS: u32 = 4_096;
+/// Capacity of `REDIRECTS` and `TUNNEL_ORIG`: connections being handed to
+/// the agent (entries are short-lived; LRU evicts the ones left behind).
+pub const DEFAULT_MAX_REDIRECTS: u32 = 65_536;
 
 #[cfg(test)]
 mod tests {
@@ -332,6 +389,11 @@ mod tests {
         assert_eq!(size_of::<UdpPeerKey>(), 32);
         assert_eq!(offset_of!(UdpPeerKey, local_port), 24);
         assert_eq!(size_of::<FlowEvent>(), 72);
+        assert_eq!(size_of::<OrigDst>(), 40);
+        assert_eq!(offset_of!(OrigDst, port), 16);
+        assert_eq!(offset_of!(OrigDst, src_identity), 24);
+        assert_eq!(size_of::<TunnelKey>(), 16);
+        assert_eq!(offset_of!(TunnelKey, port), 8);
         assert_eq!(offset_of!(FlowEvent, src_ip), 24);
         assert_eq!(offset_of!(FlowEvent, src_port), 56);
         assert_eq!(offset_of!(FlowEvent, hook), 61);

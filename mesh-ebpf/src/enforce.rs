@@ -24,15 +24,15 @@ use aya_ebpf::{
 use mesh_common::{
     Counter, Setting, ipv4_mapped,
     policy::{
-        Action, ENDPOINT_LOCAL, FLOW_OUTBOUND, FlowEvent, FlowKey, FlowState, Hook, IpKey,
-        PROTO_TCP, PROTO_UDP, UdpPeerKey, Verdict, WORLD_IDENTITY, decide,
+        Action, ENDPOINT_LOCAL, Endpoint, FLOW_OUTBOUND, FlowEvent, FlowKey, FlowState, Hook,
+        IpKey, PROTO_TCP, PROTO_UDP, UdpPeerKey, Verdict, WORLD_IDENTITY, decide_for,
     },
 };
 
 use crate::{
     CONNTRACK, ENDPOINTS, FLOWS, LOCAL_NETNS, POLICY, UDP_PEERS, count,
     packet::{self, Parsed},
-    policy_generation, setting,
+    policy_generation, setting, tunnel::{is_agent_socket, remember_redirect, steer_to_agent4, steer_to_agent6, tunnel_port},
 };
 
 /// sock_addr programs: 1 lets the call proceed, 0 fails it with EPERM.
@@ -40,24 +40,29 @@ const SOCK_ADDR_ALLOW: i32 = 1;
 const SOCK_ADDR_DENY: i32 = 0;
 
 /// What is being judged: one connection or flow, as far as it is known.
-struct Attempt {
-    src_identity: u64,
-    src_ip: [u32; 4],
-    src_port: u16,
-    dst_ip: [u32; 4],
-    dst_port: u16,
-    proto: u8,
-    hook: Hook,
+pub(crate) struct Attempt {
+    pub(crate) src_identity: u64,
+    pub(crate) src_ip: [u32; 4],
+    pub(crate) src_port: u16,
+    pub(crate) dst_ip: [u32; 4],
+    pub(crate) dst_port: u16,
+    pub(crate) proto: u8,
+    pub(crate) hook: Hook,
 }
 
-/// The verdict for `a`, reported as a flow event, or `None` when the
-/// destination is not a mesh workload (MeshPolicy does not govern it).
+/// The workload (or nothing) that owns `ip`.
 #[inline(always)]
-fn judge(a: &Attempt) -> Option<Verdict> {
+pub(crate) fn endpoint(ip: &[u32; 4]) -> Option<Endpoint> {
     // SAFETY: map values are plain data, read and copied at once.
-    let dst = unsafe { ENDPOINTS.get(&IpKey { ip: a.dst_ip }) }.copied()?;
-    let verdict = decide(dst.subject, a.src_identity, a.dst_port, a.proto, |k| {
-        // SAFETY: as above.
+    unsafe { ENDPOINTS.get(&IpKey { ip: *ip }) }.copied()
+}
+
+/// The verdict for `a` towards the workload `dst`, reported as a flow
+/// event. `plaintext`: see `decide_for`.
+#[inline(always)]
+fn judge(a: &Attempt, dst: &Endpoint, plaintext: bool) -> Verdict {
+    let verdict = decide_for(dst, a.src_identity, a.dst_port, a.proto, plaintext, |k| {
+        // SAFETY: as in `endpoint`.
         unsafe { POLICY.get(k) }.copied()
     });
     count(
@@ -69,7 +74,7 @@ fn judge(a: &Attempt) -> Option<Verdict> {
         1,
     );
     report(a, dst.identity, verdict);
-    Some(verdict)
+    verdict
 }
 
 #[inline(always)]
@@ -97,8 +102,7 @@ fn report(a: &Attempt, dst_identity: u64, verdict: Verdict) {
 
 #[inline(always)]
 fn identity_of_address(ip: &[u32; 4]) -> u64 {
-    // SAFETY: as in `judge`.
-    match unsafe { ENDPOINTS.get(&IpKey { ip: *ip }) } {
+    match endpoint(ip) {
         Some(e) => e.identity,
         None => WORLD_IDENTITY,
     }
@@ -110,7 +114,7 @@ fn identity_of_address(ip: &[u32; 4]) -> u64 {
 fn identity_of_caller(ctx: &SockAddrContext) -> u64 {
     // SAFETY: the helper only reads the context it is given.
     let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    // SAFETY: as in `judge`.
+    // SAFETY: as in `endpoint`.
     match unsafe { LOCAL_NETNS.get(&cookie) } {
         Some(id) => *id,
         None => WORLD_IDENTITY,
@@ -145,18 +149,30 @@ fn udp_peer(ctx: &SockAddrContext, remote_ip: [u32; 4]) -> UdpPeerKey {
     }
 }
 
+/// What the connect and sendmsg hooks do with a call.
+enum Outcome {
+    Allow,
+    Deny,
+    /// Allowed, and steered to the node agent, which carries it to the
+    /// destination's node over mutual TLS.
+    Tunnel,
+}
+
 #[inline(always)]
-fn judge_sock_addr(ctx: &SockAddrContext, dst_ip: [u32; 4], hook: Hook) -> i32 {
+fn judge_sock_addr(ctx: &SockAddrContext, dst_ip: [u32; 4], hook: Hook) -> Outcome {
     // SAFETY: the kernel's context for this call.
     let sa = unsafe { &*ctx.sock_addr };
     let proto = sa.protocol as u8;
-    if proto != PROTO_TCP && proto != PROTO_UDP {
-        return SOCK_ADDR_ALLOW;
+    if (proto != PROTO_TCP && proto != PROTO_UDP) || is_agent_socket(ctx) {
+        return Outcome::Allow;
     }
-    // SAFETY: as in `judge`.
+    // SAFETY: as in `endpoint`.
     if hook == Hook::Sendmsg && unsafe { UDP_PEERS.get(&udp_peer(ctx, dst_ip)) }.is_some() {
-        return SOCK_ADDR_ALLOW; // a reply to a datagram this socket received
+        return Outcome::Allow; // a reply to a datagram this socket received
     }
+    let Some(dst) = endpoint(&dst_ip) else {
+        return Outcome::Allow; // not a mesh workload: policy does not govern it
+    };
     let attempt = Attempt {
         src_identity: identity_of_caller(ctx),
         src_ip: [0; 4],
@@ -167,9 +183,36 @@ fn judge_sock_addr(ctx: &SockAddrContext, dst_ip: [u32; 4], hook: Hook) -> i32 {
         proto,
         hook,
     };
-    match judge(&attempt) {
-        Some(v) if !v.action().passes() => SOCK_ADDR_DENY,
-        _ => SOCK_ADDR_ALLOW,
+    let from_workload = attempt.src_identity != WORLD_IDENTITY;
+    // Workloads of another node are reached through a tunnel when mutual
+    // TLS is on; anything else that leaves the node is plaintext, and so is
+    // a local call from a process that is not a workload.
+    let tunnelled = dst.flags & ENDPOINT_LOCAL == 0
+        && proto == PROTO_TCP
+        && hook == Hook::Connect
+        && from_workload
+        && tunnel_port() != 0;
+    let plaintext = if dst.flags & ENDPOINT_LOCAL != 0 {
+        !from_workload
+    } else {
+        !tunnelled
+    };
+    let verdict = judge(&attempt, &dst, plaintext);
+    if !verdict.action().passes() {
+        Outcome::Deny
+    } else if tunnelled {
+        remember_redirect(ctx, &attempt, &dst);
+        Outcome::Tunnel
+    } else {
+        Outcome::Allow
+    }
+}
+
+#[inline(always)]
+fn verdict(outcome: Outcome) -> i32 {
+    match outcome {
+        Outcome::Deny => SOCK_ADDR_DENY,
+        Outcome::Allow | Outcome::Tunnel => SOCK_ADDR_ALLOW,
     }
 }
 
@@ -177,13 +220,17 @@ fn judge_sock_addr(ctx: &SockAddrContext, dst_ip: [u32; 4], hook: Hook) -> i32 {
 pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel's context for this call.
     let dst = ipv4_mapped(unsafe { (*ctx.sock_addr).user_ip4 });
-    judge_sock_addr(&ctx, dst, Hook::Connect)
+    let outcome = judge_sock_addr(&ctx, dst, Hook::Connect);
+    if let Outcome::Tunnel = outcome {
+        steer_to_agent4(&ctx);
+    }
+    verdict(outcome)
 }
 
 /// `user_ip6`, one 32-bit load per word: the verifier only allows aligned
 /// word loads from the context, never a copy of the whole array.
 #[inline(always)]
-fn user_ip6(ctx: &SockAddrContext) -> [u32; 4] {
+pub(crate) fn user_ip6(ctx: &SockAddrContext) -> [u32; 4] {
     // SAFETY: the kernel's context for this call; each field is a u32.
     unsafe {
         let sa = ctx.sock_addr;
@@ -199,20 +246,24 @@ fn user_ip6(ctx: &SockAddrContext) -> [u32; 4] {
 #[cgroup_sock_addr(connect6)]
 pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
     let dst = user_ip6(&ctx);
-    judge_sock_addr(&ctx, dst, Hook::Connect)
+    let outcome = judge_sock_addr(&ctx, dst, Hook::Connect);
+    if let Outcome::Tunnel = outcome {
+        steer_to_agent6(&ctx);
+    }
+    verdict(outcome)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn mesh_sendmsg4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel's context for this call.
     let dst = ipv4_mapped(unsafe { (*ctx.sock_addr).user_ip4 });
-    judge_sock_addr(&ctx, dst, Hook::Sendmsg)
+    verdict(judge_sock_addr(&ctx, dst, Hook::Sendmsg))
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn mesh_sendmsg6(ctx: SockAddrContext) -> i32 {
     let dst = user_ip6(&ctx);
-    judge_sock_addr(&ctx, dst, Hook::Sendmsg)
+    verdict(judge_sock_addr(&ctx, dst, Hook::Sendmsg))
 }
 
 /// Remembers who sent the datagram being received, so that the socket may
@@ -241,8 +292,7 @@ pub fn mesh_recvmsg6(ctx: SockAddrContext) -> i32 {
 
 #[inline(always)]
 fn is_local_endpoint(ip: &[u32; 4]) -> bool {
-    // SAFETY: as in `judge`.
-    matches!(unsafe { ENDPOINTS.get(&IpKey { ip: *ip }) }, Some(e) if e.flags & ENDPOINT_LOCAL != 0)
+    matches!(endpoint(ip), Some(e) if e.flags & ENDPOINT_LOCAL != 0)
 }
 
 #[classifier]
@@ -262,7 +312,7 @@ fn ingress_passes(key: &FlowKey, syn: bool) -> bool {
     if !is_local_endpoint(&key.dst_ip) {
         return true;
     }
-    // SAFETY: as in `judge`.
+    // SAFETY: as in `endpoint`.
     if let Some(st) = unsafe { CONNTRACK.get(&key.reversed()) } {
         if st.flags & FLOW_OUTBOUND != 0 {
             return true; // a reply to a flow this node opened
@@ -271,7 +321,7 @@ fn ingress_passes(key: &FlowKey, syn: bool) -> bool {
     let generation = policy_generation();
     // A SYN is a new connection even if an old one used the same ports.
     if !syn {
-        // SAFETY: as in `judge`.
+        // SAFETY: as in `endpoint`.
         if let Some(st) = unsafe { CONNTRACK.get(key) } {
             let current = st.generation == generation;
             let kept = st.verdict.action().passes() && setting(Setting::RevokeEstablished) == 0;
@@ -289,9 +339,12 @@ fn ingress_passes(key: &FlowKey, syn: bool) -> bool {
         proto: key.proto,
         hook: Hook::Ingress,
     };
-    let Some(verdict) = judge(&attempt) else {
+    let Some(dst) = endpoint(&key.dst_ip) else {
         return true;
     };
+    // Mesh traffic between nodes arrives as tunnels to the agent, never
+    // addressed to the workload itself: whatever is, is plaintext.
+    let verdict = judge(&attempt, &dst, true);
     let state = FlowState {
         verdict,
         generation,
@@ -317,7 +370,7 @@ fn record_outbound(key: &FlowKey) {
     if !is_local_endpoint(&key.src_ip) {
         return;
     }
-    // SAFETY: as in `judge`.
+    // SAFETY: as in `endpoint`.
     if unsafe { CONNTRACK.get(key) }.is_some() || unsafe { CONNTRACK.get(&key.reversed()) }.is_some()
     {
         return; // already known, or a reply of an inbound flow

@@ -10,6 +10,10 @@
 //!   established TCP sockets of allowed connections in `SOCK_HASH`;
 //!   `mesh_msg_redirect` hands each message straight to the local peer.
 //!
+//! - mTLS between nodes (`tunnel`): allowed connections to workloads of other
+//!   nodes are steered to the node agent; `mesh_getpeername4/6` keep the
+//!   original destination visible to the application.
+//!
 //! Every decision is a handful of hash lookups (`mesh_common::policy::decide`);
 //! the agent compiles policy into those entries. Programs never depend on
 //! the agent being up: everything they read is pinned.
@@ -19,6 +23,7 @@
 mod enforce;
 mod packet;
 mod short_circuit;
+mod tunnel;
 
 use aya_ebpf::{
     macros::map,
@@ -29,6 +34,7 @@ use mesh_common::{
     SocketInfo, SocketKey,
     policy::{
         DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_LOCAL_NETNS, DEFAULT_MAX_POLICY,
+        DEFAULT_MAX_REDIRECTS, OrigDst, TunnelKey,
         Endpoint, FLOWS_RING_BYTES, FlowKey, FlowState, IpKey, PolicyKey, UdpPeerKey, Verdict,
     },
 };
@@ -61,6 +67,12 @@ static CONNTRACK: LruHashMap<FlowKey, FlowState> = LruHashMap::pinned(DEFAULT_MA
 
 #[map]
 static UDP_PEERS: LruHashMap<UdpPeerKey, u32> = LruHashMap::pinned(DEFAULT_MAX_CONNTRACK, 0);
+
+#[map]
+static REDIRECTS: LruHashMap<u64, OrigDst> = LruHashMap::pinned(DEFAULT_MAX_REDIRECTS, 0);
+
+#[map]
+static TUNNEL_ORIG: LruHashMap<TunnelKey, OrigDst> = LruHashMap::pinned(DEFAULT_MAX_REDIRECTS, 0);
 
 #[map]
 static FLOWS: RingBuf = RingBuf::pinned(FLOWS_RING_BYTES, 0);

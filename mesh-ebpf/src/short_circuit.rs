@@ -12,7 +12,7 @@ use aya_ebpf::{
     bindings::{
         BPF_ANY, BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_TCP_CLOSE, sk_action::SK_PASS,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, sk_action::SK_PASS,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::{sk_msg, sock_ops},
@@ -31,6 +31,7 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => track_established(&ctx, SOCKET_ACTIVE),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => track_established(&ctx, 0),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => untrack_closed(&ctx),
+        BPF_SOCK_OPS_TCP_CONNECT_CB => crate::tunnel::publish_for_agent(&ctx),
         _ => {}
     }
     // sock_ops programs return 1 for "handled"; the value is not a verdict.

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use aya::maps::{Array, HashMap, Map, MapData, MapInfo, MapType, PerCpuArray, SockHash};
 use mesh_common::{
     Counter, SHORT_CIRCUIT_OFF, SHORT_CIRCUIT_ON, Setting, SocketInfo, SocketKey, map_names,
-    policy::{Endpoint, FlowKey, FlowState, IpKey, PolicyKey, UdpPeerKey, Verdict},
+    policy::{Endpoint, FlowKey, FlowState, IpKey, OrigDst, PolicyKey, TunnelKey, UdpPeerKey, Verdict},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +61,7 @@ const fn layout<K, V>(map_type: MapType) -> MapLayout {
 }
 
 /// The maps this agent's kernel programs use, with their layouts.
-pub const EXPECTED_MAPS: [(&str, MapLayout); 10] = [
+pub const EXPECTED_MAPS: [(&str, MapLayout); 12] = [
     (
         map_names::SOCK_HASH,
         layout::<SocketKey, u32>(MapType::SockHash),
@@ -91,6 +91,14 @@ pub const EXPECTED_MAPS: [(&str, MapLayout); 10] = [
     (
         map_names::UDP_PEERS,
         layout::<UdpPeerKey, u32>(MapType::LruHash),
+    ),
+    (
+        map_names::REDIRECTS,
+        layout::<u64, OrigDst>(MapType::LruHash),
+    ),
+    (
+        map_names::TUNNEL_ORIG,
+        layout::<TunnelKey, OrigDst>(MapType::LruHash),
     ),
     // A ring buffer has neither keys nor values.
     (map_names::FLOWS, layout::<(), ()>(MapType::RingBuf)),
@@ -279,6 +287,26 @@ impl PinnedMaps {
             .set(Setting::PolicyGeneration as u32, next, 0)
             .map_err(self.err(map_names::SETTINGS))?;
         Ok(next)
+    }
+
+    /// The agent's outbound listener port when mTLS is on, 0 when off.
+    pub fn tunnel_port(&self) -> Result<u16, MapsError> {
+        self.settings()?
+            .get(&(Setting::TunnelPort as u32), 0)
+            .map(|v| v as u16)
+            .map_err(self.err(map_names::SETTINGS))
+    }
+
+    /// Turns steering to the agent on (its listener port) or off (0).
+    pub fn set_tunnel_port(&self, port: u16) -> Result<(), MapsError> {
+        self.settings()?
+            .set(Setting::TunnelPort as u32, u32::from(port), 0)
+            .map_err(self.err(map_names::SETTINGS))
+    }
+
+    /// Where steered connections were going, keyed as the agent accepts them.
+    pub fn tunnel_orig(&self) -> Result<HashMap<MapData, TunnelKey, OrigDst>, MapsError> {
+        self.hash(map_names::TUNNEL_ORIG)
     }
 
     pub fn set_revoke_established(&self, on: bool) -> Result<(), MapsError> {

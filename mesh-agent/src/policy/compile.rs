@@ -26,13 +26,13 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use mesh_common::policy::{
-    ANY_IDENTITY, ANY_PORT, Action, ENDPOINT_LOCAL, Endpoint, FIRST_POLICY_RULE, IpKey, PolicyKey,
-    RULE_MESH_DEFAULT, RULE_NO_POLICY, RULE_NON_MESH, RULE_NOT_ALLOWED, Verdict, WORLD_IDENTITY,
+    ANY_IDENTITY, ANY_PORT, Action, ENDPOINT_LOCAL, ENDPOINT_STRICT, Endpoint, FIRST_POLICY_RULE, IpKey, PolicyKey,
+    RULE_MESH_DEFAULT, RULE_NO_POLICY, RULE_NON_MESH, RULE_NOT_ALLOWED, RULE_STRICT_MTLS, Verdict, WORLD_IDENTITY,
 };
 
 use super::documents::{
-    ConfigError, Documents, FromEntry, KIND_MESH_POLICY, KIND_WORKLOAD, MeshPolicy, PolicyAction,
-    Protocol, Rule, Workload,
+    ConfigError, Documents, FromEntry, KIND_MESH_POLICY, KIND_WORKLOAD, MeshPolicy, MtlsMode,
+    PeerAuthentication, PolicyAction, Protocol, Rule, Selector, Workload,
 };
 use super::identity::{
     IdentityPattern, hash32, hash64, ip_from_key, ip_key, numeric_identity, spiffe_id,
@@ -110,6 +110,8 @@ pub struct Compiled {
     pub subjects: BTreeMap<u64, SubjectInfo>,
     /// Sorted by namespace, then name.
     pub workloads: Vec<WorkloadInfo>,
+    /// Node name → the addresses its agent's tunnels are reached at.
+    pub nodes: BTreeMap<String, Vec<IpAddr>>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq)]
@@ -144,6 +146,11 @@ pub struct WorkloadInfo {
     pub ips: Vec<IpAddr>,
     pub node: String,
     pub local: bool,
+    #[serde(default)]
+    pub mtls: MtlsMode,
+    /// Local workloads: the network namespace the agent's listeners go into.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
 }
 
 /// Whether `policy` selects a workload of namespace `ns`, service account
@@ -156,13 +163,50 @@ pub(crate) fn selects(
     labels: &BTreeMap<String, String>,
 ) -> bool {
     let pns = policy.metadata.namespace.as_str();
-    (pns == ns || pns == root_namespace)
-        && policy.spec.selector.as_ref().is_none_or(|s| {
-            s.service_account.as_ref().is_none_or(|want| want == sa)
-                && s.match_labels
-                    .iter()
-                    .all(|(k, v)| labels.get(k).is_some_and(|have| have == v))
-        })
+    (pns == ns || pns == root_namespace) && selector_matches(&policy.spec.selector, sa, labels)
+}
+
+fn selector_matches(
+    selector: &Option<Selector>,
+    sa: &str,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    selector.as_ref().is_none_or(|s| {
+        s.service_account.as_ref().is_none_or(|want| want == sa)
+            && s.match_labels
+                .iter()
+                .all(|(k, v)| labels.get(k).is_some_and(|have| have == v))
+    })
+}
+
+/// The mTLS mode of a workload, as Istio resolves PeerAuthentication: a
+/// policy with a selector in the workload's namespace beats one for the
+/// whole namespace, which beats the root namespace's mesh-wide one; at the
+/// same level STRICT wins (the safe choice, where Istio would pick the
+/// oldest). PERMISSIVE when none applies.
+pub(crate) fn mtls_mode(
+    docs: &[PeerAuthentication],
+    root_namespace: &str,
+    ns: &str,
+    sa: &str,
+    labels: &BTreeMap<String, String>,
+) -> MtlsMode {
+    let mut best: Option<(u8, MtlsMode)> = None;
+    for p in docs {
+        let pns = p.metadata.namespace.as_str();
+        let level = match (pns == ns, pns == root_namespace, &p.spec.selector) {
+            (true, _, Some(_)) => 3,
+            (true, _, None) => 2,
+            (false, true, None) => 1,
+            _ => continue, // root-namespace selectors are not mesh-wide
+        };
+        if !selector_matches(&p.spec.selector, sa, labels) {
+            continue;
+        }
+        let candidate = (level, p.spec.mtls.mode);
+        best = Some(best.map_or(candidate, |b| b.max(candidate)));
+    }
+    best.map_or(MtlsMode::Permissive, |(_, mode)| mode)
 }
 
 /// Rule ids of every rule of every policy, keyed by (`namespace/name`,
@@ -347,7 +391,7 @@ fn describe_rule(p: &MeshPolicy, index: usize, rule: &Rule) -> String {
     )
 }
 
-fn reserved_rules(settings: &MeshSettings) -> [RuleInfo; 4] {
+fn reserved_rules(settings: &MeshSettings) -> [RuleInfo; 5] {
     let info = |id, action: Action, description: String| RuleInfo {
         id,
         policy: None,
@@ -387,6 +431,12 @@ fn reserved_rules(settings: &MeshSettings) -> [RuleInfo; 4] {
             RULE_NO_POLICY,
             Action::Deny,
             "no policy entry for the destination's subject (maps inconsistent): fail closed".into(),
+        ),
+        info(
+            RULE_STRICT_MTLS,
+            Action::Deny,
+            "mTLS STRICT: the destination accepts only mutual TLS from the mesh, and this was plaintext"
+                .into(),
         ),
     ]
 }
@@ -560,7 +610,17 @@ pub fn compile(docs: &Documents, settings: &MeshSettings) -> Result<Compiled, Co
                 subject
             }
         };
-        let flags = if k.local { ENDPOINT_LOCAL } else { 0 };
+        let mode = mtls_mode(
+            &docs.peer_authentications,
+            root,
+            ns,
+            &w.spec.service_account,
+            &w.metadata.labels,
+        );
+        let mut flags = if k.local { ENDPOINT_LOCAL } else { 0 };
+        if mode == MtlsMode::Strict {
+            flags |= ENDPOINT_STRICT;
+        }
         for ip in &w.spec.ips {
             out.endpoints.insert(
                 ip_key(*ip),
@@ -601,10 +661,17 @@ pub fn compile(docs: &Documents, settings: &MeshSettings) -> Result<Compiled, Co
                 .collect(),
             node: w.spec.node.clone(),
             local: k.local,
+            mtls: mode,
+            netns: if k.local { w.spec.netns.clone() } else { None },
         });
     }
     out.workloads
         .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    out.nodes = docs
+        .nodes
+        .iter()
+        .map(|n| (n.metadata.name.clone(), n.spec.addresses.clone()))
+        .collect();
     Ok(out)
 }
 

@@ -16,6 +16,14 @@ use super::identity::{IdentityPattern, ip_key, is_dns_label, is_dns_subdomain};
 pub const API_VERSION: &str = "mesh.dev/v1alpha1";
 pub const KIND_WORKLOAD: &str = "Workload";
 pub const KIND_MESH_POLICY: &str = "MeshPolicy";
+pub const KIND_PEER_AUTHENTICATION: &str = "PeerAuthentication";
+pub const KIND_MESH_NODE: &str = "MeshNode";
+const KINDS: [&str; 4] = [
+    KIND_WORKLOAD,
+    KIND_MESH_POLICY,
+    KIND_PEER_AUTHENTICATION,
+    KIND_MESH_NODE,
+];
 
 /// A configuration that is refused, and where.
 ///
@@ -158,6 +166,89 @@ impl Workload {
     pub fn key(&self) -> String {
         format!("{}/{}", self.metadata.namespace, self.metadata.name)
     }
+}
+
+/// Which connections a workload accepts, as Istio's PeerAuthentication:
+/// STRICT = mutual TLS from the mesh only (and workloads of its own node,
+/// whose identity the kernel knows); PERMISSIVE = plaintext too.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PeerAuthentication {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    pub spec: PeerAuthenticationSpec,
+    #[serde(skip)]
+    pub origin: Origin,
+}
+
+impl PeerAuthentication {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.metadata.namespace, self.metadata.name)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PeerAuthenticationSpec {
+    /// Omitted: every workload of the namespace (of the mesh, in the root
+    /// namespace).
+    #[serde(default)]
+    pub selector: Option<Selector>,
+    pub mtls: MtlsSetting,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MtlsSetting {
+    pub mode: MtlsMode,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, serde::Serialize)]
+pub enum MtlsMode {
+    #[default]
+    #[serde(rename = "PERMISSIVE")]
+    Permissive,
+    #[serde(rename = "STRICT")]
+    Strict,
+}
+
+impl MtlsMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            MtlsMode::Permissive => "PERMISSIVE",
+            MtlsMode::Strict => "STRICT",
+        }
+    }
+}
+
+/// A node's tunnel addresses: where other nodes' agents reach its agent
+/// (standalone stand-in for the Kubernetes Node's InternalIP).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MeshNode {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: NodeMeta,
+    pub spec: MeshNodeSpec,
+    #[serde(skip)]
+    pub origin: Origin,
+}
+
+/// Nodes belong to no namespace.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NodeMeta {
+    pub name: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MeshNodeSpec {
+    /// The first address of the family of a destination is used.
+    pub addresses: Vec<IpAddr>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
@@ -326,12 +417,16 @@ fn port_number<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u16, D::Err
 pub struct Documents {
     pub workloads: Vec<Workload>,
     pub policies: Vec<MeshPolicy>,
+    pub peer_authentications: Vec<PeerAuthentication>,
+    pub nodes: Vec<MeshNode>,
 }
 
 impl Documents {
     fn extend(&mut self, other: Documents) {
         self.workloads.extend(other.workloads);
         self.policies.extend(other.policies);
+        self.peer_authentications.extend(other.peer_authentications);
+        self.nodes.extend(other.nodes);
     }
 
     /// An error at the `spec.netns` of the (first) workload whose network
@@ -463,10 +558,10 @@ fn parse_document(
         };
         return Err(error(Some("kind".into()), message.into()));
     };
-    if kind_str != KIND_WORKLOAD && kind_str != KIND_MESH_POLICY {
+    if !KINDS.contains(&kind_str) {
         return Err(error(
             Some("kind".into()),
-            format!("unknown kind {kind_str:?} (expected {KIND_WORKLOAD} or {KIND_MESH_POLICY})"),
+            format!("unknown kind {kind_str:?} (expected one of {})", KINDS.join(", ")),
         ));
     }
     match str_at(&value, &["apiVersion"]) {
@@ -500,13 +595,33 @@ fn parse_document(
             ConfigError::at(&w.origin, KIND_WORKLOAD, &w.metadata, field, msg)
         })?;
         docs.workloads.push(w);
-    } else {
+    } else if kind_str == KIND_MESH_POLICY {
         let mut p: MeshPolicy = serde_path_to_error::deserialize(value).map_err(serde_error)?;
         p.origin = origin;
         validate_policy(&p).map_err(|(field, msg)| {
             ConfigError::at(&p.origin, KIND_MESH_POLICY, &p.metadata, field, msg)
         })?;
         docs.policies.push(p);
+    } else if kind_str == KIND_PEER_AUTHENTICATION {
+        let mut p: PeerAuthentication =
+            serde_path_to_error::deserialize(value).map_err(serde_error)?;
+        p.origin = origin;
+        validate_peer_authentication(&p).map_err(|(field, msg)| {
+            ConfigError::at(&p.origin, KIND_PEER_AUTHENTICATION, &p.metadata, field, msg)
+        })?;
+        docs.peer_authentications.push(p);
+    } else {
+        let mut n: MeshNode = serde_path_to_error::deserialize(value).map_err(serde_error)?;
+        n.origin = origin;
+        validate_node(&n).map_err(|(field, msg)| ConfigError {
+            file: n.origin.file.clone(),
+            document: Some(n.origin.document),
+            kind: Some(KIND_MESH_NODE.into()),
+            name: Some(n.metadata.name.clone()),
+            field: Some(field),
+            message: msg,
+        })?;
+        docs.nodes.push(n);
     }
     Ok(())
 }
@@ -630,12 +745,7 @@ fn validate_workload(w: &Workload) -> Result<(), FieldError> {
 
 fn validate_policy(p: &MeshPolicy) -> Result<(), FieldError> {
     validate_meta(&p.metadata)?;
-    if let Some(selector) = &p.spec.selector {
-        if let Some(sa) = &selector.service_account {
-            check_label("spec.selector.serviceAccount", sa)?;
-        }
-        check_labels("spec.selector.matchLabels", &selector.match_labels)?;
-    }
+    validate_selector(&p.spec.selector)?;
     for (i, rule) in p.spec.rules.iter().enumerate() {
         for (j, from) in rule.from.iter().enumerate() {
             let field = format!("spec.rules[{i}].from[{j}]");
@@ -661,6 +771,43 @@ fn validate_policy(p: &MeshPolicy) -> Result<(), FieldError> {
     Ok(())
 }
 
+fn validate_selector(selector: &Option<Selector>) -> Result<(), FieldError> {
+    if let Some(selector) = selector {
+        if let Some(sa) = &selector.service_account {
+            check_label("spec.selector.serviceAccount", sa)?;
+        }
+        check_labels("spec.selector.matchLabels", &selector.match_labels)?;
+    }
+    Ok(())
+}
+
+fn validate_peer_authentication(p: &PeerAuthentication) -> Result<(), FieldError> {
+    validate_meta(&p.metadata)?;
+    validate_selector(&p.spec.selector)
+}
+
+fn validate_node(n: &MeshNode) -> Result<(), FieldError> {
+    if !is_dns_subdomain(&n.metadata.name) {
+        return Err((
+            "metadata.name".into(),
+            format!("{:?} is not a node name (a DNS-1123 subdomain)", n.metadata.name),
+        ));
+    }
+    check_labels("metadata.labels", &n.metadata.labels)?;
+    if n.spec.addresses.is_empty() {
+        return Err(("spec.addresses".into(), "at least one address is required".into()));
+    }
+    for (i, ip) in n.spec.addresses.iter().enumerate() {
+        if ip.is_unspecified() || ip.is_multicast() {
+            return Err((
+                format!("spec.addresses[{i}]"),
+                format!("{ip} is not a node address"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Refuses a `kind/namespace/name` defined twice and an address claimed
 /// twice, naming the second occurrence and where the first one is.
 fn check_duplicates(docs: &Documents) -> Result<(), ConfigError> {
@@ -673,6 +820,11 @@ fn check_duplicates(docs: &Documents) -> Result<(), ConfigError> {
             docs.policies
                 .iter()
                 .map(|p| (KIND_MESH_POLICY, &p.metadata, &p.origin)),
+        )
+        .chain(
+            docs.peer_authentications
+                .iter()
+                .map(|p| (KIND_PEER_AUTHENTICATION, &p.metadata, &p.origin)),
         );
     for (kind, meta, origin) in all {
         let key = (kind, meta.namespace.as_str(), meta.name.as_str());
@@ -687,6 +839,19 @@ fn check_duplicates(docs: &Documents) -> Result<(), ConfigError> {
                     meta.namespace, meta.name
                 ),
             ));
+        }
+    }
+    let mut nodes: HashMap<&str, &Origin> = HashMap::new();
+    for n in &docs.nodes {
+        if let Some(first) = nodes.insert(n.metadata.name.as_str(), &n.origin) {
+            return Err(ConfigError {
+                file: n.origin.file.clone(),
+                document: Some(n.origin.document),
+                kind: Some(KIND_MESH_NODE.into()),
+                name: Some(n.metadata.name.clone()),
+                field: Some("metadata.name".into()),
+                message: format!("duplicate {KIND_MESH_NODE} {}: first defined in {first}", n.metadata.name),
+            });
         }
     }
     let mut ips: HashMap<_, &Workload> = HashMap::new();
