@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod bpffs;
+pub mod capture;
 pub mod cgroup;
 pub mod netns;
 pub mod privileges;

@@ -232,6 +232,11 @@ impl TestBed {
         Ok(())
     }
 
+    /// The namespace joining the nodes (its port `n<i>` faces node i).
+    pub fn fabric(&self) -> Option<&Netns> {
+        self.fabric.as_ref()
+    }
+
     /// Whether the nodes have uplinks (and the agents should watch them).
     pub fn has_fabric(&self) -> bool {
         self.fabric.is_some()

@@ -106,6 +106,12 @@ enum Cmd {
         #[arg(long, default_value_t = 262144)]
         chunk: usize,
     },
+    /// Connect and report the addresses the socket sees: the peer
+    /// (`getpeername(2)`) and the local end.
+    Peername {
+        #[arg(long)]
+        to: SocketAddr,
+    },
     /// Write to a `hold` server that does not read yet: how much is taken
     /// before the writer is pushed back, then check every byte arrives.
     Flood {
@@ -189,6 +195,9 @@ fn main() {
         } => pingpong(to, size, count, seconds),
         Cmd::Stream { to, bytes, chunk } => stream(to, bytes, chunk),
         Cmd::Flood { to, bytes } => flood(to, bytes),
+        Cmd::Peername { to } => connect(to).and_then(|c| {
+            Ok(json!({ "ok": true, "peer": c.peer_addr()?.to_string(), "local": c.local_addr()?.to_string() }))
+        }),
     };
     match result {
         Ok(report) => println!("{report}"),
