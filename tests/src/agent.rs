@@ -56,11 +56,13 @@ impl Agent {
             cmd.arg("--interfaces").arg(crate::topology::UPLINK);
         }
         cmd.args(extra);
+        // In the node's cgroup, as the DaemonSet's pod is under the root
+        // the programs attach to: the agent's own sockets meet the hooks.
         Self::launch(
             cmd,
             &Placement {
                 netns: Some(&n.netns),
-                cgroup: None,
+                cgroup: Some(&n.cgroup),
             },
         )
     }

@@ -102,7 +102,11 @@ fn open_packet_socket(interface: &str) -> anyhow::Result<OwnedFd> {
             i32::from(ETH_P_ALL.to_be()),
         )
     };
-    ensure!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+    ensure!(
+        fd >= 0,
+        "AF_PACKET socket: {}",
+        std::io::Error::last_os_error()
+    );
     // SAFETY: fd was just returned by socket(2) and nothing else owns it.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: sockaddr_ll is plain data; zeroed is a valid value.
@@ -118,7 +122,11 @@ fn open_packet_socket(interface: &str) -> anyhow::Result<OwnedFd> {
             std::mem::size_of::<libc::sockaddr_ll>() as u32,
         )
     };
-    ensure!(rc == 0, "binding to {interface}: {}", std::io::Error::last_os_error());
+    ensure!(
+        rc == 0,
+        "binding to {interface}: {}",
+        std::io::Error::last_os_error()
+    );
     let timeout = libc::timeval {
         tv_sec: 0,
         tv_usec: 100_000,
@@ -211,7 +219,9 @@ fn parse_frame(f: &[u8]) -> Option<Segment> {
 /// Each direction of each TCP connection, reassembled in sequence order
 /// (retransmitted bytes counted once). A direction whose SYN was not
 /// captured cannot be aligned to its first byte and is an error.
-pub fn tcp_streams(segs: &[Segment]) -> anyhow::Result<BTreeMap<((IpAddr, u16), (IpAddr, u16)), Vec<u8>>> {
+pub fn tcp_streams(
+    segs: &[Segment],
+) -> anyhow::Result<BTreeMap<((IpAddr, u16), (IpAddr, u16)), Vec<u8>>> {
     let mut next: BTreeMap<_, u32> = BTreeMap::new();
     let mut streams: BTreeMap<_, Vec<u8>> = BTreeMap::new();
     for s in segs.iter().filter(|s| s.proto == 6) {
@@ -231,8 +241,14 @@ pub fn tcp_streams(segs: &[Segment]) -> anyhow::Result<BTreeMap<((IpAddr, u16), 
         if behind >= s.payload.len() && (behind as u32) < u32::MAX / 2 {
             continue; // all retransmitted
         }
-        let skip = if (behind as u32) < u32::MAX / 2 { behind } else {
-            anyhow::bail!("gap in {:?} → {:?}: a segment was not captured", s.src, s.dst);
+        let skip = if (behind as u32) < u32::MAX / 2 {
+            behind
+        } else {
+            anyhow::bail!(
+                "gap in {:?} → {:?}: a segment was not captured",
+                s.src,
+                s.dst
+            );
         };
         let stream = streams.get_mut(&key).expect("created with the SYN");
         stream.extend_from_slice(&s.payload[skip..]);
@@ -252,7 +268,9 @@ pub fn tls_records(stream: &[u8]) -> anyhow::Result<Vec<(u8, usize)>> {
         let version = u16::from_be_bytes([stream[at + 1], stream[at + 2]]);
         let len = usize::from(u16::from_be_bytes([stream[at + 3], stream[at + 4]]));
         ensure!(
-            (20..=23).contains(&kind) && (0x0301..=0x0303).contains(&version) && len <= (1 << 14) + 256,
+            (20..=23).contains(&kind)
+                && (0x0301..=0x0303).contains(&version)
+                && len <= (1 << 14) + 256,
             "byte {at}: not a TLS record header ({:02x?})",
             &stream[at..at + 5]
         );
@@ -264,5 +282,7 @@ pub fn tls_records(stream: &[u8]) -> anyhow::Result<Vec<(u8, usize)>> {
 
 /// Whether `needle` occurs anywhere in any captured frame.
 pub fn contains(frames: &[Vec<u8>], needle: &[u8]) -> bool {
-    frames.iter().any(|f| f.windows(needle.len()).any(|w| w == needle))
+    frames
+        .iter()
+        .any(|f| f.windows(needle.len()).any(|w| w == needle))
 }

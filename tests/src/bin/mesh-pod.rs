@@ -106,6 +106,16 @@ enum Cmd {
         #[arg(long, default_value_t = 262144)]
         chunk: usize,
     },
+    /// Send `text` `repeat` times on one connection to an echo server and
+    /// check the echo (a known plaintext for wire captures to look for).
+    Say {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        text: String,
+        #[arg(long, default_value_t = 1000)]
+        repeat: usize,
+    },
     /// Connect and report the addresses the socket sees: the peer
     /// (`getpeername(2)`) and the local end.
     Peername {
@@ -195,6 +205,7 @@ fn main() {
         } => pingpong(to, size, count, seconds),
         Cmd::Stream { to, bytes, chunk } => stream(to, bytes, chunk),
         Cmd::Flood { to, bytes } => flood(to, bytes),
+        Cmd::Say { to, text, repeat } => say(to, &text, repeat),
         Cmd::Peername { to } => connect(to).and_then(|c| {
             Ok(json!({ "ok": true, "peer": c.peer_addr()?.to_string(), "local": c.local_addr()?.to_string() }))
         }),
@@ -381,6 +392,32 @@ fn sink(conn: TcpStream, hold: Duration) -> anyhow::Result<()> {
 }
 
 // ---------------------------------------------------------------- clients
+
+fn say(to: SocketAddr, text: &str, repeat: usize) -> anyhow::Result<serde_json::Value> {
+    let conn = connect(to)?;
+    let message = text.repeat(repeat).into_bytes();
+    let mut sent = 0;
+    while sent < message.len() {
+        sent += write_some(&conn, &message[sent..])?;
+    }
+    conn.shutdown(Shutdown::Write)?;
+    let mut echo = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let n = read_some(&conn, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        echo.extend_from_slice(&buf[..n]);
+    }
+    ensure!(
+        echo == message,
+        "echo differs from what was sent ({} of {} bytes)",
+        echo.len(),
+        message.len()
+    );
+    Ok(json!({ "ok": true, "bytes": message.len() }))
+}
 
 /// Sends `size` patterned bytes (stream `seed`) on one connection, half-closes,
 /// and checks that the echo is the same bytes, in order, then EOF.

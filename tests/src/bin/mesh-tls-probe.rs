@@ -16,7 +16,6 @@ use rustls::{
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
 
-
 #[derive(Parser)]
 struct Args {
     /// The agent's tunnel listener.
@@ -196,7 +195,8 @@ fn client_config(args: &Args, recorder: Arc<Recorder>) -> anyhow::Result<rustls:
             let chain = CertificateDer::pem_file_iter(cert)
                 .with_context(|| cert.display().to_string())?
                 .collect::<Result<Vec<_>, _>>()?;
-            let key = PrivateKeyDer::from_pem_file(key).with_context(|| key.display().to_string())?;
+            let key =
+                PrivateKeyDer::from_pem_file(key).with_context(|| key.display().to_string())?;
             builder.with_client_auth_cert(chain, key)?
         }
         _ => builder.with_no_client_auth(),
@@ -204,4 +204,3 @@ fn client_config(args: &Args, recorder: Arc<Recorder>) -> anyhow::Result<rustls:
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
 }
-

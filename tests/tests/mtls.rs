@@ -1,0 +1,768 @@
+//! Mutual TLS between nodes on the real kernel: two nodes (network
+//! namespaces joined by a fabric), pods behind each, one agent per node with
+//! the mesh CA, real TLS, and a capture of the wire between the nodes.
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use mesh_tests::{
+    agent::{self, Agent},
+    capture::{self, Capture},
+    process::Spawned,
+    topology::{TestBed, sibling_binary},
+};
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(120);
+const PORT: u16 = 8080;
+const TD: &str = "cluster.local";
+
+fn id(namespace: &str, sa: &str) -> String {
+    format!("spiffe://{TD}/ns/{namespace}/sa/{sa}")
+}
+
+/// A workload of the tests: where it runs and who it is.
+struct W {
+    node: usize,
+    namespace: &'static str,
+    sa: &'static str,
+}
+
+const fn w(node: usize, namespace: &'static str, sa: &'static str) -> W {
+    W {
+        node,
+        namespace,
+        sa,
+    }
+}
+
+struct Mesh {
+    bed: TestBed,
+    _servers: Vec<Spawned>,
+    agents: Vec<Agent>,
+    ca: PathBuf,
+}
+
+impl Mesh {
+    fn ca_dir(&self) -> &Path {
+        &self.ca
+    }
+
+    fn start_agent(&self, node: usize, extra: &[&str]) -> Agent {
+        let ca = self.ca.display().to_string();
+        let mut args = vec!["--ca-dir", &ca];
+        args.extend_from_slice(extra);
+        Agent::start_node(&self.bed, node, &args).unwrap()
+    }
+
+    fn server_addr(&self, pod: usize, v6: bool) -> String {
+        self.bed.pods[pod].addr(v6, PORT).to_string()
+    }
+
+    /// `mesh-pod args…` in `pod`, in the mesh; its JSON report.
+    fn client(&self, pod: usize, args: &[&str]) -> Value {
+        self.bed.client(pod, true, args, T).unwrap()
+    }
+
+    fn probe(&self, pod: usize, in_mesh: bool, target: &str) -> String {
+        let target = format!("tcp:{target}");
+        let report = self
+            .bed
+            .client(
+                pod,
+                in_mesh,
+                &["probe", "--targets", &target, "--timeout-ms", "1000"],
+                T,
+            )
+            .unwrap();
+        report["results"][&target].as_str().unwrap().to_string()
+    }
+}
+
+fn mesh_agent(args: &[&str]) -> std::process::Output {
+    Command::new(agent::agent_bin())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn mesh_agent_ok(args: &[&str]) -> String {
+    let out = mesh_agent(args);
+    assert!(
+        out.status.success(),
+        "mesh-agent {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Two connected nodes, the workloads with an echo server each, their
+/// documents and the MeshNode documents, a mesh CA; agents started with
+/// `agent_args` unless `start` is false.
+fn mesh(test: &str, workloads: &[W], docs: &[(&str, String)], agent_args: &[&str]) -> Mesh {
+    let mut bed = TestBed::new(test).unwrap();
+    bed.add_node().unwrap();
+    bed.connect_nodes().unwrap();
+    let mut servers = Vec::new();
+    for (i, w) in workloads.iter().enumerate() {
+        bed.add_pod(w.node).unwrap();
+        bed.register_workload(i, w.namespace, w.sa, &[]).unwrap();
+        let listen: SocketAddr = format!("[::]:{PORT}").parse().unwrap();
+        servers.push(bed.server(i, true, listen, "echo").unwrap());
+    }
+    let nodes: Vec<String> = (0..bed.nodes.len())
+        .map(|n| {
+            format!(
+                "apiVersion: mesh.dev/v1alpha1\nkind: MeshNode\nmetadata: {{name: {}}}\nspec: {{addresses: [198.19.255.{}]}}\n",
+                bed.nodes[n].name(),
+                n + 1
+            )
+        })
+        .collect();
+    bed.write_config("nodes.yaml", &nodes.join("---\n"))
+        .unwrap();
+    for (file, yaml) in docs {
+        bed.write_config(file, yaml).unwrap();
+    }
+    let ca = bed.files.path().join("ca");
+    mesh_agent_ok(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        TD,
+        "--out",
+        ca.to_str().unwrap(),
+    ]);
+    let mut mesh = Mesh {
+        bed,
+        _servers: servers,
+        agents: Vec::new(),
+        ca,
+    };
+    mesh.agents = (0..mesh.bed.nodes.len())
+        .map(|n| mesh.start_agent(n, agent_args))
+        .collect();
+    mesh
+}
+
+fn strict(namespace: &str, name: &str, sa: &str) -> String {
+    format!(
+        "apiVersion: mesh.dev/v1alpha1\nkind: PeerAuthentication\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  selector: {{serviceAccount: {sa}}}\n  mtls: {{mode: STRICT}}\n"
+    )
+}
+
+fn allow_only(namespace: &str, name: &str, sa: &str, from: &str) -> String {
+    format!(
+        "apiVersion: mesh.dev/v1alpha1\nkind: MeshPolicy\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  selector: {{serviceAccount: {sa}}}\n  action: ALLOW\n  rules:\n  - from: [{{identity: \"{from}\"}}]\n"
+    )
+}
+
+fn is_tunnel_end(end: &(std::net::IpAddr, u16)) -> bool {
+    let node = match end.0 {
+        std::net::IpAddr::V4(v4) => v4.octets()[..3] == [198, 19, 255],
+        std::net::IpAddr::V6(v6) => v6.segments()[..4] == [0xfd00, 0xffff, 0, 0],
+    };
+    node
+}
+
+#[test]
+fn cross_node_traffic_is_unchanged_for_applications_and_the_wire_carries_only_tls() {
+    let m = mesh(
+        "xnode",
+        &[w(0, "shop", "web"), w(1, "shop", "db")],
+        &[],
+        &[],
+    );
+    let (db4, db6) = (m.server_addr(1, false), m.server_addr(1, true));
+
+    // The application sees the peer it asked for, not the agent.
+    for db in [&db4, &db6] {
+        let report = m.client(0, &["peername", "--to", db]);
+        assert_eq!(report["peer"].as_str().unwrap(), db.as_str(), "{report}");
+    }
+    // Byte-exact, 1 byte to 64 MiB, both address families.
+    m.client(
+        0,
+        &[
+            "transfer",
+            "--to",
+            &db4,
+            "--sizes",
+            "1,1000,65537,1048576,67108864",
+        ],
+    );
+    m.client(0, &["transfer", "--to", &db6, "--sizes", "1,65537,4194304"]);
+
+    let fabric = m.bed.fabric().unwrap();
+    let wire = Capture::start(fabric, "n1").unwrap();
+    // 1,000 concurrent connections, each byte-exact.
+    let report = m.client(
+        0,
+        &[
+            "transfer",
+            "--to",
+            &db4,
+            "--sizes",
+            "4096",
+            "--connections",
+            "1000",
+        ],
+    );
+    assert_eq!(report["ok"], true, "{report}");
+    // A known plaintext from a mesh workload…
+    const SECRET: &str = "MESH-SECRET-MARKER-7f3a9c";
+    m.client(
+        0,
+        &["say", "--to", &db4, "--text", SECRET, "--repeat", "2000"],
+    );
+    // …and, as the capture's own control, one from a process outside the
+    // mesh (not tunnelled, so plaintext on the wire).
+    const CONTROL: &str = "PLAINTEXT-CONTROL-MARKER-51e2";
+    m.bed
+        .client(
+            0,
+            false,
+            &["say", "--to", &db4, "--text", CONTROL, "--repeat", "200"],
+            T,
+        )
+        .unwrap();
+    let frames = wire.stop().unwrap();
+
+    assert!(
+        capture::contains(&frames, CONTROL.as_bytes()),
+        "the capture missed the plaintext control: it cannot prove anything"
+    );
+    assert!(
+        !capture::contains(&frames, SECRET.as_bytes()),
+        "the mesh workload's plaintext appeared on the wire between the nodes"
+    );
+    let segments = capture::segments(&frames);
+    let control_port = |s: &capture::Segment| !is_tunnel_end(&s.src) && !is_tunnel_end(&s.dst);
+    for s in &segments {
+        assert!(
+            control_port(s) || (s.proto == 6 && (s.src.1 == 15008 || s.dst.1 == 15008)),
+            "traffic between the nodes that is not a tunnel: {s:?}"
+        );
+    }
+    let tunnel: Vec<_> = segments
+        .iter()
+        .filter(|s| !control_port(s))
+        .cloned()
+        .collect();
+    let streams = capture::tcp_streams(&tunnel).unwrap();
+    assert!(!streams.is_empty(), "no tunnel traffic captured");
+    let mut application_bytes = 0;
+    for ((src, dst), bytes) in &streams {
+        let records = capture::tls_records(bytes)
+            .unwrap_or_else(|e| panic!("{src:?} → {dst:?} is not TLS: {e}"));
+        application_bytes += records
+            .iter()
+            .filter(|r| r.0 == 23)
+            .map(|r| r.1)
+            .sum::<usize>();
+    }
+    // 1000 × 4 KiB each way plus the marker runs, all inside TLS records.
+    assert!(application_bytes > 2 * 1000 * 4096, "{application_bytes}");
+}
+
+/// A certificate for `spiffe_id` from the CA in `ca`, in `out`.
+fn issue(ca: &Path, spiffe_id: &str, lifetime: &str, out: &Path) -> (String, String) {
+    mesh_agent_ok(&[
+        "ca",
+        "issue",
+        "--ca-dir",
+        ca.to_str().unwrap(),
+        "--spiffe-id",
+        spiffe_id,
+        "--lifetime",
+        lifetime,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    (
+        out.join("cert.pem").display().to_string(),
+        out.join("key.pem").display().to_string(),
+    )
+}
+
+/// `mesh-tls-probe` from node 0's namespace, as a peer agent connects:
+/// one HBONE tunnel to node 1's agent for `target`, expecting `server_id`.
+fn tls_probe(
+    bed: &TestBed,
+    server_id: &str,
+    target: &str,
+    credentials: Option<&(String, String)>,
+) -> Value {
+    let probe = sibling_binary("mesh-tls-probe", "MESH_TLS_PROBE_BIN");
+    let mut args = vec![
+        "--agent",
+        "198.19.255.2:15008",
+        "--server-id",
+        server_id,
+        "--target",
+        target,
+    ];
+    if let Some((cert, key)) = credentials {
+        args.extend(["--cert", cert.as_str(), "--key", key.as_str()]);
+    }
+    let out = bed.nodes[0]
+        .netns
+        .exec(probe.to_str().unwrap(), &args)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    serde_json::from_str(out.trim()).unwrap_or_else(|_| panic!("probe printed no JSON: {out}"))
+}
+
+#[test]
+fn tunnels_are_refused_without_a_valid_certificate_or_when_policy_denies() {
+    let docs = [
+        ("strict.yaml", strict("shop", "db-strict", "db")),
+        (
+            "allow.yaml",
+            allow_only("shop", "db-from-web", "db", &id("shop", "web")),
+        ),
+    ];
+    let m = mesh(
+        "refuse",
+        &[
+            w(0, "shop", "web"),
+            w(1, "shop", "db"),
+            w(1, "shop", "api"),
+            w(0, "shop", "intruder"),
+        ],
+        &docs,
+        &[],
+    );
+    let db = m.server_addr(1, false);
+    let files = m.bed.files.path().to_owned();
+    let in_node0 = |server_id: &str, creds: Option<&(String, String)>| {
+        tls_probe(&m.bed, server_id, &db, creds)
+    };
+
+    // The mesh path works: web → db through the tunnel, db is STRICT.
+    assert_eq!(m.probe(0, true, &db), "connected");
+
+    // A valid certificate of an allowed identity: the tunnel opens, and the
+    // agent proves the destination's identity.
+    let web = issue(m.ca_dir(), &id("shop", "web"), "1h", &files.join("web"));
+    let ok = in_node0(&id("shop", "db"), Some(&web));
+    assert_eq!(ok["stage"], "connected", "{ok}");
+    assert_eq!(ok["echo"], "hello through the tunnel", "{ok}");
+    assert_eq!(ok["served"]["uris"][0], id("shop", "db"), "{ok}");
+
+    // A certificate for an identity the policy denies: refused with the rule.
+    let intruder = issue(
+        m.ca_dir(),
+        &id("shop", "intruder"),
+        "1h",
+        &files.join("intruder"),
+    );
+    let denied = in_node0(&id("shop", "db"), Some(&intruder));
+    assert_eq!(denied["stage"], "refused", "{denied}");
+    assert_eq!(denied["status"], 403, "{denied}");
+    assert!(
+        denied["reason"].as_str().unwrap().contains("not allowed"),
+        "{denied}"
+    );
+
+    // Another trust domain's certificate, an expired one, none at all: no
+    // tunnel (the handshake fails).
+    let other_ca = files.join("other-ca");
+    mesh_agent_ok(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "other.example",
+        "--out",
+        other_ca.to_str().unwrap(),
+    ]);
+    let foreign = issue(
+        &other_ca,
+        "spiffe://other.example/ns/shop/sa/web",
+        "1h",
+        &files.join("foreign"),
+    );
+    let expired = issue(m.ca_dir(), &id("shop", "web"), "1s", &files.join("expired"));
+    std::thread::sleep(Duration::from_millis(2500));
+    for (what, creds) in [
+        ("another trust domain", Some(&foreign)),
+        ("expired", Some(&expired)),
+        ("no certificate", None),
+    ] {
+        let r = in_node0(&id("shop", "db"), creds);
+        assert!(
+            r["stage"] == "tls" || r["stage"] == "http2",
+            "{what}: the agent accepted the tunnel: {r}"
+        );
+    }
+
+    // Plaintext from outside the mesh to a STRICT workload: dropped at the
+    // node (another node) or refused at connect (same node); a PERMISSIVE
+    // workload still takes it.
+    let api = m.server_addr(2, false);
+    assert_eq!(m.probe(0, false, &db), "timeout");
+    assert_eq!(m.probe(0, false, &api), "connected");
+    assert_eq!(m.probe(2, false, &db), "eperm");
+    // A mesh workload that policy denies is refused by its own node at
+    // connect (and never gets a tunnel).
+    assert_eq!(m.probe(3, true, &db), "eperm");
+}
+
+/// Starts `mesh-pod probe` of `target` in `pod`, repeating for `ms`.
+fn start_probing(m: &Mesh, pod: usize, target: &str, ms: u64) -> Spawned {
+    let target = format!("tcp:{target}");
+    let ms = ms.to_string();
+    let mut p = m
+        .bed
+        .workload(
+            pod,
+            &[
+                "probe",
+                "--targets",
+                &target,
+                "--timeout-ms",
+                "1000",
+                "--repeat-ms",
+                &ms,
+            ],
+        )
+        .unwrap();
+    mesh_tests::topology::wait_for_line(&mut p, "probing").unwrap();
+    p
+}
+
+/// Result → how often it came up, for the one target of `start_probing`.
+fn finish_probing(p: Spawned) -> std::collections::BTreeMap<String, u64> {
+    let out = p.wait_output(T).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let report: Value = serde_json::from_str(text.lines().last().unwrap_or_default())
+        .unwrap_or_else(|_| panic!("probe printed no report: {text}"));
+    let counts = report["counts"]
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap();
+    counts
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_u64().unwrap()))
+        .collect()
+}
+
+/// `inspect certs -o json` of a node: SPIFFE ID → serial.
+fn served_serials(m: &Mesh, node: usize) -> std::collections::BTreeMap<String, String> {
+    let out = agent::cli(
+        &m.bed.pin_dir(node),
+        &[
+            "--state-dir",
+            m.bed.state_dir(node).to_str().unwrap(),
+            "inspect",
+            "certs",
+            "-o",
+            "json",
+        ],
+    )
+    .unwrap();
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v["certificates"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{v}"))
+        .iter()
+        .map(|c| {
+            (
+                c["spiffe_id"].as_str().unwrap().to_string(),
+                c["serial"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn certificates_rotate_under_continuous_traffic_without_a_failed_request() {
+    let m = mesh(
+        "rotate",
+        &[w(0, "shop", "web"), w(1, "shop", "db")],
+        &[],
+        &["--svid-lifetime", "4s", "--renew-fraction", "0.5"],
+    );
+    let db = m.server_addr(1, false);
+    let before = served_serials(&m, 1);
+    assert!(before.contains_key(&id("shop", "db")), "{before:?}");
+    let web = issue(
+        m.ca_dir(),
+        &id("shop", "web"),
+        "1h",
+        &m.bed.files.path().join("web"),
+    );
+    let first = tls_probe(&m.bed, &id("shop", "db"), &db, Some(&web));
+    assert_eq!(first["stage"], "connected", "{first}");
+
+    // New connections all along, and one long-lived connection, for three
+    // certificate lifetimes (six renewals).
+    let long_lived = m
+        .bed
+        .workload(0, &["pingpong", "--to", &db, "--seconds", "12"])
+        .unwrap();
+    let counts = finish_probing(start_probing(&m, 0, &db, 12_000));
+    let total: u64 = counts.values().sum();
+    assert_eq!(
+        counts.get("connected"),
+        Some(&total),
+        "failed requests: {counts:?}"
+    );
+    assert!(total > 100, "too few requests to say anything: {counts:?}");
+    let out = long_lived.wait_output(T).unwrap();
+    assert!(
+        out.status.success(),
+        "the long-lived connection broke: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    let after = served_serials(&m, 1);
+    assert_ne!(
+        before[&id("shop", "db")],
+        after[&id("shop", "db")],
+        "never renewed"
+    );
+    let last = tls_probe(&m.bed, &id("shop", "db"), &db, Some(&web));
+    assert_eq!(last["stage"], "connected", "{last}");
+    assert_ne!(
+        first["served"]["serial"], last["served"]["serial"],
+        "the served certificate did not change"
+    );
+    assert_eq!(
+        last["served"]["serial"]
+            .as_str()
+            .unwrap()
+            .replace(':', "")
+            .to_lowercase(),
+        after[&id("shop", "db")].replace(':', "").to_lowercase(),
+        "the agent serves the certificate inspect shows"
+    );
+}
+
+#[test]
+fn a_restarted_agent_carries_new_connections_within_a_second_and_same_node_traffic_never_stops() {
+    let mut m = mesh(
+        "restart",
+        &[w(0, "shop", "web"), w(1, "shop", "db"), w(1, "shop", "api")],
+        &[],
+        &[],
+    );
+    let (db, api) = (m.server_addr(1, false), m.server_addr(2, false));
+    assert_eq!(m.probe(0, true, &db), "connected");
+
+    // Same-node traffic on node 1 while its agent is killed and restarted.
+    let local = start_probing(&m, 2, &db, 4000);
+    m.agents[1].kill().unwrap();
+    // Fail closed while it is down: refused, never carried in plaintext.
+    assert_ne!(m.probe(0, true, &db), "connected");
+    let restarted = m.start_agent(1, &[]);
+    let ready = Instant::now();
+    m.agents[1] = restarted;
+    let mut first_ok = None;
+    while ready.elapsed() < Duration::from_secs(5) {
+        if m.probe(0, true, &db) == "connected" {
+            first_ok = Some(ready.elapsed());
+            break;
+        }
+    }
+    let first_ok = first_ok.expect("no new cross-node connection within 5 s of the restart");
+    assert!(
+        first_ok < Duration::from_secs(1),
+        "first new connection after {first_ok:?}"
+    );
+    let counts = finish_probing(local);
+    let total: u64 = counts.values().sum();
+    assert_eq!(
+        counts.get("connected"),
+        Some(&total),
+        "same-node traffic stopped: {counts:?}"
+    );
+    let _ = api;
+}
+
+#[test]
+fn flows_report_the_identity_mutual_tls_verified() {
+    let m = mesh(
+        "flows",
+        &[w(0, "shop", "web"), w(1, "shop", "db")],
+        &[],
+        &[],
+    );
+    let db = m.server_addr(1, false);
+    assert_eq!(m.probe(0, true, &db), "connected");
+    let state = m.bed.state_dir(1);
+    let out = agent::cli(
+        &m.bed.pin_dir(1),
+        &[
+            "--state-dir",
+            state.to_str().unwrap(),
+            "flows",
+            "-o",
+            "json",
+        ],
+    )
+    .unwrap();
+    let tunnel_in: Vec<Value> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|f| f["hook"] == "tunnel-in")
+        .collect();
+    assert!(
+        !tunnel_in.is_empty(),
+        "no tunnel flow on the destination node: {out}"
+    );
+    let f = &tunnel_in[0];
+    assert_eq!(f["mtls"], id("shop", "web"), "{f}");
+    assert_eq!(f["src"]["identity"], id("shop", "web"), "{f}");
+    assert_eq!(f["dst"]["identity"], id("shop", "db"), "{f}");
+    assert_eq!(f["verdict"], "ALLOW", "{f}");
+}
+
+#[test]
+fn the_ca_service_signs_only_identities_a_node_hosts() {
+    let mut bed = TestBed::new("casvc").unwrap();
+    bed.add_node().unwrap();
+    bed.connect_nodes().unwrap();
+    let workloads = [w(0, "shop", "web"), w(1, "shop", "db")];
+    let mut servers = Vec::new();
+    for (i, w) in workloads.iter().enumerate() {
+        bed.add_pod(w.node).unwrap();
+        bed.register_workload(i, w.namespace, w.sa, &[]).unwrap();
+        let listen: SocketAddr = format!("[::]:{PORT}").parse().unwrap();
+        servers.push(bed.server(i, true, listen, "echo").unwrap());
+    }
+    let nodes = "apiVersion: mesh.dev/v1alpha1\nkind: MeshNode\nmetadata: {name: node-0}\nspec: {addresses: [198.19.255.1]}\n---\napiVersion: mesh.dev/v1alpha1\nkind: MeshNode\nmetadata: {name: node-1}\nspec: {addresses: [198.19.255.2]}\n";
+    bed.write_config("nodes.yaml", nodes).unwrap();
+    let files = bed.files.path().to_owned();
+    let ca = files.join("ca");
+    mesh_agent_ok(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        TD,
+        "--out",
+        ca.to_str().unwrap(),
+    ]);
+    let creds: Vec<PathBuf> = (0..2)
+        .map(|n| {
+            let out = files.join(format!("node-{n}"));
+            mesh_agent_ok(&[
+                "ca",
+                "issue-node",
+                "--ca-dir",
+                ca.to_str().unwrap(),
+                "--node",
+                &format!("node-{n}"),
+                "--out",
+                out.to_str().unwrap(),
+            ]);
+            out
+        })
+        .collect();
+    // The CA service runs on node 0; node 1 reaches it over the fabric.
+    let mut cmd = Command::new(agent::agent_bin());
+    cmd.args([
+        "ca",
+        "serve",
+        "--ca-dir",
+        ca.to_str().unwrap(),
+        "--listen",
+        "198.19.255.1:15012",
+        "--config-dir",
+    ])
+    .arg(bed.config_dir())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped());
+    let mut service = Spawned::spawn(
+        cmd,
+        &mesh_tests::process::Placement {
+            netns: Some(&bed.nodes[0].netns),
+            cgroup: None,
+        },
+    )
+    .unwrap();
+    wait_for_line_stderr(&mut service, "ready");
+
+    let agents: Vec<Agent> = (0..2)
+        .map(|n| {
+            Agent::start_node(
+                &bed,
+                n,
+                &[
+                    "--ca-address",
+                    "198.19.255.1:15012",
+                    "--node-credentials",
+                    creds[n].to_str().unwrap(),
+                ],
+            )
+            .unwrap()
+        })
+        .collect();
+    let db = bed.pods[1].addr(false, PORT).to_string();
+    let target = format!("tcp:{db}");
+    let report = bed
+        .client(0, true, &["probe", "--targets", &target], T)
+        .unwrap();
+    assert_eq!(report["results"][&target], "connected", "{report}");
+
+    // Node 0 asking for db's identity (db runs on node 1): refused.
+    let ask = |node: usize, spiffe: &str| {
+        bed.nodes[node].netns.exec(
+            agent::agent_bin().to_str().unwrap(),
+            &[
+                "ca",
+                "request",
+                "--ca-address",
+                "198.19.255.1:15012",
+                "--node-credentials",
+                creds[node].to_str().unwrap(),
+                "--spiffe-id",
+                spiffe,
+            ],
+        )
+    };
+    let refused = ask(0, &id("shop", "db")).expect_err("node 0 got a certificate for db");
+    let text = format!("{refused:#}");
+    assert!(
+        text.contains("node-0") && text.contains(&id("shop", "db")),
+        "{text}"
+    );
+    // …while its own workload's identity is granted, and node 1 may have db's.
+    ask(0, &id("shop", "web")).unwrap();
+    ask(1, &id("shop", "db")).unwrap();
+    drop(agents);
+}
+
+/// Waits for a line containing `needle` on the process's stderr.
+fn wait_for_line_stderr(process: &mut Spawned, needle: &str) {
+    use std::io::BufRead as _;
+    let stderr = process.child_mut().stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = String::new();
+    while Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
+            if line.contains(needle) {
+                return;
+            }
+            seen.push_str(&line);
+            seen.push('\n');
+        }
+    }
+    panic!("no {needle:?} within 20 s:\n{seen}");
+}
