@@ -8,14 +8,22 @@ use tracing::{error, info};
 use crate::{
     config::{Config, LogFormat},
     control::Control,
-    datapath::{Datapath, pins::PinDir},
+    datapath::{Datapath, maps::PinnedMaps, pins::PinDir},
     flows::{self, FlowHub},
+    mtls::Mtls,
     state::NodeState,
 };
 
 /// Editors and `kubectl`-like tools write a file in several steps; changes
 /// that arrive within this window are applied together.
 const SETTLE: Duration = Duration::from_millis(5);
+
+/// How long a new agent waits for its workloads' certificates before it
+/// says it is ready anyway (tunnels of workloads without one are refused).
+const CERTIFICATES_WAIT: Duration = Duration::from_secs(10);
+
+/// How long open tunnels may run on after SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 pub fn run(config: Config) -> anyhow::Result<()> {
     init_logging(config.log_format);
@@ -31,7 +39,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let pins = PinDir::lock(&config.bpffs)?;
     let _datapath = Datapath::install(&config, &pins)?;
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    // Two workers: tunnels encrypt and copy on one while the other serves
+    // the control loop and the flows (these machines have two cores; more
+    // threads than cores only add wake-ups).
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
@@ -47,11 +59,20 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             hub.clone().serve(flows::socket_path(&config.state_dir)),
         ));
 
+        let mut mtls = match &config.mtls {
+            Some(_) => Some(Mtls::start(&config, hub.clone()).await?),
+            None => {
+                // Plaintext between nodes: nothing may be steered to a
+                // listener that does not exist.
+                PinnedMaps::open(&config.bpffs)?.set_tunnel_port(0)?;
+                None
+            }
+        };
         let signal = match config.config_dir.clone() {
             Some(dir) => {
                 let control = Control::adopt(config.clone())?;
                 tokio::select! {
-                    result = follow_config_dir(control, &dir, &hub) => {
+                    result = follow_config_dir(control, &dir, &hub, &mut mtls) => {
                         result?;
                         unreachable!("the directory watch only ends with an error")
                     }
@@ -66,6 +87,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         // The programs and maps stay attached and pinned: the data path keeps
         // enforcing while no agent runs, and the next agent adopts the pins.
         info!(signal, "stopping; kernel programs stay attached");
+        if let Some(mtls) = mtls {
+            mtls.shutdown(SHUTDOWN_GRACE).await;
+        }
         anyhow::Ok(())
     })
 }
@@ -79,7 +103,12 @@ async fn log_failure(what: &'static str, task: impl Future<Output = anyhow::Resu
 /// Applies the directory now and after every change to it. The agent is
 /// ready once a configuration has been applied; a refused one leaves the
 /// previous policy enforcing and waits for the next change.
-async fn follow_config_dir(mut control: Control, dir: &Path, hub: &FlowHub) -> anyhow::Result<()> {
+async fn follow_config_dir(
+    mut control: Control,
+    dir: &Path,
+    hub: &FlowHub,
+    mtls: &mut Option<Mtls>,
+) -> anyhow::Result<()> {
     let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
     inotify
         .add_watch(
@@ -96,8 +125,14 @@ async fn follow_config_dir(mut control: Control, dir: &Path, hub: &FlowHub) -> a
     loop {
         match control.reload() {
             Ok(names) => {
+                if let Some(mtls) = mtls.as_mut() {
+                    mtls.applied(&names);
+                }
                 hub.set_names(names);
                 if !ready {
+                    if let Some(mtls) = mtls.as_ref() {
+                        mtls.wait_certified(CERTIFICATES_WAIT).await;
+                    }
                     ready = true;
                     info!("ready");
                 }

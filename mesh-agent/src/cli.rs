@@ -230,6 +230,8 @@ pub enum InspectWhat {
     Policy,
     /// Flows seen by the tc programs, with their verdicts.
     Conntrack,
+    /// This node's workload certificates: identity, serial, expiry, renewal.
+    Certs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -251,6 +253,15 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let config = Config::from_args(cli.bpffs, cli.state_dir, args)?;
             agent::run(config)
         }
+        Command::Inspect {
+            output,
+            what: InspectWhat::Certs,
+        } => {
+            // From the agent's state directory: works without pins, and
+            // while the agent is down.
+            print!("{}", crate::pki::inspect::certs(&cli.state_dir, output)?);
+            Ok(())
+        }
         Command::Inspect { output, what } => {
             let maps = PinnedMaps::open(&cli.bpffs)?;
             let names = NodeState::read(&cli.state_dir)?;
@@ -261,6 +272,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 InspectWhat::Identities => inspect::identities(&maps, &names, output)?,
                 InspectWhat::Policy => inspect::policy(&maps, &names, output)?,
                 InspectWhat::Conntrack => inspect::conntrack(&maps, &names, output)?,
+                InspectWhat::Certs => unreachable!("handled above"),
             };
             print!("{text}");
             Ok(())

@@ -8,7 +8,7 @@
 //! never read it themselves (they would steal each other's events).
 use std::{
     collections::VecDeque,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -59,6 +59,10 @@ pub struct FlowRecord {
     pub rule: u32,
     /// The policy rule (or the default) that decided.
     pub reason: String,
+    /// Tunnels: the peer's SPIFFE ID that mutual TLS verified (the source's
+    /// on the destination node, the destination's on the source node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<String>,
 }
 
 impl FlowRecord {
@@ -85,8 +89,26 @@ impl FlowRecord {
             dst: end(ev.dst_identity, &ev.dst_ip, ev.dst_port),
             rule: ev.verdict.rule,
             reason: names.rule_name(ev.verdict.rule),
+            mtls: None,
         }
     }
+}
+
+/// A verdict the agent itself reached on a tunnel (`tunnel-in` on the
+/// destination's node, `tunnel-out` when the peer refused or could not be
+/// reached).
+#[derive(Debug, Clone)]
+pub struct TunnelFlow {
+    pub hook: &'static str,
+    pub allowed: bool,
+    pub src_identity: u64,
+    pub dst_identity: u64,
+    pub dst: SocketAddr,
+    /// The rule that decided, when policy did.
+    pub rule: Option<u32>,
+    /// Why, when it is not a rule (or the peer's own explanation).
+    pub reason: Option<String>,
+    pub mtls: Option<String>,
 }
 
 /// Wall-clock seconds at CLOCK_MONOTONIC zero (the kernel stamps events
@@ -122,6 +144,47 @@ impl FlowHub {
     /// New names after each applied configuration.
     pub fn set_names(&self, names: NodeState) {
         *self.names.lock().unwrap() = names;
+    }
+
+    /// Reports a tunnel verdict alongside the kernel's.
+    pub fn tunnel(&self, flow: TunnelFlow) {
+        let names = self.names.lock().unwrap();
+        let end = |identity: u64, ip: Option<IpAddr>, port: Option<u16>| FlowEnd {
+            identity: names.identity_name(identity),
+            id: identity.to_string(),
+            ip,
+            port,
+        };
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .as_secs_f64();
+        let record = FlowRecord {
+            time: wall,
+            verdict: if flow.allowed { "ALLOW" } else { "DENY" }.into(),
+            hook: flow.hook.into(),
+            proto: "tcp".into(),
+            src: end(flow.src_identity, None, None),
+            dst: end(
+                flow.dst_identity,
+                Some(flow.dst.ip()),
+                Some(flow.dst.port()),
+            ),
+            rule: flow.rule.unwrap_or(0),
+            reason: match (flow.rule, flow.reason) {
+                (_, Some(reason)) => reason,
+                (Some(rule), None) => names.rule_name(rule),
+                (None, None) => String::new(),
+            },
+            mtls: flow.mtls,
+        };
+        drop(names);
+        self.publish(record);
+    }
+
+    /// The name of a rule, from the names in force.
+    pub fn rule_name(&self, rule: u32) -> String {
+        self.names.lock().unwrap().rule_name(rule)
     }
 
     fn publish(&self, record: FlowRecord) {

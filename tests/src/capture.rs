@@ -142,6 +142,24 @@ fn open_packet_socket(interface: &str) -> anyhow::Result<OwnedFd> {
         )
     };
     ensure!(rc == 0, "SO_RCVTIMEO: {}", std::io::Error::last_os_error());
+    // Room for bursts (a 64 MiB transfer arrives faster than it is copied
+    // out): a frame dropped here would be a gap in the reassembled stream.
+    let size: libc::c_int = 512 << 20;
+    // SAFETY: an int of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&raw const size).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        )
+    };
+    ensure!(
+        rc == 0,
+        "SO_RCVBUFFORCE: {}",
+        std::io::Error::last_os_error()
+    );
     Ok(sock)
 }
 

@@ -46,6 +46,17 @@ struct Mesh {
     ca: PathBuf,
 }
 
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        // A failing test shows what the agents said.
+        if std::thread::panicking() {
+            for (n, a) in self.agents.iter().enumerate() {
+                eprintln!("--- agent of node {n} ---\n{}", a.log());
+            }
+        }
+    }
+}
+
 impl Mesh {
     fn ca_dir(&self) -> &Path {
         &self.ca
@@ -179,6 +190,9 @@ fn cross_node_traffic_is_unchanged_for_applications_and_the_wire_carries_only_tl
     );
     let (db4, db6) = (m.server_addr(1, false), m.server_addr(1, true));
 
+    let fabric = m.bed.fabric().unwrap();
+    let wire = Capture::start(fabric, "n1").unwrap();
+    // Captured from the first byte: every tunnel's handshake is on the wire.
     // The application sees the peer it asked for, not the agent.
     for db in [&db4, &db6] {
         let report = m.client(0, &["peername", "--to", db]);
@@ -197,8 +211,6 @@ fn cross_node_traffic_is_unchanged_for_applications_and_the_wire_carries_only_tl
     );
     m.client(0, &["transfer", "--to", &db6, "--sizes", "1,65537,4194304"]);
 
-    let fabric = m.bed.fabric().unwrap();
-    let wire = Capture::start(fabric, "n1").unwrap();
     // 1,000 concurrent connections, each byte-exact.
     let report = m.client(
         0,
@@ -405,7 +417,23 @@ fn tunnels_are_refused_without_a_valid_certificate_or_when_policy_denies() {
     let api = m.server_addr(2, false);
     assert_eq!(m.probe(0, false, &db), "timeout");
     assert_eq!(m.probe(0, false, &api), "connected");
-    assert_eq!(m.probe(2, false, &db), "eperm");
+    // A process of node 1 that is not a workload (the node's own namespace,
+    // under the cgroup the programs attach to, as every process is when
+    // they attach at the root): refused at connect.
+    let target = format!("tcp:{db}");
+    let mut cmd = Command::new(mesh_tests::topology::pod_tool());
+    cmd.args(["probe", "--targets", &target, "--timeout-ms", "1000"])
+        .stdout(std::process::Stdio::piped());
+    let host = Spawned::spawn(
+        cmd,
+        &mesh_tests::process::Placement {
+            netns: Some(&m.bed.nodes[1].netns),
+            cgroup: Some(&m.bed.nodes[1].cgroup),
+        },
+    )
+    .unwrap();
+    let report: Value = serde_json::from_slice(&host.wait_output(T).unwrap().stdout).unwrap();
+    assert_eq!(report["results"][&target], "eperm", "{report}");
     // A mesh workload that policy denies is refused by its own node at
     // connect (and never gets a tunnel).
     assert_eq!(m.probe(3, true, &db), "eperm");

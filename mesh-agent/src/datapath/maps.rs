@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use aya::maps::{Array, HashMap, Map, MapData, MapInfo, MapType, PerCpuArray, SockHash};
 use mesh_common::{
     Counter, SHORT_CIRCUIT_OFF, SHORT_CIRCUIT_ON, Setting, SocketInfo, SocketKey, map_names,
-    policy::{Endpoint, FlowKey, FlowState, IpKey, OrigDst, PolicyKey, TunnelKey, UdpPeerKey, Verdict},
+    policy::{
+        Endpoint, FlowKey, FlowState, IpKey, OrigDst, PolicyKey, TunnelKey, UdpPeerKey, Verdict,
+    },
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -7,5 +7,193 @@
 //!         ─► peer agent :15008 ─► checks policy for (certificate identity → B, port)
 //!            ─► connects to B ─► splices both ways
 //! ```
+pub mod inbound;
+pub mod judge;
 pub mod listeners;
+pub mod outbound;
 pub mod view;
+
+use std::{
+    collections::HashSet,
+    net::{Ipv6Addr, SocketAddr},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::{
+    config::{CaSource, Config},
+    datapath::maps::PinnedMaps,
+    flows::FlowHub,
+    pki::{self, CertManager, SvidStore},
+    state::NodeState,
+    tunnel::{TunnelSettings, pool::Pool},
+};
+
+use listeners::{OrigTable, OutboundListeners};
+use view::MeshView;
+
+/// The agent's mutual-TLS machinery, kept in step with each applied
+/// configuration.
+pub struct Mtls {
+    view: Arc<RwLock<Arc<MeshView>>>,
+    listeners: OutboundListeners,
+    certs: CertManager,
+    maps: PinnedMaps,
+    outbound_port: u16,
+    steering: bool,
+    shutdown: watch::Sender<bool>,
+    inbound: tokio::task::JoinHandle<()>,
+}
+
+impl Mtls {
+    /// Starts certificate management and the tunnel listener. Nothing is
+    /// steered to the agent until the first configuration is applied and
+    /// the outbound listeners exist.
+    pub async fn start(config: &Config, flows: FlowHub) -> anyhow::Result<Self> {
+        let m = config.mtls.as_ref().expect("mTLS is configured");
+        let config_dir = config
+            .config_dir
+            .as_deref()
+            .context("mutual TLS needs --config-dir (the Kubernetes mode comes later)")?;
+        let td = &config.mesh.trust_domain;
+        let issuer: Arc<dyn pki::Issuer> = match &m.ca {
+            CaSource::Local { ca_dir } => {
+                let ca = pki::CaHandle::load(ca_dir)
+                    .with_context(|| format!("loading the CA in {}", ca_dir.display()))?;
+                let authorizer = Arc::new(
+                    pki::ConfigDirAuthorizer::new(config_dir, td)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?,
+                );
+                Arc::new(pki::LocalIssuer::new(
+                    ca,
+                    config.mesh.node.clone(),
+                    authorizer,
+                ))
+            }
+            CaSource::Remote {
+                address,
+                node_credentials,
+            } => {
+                let credentials = pki::NodeCredentials::load(node_credentials)
+                    .with_context(|| format!("loading {}", node_credentials.display()))?;
+                Arc::new(pki::CaClient::connect(address, credentials, td).await?)
+            }
+        };
+        let store = Arc::new(SvidStore::new(
+            td,
+            pki::TrustBundle::new(issuer.trust_bundle())?,
+        ));
+        let certs = CertManager::start(
+            issuer,
+            store.clone(),
+            pki::CertManagerConfig {
+                lifetime: m.svid_lifetime,
+                renew_fraction: m.renew_fraction,
+                state_dir: config.state_dir.clone(),
+            },
+        );
+
+        // New TLS sessions pick up renewed certificates: a pooled
+        // connection lives no longer than a certificate before renewal.
+        let settings = TunnelSettings {
+            max_connection_age: TunnelSettings::default()
+                .max_connection_age
+                .min(m.svid_lifetime.mul_f64(m.renew_fraction)),
+            ..TunnelSettings::default()
+        };
+        let maps = PinnedMaps::open(&config.bpffs)?;
+        let view = Arc::new(RwLock::new(Arc::new(MeshView::default())));
+        let (shutdown, _) = watch::channel(false);
+
+        let inbound = Arc::new(inbound::Inbound {
+            store: store.clone(),
+            lookup: Arc::new(judge::PolicyLookup::open(&maps)?),
+            settings: settings.clone(),
+            flows: flows.clone(),
+        });
+        let listener = tunnel_listener(m.tunnel_port)?;
+        let inbound = tokio::spawn(inbound.run(listener, shutdown.subscribe()));
+
+        let outbound = Arc::new(outbound::Outbound {
+            view: view.clone(),
+            store,
+            pool: Pool::new(settings),
+            tunnel_port: m.tunnel_port,
+            flows,
+        });
+        let orig = Arc::new(OrigTable::new(maps.tunnel_orig()?));
+        let listeners = OutboundListeners::new(
+            m.outbound_port,
+            orig,
+            Arc::new(move |accepted| outbound.handle(accepted)),
+        );
+        info!(
+            tunnel_port = m.tunnel_port,
+            outbound_port = m.outbound_port,
+            "mutual TLS between nodes on"
+        );
+        Ok(Self {
+            view,
+            listeners,
+            certs,
+            maps,
+            outbound_port: m.outbound_port,
+            steering: false,
+            shutdown,
+            inbound,
+        })
+    }
+
+    /// Follows an applied configuration: listeners for new local workloads
+    /// (before anything is steered to them), certificates for their
+    /// identities, and the view the tunnels route by.
+    pub fn applied(&mut self, names: &NodeState) {
+        let view = Arc::new(MeshView::new(names));
+        for (netns, e) in self.listeners.sync(&view.local) {
+            error!(netns = %netns.display(), error = %e, "no outbound listener: this workload's connections to other nodes are refused");
+        }
+        let wanted: HashSet<String> = view.local.values().map(|w| w.spiffe_id.clone()).collect();
+        self.certs.set_wanted(wanted);
+        *self.view.write().unwrap() = view;
+        if !self.steering {
+            match self.maps.set_tunnel_port(self.outbound_port) {
+                Ok(()) => self.steering = true,
+                Err(e) => error!(error = %e, "cannot turn on steering to the agent"),
+            }
+        }
+    }
+
+    /// Waits until every local identity has a certificate, or `timeout`.
+    pub async fn wait_certified(&self, timeout: Duration) {
+        if tokio::time::timeout(timeout, self.certs.wait_all_issued())
+            .await
+            .is_err()
+        {
+            warn!(
+                "not every local workload has a certificate yet; their tunnels are refused until they do"
+            );
+        }
+    }
+
+    /// Stops accepting tunnels and lets open ones finish within `grace`.
+    /// Steering stays on: the next agent takes over the same ports.
+    pub async fn shutdown(self, grace: Duration) {
+        let _ = self.shutdown.send(true);
+        drop(self.listeners);
+        let _ = tokio::time::timeout(grace, self.inbound).await;
+    }
+}
+
+/// The HBONE listener on every address of the node (dual-stack).
+fn tunnel_listener(port: u16) -> anyhow::Result<tokio::net::TcpListener> {
+    let socket = tokio::net::TcpSocket::new_v6()?;
+    socket.set_reuseaddr(true)?;
+    socket
+        .bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))
+        .with_context(|| format!("binding the tunnel port {port}"))?;
+    Ok(socket.listen(1024)?)
+}

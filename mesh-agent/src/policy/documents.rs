@@ -204,7 +204,9 @@ pub struct MtlsSetting {
     pub mode: MtlsMode,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, serde::Serialize,
+)]
 pub enum MtlsMode {
     #[default]
     #[serde(rename = "PERMISSIVE")]
@@ -561,7 +563,10 @@ fn parse_document(
     if !KINDS.contains(&kind_str) {
         return Err(error(
             Some("kind".into()),
-            format!("unknown kind {kind_str:?} (expected one of {})", KINDS.join(", ")),
+            format!(
+                "unknown kind {kind_str:?} (expected one of {})",
+                KINDS.join(", ")
+            ),
         ));
     }
     match str_at(&value, &["apiVersion"]) {
@@ -790,12 +795,18 @@ fn validate_node(n: &MeshNode) -> Result<(), FieldError> {
     if !is_dns_subdomain(&n.metadata.name) {
         return Err((
             "metadata.name".into(),
-            format!("{:?} is not a node name (a DNS-1123 subdomain)", n.metadata.name),
+            format!(
+                "{:?} is not a node name (a DNS-1123 subdomain)",
+                n.metadata.name
+            ),
         ));
     }
     check_labels("metadata.labels", &n.metadata.labels)?;
     if n.spec.addresses.is_empty() {
-        return Err(("spec.addresses".into(), "at least one address is required".into()));
+        return Err((
+            "spec.addresses".into(),
+            "at least one address is required".into(),
+        ));
     }
     for (i, ip) in n.spec.addresses.iter().enumerate() {
         if ip.is_unspecified() || ip.is_multicast() {
@@ -850,7 +861,10 @@ fn check_duplicates(docs: &Documents) -> Result<(), ConfigError> {
                 kind: Some(KIND_MESH_NODE.into()),
                 name: Some(n.metadata.name.clone()),
                 field: Some("metadata.name".into()),
-                message: format!("duplicate {KIND_MESH_NODE} {}: first defined in {first}", n.metadata.name),
+                message: format!(
+                    "duplicate {KIND_MESH_NODE} {}: first defined in {first}",
+                    n.metadata.name
+                ),
             });
         }
     }

@@ -1,0 +1,158 @@
+//! The destination side of a tunnel: the agent's HBONE listener. It proves
+//! the destination's identity with its certificate, learns the source's
+//! from the verified client certificate, checks policy with the same
+//! entries the kernel uses, and carries allowed tunnels to the workload.
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use http::StatusCode;
+use tokio::{net::TcpListener, sync::watch};
+use tracing::{debug, info, warn};
+
+use super::{
+    judge::{PolicyLookup, Refused},
+    outbound::connect_marked,
+};
+use crate::{
+    flows::{FlowHub, TunnelFlow},
+    pki::{SvidStore, identity_from_sni, peer_identity},
+    policy::numeric_identity,
+    tunnel::{
+        TunnelSettings,
+        server::{ConnectRequest, Refusal, serve},
+    },
+};
+
+/// How long a peer may take to finish its TLS handshake.
+const TLS_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Inbound {
+    pub store: Arc<SvidStore>,
+    pub lookup: Arc<PolicyLookup>,
+    pub settings: TunnelSettings,
+    pub flows: FlowHub,
+}
+
+impl Inbound {
+    /// Accepts tunnels until `shutdown` turns true; then open tunnels drain.
+    pub async fn run(self: Arc<Self>, listener: TcpListener, shutdown: watch::Receiver<bool>) {
+        let mut stop = shutdown.clone();
+        loop {
+            let (tcp, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        warn!(error = %e, "tunnel accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = async { let _ = stop.wait_for(|s| *s).await; } => {
+                    info!("tunnel listener closed; open tunnels drain");
+                    return;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let this = self.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move { this.connection(tcp, peer, shutdown).await });
+        }
+    }
+
+    async fn connection(
+        self: Arc<Self>,
+        tcp: tokio::net::TcpStream,
+        peer: SocketAddr,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.store.server_config());
+        let tls = match tokio::time::timeout(TLS_TIMEOUT, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                // Another trust domain, an expired or missing client
+                // certificate, an identity this node does not host…
+                warn!(%peer, error = %e, "tunnel handshake refused");
+                return;
+            }
+            Err(_) => {
+                warn!(%peer, "tunnel handshake timed out");
+                return;
+            }
+        };
+        let conn = tls.get_ref().1;
+        let (Some(source), Some(expected)) = (
+            peer_identity(conn),
+            conn.server_name().and_then(identity_from_sni),
+        ) else {
+            warn!(%peer, "tunnel without a verified identity or server name");
+            return;
+        };
+        let src_identity = numeric_identity(&source);
+        debug!(%peer, %source, "tunnel connection accepted");
+        let this = self.clone();
+        let handler = move |request: ConnectRequest| {
+            let this = this.clone();
+            let source = source.clone();
+            async move { this.admit(request, &source, src_identity, expected).await }
+        };
+        let stop = async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        };
+        if let Err(e) = serve(tls, &self.settings, handler, stop).await {
+            debug!(%peer, error = %e, "tunnel connection ended");
+        }
+    }
+
+    /// Policy for one tunnel; on success the connection to the workload.
+    async fn admit(
+        &self,
+        request: ConnectRequest,
+        source: &str,
+        src_identity: u64,
+        expected_dst: u64,
+    ) -> Result<tokio::net::TcpStream, Refusal> {
+        let target = request.target;
+        let report =
+            |allowed: bool, dst_identity: u64, rule: Option<u32>, reason: Option<String>| {
+                self.flows.tunnel(TunnelFlow {
+                    hook: "tunnel-in",
+                    allowed,
+                    src_identity,
+                    dst_identity,
+                    dst: target,
+                    rule,
+                    reason,
+                    mtls: Some(source.to_owned()),
+                })
+            };
+        let (dst, verdict) = match self.lookup.judge(src_identity, target) {
+            Ok(found) => found,
+            Err(Refused::NotLocal) => {
+                let reason = format!("{target} is not a workload of this node");
+                report(false, expected_dst, None, Some(reason.clone()));
+                return Err(Refusal::new(StatusCode::NOT_FOUND, reason));
+            }
+            Err(Refused::Denied(verdict)) => {
+                let reason = self.flows.rule_name(verdict.rule);
+                report(false, expected_dst, Some(verdict.rule), None);
+                return Err(Refusal::new(StatusCode::FORBIDDEN, reason));
+            }
+        };
+        if dst.identity != expected_dst {
+            // The client authenticated the server as another workload.
+            let reason = format!("{target} is not the workload this tunnel was opened for");
+            report(false, dst.identity, None, Some(reason.clone()));
+            return Err(Refusal::new(StatusCode::MISDIRECTED_REQUEST, reason));
+        }
+        match connect_marked(target).await {
+            Ok(stream) => {
+                report(true, dst.identity, Some(verdict.rule), None);
+                Ok(stream)
+            }
+            Err(e) => {
+                let reason = format!("connecting to {target}: {e}");
+                report(false, dst.identity, None, Some(reason.clone()));
+                Err(Refusal::new(StatusCode::BAD_GATEWAY, reason))
+            }
+        }
+    }
+}

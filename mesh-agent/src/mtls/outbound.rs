@@ -1,0 +1,145 @@
+//! The source side of a tunnel: a local workload's connection, steered by
+//! the kernel, carried to the destination's node over HBONE with the
+//! workload's own certificate.
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{Arc, RwLock},
+};
+
+use http::HeaderMap;
+use mesh_common::policy::IpKey;
+use tokio::net::{TcpSocket, TcpStream};
+use tracing::{debug, warn};
+
+use super::{listeners::Accepted, view::MeshView};
+use crate::{
+    flows::{FlowHub, TunnelFlow},
+    pki::{SvidStore, sni_for},
+    policy::ip_from_key,
+    tunnel::{
+        client::OpenError,
+        pool::{Pool, PoolError},
+    },
+};
+
+/// One pooled HTTP/2 connection per (source identity, destination
+/// identity, peer agent): the client certificate is the source's and the
+/// server must prove the destination's, so neither can be shared wider.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub src: u64,
+    pub dst: u64,
+    pub peer: SocketAddr,
+}
+
+pub struct Outbound {
+    pub view: Arc<RwLock<Arc<MeshView>>>,
+    pub store: Arc<SvidStore>,
+    pub pool: Pool<PoolKey>,
+    pub tunnel_port: u16,
+    pub flows: FlowHub,
+}
+
+impl Outbound {
+    pub fn handle(self: &Arc<Self>, accepted: Accepted) {
+        let this = self.clone();
+        tokio::spawn(async move { this.carry(accepted).await });
+    }
+
+    async fn carry(&self, a: Accepted) {
+        let dst = SocketAddr::new(ip_from_key(&IpKey { ip: a.orig.ip }), a.orig.port);
+        let src = &a.source;
+        let refuse = |stream: TcpStream, dst_identity: u64, reason: String| {
+            // An abortive close: the application sees a reset, never a
+            // clean end that could pass for an empty answer.
+            let _ = stream.set_zero_linger();
+            drop(stream);
+            warn!(src = %src.spiffe_id, %dst, %reason, "tunnel not opened");
+            self.flows.tunnel(TunnelFlow {
+                hook: "tunnel-out",
+                allowed: false,
+                src_identity: src.identity,
+                dst_identity,
+                dst,
+                rule: None,
+                reason: Some(reason),
+                mtls: None,
+            });
+        };
+        let view = self.view.read().unwrap().clone();
+        let Some(peer) = view.peer(dst.ip()) else {
+            return refuse(
+                a.stream,
+                a.orig.dst_identity,
+                "the destination is not a mesh workload any more".into(),
+            );
+        };
+        let Some(peer_addr) = view.tunnel_address(&peer.node, self.tunnel_port) else {
+            return refuse(
+                a.stream,
+                peer.identity,
+                format!(
+                    "no tunnel address for node {:?} (no MeshNode document)",
+                    peer.node
+                ),
+            );
+        };
+        let Some(config) = self.store.client_config(&src.spiffe_id) else {
+            return refuse(
+                a.stream,
+                peer.identity,
+                format!("no certificate yet for {}", src.spiffe_id),
+            );
+        };
+        let key = PoolKey {
+            src: src.identity,
+            dst: peer.identity,
+            peer: peer_addr,
+        };
+        let server_name = sni_for(peer.identity);
+        let connect = move || {
+            let config = config.clone();
+            let server_name = server_name.clone();
+            async move {
+                let tcp = connect_marked(peer_addr).await?;
+                tokio_rustls::TlsConnector::from(config)
+                    .connect(server_name, tcp)
+                    .await
+            }
+        };
+        match self.pool.open(&key, connect, dst, HeaderMap::new()).await {
+            Ok(tunnel) => {
+                debug!(src = %src.spiffe_id, dst = %peer.spiffe_id, %dst, "tunnel open");
+                if let Err(e) = tunnel.splice(a.stream).await {
+                    debug!(error = %e, %dst, "tunnel ended with a reset");
+                }
+            }
+            Err(PoolError::Open(OpenError::Refused { status, reason })) => refuse(
+                a.stream,
+                peer.identity,
+                format!("refused by {} ({status}): {reason}", peer.node),
+            ),
+            Err(e) => refuse(a.stream, peer.identity, format!("{e}")),
+        }
+    }
+}
+
+/// A TCP connection from the agent itself: marked, so the kernel's connect
+/// hooks let it through unjudged and unsteered (the agent already checked).
+pub async fn connect_marked(to: SocketAddr) -> io::Result<TcpStream> {
+    let socket = if to.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    nix::sys::socket::setsockopt(
+        &socket,
+        nix::sys::socket::sockopt::Mark,
+        &mesh_common::AGENT_SOCKET_MARK,
+    )
+    .map_err(io::Error::from)?;
+    let stream = socket.connect(to).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}

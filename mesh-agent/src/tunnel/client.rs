@@ -1,0 +1,294 @@
+//! The source side: an HTTP/2 connection to a peer agent, on which each
+//! tunnel is one `CONNECT` stream.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::{Reason, RecvStream, SendStream};
+use http::{HeaderMap, Method, Request, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::splice::{self, Socket, SpliceError, SpliceStats};
+use super::{REASON_HEADER, TunnelSettings};
+
+#[derive(Debug, thiserror::Error)]
+#[error("HTTP/2 handshake with the peer agent failed: {0}")]
+pub struct HandshakeError(#[from] pub h2::Error);
+
+/// Why a tunnel could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The peer answered, and said no.
+    #[error("the peer agent refused the tunnel ({status}): {reason}")]
+    Refused { status: StatusCode, reason: String },
+    /// The connection cannot carry new streams (closed, GOAWAY received,
+    /// the stream refused before processing): the peer did not act on the
+    /// request, so it may be sent again on another connection.
+    #[error("the tunnel connection is unavailable: {0}")]
+    Unavailable(#[source] h2::Error),
+    /// The peer reset the stream before answering.
+    #[error("the tunnel stream failed before the peer answered: {0}")]
+    Failed(#[source] h2::Error),
+}
+
+impl OpenError {
+    /// True when another connection may succeed. Nothing was sent on the
+    /// tunnel yet, so retrying cannot duplicate application data.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
+
+    fn from_h2(error: h2::Error) -> Self {
+        if error.is_reset() && error.reason() != Some(Reason::REFUSED_STREAM) {
+            Self::Failed(error)
+        } else {
+            Self::Unavailable(error)
+        }
+    }
+}
+
+/// A client HTTP/2 connection to a peer agent. Cheap to clone: clones share
+/// the connection, which closes when the last clone and its last tunnel are
+/// gone.
+#[derive(Clone)]
+pub struct Connection {
+    send_request: SendRequest<Bytes>,
+    state: Arc<State>,
+}
+
+struct State {
+    created: Instant,
+    /// Tunnels opened and not yet dropped (including ones being opened).
+    streams: AtomicUsize,
+    /// The task driving the connection has ended.
+    closed: AtomicBool,
+    max_streams: usize,
+    splice_buffer: usize,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("age", &self.age())
+            .field("streams", &self.streams())
+            .field("usable", &self.is_usable())
+            .finish()
+    }
+}
+
+/// Starts HTTP/2 on `io` (the mutual-TLS stream to the peer agent) and
+/// spawns the task that drives the connection.
+pub async fn handshake<IO>(io: IO, settings: &TunnelSettings) -> Result<Connection, HandshakeError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (send_request, connection) = settings.h2_client().handshake(io).await?;
+    let state = Arc::new(State {
+        created: Instant::now(),
+        streams: AtomicUsize::new(0),
+        closed: AtomicBool::new(false),
+        max_streams: settings.max_concurrent_streams.max(1) as usize,
+        splice_buffer: settings.splice_buffer(),
+    });
+    let task_state = state.clone();
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "tunnel connection ended");
+        }
+        task_state.closed.store(true, Ordering::Release);
+    });
+    Ok(Connection {
+        send_request,
+        state,
+    })
+}
+
+/// `CONNECT ip:port` in authority form: h2 then sends `:method` and
+/// `:authority` only, no `:scheme` or `:path` (RFC 9113 §8.5), as HBONE
+/// does.
+fn connect_request(target: SocketAddr, headers: HeaderMap) -> Request<()> {
+    // Without an IPv6 scope id, which an authority cannot carry (and a
+    // workload's address never has).
+    let target = SocketAddr::new(target.ip(), target.port());
+    let mut request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(target.to_string())
+        .body(())
+        .expect("ip:port is a valid authority");
+    *request.headers_mut() = headers;
+    request
+}
+
+impl Connection {
+    /// Opens a tunnel to `target` (the original destination `ip:port`),
+    /// sending `headers` with the `CONNECT`, and waits for the peer's
+    /// answer.
+    pub async fn open(&self, target: SocketAddr, headers: HeaderMap) -> Result<Tunnel, OpenError> {
+        self.state.streams.fetch_add(1, Ordering::AcqRel);
+        let slot = StreamSlot(self.state.clone());
+        self.open_in(slot, target, headers).await
+    }
+
+    /// Takes one of the connection's stream slots if it has a free one
+    /// (the pool's admission check).
+    pub(super) fn try_reserve(&self) -> Option<StreamSlot> {
+        let limit = self.max_streams();
+        self.state
+            .streams
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| StreamSlot(self.state.clone()))
+    }
+
+    pub(super) async fn open_in(
+        &self,
+        slot: StreamSlot,
+        target: SocketAddr,
+        headers: HeaderMap,
+    ) -> Result<Tunnel, OpenError> {
+        // A clone has no stream of its own pending, so readiness only
+        // checks that the connection still takes streams.
+        let mut send_request = self
+            .send_request
+            .clone()
+            .ready()
+            .await
+            .map_err(OpenError::Unavailable)?;
+        let (response, send) = send_request
+            .send_request(connect_request(target, headers), false)
+            .map_err(OpenError::from_h2)?;
+        let response = response.await.map_err(OpenError::from_h2)?;
+        let (parts, recv) = response.into_parts();
+        if !parts.status.is_success() {
+            let reason = parts
+                .headers
+                .get(REASON_HEADER)
+                .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
+                .unwrap_or_default();
+            return Err(OpenError::Refused {
+                status: parts.status,
+                reason,
+            });
+        }
+        Ok(Tunnel {
+            send,
+            recv,
+            headers: parts.headers,
+            splice_buffer: self.state.splice_buffer,
+            _slot: slot,
+        })
+    }
+
+    /// Whether new tunnels may be opened here: the connection is up and
+    /// has not been told GOAWAY (a graceful shutdown of the peer, or an
+    /// error). Open tunnels may still be running either way.
+    pub fn is_usable(&self) -> bool {
+        if self.state.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        // h2 reports a received GOAWAY, or any connection error, as an
+        // error of readiness; a fresh clone never waits, so a no-op waker
+        // is enough.
+        let mut probe = self.send_request.clone();
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        !matches!(probe.poll_ready(&mut cx), Poll::Ready(Err(_)))
+    }
+
+    /// Tunnels open (or being opened) on this connection.
+    pub fn streams(&self) -> usize {
+        self.state.streams.load(Ordering::Acquire)
+    }
+
+    /// Most tunnels this connection should carry: our limit, or the peer's
+    /// if it advertised a smaller one.
+    pub fn max_streams(&self) -> usize {
+        self.state
+            .max_streams
+            .min(self.send_request.current_max_send_streams())
+    }
+
+    pub fn age(&self) -> Duration {
+        self.state.created.elapsed()
+    }
+}
+
+/// Counts a tunnel against its connection until dropped.
+pub(super) struct StreamSlot(Arc<State>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// An open tunnel: the peer answered 2xx and connected to the destination.
+pub struct Tunnel {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    headers: HeaderMap,
+    splice_buffer: usize,
+    _slot: StreamSlot,
+}
+
+impl Tunnel {
+    /// The headers of the peer's answer.
+    pub fn response_headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+
+    /// Copies bytes between `socket` (the application's connection) and
+    /// the tunnel until both directions end; see [`splice::splice`].
+    pub async fn splice<S: Socket>(self, socket: S) -> Result<SpliceStats, SpliceError> {
+        let Self {
+            send,
+            recv,
+            splice_buffer,
+            _slot,
+            ..
+        } = self;
+        splice::splice(socket, send, recv, splice_buffer).await
+    }
+}
+
+impl std::fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tunnel").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_requests_name_the_destination_in_authority_form() {
+        for (target, authority) in [
+            ("10.1.2.3:8080", "10.1.2.3:8080"),
+            ("[fd00::1]:443", "[fd00::1]:443"),
+            ("[fe80::1%7]:80", "[fe80::1]:80"),
+        ] {
+            let request = connect_request(target.parse().unwrap(), HeaderMap::new());
+            assert_eq!(request.method(), Method::CONNECT);
+            assert_eq!(request.uri().authority().unwrap().as_str(), authority);
+            assert_eq!(request.uri().scheme(), None);
+            assert_eq!(request.uri().path_and_query(), None);
+        }
+    }
+
+    #[test]
+    fn only_unprocessed_streams_are_retryable() {
+        let refused = OpenError::Refused {
+            status: StatusCode::FORBIDDEN,
+            reason: String::new(),
+        };
+        assert!(!refused.is_retryable());
+        assert!(OpenError::from_h2(Reason::REFUSED_STREAM.into()).is_retryable());
+    }
+}
