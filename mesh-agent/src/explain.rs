@@ -14,7 +14,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use mesh_common::policy::{
-    ANY_IDENTITY, ANY_PORT, Endpoint, PROTO_TCP, PROTO_UDP, PolicyKey, WORLD_IDENTITY, decide,
+    ANY_IDENTITY, ANY_PORT, ENDPOINT_LOCAL, Endpoint, PROTO_TCP, PROTO_UDP, PolicyKey,
+    WORLD_IDENTITY, decide_for,
 };
 use serde::Serialize;
 
@@ -59,6 +60,9 @@ pub struct Explanation {
     /// The entry the kernel finds first: "source+port", "source+any port",
     /// "any source+port", "any source+any port", or none (fails closed).
     pub matched_entry: Option<String>,
+    /// How the connection travels, and so who proves the source: the
+    /// kernel on this node, mutual TLS, or nobody (plaintext).
+    pub path: &'static str,
 }
 
 /// The source identity for `--from`.
@@ -128,11 +132,29 @@ pub fn explain(maps: &PinnedMaps, names: &NodeState, args: &ExplainArgs) -> anyh
     };
     anyhow::ensure!(args.port != 0, "--port must be 1-65535");
     let src = source_identity(maps, &args.from)?;
+    let tunnel_port = maps.tunnel_port()?;
     let mut answers = Vec::new();
     for (dst, workloads) in destinations(maps, names, &args.to)? {
+        // The same reasoning as the connect hook (mesh-ebpf enforce.rs).
+        let local = dst.flags & ENDPOINT_LOCAL != 0;
+        let from_workload = src != WORLD_IDENTITY;
+        let tunnelled = !local && proto == PROTO_TCP && from_workload && tunnel_port != 0;
+        let plaintext = if local { !from_workload } else { !tunnelled };
+        let path = match (local, tunnelled) {
+            (true, _) if from_workload => {
+                "same node: the kernel knows the source by its network namespace"
+            }
+            (true, _) => "same node, from a process that is not a workload (plaintext)",
+            (false, true) => {
+                "mTLS tunnel (HBONE): the destination's node checks the source's verified certificate identity against these same entries"
+            }
+            (false, false) => {
+                "plaintext between nodes: the destination's node knows the source only by its address"
+            }
+        };
         let failure = RefCell::new(None);
         let matched = RefCell::new(None);
-        let verdict = decide(dst.subject, src, args.port, proto, |key| {
+        let verdict = decide_for(&dst, src, args.port, proto, plaintext, |key| {
             match maps.policy_entry(key) {
                 Ok(Some(v)) => {
                     *matched.borrow_mut() = Some(*key);
@@ -175,6 +197,7 @@ pub fn explain(maps: &PinnedMaps, names: &NodeState, args: &ExplainArgs) -> anyh
                 };
                 format!("{s}+{p}")
             }),
+            path,
         });
     }
     Ok(match args.output {
@@ -183,7 +206,7 @@ pub fn explain(maps: &PinnedMaps, names: &NodeState, args: &ExplainArgs) -> anyh
             let mut text = String::new();
             for a in &answers {
                 text += &format!(
-                    "{verdict}: {src} -> {dst} ({workloads}) port {port}/{proto}\n  decided by: {reason}{file}\n  kernel entry: {entry}\n",
+                    "{verdict}: {src} -> {dst} ({workloads}) port {port}/{proto}\n  decided by: {reason}{file}\n  kernel entry: {entry}\n  path: {path}\n",
                     verdict = a.verdict,
                     src = a.source,
                     dst = a.destination,
@@ -196,6 +219,7 @@ pub fn explain(maps: &PinnedMaps, names: &NodeState, args: &ExplainArgs) -> anyh
                         .matched_entry
                         .as_deref()
                         .unwrap_or("none: no policy entry, fails closed"),
+                    path = a.path,
                 );
             }
             text

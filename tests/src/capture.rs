@@ -234,43 +234,50 @@ fn parse_frame(f: &[u8]) -> Option<Segment> {
     }
 }
 
+/// One direction of a TCP connection: (source, destination).
+pub type Direction = ((IpAddr, u16), (IpAddr, u16));
+
 /// Each direction of each TCP connection, reassembled in sequence order
-/// (retransmitted bytes counted once). A direction whose SYN was not
-/// captured cannot be aligned to its first byte and is an error.
-pub fn tcp_streams(
-    segs: &[Segment],
-) -> anyhow::Result<BTreeMap<((IpAddr, u16), (IpAddr, u16)), Vec<u8>>> {
-    let mut next: BTreeMap<_, u32> = BTreeMap::new();
-    let mut streams: BTreeMap<_, Vec<u8>> = BTreeMap::new();
+/// (segments captured out of order are put back in place, retransmitted
+/// bytes counted once). A direction whose SYN was not captured cannot be
+/// aligned to its first byte, and a hole left at the end means a segment
+/// was not captured: both are errors.
+pub fn tcp_streams(segs: &[Segment]) -> anyhow::Result<BTreeMap<Direction, Vec<u8>>> {
+    type Dir = Direction;
+    let mut isn: BTreeMap<Dir, u32> = BTreeMap::new();
+    let mut pieces: BTreeMap<Dir, Vec<(u32, &[u8])>> = BTreeMap::new();
     for s in segs.iter().filter(|s| s.proto == 6) {
         let key = (s.src, s.dst);
         if s.syn {
-            next.insert(key, s.seq.wrapping_add(1));
-            streams.entry(key).or_default();
-            continue;
+            isn.insert(key, s.seq.wrapping_add(1));
+            pieces.entry(key).or_default();
+        } else if !s.payload.is_empty() {
+            pieces.entry(key).or_default().push((s.seq, &s.payload));
         }
-        if s.payload.is_empty() {
-            continue;
-        }
-        let Some(expected) = next.get_mut(&key) else {
-            anyhow::bail!("data of {:?} → {:?} without a captured SYN", s.src, s.dst);
+    }
+    let mut streams = BTreeMap::new();
+    for (key, mut list) in pieces {
+        let Some(&first) = isn.get(&key) else {
+            anyhow::bail!("data of {:?} → {:?} without a captured SYN", key.0, key.1);
         };
-        let behind = expected.wrapping_sub(s.seq) as usize;
-        if behind >= s.payload.len() && (behind as u32) < u32::MAX / 2 {
-            continue; // all retransmitted
-        }
-        let skip = if (behind as u32) < u32::MAX / 2 {
-            behind
-        } else {
-            anyhow::bail!(
-                "gap in {:?} → {:?}: a segment was not captured",
-                s.src,
-                s.dst
+        // Offsets from the first byte (streams here are far below 2 GiB).
+        list.sort_by_key(|(seq, _)| seq.wrapping_sub(first));
+        let mut stream = Vec::new();
+        for (seq, payload) in list {
+            let offset = seq.wrapping_sub(first) as usize;
+            ensure!(
+                offset <= stream.len(),
+                "gap in {:?} → {:?} at byte {}: a segment was not captured",
+                key.0,
+                key.1,
+                stream.len()
             );
-        };
-        let stream = streams.get_mut(&key).expect("created with the SYN");
-        stream.extend_from_slice(&s.payload[skip..]);
-        *expected = expected.wrapping_add((s.payload.len() - skip) as u32);
+            let skip = stream.len() - offset;
+            if skip < payload.len() {
+                stream.extend_from_slice(&payload[skip..]);
+            }
+        }
+        streams.insert(key, stream);
     }
     Ok(streams)
 }

@@ -173,11 +173,10 @@ fn allow_only(namespace: &str, name: &str, sa: &str, from: &str) -> String {
 }
 
 fn is_tunnel_end(end: &(std::net::IpAddr, u16)) -> bool {
-    let node = match end.0 {
+    match end.0 {
         std::net::IpAddr::V4(v4) => v4.octets()[..3] == [198, 19, 255],
         std::net::IpAddr::V6(v6) => v6.segments()[..4] == [0xfd00, 0xffff, 0, 0],
-    };
-    node
+    }
 }
 
 #[test]
@@ -651,6 +650,33 @@ fn flows_report_the_identity_mutual_tls_verified() {
     assert_eq!(f["src"]["identity"], id("shop", "web"), "{f}");
     assert_eq!(f["dst"]["identity"], id("shop", "db"), "{f}");
     assert_eq!(f["verdict"], "ALLOW", "{f}");
+
+    // explain, on the source's node, says the path proves the identity.
+    let state0 = m.bed.state_dir(0);
+    let web = id("shop", "web");
+    let out = agent::cli(
+        &m.bed.pin_dir(0),
+        &[
+            "--state-dir",
+            state0.to_str().unwrap(),
+            "explain",
+            "--from",
+            &web,
+            "--to",
+            &db.rsplit_once(':').unwrap().0,
+            "--port",
+            "8080",
+            "-o",
+            "json",
+        ],
+    )
+    .unwrap();
+    let e: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(e[0]["verdict"], "ALLOW", "{e}");
+    assert!(
+        e[0]["path"].as_str().unwrap().starts_with("mTLS tunnel"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -239,6 +239,9 @@ impl Ca {
         let chain = files::read_certs_or_none(&dir.join(CHAIN))?;
         let bundle_path = dir.join(BUNDLE);
         let bundle = files::read_certs(&bundle_path)?;
+        // Every root must be usable as a trust anchor (webpki is stricter
+        // than parsing: no v1 certificates, for one).
+        TrustBundle::new(bundle.clone()).map_err(|e| invalid(&bundle_path, e.to_string()))?;
         let top = match chain.last() {
             Some(der) => {
                 CertInfo::parse(der).map_err(|e| invalid(&dir.join(CHAIN), e.to_string()))?
@@ -590,7 +593,7 @@ impl CaHandle {
     }
 
     fn build(dir: Option<PathBuf>, ca: Ca, stamp: Vec<Option<(SystemTime, u64)>>) -> CaHandle {
-        let bundle = TrustBundle::new(ca.bundle.clone()).expect("a loaded CA has a valid bundle");
+        let bundle = TrustBundle::new(ca.bundle.clone()).expect("Ca::load checked the bundle");
         CaHandle(Arc::new(HandleInner {
             dir,
             bundle,

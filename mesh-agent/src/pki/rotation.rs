@@ -238,9 +238,9 @@ async fn run(
             }
             changed = true;
         }
-        // Every round, not only after an issuance: in standalone mode a CA
-        // rotation reaches this node's bundle within seconds, before peers
-        // present certificates of the new root.
+        // Every round, not only after an issuance: in standalone mode a
+        // rotated or pruned CA's bundle reaches the node within seconds (a
+        // remote CA sends its bundle with each certificate).
         match store.trust_bundle().replace(issuer.trust_bundle()) {
             Ok(true) => {
                 info!("trust bundle updated");

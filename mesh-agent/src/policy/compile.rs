@@ -1670,6 +1670,7 @@ mod tests {
                     origin: origin(100 + i),
                 })
                 .collect(),
+            ..Default::default()
         }
     }
 
@@ -1771,5 +1772,91 @@ mod tests {
         if !cfg!(debug_assertions) {
             assert!(elapsed < std::time::Duration::from_secs(2), "{elapsed:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod mtls_mode_tests {
+    use super::*;
+    use crate::policy::parse_str;
+
+    fn modes(yaml: &str) -> Vec<(String, MtlsMode)> {
+        let docs = parse_str("t.yaml", yaml).unwrap();
+        let c = compile(&docs, &MeshSettings::default()).unwrap();
+        c.workloads
+            .iter()
+            .map(|w| (w.name.clone(), w.mtls))
+            .collect()
+    }
+
+    const WORKLOADS: &str = "apiVersion: mesh.dev/v1alpha1\nkind: Workload\nmetadata: {name: a, namespace: shop, labels: {tier: db}}\nspec: {serviceAccount: db, ips: [10.0.0.1], node: n2}\n---\napiVersion: mesh.dev/v1alpha1\nkind: Workload\nmetadata: {name: b, namespace: shop}\nspec: {serviceAccount: web, ips: [10.0.0.2], node: n2}\n---\napiVersion: mesh.dev/v1alpha1\nkind: Workload\nmetadata: {name: c, namespace: other}\nspec: {serviceAccount: web, ips: [10.0.0.3], node: n2}\n";
+
+    fn pa(ns: &str, name: &str, selector: &str, mode: &str) -> String {
+        format!(
+            "---\napiVersion: mesh.dev/v1alpha1\nkind: PeerAuthentication\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{{selector}mtls: {{mode: {mode}}}}}\n"
+        )
+    }
+
+    #[test]
+    fn permissive_without_any_peer_authentication() {
+        assert!(
+            modes(WORKLOADS)
+                .iter()
+                .all(|(_, m)| *m == MtlsMode::Permissive)
+        );
+    }
+
+    #[test]
+    fn the_most_specific_peer_authentication_wins_and_strict_wins_a_tie() {
+        let yaml = format!(
+            "{WORKLOADS}{}{}{}{}",
+            pa("mesh-system", "mesh", "", "STRICT"),
+            pa("shop", "ns", "", "PERMISSIVE"),
+            pa(
+                "shop",
+                "db",
+                "selector: {matchLabels: {tier: db}}, ",
+                "STRICT"
+            ),
+            pa(
+                "shop",
+                "db-too",
+                "selector: {serviceAccount: db}, ",
+                "PERMISSIVE"
+            ),
+        );
+        let got = modes(&yaml);
+        assert_eq!(
+            got,
+            vec![
+                ("c".into(), MtlsMode::Strict),     // mesh-wide
+                ("a".into(), MtlsMode::Strict),     // selector level, STRICT beats PERMISSIVE
+                ("b".into(), MtlsMode::Permissive), // namespace level beats mesh-wide
+            ]
+        );
+        let docs = parse_str("t.yaml", &yaml).unwrap();
+        let c = compile(&docs, &MeshSettings::default()).unwrap();
+        let strict =
+            |ip: &str| c.endpoints[&ip_key(ip.parse().unwrap())].flags & ENDPOINT_STRICT != 0;
+        assert!(strict("10.0.0.1") && !strict("10.0.0.2") && strict("10.0.0.3"));
+    }
+
+    #[test]
+    fn bad_peer_authentication_and_node_documents_are_refused_with_their_field() {
+        let bad_mode = format!("{WORKLOADS}{}", pa("shop", "x", "", "SOMETIMES"));
+        let e = parse_str("t.yaml", &bad_mode).unwrap_err().to_string();
+        assert!(
+            e.contains("PeerAuthentication shop/x") && e.contains("spec.mtls.mode"),
+            "{e}"
+        );
+        let node = "apiVersion: mesh.dev/v1alpha1\nkind: MeshNode\nmetadata: {name: n1}\nspec: {addresses: []}\n";
+        let e = parse_str("t.yaml", node).unwrap_err().to_string();
+        assert!(
+            e.contains("MeshNode n1") && e.contains("spec.addresses"),
+            "{e}"
+        );
+        let twice = format!("{node}---\n{node}").replace("[]", "[192.0.2.1]");
+        let e = parse_str("t.yaml", &twice).unwrap_err().to_string();
+        assert!(e.contains("duplicate MeshNode n1"), "{e}");
     }
 }
