@@ -32,7 +32,7 @@ enum Task {
     Demo,
     /// Benchmarks, run against a baseline in the same run.
     Bench {
-        /// Which benchmark: same-node or policy.
+        /// Which benchmark: same-node, policy or cross-node.
         which: String,
         /// Extra arguments for the benchmark (e.g. `--rounds 5`; see
         /// `target/release/mesh-bench <which> --help`).
@@ -126,7 +126,7 @@ fn parse_test_result(line: &str) -> Option<(u64, u64)> {
 }
 
 /// The benchmarks `bench` knows (subcommands of `mesh-bench`).
-const BENCHMARKS: &[&str] = &["same-node", "policy"];
+const BENCHMARKS: &[&str] = &["same-node", "policy", "cross-node"];
 
 fn bench(which: &str, args: &[String]) -> anyhow::Result<()> {
     ensure!(

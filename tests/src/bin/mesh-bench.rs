@@ -1,10 +1,17 @@
-//! `mesh-bench same-node|policy` (run them with `cargo xtask bench …`):
+//! `mesh-bench same-node|policy|cross-node` (run them with `cargo xtask bench …`):
 //!
 //! - `same-node`: plain TCP between two pods against the same pods with the
 //!   mesh's short-circuit, alternating rounds in one run, medians and ratios.
 //! - `policy`: the new-connection rate with 10, 1,000 and 100,000 allow
 //!   rules, the mesh's compiled policy against iptables holding the same
 //!   rules (and no rules at all), alternating rounds, medians and ratios.
+//! - `cross-node`: plain TCP from a pod on one node to a pod on another
+//!   against the mesh's mutual-TLS tunnel between the node agents:
+//!   throughput, latency, the new-connection rate, and that rate sustained
+//!   over hundreds of thousands of connections.
+#[path = "mesh-bench/cross_node.rs"]
+mod cross_node;
+
 use std::{
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
@@ -35,6 +42,8 @@ enum Bench {
     SameNode(SameNode),
     /// New connections per second under growing rule sets: mesh vs iptables.
     Policy(Policy),
+    /// Plain TCP between pods on two nodes against the mesh's mTLS tunnel.
+    CrossNode(cross_node::CrossNode),
 }
 
 #[derive(Args)]
@@ -71,6 +80,7 @@ fn main() -> anyhow::Result<()> {
     match &cli.bench {
         Bench::SameNode(args) => same_node(args, &cli.out),
         Bench::Policy(args) => policy(args, &cli.out),
+        Bench::CrossNode(args) => cross_node::run(args, &cli.out),
     }
 }
 
