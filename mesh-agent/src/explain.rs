@@ -65,6 +65,45 @@ pub struct Explanation {
     pub path: &'static str,
 }
 
+/// How a connection from `src` to `dst` travels, as this node sees it, and
+/// whether its source is unproven (plaintext, which STRICT refuses): the
+/// same reasoning as the connect hook (mesh-ebpf enforce.rs) and the tc
+/// program.
+fn path(
+    names: &NodeState,
+    src: u64,
+    dst: &Endpoint,
+    proto: u8,
+    mtls: bool,
+) -> (&'static str, bool) {
+    let workload = |local: bool| {
+        names
+            .workloads
+            .iter()
+            .any(|w| w.identity == src && w.local == local)
+    };
+    let tunnels = mtls && proto == PROTO_TCP;
+    match (dst.flags & ENDPOINT_LOCAL != 0, src) {
+        (_, WORLD_IDENTITY) => ("not a workload: plaintext, known by its address", true),
+        (true, _) if workload(true) => (
+            "same node: the kernel knows the source by its network namespace",
+            false,
+        ),
+        (true, _) | (false, _) if tunnels => (
+            "mTLS tunnel (HBONE): the destination's node checks the source's verified certificate identity against these same entries",
+            false,
+        ),
+        (true, _) => (
+            "plaintext from another node: known only by its address",
+            true,
+        ),
+        (false, _) => (
+            "plaintext between nodes: the destination's node knows the source only by its address",
+            true,
+        ),
+    }
+}
+
 /// The source identity for `--from`.
 fn source_identity(maps: &PinnedMaps, from: &str) -> anyhow::Result<u64> {
     if let Ok(ip) = from.parse::<IpAddr>() {
@@ -135,23 +174,7 @@ pub fn explain(maps: &PinnedMaps, names: &NodeState, args: &ExplainArgs) -> anyh
     let tunnel_port = maps.tunnel_port()?;
     let mut answers = Vec::new();
     for (dst, workloads) in destinations(maps, names, &args.to)? {
-        // The same reasoning as the connect hook (mesh-ebpf enforce.rs).
-        let local = dst.flags & ENDPOINT_LOCAL != 0;
-        let from_workload = src != WORLD_IDENTITY;
-        let tunnelled = !local && proto == PROTO_TCP && from_workload && tunnel_port != 0;
-        let plaintext = if local { !from_workload } else { !tunnelled };
-        let path = match (local, tunnelled) {
-            (true, _) if from_workload => {
-                "same node: the kernel knows the source by its network namespace"
-            }
-            (true, _) => "same node, from a process that is not a workload (plaintext)",
-            (false, true) => {
-                "mTLS tunnel (HBONE): the destination's node checks the source's verified certificate identity against these same entries"
-            }
-            (false, false) => {
-                "plaintext between nodes: the destination's node knows the source only by its address"
-            }
-        };
+        let (path, plaintext) = path(names, src, &dst, proto, tunnel_port != 0);
         let failure = RefCell::new(None);
         let matched = RefCell::new(None);
         let verdict = decide_for(&dst, src, args.port, proto, plaintext, |key| {
