@@ -663,7 +663,7 @@ fn flows_report_the_identity_mutual_tls_verified() {
             "--from",
             &web,
             "--to",
-            &db.rsplit_once(':').unwrap().0,
+            db.rsplit_once(':').unwrap().0,
             "--port",
             "8080",
             "-o",
