@@ -820,3 +820,79 @@ fn wait_for_line_stderr(process: &mut Spawned, needle: &str) {
     }
     panic!("no {needle:?} within 20 s:\n{seen}");
 }
+
+#[test]
+fn the_ca_rotates_under_continuous_traffic_without_a_failed_request() {
+    let m = mesh(
+        "carot",
+        &[w(0, "shop", "web"), w(1, "shop", "db")],
+        &[],
+        &["--svid-lifetime", "3s", "--renew-fraction", "0.5"],
+    );
+    let db = m.server_addr(1, false);
+    let ca = m.ca_dir().to_str().unwrap().to_owned();
+    let web = issue(
+        m.ca_dir(),
+        &id("shop", "web"),
+        "1h",
+        &m.bed.files.path().join("web"),
+    );
+    let before = tls_probe(&m.bed, &id("shop", "db"), &db, Some(&web));
+    assert_eq!(before["stage"], "connected", "{before}");
+
+    let traffic = start_probing(&m, 0, &db, 16_000);
+    std::thread::sleep(Duration::from_secs(2));
+    mesh_agent_ok(&["ca", "rotate", "--ca-dir", &ca]);
+    // Both agents pick the new root up and renew onto it; then the old root
+    // is retired everywhere.
+    std::thread::sleep(Duration::from_secs(8));
+    mesh_agent_ok(&["ca", "prune", "--ca-dir", &ca]);
+    let counts = finish_probing(traffic);
+    let total: u64 = counts.values().sum();
+    assert_eq!(
+        counts.get("connected"),
+        Some(&total),
+        "failed requests: {counts:?}"
+    );
+    assert!(total > 100, "too few requests to say anything: {counts:?}");
+
+    // The agent now serves a certificate from the new root.
+    let fresh = issue(
+        m.ca_dir(),
+        &id("shop", "web"),
+        "1h",
+        &m.bed.files.path().join("web2"),
+    );
+    let after = tls_probe(&m.bed, &id("shop", "db"), &db, Some(&fresh));
+    assert_eq!(after["stage"], "connected", "{after}");
+    assert_ne!(
+        before["served"]["issuer"], after["served"]["issuer"],
+        "{before} {after}"
+    );
+    // And a certificate of the retired root is refused once agents re-read
+    // the bundle (within 5 s).
+    std::thread::sleep(Duration::from_secs(6));
+    let stale = tls_probe(&m.bed, &id("shop", "db"), &db, Some(&web));
+    assert!(
+        stale["stage"] == "tls" || stale["stage"] == "http2",
+        "old root still trusted: {stale}"
+    );
+}
+
+#[test]
+fn the_workload_to_agent_hop_uses_the_short_circuit() {
+    let m = mesh(
+        "hop",
+        &[w(0, "shop", "web"), w(1, "shop", "db")],
+        &[],
+        &["--short-circuit", "on"],
+    );
+    let db = m.server_addr(1, false);
+    let before = agent::counter(&m.bed.pin_dir(0), "msgs_redirected").unwrap();
+    m.client(0, &["transfer", "--to", &db, "--sizes", "1,65537,4194304"]);
+    let after = agent::counter(&m.bed.pin_dir(0), "msgs_redirected").unwrap();
+    assert!(
+        after > before,
+        "no message between the workload and the agent was redirected"
+    );
+}

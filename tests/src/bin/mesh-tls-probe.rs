@@ -102,7 +102,7 @@ fn describe(cert: &[u8]) -> serde_json::Value {
                         .collect()
                 })
                 .unwrap_or_default();
-            json!({ "serial": c.raw_serial_as_string(), "uris": uris })
+            json!({ "serial": c.raw_serial_as_string(), "uris": uris, "issuer": c.issuer().to_string() })
         }
         Err(e) => json!({ "error": e.to_string() }),
     }
