@@ -64,9 +64,11 @@ pub enum PoolError {
 /// away is retried on another; a few times, in case several went at once.
 const OPEN_ATTEMPTS: usize = 3;
 
-/// Handshakes a caller waits for before giving up on finding a slot: more
-/// than one only when others took the new connection's slots first, or the
-/// peer turned it away at once.
+/// Handshakes in a row that bring no usable slot before a caller gives up:
+/// only when the peer turns connections away (closes them at once, or
+/// advertises no streams). Losing the race for a new connection's slots to
+/// other callers, under a burst of new tunnels, is not such a round: the
+/// peer takes tunnels, there were just more of them than slots.
 const HANDSHAKE_ROUNDS: usize = 5;
 
 /// A pool of tunnel connections. Cheap to clone: clones share the pool.
@@ -181,7 +183,10 @@ where
                 if let Some(reserved) = reserved {
                     return Ok(reserved);
                 }
-                if rounds == HANDSHAKE_ROUNDS {
+                let peer_takes_tunnels = entry.connections.iter().any(|c| c.max_streams() > 0);
+                if peer_takes_tunnels {
+                    rounds = 0;
+                } else if rounds == HANDSHAKE_ROUNDS {
                     return Err(ConnectError::NoCapacity);
                 }
                 rounds += 1;
