@@ -136,10 +136,38 @@ impl OutboundListeners {
     }
 }
 
+/// Accept-queue length of the listeners. A burst of new connections beyond
+/// it overflows the queue, and the kernel falls back to SYN cookies, one of
+/// which can fail and reset a connection (seen with 1,000 concurrent
+/// connects on std's default of 128). The kernel caps it at somaxconn.
+pub const BACKLOG: i32 = 4096;
+
+/// A non-blocking listener on `addr`, in the calling thread's namespace.
 fn bind(addr: SocketAddr) -> io::Result<StdListener> {
-    let listener = StdListener::bind(addr)?;
-    listener.set_nonblocking(true)?;
-    Ok(listener)
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, bind, listen, setsockopt,
+        socket, sockopt,
+    };
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    // A restarted agent binds again while the last one's connections are
+    // in TIME_WAIT.
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrStorage::from(addr),
+    )?;
+    listen(&fd, Backlog::new(BACKLOG).map_err(io::Error::from)?)?;
+    Ok(StdListener::from(fd))
 }
 
 async fn accept_loop(

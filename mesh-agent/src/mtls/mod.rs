@@ -195,5 +195,5 @@ fn tunnel_listener(port: u16) -> anyhow::Result<tokio::net::TcpListener> {
     socket
         .bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))
         .with_context(|| format!("binding the tunnel port {port}"))?;
-    Ok(socket.listen(1024)?)
+    Ok(socket.listen(listeners::BACKLOG as u32)?)
 }
