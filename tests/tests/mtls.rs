@@ -650,6 +650,13 @@ fn flows_report_the_identity_mutual_tls_verified() {
     assert_eq!(f["src"]["identity"], id("shop", "web"), "{f}");
     assert_eq!(f["dst"]["identity"], id("shop", "db"), "{f}");
     assert_eq!(f["verdict"], "ALLOW", "{f}");
+    // The agent let its node reuse ports in TIME_WAIT (its connections to
+    // local workloads close first), or sustained rates run out of ports.
+    let reuse = m.bed.nodes[1]
+        .netns
+        .exec("sysctl", &["-n", "net.ipv4.tcp_tw_reuse"])
+        .unwrap();
+    assert_eq!(reuse.trim(), "1");
 
     // explain, on the source's node, says the path proves the identity.
     let state0 = m.bed.state_dir(0);

@@ -127,29 +127,3 @@ pub fn async_ring_buf(
     unsafe { tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
 }
-
-/// `TCP_TIME_WAIT` in `tcp_info.tcpi_state`.
-pub const TCP_TIME_WAIT: u8 = 6;
-
-/// The TCP state of a socket (`tcp_info.tcpi_state`).
-pub fn tcp_state(sock: BorrowedFd<'_>) -> io::Result<u8> {
-    // The first byte of struct tcp_info is tcpi_state; ask for more so the
-    // kernel fills a well-formed prefix.
-    let mut info = [0u8; 104];
-    let mut len = info.len() as libc::socklen_t;
-    // SAFETY: the buffer and its length are valid for the call; the kernel
-    // writes at most `len` bytes.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            info.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(info[0])
-}

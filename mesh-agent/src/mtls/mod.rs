@@ -115,6 +115,7 @@ impl Mtls {
             settings: settings.clone(),
             flows: flows.clone(),
         });
+        allow_time_wait_reuse();
         let listener = tunnel_listener(m.tunnel_port)?;
         let inbound = tokio::spawn(inbound.run(listener, shutdown.subscribe()));
 
@@ -185,6 +186,33 @@ impl Mtls {
         let _ = self.shutdown.send(true);
         drop(self.listeners);
         let _ = tokio::time::timeout(grace, self.inbound).await;
+    }
+}
+
+const TW_REUSE: &str = "/proc/sys/net/ipv4/tcp_tw_reuse";
+
+/// The destination's agent passes the client's FIN on first, so each of its
+/// connections to a local workload ends in TIME_WAIT, holding a port of the
+/// node for a minute (the kernel keeps it in a separate timewait socket
+/// whatever the agent does with its own). At thousands of connections a
+/// second the node runs out of ports: the collapse other per-node proxies
+/// show after some 20,000 connections. `tcp_tw_reuse=1` lets new outgoing
+/// connections take over such ports when TCP timestamps prove it safe (the
+/// kernel's default, 2, allows it on loopback only). Applies to the agent's
+/// network namespace, the node's in a DaemonSet; said in the log.
+fn allow_time_wait_reuse() {
+    match std::fs::read_to_string(TW_REUSE) {
+        Ok(v) if v.trim() == "1" => {}
+        Ok(v) => match std::fs::write(TW_REUSE, "1") {
+            Ok(()) => info!(
+                was = v.trim(),
+                "set net.ipv4.tcp_tw_reuse=1 so tunnels to local workloads can reuse ports in TIME_WAIT"
+            ),
+            Err(e) => {
+                warn!(error = %e, "cannot set net.ipv4.tcp_tw_reuse=1: sustained connection rates will run out of ports")
+            }
+        },
+        Err(e) => warn!(error = %e, "cannot read net.ipv4.tcp_tw_reuse"),
     }
 }
 

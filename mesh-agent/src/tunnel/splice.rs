@@ -34,10 +34,6 @@ pub trait Socket: AsyncRead + AsyncWrite + Unpin + Send {
     /// Makes the coming close abortive: when dropped, the peer gets a reset
     /// instead of an end of stream.
     fn reset_on_close(&self) -> io::Result<()>;
-
-    /// Called after both directions ended cleanly, just before the socket
-    /// is dropped.
-    fn finished_cleanly(&self) {}
 }
 
 impl Socket for TcpStream {
@@ -45,23 +41,6 @@ impl Socket for TcpStream {
         // SO_LINGER with a zero timeout: close() sends RST and drops any
         // unsent data, without blocking.
         self.set_zero_linger()
-    }
-
-    /// A socket that sent its FIN first sits in TIME_WAIT for a minute,
-    /// holding its local port. The agent does that for every tunnel whose
-    /// client closes first (it passes the FIN on to the destination), and
-    /// at thousands of connections a second the node runs out of ports:
-    /// the collapse other per-node proxies show after some 20,000
-    /// connections. Once in TIME_WAIT every byte has been acknowledged
-    /// both ways, so closing with a zero linger only frees the port: the
-    /// kernel sends no reset from that state.
-    fn finished_cleanly(&self) {
-        use std::os::fd::AsFd as _;
-        if crate::datapath::sys::tcp_state(self.as_fd()).ok()
-            == Some(crate::datapath::sys::TCP_TIME_WAIT)
-        {
-            let _ = self.set_zero_linger();
-        }
     }
 }
 
@@ -131,7 +110,6 @@ pub async fn splice<S: Socket>(
     match result {
         Ok(()) => {
             splice.finished = true;
-            splice.socket.finished_cleanly();
             Ok(stats)
         }
         Err(cause) => {
