@@ -85,7 +85,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn same_node(cli: &SameNode, out: &Path) -> anyhow::Result<()> {
-    let latency = hold_cpu_dmalatency();
+    let latency = hold_cpu_dma_latency();
 
     let mut bed = TestBed::new("bench")?;
     bed.add_pod(0)?;
@@ -173,7 +173,7 @@ fn same_node(cli: &SameNode, out: &Path) -> anyhow::Result<()> {
     let report = json!({
         "benchmark": "same-node",
         "machine": machine(),
-        "cpu_dmalatency_held_at_0": latency.is_some(),
+        "cpu_dma_latency_held_at_0": latency.is_some(),
         "rounds": cli.rounds,
         "pings_per_round": cli.pings,
         "stream_bytes_per_round": cli.stream_bytes,
@@ -186,7 +186,7 @@ fn same_node(cli: &SameNode, out: &Path) -> anyhow::Result<()> {
         cli.rounds
     );
     println!(
-        "(64-byte ping-pong RTT; single-stream throughput; /dev/cpu_dmalatency held at 0: {})\n",
+        "(64-byte ping-pong RTT; single-stream throughput; /dev/cpu_dma_latency held at 0: {})\n",
         latency.is_some()
     );
     print!("{table}");
@@ -483,7 +483,7 @@ fn policy(cli: &Policy, out: &Path) -> anyhow::Result<()> {
         .map(|&n| Shape::of(n))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let run_started = Instant::now();
-    let latency = hold_cpu_dmalatency();
+    let latency = hold_cpu_dma_latency();
 
     // The mesh: the agent on node 0, the client and server in its cgroup;
     // the same server outside it for the baseline without rules ("none":
@@ -696,7 +696,7 @@ fn policy(cli: &Policy, out: &Path) -> anyhow::Result<()> {
     let report = json!({
         "benchmark": "policy",
         "machine": machine(),
-        "cpu_dmalatency_held_at_0": latency.is_some(),
+        "cpu_dma_latency_held_at_0": latency.is_some(),
         "rounds": cli.rounds,
         "connections_per_measurement": cli.connections,
         "rules": cli.rules,
@@ -714,7 +714,7 @@ fn policy(cli: &Policy, out: &Path) -> anyhow::Result<()> {
     println!(
         "\npolicy: new connections per second (1-byte echo each) from one pod to another on one node,\n\
          {} alternating rounds of {} connections, medians; iptables {backend} ({iptables_version});\n\
-         /dev/cpu_dmalatency held at 0: {}\n",
+         /dev/cpu_dma_latency held at 0: {}\n",
         cli.rounds,
         cli.connections,
         latency.is_some()
@@ -731,11 +731,11 @@ fn policy(cli: &Policy, out: &Path) -> anyhow::Result<()> {
 
 /// Keeps idle CPUs out of deep sleep while held (as tuned's latency
 /// profiles do): waking one adds ~60 µs to a round trip on these VMs.
-fn hold_cpu_dmalatency() -> Option<std::fs::File> {
+fn hold_cpu_dma_latency() -> Option<std::fs::File> {
     use std::io::Write as _;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
-        .open("/dev/cpu_dmalatency")
+        .open("/dev/cpu_dma_latency")
         .ok()?;
     file.write_all(&0i32.to_ne_bytes()).ok()?;
     Some(file)

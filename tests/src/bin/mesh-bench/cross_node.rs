@@ -26,7 +26,7 @@ use mesh_tests::{
 };
 use serde_json::{Value, json};
 
-use super::{T, hold_cpu_dmalatency, machine, median, times};
+use super::{T, hold_cpu_dma_latency, machine, median, times};
 
 #[derive(Args)]
 pub struct CrossNode {
@@ -41,17 +41,35 @@ pub struct CrossNode {
     #[arg(long, default_value_t = 3.0)]
     stream_seconds: f64,
     /// Short connections per connection-rate round.
-    #[arg(long, default_value_t = 3_000)]
+    #[arg(long, default_value_t = 2_000)]
     connections: usize,
     /// Consecutive connections of each sustained run (0: no sustained run).
     #[arg(long, default_value_t = 200_000)]
     sustained: usize,
     /// Connections per slice of a sustained run (a rate is reported per slice).
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 10_000)]
     slice: usize,
     /// Run the sustained run through the mesh only, not over plain TCP.
     #[arg(long)]
     mesh_only_sustained: bool,
+    /// Stop a sustained run after the slice that passes this many seconds
+    /// (a collapsed rate would otherwise take the run past any budget).
+    #[arg(long, default_value_t = 540)]
+    sustained_max_seconds: u64,
+}
+
+/// When the run started, for the progress lines' timestamps.
+static STARTED: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+/// A progress line on stderr, with the seconds since the run started.
+macro_rules! progress {
+    ($($arg:tt)*) => {
+        eprintln!(
+            "[{:>4.0} s] {}",
+            STARTED.get_or_init(Instant::now).elapsed().as_secs_f64(),
+            format_args!($($arg)*)
+        )
+    };
 }
 
 const TRUST_DOMAIN: &str = "cluster.local";
@@ -80,9 +98,12 @@ struct Variant {
 /// 1), their Workload and MeshNode documents, a mesh CA, and an agent per
 /// node with `--ca-dir` and nothing else (the agents' defaults).
 struct Cluster {
-    bed: TestBed,
-    agents: Vec<Agent>,
+    // Dropped in this order: the processes by PID, then the namespaces.
     _servers: Vec<Spawned>,
+    agents: Vec<Agent>,
+    bed: TestBed,
+    /// Node 1's port settings before its agent started (which may change them).
+    node_sysctls_before_agent: Value,
 }
 
 impl Cluster {
@@ -96,13 +117,9 @@ impl Cluster {
         // policy benchmark): every ephemeral port, and TIME_WAIT ports
         // reused after a second. Without it, plain TCP's client runs out
         // of ports after ~28,000 connections to one server in a minute.
-        // The nodes keep the kernel's defaults.
-        let client = &bed.pods[0].netns;
-        client.exec(
-            "sysctl",
-            &["-qw", "net.ipv4.ip_local_port_range=1024 65535"],
-        )?;
-        client.exec("sysctl", &["-qw", "net.ipv4.tcp_tw_reuse=1"])?;
+        // The bench leaves the nodes' settings alone.
+        port_reuse(&bed.pods[0].netns)?;
+        let node_sysctls_before_agent = port_settings(&bed.nodes[1].netns);
 
         bed.register_workload(0, NAMESPACE, "client", &[])?;
         bed.register_workload(1, NAMESPACE, "server", &[])?;
@@ -145,6 +162,7 @@ impl Cluster {
             bed,
             agents,
             _servers: servers,
+            node_sysctls_before_agent,
         })
     }
 
@@ -297,6 +315,62 @@ impl Cluster {
     }
 }
 
+/// /proc/loadavg's first three fields.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The workspace's commit the binaries were built from (`+dirty` with
+/// uncommitted changes), so that figures name what they measured.
+fn commit() -> Option<String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .arg("-C")
+            .arg(root)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let head = git(&["rev-parse", "--short", "HEAD"])?;
+    let dirty = git(&["status", "--porcelain", "--untracked-files=no"])?;
+    Some(if dirty.is_empty() {
+        head
+    } else {
+        format!("{head}+dirty")
+    })
+}
+
+/// Every ephemeral port, and ports in TIME_WAIT reused after a second.
+fn port_reuse(netns: &Netns) -> anyhow::Result<()> {
+    netns.exec(
+        "sysctl",
+        &["-qw", "net.ipv4.ip_local_port_range=1024 65535"],
+    )?;
+    netns.exec("sysctl", &["-qw", "net.ipv4.tcp_tw_reuse=1"])?;
+    Ok(())
+}
+
+/// Waits (at most a TIME_WAIT period) until node 1 holds fewer than
+/// `below` TIME_WAIT sockets, so that a sustained run starts from a clean
+/// node rather than from the rounds' leftovers; returns the seconds waited.
+fn settle_node_1(c: &Cluster, below: u64) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    while time_wait_in(&c.bed.nodes[1].netns)? >= below
+        && started.elapsed() < Duration::from_secs(65)
+    {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
 /// TIME_WAIT sockets of a namespace (`tw` in its /proc/net/sockstat).
 fn time_wait_in(netns: &Netns) -> anyhow::Result<u64> {
     let sockstat = netns.exec("cat", &["/proc/net/sockstat"])?;
@@ -328,14 +402,30 @@ fn port_settings(netns: &Netns) -> Value {
 
 /// One sustained run: `total` consecutive connections in slices of
 /// `slice`, each slice one `mesh-pod short`. A slice that fails ends the
-/// run; the failure is recorded, not raised.
-fn sustained(c: &Cluster, v: &Variant, total: usize, slice: usize) -> anyhow::Result<Value> {
+/// run; the failure is recorded, not raised. So does passing `max`.
+fn sustained(
+    c: &Cluster,
+    v: &Variant,
+    total: usize,
+    slice: usize,
+    max: Duration,
+) -> anyhow::Result<Value> {
     let started = Instant::now();
     let tunnelled_before = c.tunnelled()?;
+    let time_wait_at_start = c.time_wait();
     let mut slices = Vec::new();
     let mut done = 0;
     let mut failure = None;
+    let mut stopped = None;
     while done < total {
+        if started.elapsed() > max {
+            progress!(
+                "sustained {:5}: stopped after {done} connections: past {max:?}",
+                v.name
+            );
+            stopped = Some(format!("past --sustained-max-seconds ({max:?})"));
+            break;
+        }
         let n = slice.min(total - done);
         match c.connection_rate(v, n) {
             Ok(report) => {
@@ -343,7 +433,7 @@ fn sustained(c: &Cluster, v: &Variant, total: usize, slice: usize) -> anyhow::Re
                 let seconds = report["seconds"].as_f64().unwrap_or(0.0);
                 done += n;
                 let time_wait = c.time_wait();
-                eprintln!(
+                progress!(
                     "sustained {:5}: {done:>7} connections, this slice {per_second:>6.0} conn/s (TIME_WAIT: {time_wait})",
                     v.name
                 );
@@ -357,7 +447,7 @@ fn sustained(c: &Cluster, v: &Variant, total: usize, slice: usize) -> anyhow::Re
             }
             Err(e) => {
                 let time_wait = c.time_wait();
-                eprintln!(
+                progress!(
                     "sustained {:5}: FAILED in the slice after {done} connections: {e:#} (TIME_WAIT: {time_wait})",
                     v.name
                 );
@@ -374,11 +464,24 @@ fn sustained(c: &Cluster, v: &Variant, total: usize, slice: usize) -> anyhow::Re
     let seconds: f64 = slices.iter().filter_map(|s| s["seconds"].as_f64()).sum();
     let rate = |s: Option<&Value>| s.and_then(|s| s["per_second"].as_f64());
     let tunnelled = c.tunnelled()? - tunnelled_before;
+    // Whose sockets they are: a few of each namespace's, as ss lists them.
+    let sample = |ns: &Netns| {
+        ns.exec("ss", &["-Htan", "state", "time-wait"])
+            .map(|out| out.lines().take(3).map(str::to_owned).collect::<Vec<_>>())
+            .ok()
+    };
+    let time_wait_sample = json!({
+        "client_pod": sample(&c.bed.pods[0].netns),
+        "node_1": sample(&c.bed.nodes[1].netns),
+    });
     Ok(json!({
         "variant": v.name,
         "connections_asked": total,
         "connections_done": done,
-        "complete": failure.is_none(),
+        "complete": done == total,
+        "stopped": stopped,
+        "time_wait_at_start": time_wait_at_start,
+        "time_wait_sample_at_end": time_wait_sample,
         "seconds": seconds,
         "wall_seconds": started.elapsed().as_secs_f64(),
         "per_second": if seconds > 0.0 { done as f64 / seconds } else { 0.0 },
@@ -397,9 +500,11 @@ pub fn run(cli: &CrossNode, out: &Path) -> anyhow::Result<()> {
         "nothing to measure"
     );
     ensure!(cli.slice > 0, "--slice must be at least 1");
-    let run_started = Instant::now();
+    let run_started = *STARTED.get_or_init(Instant::now);
+    let load_at_start = loadavg();
     let cluster = Cluster::start()?;
-    let result = measure(cli, &cluster, out, run_started);
+    progress!("two nodes, a pod on each, agents ready");
+    let result = measure(cli, &cluster, out, run_started, &load_at_start);
     // Always keep what the agents said; a failure prints where.
     let logs = cluster.save_logs(out)?;
     if let Err(e) = &result {
@@ -416,6 +521,7 @@ fn measure(
     cluster: &Cluster,
     out: &Path,
     run_started: Instant,
+    load_at_start: &str,
 ) -> anyhow::Result<()> {
     let variants = cluster.variants();
     cluster.wait_until_tunnelling(&variants)?;
@@ -429,7 +535,7 @@ fn measure(
         let warm = cluster.stream(v, 512 << 20)?;
         let bytes = warm / 8.0 * 1e9 * cli.stream_seconds;
         stream_bytes[k] = ((bytes as u64) >> 20).clamp(64, 64 << 10) << 20;
-        eprintln!(
+        progress!(
             "warm-up {:5}: {warm:.2} Gbit/s; streaming {} MiB per round",
             v.name,
             stream_bytes[k] >> 20
@@ -445,7 +551,7 @@ fn measure(
             let k = (round + k) % variants.len();
             let v = &variants[k];
             let ping = {
-                let latency = hold_cpu_dmalatency();
+                let latency = hold_cpu_dma_latency();
                 latency_held &= latency.is_some();
                 cluster.pingpong(v, cli.pings)?
             };
@@ -459,7 +565,7 @@ fn measure(
                 "gbit_per_s": gbit,
                 "connections_per_s": short["per_second"],
             });
-            eprintln!(
+            progress!(
                 "round {round} {:5}: p50 {:.1} µs, p99 {:.1} µs, {gbit:.2} Gbit/s, {:.0} conn/s",
                 v.name,
                 ping["p50_ns"].as_f64().unwrap_or(0.0) / 1e3,
@@ -478,14 +584,21 @@ fn measure(
         "only {tunnelled} of the rounds' {expected} mesh connections were steered to the agent"
     );
 
-    // Sustained: the mesh first (the path under test), then plain TCP.
+    // Sustained: plain TCP first (its TIME_WAIT sockets stay in the
+    // client pod), while the rounds' leave node 1; then the mesh, from a
+    // node 1 with (almost) none left.
     let mut sustained_runs = Vec::new();
+    let mut settled_seconds = None;
     if cli.sustained > 0 {
         let [plain, mesh] = &variants;
-        sustained_runs.push(sustained(cluster, mesh, cli.sustained, cli.slice)?);
+        let max = Duration::from_secs(cli.sustained_max_seconds);
         if !cli.mesh_only_sustained {
-            sustained_runs.push(sustained(cluster, plain, cli.sustained, cli.slice)?);
+            sustained_runs.push(sustained(cluster, plain, cli.sustained, cli.slice, max)?);
         }
+        let waited = settle_node_1(cluster, 2000)?;
+        progress!("waited {waited:.0} s for node 1's TIME_WAIT sockets to expire");
+        settled_seconds = Some(waited);
+        sustained_runs.push(sustained(cluster, mesh, cli.sustained, cli.slice, max)?);
     }
 
     // ---- medians, ratios, targets
@@ -604,6 +717,13 @@ fn measure(
             );
         }
         for r in [Some(mesh_run), plain_run].into_iter().flatten() {
+            if let Some(why) = r["stopped"].as_str() {
+                slices_table += &format!(
+                    "{} stopped after {} connections: {why}\n",
+                    r["variant"].as_str().unwrap_or_default(),
+                    r["connections_done"]
+                );
+            }
             if let Some(f) = r["failure"].as_object() {
                 slices_table += &format!(
                     "{} FAILED after {} connections: {}\n",
@@ -666,16 +786,20 @@ fn measure(
     let report = json!({
         "benchmark": "cross-node",
         "machine": machine(),
+        "commit": commit(),
         "path": {
             "plain": "mesh-pod in the client pod on node 0, outside the mesh's cgroup: plain TCP over the veths, node bridges and the fabric (past the mesh's tc programs on the uplinks)",
             "mesh": "the same tool in node 0's mesh cgroup: steered by the kernel to node 0's agent, HBONE (HTTP/2 CONNECT over mutual TLS 1.3) to node 1's agent, which connects to the server",
         },
         "agents": "mesh-agent run --ca-dir <CA>: default settings (2 runtime workers, default TunnelSettings)",
-        "cpu_dmalatency_held_at_0": if latency_held { "during the ping-pong runs" } else { "no (could not open /dev/cpu_dma_latency)" },
+        "cpu_dma_latency_held_at_0": if latency_held { "during the ping-pong runs" } else { "no (could not open /dev/cpu_dma_latency)" },
+        "waited_for_node_1_time_wait_s": settled_seconds,
         "sysctls": {
             "client_pod": port_settings(&cluster.bed.pods[0].netns),
+            "node_1_before_agent": cluster.node_sysctls_before_agent,
             "node_1": port_settings(&cluster.bed.nodes[1].netns),
         },
+        "sysctls_note": "the client pod uses every ephemeral port and tcp_tw_reuse=1, for both variants; the bench leaves the nodes' settings alone (node_1: at the end of the run, after its agent started)",
         "rounds": cli.rounds,
         "pings_per_round": cli.pings,
         "message_size": 64,
@@ -691,6 +815,8 @@ fn measure(
         "targets": targets,
         "samples": samples,
         "total_seconds": total,
+        // The machine is shared: how busy it was around the run.
+        "loadavg": { "start": load_at_start, "end": loadavg() },
     });
 
     println!(
