@@ -253,10 +253,12 @@ async fn run(
         }
 
         if changed {
-            shared.refresh_ready();
+            // Recorded before readiness is announced: whoever waits for
+            // ready (the agent's "ready", then `inspect certs`) finds it.
             if let Err(e) = write_state(&config.state_dir, store, &entries) {
                 warn!(error = %e, "cannot record the certificates' state");
             }
+            shared.refresh_ready();
         }
 
         // Sleep until the next renewal, retry or expiry, or a new wanted set.
