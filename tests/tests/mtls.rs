@@ -115,6 +115,15 @@ fn mesh_agent_ok(args: &[&str]) -> String {
 /// documents and the MeshNode documents, a mesh CA; agents started with
 /// `agent_args` unless `start` is false.
 fn mesh(test: &str, workloads: &[W], docs: &[(&str, String)], agent_args: &[&str]) -> Mesh {
+    let mut mesh = mesh_without_agents(test, workloads, docs);
+    mesh.agents = (0..mesh.bed.nodes.len())
+        .map(|n| mesh.start_agent(n, agent_args))
+        .collect();
+    mesh
+}
+
+/// [`mesh`] before any agent starts.
+fn mesh_without_agents(test: &str, workloads: &[W], docs: &[(&str, String)]) -> Mesh {
     let mut bed = TestBed::new(test).unwrap();
     bed.add_node().unwrap();
     bed.connect_nodes().unwrap();
@@ -148,16 +157,12 @@ fn mesh(test: &str, workloads: &[W], docs: &[(&str, String)], agent_args: &[&str
         "--out",
         ca.to_str().unwrap(),
     ]);
-    let mut mesh = Mesh {
+    Mesh {
         bed,
         _servers: servers,
         agents: Vec::new(),
         ca,
-    };
-    mesh.agents = (0..mesh.bed.nodes.len())
-        .map(|n| mesh.start_agent(n, agent_args))
-        .collect();
-    mesh
+    }
 }
 
 fn strict(namespace: &str, name: &str, sa: &str) -> String {
@@ -688,29 +693,9 @@ fn flows_report_the_identity_mutual_tls_verified() {
 
 #[test]
 fn the_ca_service_signs_only_identities_a_node_hosts() {
-    let mut bed = TestBed::new("casvc").unwrap();
-    bed.add_node().unwrap();
-    bed.connect_nodes().unwrap();
-    let workloads = [w(0, "shop", "web"), w(1, "shop", "db")];
-    let mut servers = Vec::new();
-    for (i, w) in workloads.iter().enumerate() {
-        bed.add_pod(w.node).unwrap();
-        bed.register_workload(i, w.namespace, w.sa, &[]).unwrap();
-        let listen: SocketAddr = format!("[::]:{PORT}").parse().unwrap();
-        servers.push(bed.server(i, true, listen, "echo").unwrap());
-    }
-    let nodes = "apiVersion: mesh.dev/v1alpha1\nkind: MeshNode\nmetadata: {name: node-0}\nspec: {addresses: [198.19.255.1]}\n---\napiVersion: mesh.dev/v1alpha1\nkind: MeshNode\nmetadata: {name: node-1}\nspec: {addresses: [198.19.255.2]}\n";
-    bed.write_config("nodes.yaml", nodes).unwrap();
-    let files = bed.files.path().to_owned();
-    let ca = files.join("ca");
-    mesh_agent_ok(&[
-        "ca",
-        "init",
-        "--trust-domain",
-        TD,
-        "--out",
-        ca.to_str().unwrap(),
-    ]);
+    let mut m = mesh_without_agents("casvc", &[w(0, "shop", "web"), w(1, "shop", "db")], &[]);
+    let files = m.bed.files.path().to_owned();
+    let ca = m.ca.clone();
     let creds: Vec<PathBuf> = (0..2)
         .map(|n| {
             let out = files.join(format!("node-{n}"));
@@ -738,23 +723,23 @@ fn the_ca_service_signs_only_identities_a_node_hosts() {
         "198.19.255.1:15012",
         "--config-dir",
     ])
-    .arg(bed.config_dir())
+    .arg(m.bed.config_dir())
     .stdout(std::process::Stdio::null())
     .stderr(std::process::Stdio::piped());
     let mut service = Spawned::spawn(
         cmd,
         &mesh_tests::process::Placement {
-            netns: Some(&bed.nodes[0].netns),
+            netns: Some(&m.bed.nodes[0].netns),
             cgroup: None,
         },
     )
     .unwrap();
     wait_for_line_stderr(&mut service, "ready");
 
-    let agents: Vec<Agent> = (0..2)
+    m.agents = (0..2)
         .map(|n| {
             Agent::start_node(
-                &bed,
+                &m.bed,
                 n,
                 &[
                     "--ca-address",
@@ -766,16 +751,17 @@ fn the_ca_service_signs_only_identities_a_node_hosts() {
             .unwrap()
         })
         .collect();
-    let db = bed.pods[1].addr(false, PORT).to_string();
+    let db = m.bed.pods[1].addr(false, PORT).to_string();
     let target = format!("tcp:{db}");
-    let report = bed
+    let report = m
+        .bed
         .client(0, true, &["probe", "--targets", &target], T)
         .unwrap();
     assert_eq!(report["results"][&target], "connected", "{report}");
 
     // Node 0 asking for db's identity (db runs on node 1): refused.
     let ask = |node: usize, spiffe: &str| {
-        bed.nodes[node].netns.exec(
+        m.bed.nodes[node].netns.exec(
             agent::agent_bin().to_str().unwrap(),
             &[
                 "ca",
@@ -798,7 +784,6 @@ fn the_ca_service_signs_only_identities_a_node_hosts() {
     // …while its own workload's identity is granted, and node 1 may have db's.
     ask(0, &id("shop", "web")).unwrap();
     ask(1, &id("shop", "db")).unwrap();
-    drop(agents);
 }
 
 /// Waits for a line containing `needle` on the process's stderr.

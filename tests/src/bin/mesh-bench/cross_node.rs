@@ -315,6 +315,16 @@ impl Cluster {
     }
 }
 
+/// The 1-minute load average. This run keeps about two runnable
+/// processes busy; more means someone else is using the machine.
+fn load_1m() -> f64 {
+    loadavg()
+        .split_whitespace()
+        .next()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// /proc/loadavg's first three fields.
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
@@ -443,6 +453,7 @@ fn sustained(
                     "seconds": seconds,
                     "per_second": per_second,
                     "time_wait": time_wait,
+                    "load_1m": load_1m(),
                 }));
             }
             Err(e) => {
@@ -558,6 +569,7 @@ fn measure(
             let gbit = cluster.stream(v, stream_bytes[k])?;
             let short = cluster.connection_rate(v, cli.connections)?;
             let sample = json!({
+                "load_1m": load_1m(),
                 "round": round,
                 "variant": v.name,
                 "p50_ns": ping["p50_ns"],
@@ -692,6 +704,7 @@ fn measure(
             "{:<12} {:>11} {:>12} {:>18} {:>18}\n",
             "AFTER", "MESH conn/s", "PLAIN conn/s", "TIME_WAIT node-1", "TIME_WAIT client"
         );
+        slices_table = slices_table.replace('\n', "   LOAD mesh/plain\n");
         let empty = Vec::new();
         let plain_slices = plain_run
             .and_then(|r| r["slices"].as_array())
@@ -707,13 +720,19 @@ fn measure(
                 m.map(|s| s["time_wait"][key].to_string())
                     .unwrap_or_else(|| "-".into())
             };
+            let load = |s: Option<&Value>| {
+                s.and_then(|s| s["load_1m"].as_f64())
+                    .map_or("-".into(), |l| format!("{l:.1}"))
+            };
             slices_table += &format!(
-                "{:<12} {:>11} {:>12} {:>18} {:>18}\n",
+                "{:<12} {:>11} {:>12} {:>18} {:>18}   {}/{}\n",
                 m.or(p).map(|s| s["after"].to_string()).unwrap_or_default(),
                 rate(m),
                 rate(p),
                 tw("node_1"),
                 tw("client_pod"),
+                load(m),
+                load(p),
             );
         }
         for r in [Some(mesh_run), plain_run].into_iter().flatten() {
@@ -782,8 +801,29 @@ fn measure(
         );
     }
 
+    // Other work on the machine shows in the load average: this run keeps
+    // it near the number of CPUs.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let max_load = samples
+        .iter()
+        .chain(
+            sustained_runs
+                .iter()
+                .flat_map(|r| r["slices"].as_array().into_iter().flatten()),
+        )
+        .filter_map(|s| s["load_1m"].as_f64())
+        .fold(0.0, f64::max);
+    let busy = (max_load > cpus + 1.0).then(|| {
+        format!(
+            "the 1-minute load reached {max_load:.1} on {cpus} CPUs (this run alone keeps it near {cpus}): \
+             other work shared the machine, and what was measured then is low (see load_1m in the JSON, \
+             LOAD per slice above)"
+        )
+    });
+
     let total = run_started.elapsed().as_secs_f64();
     let report = json!({
+        "other_load": busy,
         "benchmark": "cross-node",
         "machine": machine(),
         "commit": commit(),
@@ -828,6 +868,9 @@ fn measure(
     if !slices_table.is_empty() {
         println!("\nsustained, per slice of {} connections:", cli.slice);
         print!("{slices_table}");
+    }
+    if let Some(note) = &busy {
+        println!("\nNOTE: {note}");
     }
     println!("\ntargets:");
     print!("{targets_table}");
