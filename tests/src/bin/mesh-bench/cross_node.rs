@@ -315,6 +315,45 @@ impl Cluster {
     }
 }
 
+/// The machine's CPU time so far (/proc/stat), to tell how much of it the
+/// hypervisor gave to others (steal) while something was measured.
+struct CpuTicks {
+    total: u64,
+    steal: u64,
+}
+
+impl CpuTicks {
+    fn now() -> Self {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let ticks: Vec<u64> = stat
+            .lines()
+            .find(|l| l.starts_with("cpu "))
+            .map(|l| {
+                l.split_whitespace()
+                    .skip(1)
+                    .filter_map(|t| t.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        // user nice system idle iowait irq softirq steal (guest time is
+        // already counted in user).
+        Self {
+            total: ticks.iter().take(8).sum(),
+            steal: ticks.get(7).copied().unwrap_or(0),
+        }
+    }
+
+    /// Percent of the CPU time since `self` that was stolen.
+    fn steal_pct(&self) -> f64 {
+        let now = Self::now();
+        let total = now.total.saturating_sub(self.total);
+        if total == 0 {
+            return 0.0;
+        }
+        100.0 * now.steal.saturating_sub(self.steal) as f64 / total as f64
+    }
+}
+
 /// The 1-minute load average. This run keeps about two runnable
 /// processes busy; more means someone else is using the machine.
 fn load_1m() -> f64 {
@@ -437,6 +476,7 @@ fn sustained(
             break;
         }
         let n = slice.min(total - done);
+        let cpu = CpuTicks::now();
         match c.connection_rate(v, n) {
             Ok(report) => {
                 let per_second = report["per_second"].as_f64().unwrap_or(0.0);
@@ -454,6 +494,7 @@ fn sustained(
                     "per_second": per_second,
                     "time_wait": time_wait,
                     "load_1m": load_1m(),
+                    "steal_pct": cpu.steal_pct(),
                 }));
             }
             Err(e) => {
@@ -561,6 +602,7 @@ fn measure(
             // Alternate which variant goes first, so drift spreads evenly.
             let k = (round + k) % variants.len();
             let v = &variants[k];
+            let cpu = CpuTicks::now();
             let ping = {
                 let latency = hold_cpu_dma_latency();
                 latency_held &= latency.is_some();
@@ -570,6 +612,7 @@ fn measure(
             let short = cluster.connection_rate(v, cli.connections)?;
             let sample = json!({
                 "load_1m": load_1m(),
+                "steal_pct": cpu.steal_pct(),
                 "round": round,
                 "variant": v.name,
                 "p50_ns": ping["p50_ns"],
@@ -578,11 +621,13 @@ fn measure(
                 "connections_per_s": short["per_second"],
             });
             progress!(
-                "round {round} {:5}: p50 {:.1} µs, p99 {:.1} µs, {gbit:.2} Gbit/s, {:.0} conn/s",
+                "round {round} {:5}: p50 {:.1} µs, p99 {:.1} µs, {gbit:.2} Gbit/s, {:.0} conn/s (load {:.1}, steal {:.1}%)",
                 v.name,
                 ping["p50_ns"].as_f64().unwrap_or(0.0) / 1e3,
                 ping["p99_ns"].as_f64().unwrap_or(0.0) / 1e3,
                 short["per_second"].as_f64().unwrap_or(0.0),
+                sample["load_1m"].as_f64().unwrap_or(0.0),
+                sample["steal_pct"].as_f64().unwrap_or(0.0),
             );
             samples.push(sample);
         }
@@ -704,7 +749,7 @@ fn measure(
             "{:<12} {:>11} {:>12} {:>18} {:>18}\n",
             "AFTER", "MESH conn/s", "PLAIN conn/s", "TIME_WAIT node-1", "TIME_WAIT client"
         );
-        slices_table = slices_table.replace('\n', "   LOAD mesh/plain\n");
+        slices_table = slices_table.replace('\n', "   LOAD mesh/plain   STEAL% mesh/plain\n");
         let empty = Vec::new();
         let plain_slices = plain_run
             .and_then(|r| r["slices"].as_array())
@@ -720,19 +765,20 @@ fn measure(
                 m.map(|s| s["time_wait"][key].to_string())
                     .unwrap_or_else(|| "-".into())
             };
-            let load = |s: Option<&Value>| {
-                s.and_then(|s| s["load_1m"].as_f64())
+            let one = |s: Option<&Value>, key: &str| {
+                s.and_then(|s| s[key].as_f64())
                     .map_or("-".into(), |l| format!("{l:.1}"))
             };
+            let pair = |key: &str| format!("{}/{}", one(m, key), one(p, key));
             slices_table += &format!(
-                "{:<12} {:>11} {:>12} {:>18} {:>18}   {}/{}\n",
+                "{:<12} {:>11} {:>12} {:>18} {:>18}   {:<15}   {}\n",
                 m.or(p).map(|s| s["after"].to_string()).unwrap_or_default(),
                 rate(m),
                 rate(p),
                 tw("node_1"),
                 tw("client_pod"),
-                load(m),
-                load(p),
+                pair("load_1m"),
+                pair("steal_pct"),
             );
         }
         for r in [Some(mesh_run), plain_run].into_iter().flatten() {
@@ -804,20 +850,35 @@ fn measure(
     // Other work on the machine shows in the load average: this run keeps
     // it near the number of CPUs.
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-    let max_load = samples
-        .iter()
-        .chain(
-            sustained_runs
-                .iter()
-                .flat_map(|r| r["slices"].as_array().into_iter().flatten()),
-        )
+    let measured = samples.iter().chain(
+        sustained_runs
+            .iter()
+            .flat_map(|r| r["slices"].as_array().into_iter().flatten()),
+    );
+    let max_load = measured
+        .clone()
         .filter_map(|s| s["load_1m"].as_f64())
         .fold(0.0, f64::max);
-    let busy = (max_load > cpus + 1.0).then(|| {
-        format!(
+    let max_steal = measured
+        .clone()
+        .filter_map(|s| s["steal_pct"].as_f64())
+        .fold(0.0, f64::max);
+    let mut busy = Vec::new();
+    if max_load > cpus + 1.0 {
+        busy.push(format!(
             "the 1-minute load reached {max_load:.1} on {cpus} CPUs (this run alone keeps it near {cpus}): \
-             other work shared the machine, and what was measured then is low (see load_1m in the JSON, \
-             LOAD per slice above)"
+             other work shared the machine"
+        ));
+    }
+    if max_steal > 2.0 {
+        busy.push(format!(
+            "the hypervisor took up to {max_steal:.1}% of this machine's CPU time (steal) during a measurement"
+        ));
+    }
+    let busy = (!busy.is_empty()).then(|| {
+        format!(
+            "{}; what was measured then may be low (load_1m and steal_pct of each round and slice are in the JSON)",
+            busy.join("; ")
         )
     });
 
