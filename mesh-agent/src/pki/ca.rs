@@ -25,13 +25,10 @@ use rcgen::{
 use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
 use tracing::warn;
-use x509_parser::{
-    oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY},
-    prelude::{FromDer as _, X509CertificationRequest},
-};
+use x509_parser::prelude::{FromDer as _, X509CertificationRequest};
 
 use super::{
-    cert::{CertInfo, rfc3339},
+    cert::{self, CertInfo, rfc3339},
     files::{self, FileError, Mode},
     spiffe,
     store::Svid,
@@ -311,15 +308,7 @@ impl Ca {
     ) -> Result<Vec<CertificateDer<'static>>, CaError> {
         let (_, request) = X509CertificationRequest::from_der(csr_der)
             .map_err(|e| CaError::Csr(format!("not a PKCS#10 request: {e}")))?;
-        let spki = &request.certification_request_info.subject_pki;
-        let p256 = spki.algorithm.algorithm == OID_KEY_TYPE_EC_PUBLIC_KEY
-            && spki
-                .algorithm
-                .parameters
-                .as_ref()
-                .and_then(|p| p.as_oid().ok())
-                .is_some_and(|curve| curve == OID_EC_P256);
-        if !p256 {
+        if !cert::is_p256(&request.certification_request_info.subject_pki) {
             return Err(CaError::Csr("its key is not ECDSA P-256".into()));
         }
         let csr =

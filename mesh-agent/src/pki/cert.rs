@@ -71,13 +71,7 @@ impl CertInfo {
             .map_err(parse_err)?
             .map(|eku| (eku.value.server_auth, eku.value.client_auth));
         let spki = cert.public_key();
-        let p256 = spki.algorithm.algorithm == OID_KEY_TYPE_EC_PUBLIC_KEY
-            && spki
-                .algorithm
-                .parameters
-                .as_ref()
-                .and_then(|p| p.as_oid().ok())
-                .is_some_and(|curve| curve == OID_EC_P256);
+        let p256 = is_p256(spki);
         Ok(CertInfo {
             subject: cert.subject().to_string(),
             subject_der: cert.subject().as_raw().to_vec(),
@@ -146,4 +140,15 @@ fn system_time(unix_seconds: i64) -> SystemTime {
 /// scripts.
 pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Whether a public key is ECDSA P-256, the only key type of the mesh.
+pub(crate) fn is_p256(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> bool {
+    spki.algorithm.algorithm == OID_KEY_TYPE_EC_PUBLIC_KEY
+        && spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.as_oid().ok())
+            .is_some_and(|curve| curve == OID_EC_P256)
 }
