@@ -60,6 +60,9 @@ pub enum Command {
     /// Create, serve and rotate the mesh's certificate authority.
     #[command(subcommand)]
     Ca(crate::pki::cli::CaCommand),
+    /// Print the CustomResourceDefinitions of the mesh's documents
+    /// (MeshPolicy, PeerAuthentication), for `kubectl apply -f -`.
+    Crds,
 }
 
 #[derive(Debug, clap::Args)]
@@ -278,6 +281,10 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Ca(command) => crate::pki::cli::run(command),
+        Command::Crds => {
+            print!("{}", crate::k8s::crds::crds_yaml()?);
+            Ok(())
+        }
         Command::Flows(args) => explain::flows(&cli.state_dir, args),
         Command::Explain(args) => {
             let maps = PinnedMaps::open(&cli.bpffs)?;

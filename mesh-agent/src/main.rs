@@ -11,6 +11,7 @@ mod datapath;
 mod explain;
 mod flows;
 mod inspect;
+mod k8s;
 mod mtls;
 mod netns;
 mod pki;

@@ -30,6 +30,9 @@ enum Task {
     },
     /// Two pods on one machine, the agent, traffic, and what the kernel did.
     Demo,
+    /// Write the CRDs of the mesh's documents (generated from mesh-agent's
+    /// types) to deploy/crds.yaml; a test fails when they drift apart.
+    GenCrds,
     /// Benchmarks, run against a baseline in the same run.
     Bench {
         /// Which benchmark: same-node, policy or cross-node.
@@ -48,6 +51,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test { args } => test(&args),
         Task::Demo => demo::run(),
         Task::Bench { which, args } => bench(&which, &args),
+        Task::GenCrds => gen_crds(),
     }
 }
 
@@ -105,6 +109,23 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     println!("xtask test: {passed} passed, {failed} failed");
     ensure!(status.success(), "cargo test failed with {status}");
     ensure!(passed > 0, "no test ran");
+    Ok(())
+}
+
+fn gen_crds() -> anyhow::Result<()> {
+    let output = cargo()
+        .args(["run", "--quiet", "--package", "mesh-agent", "--", "crds"])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running mesh-agent crds")?;
+    ensure!(
+        output.status.success(),
+        "mesh-agent crds failed with {}",
+        output.status
+    );
+    let path = workspace_root().join("deploy/crds.yaml");
+    std::fs::write(&path, &output.stdout).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("xtask: wrote {}", path.display());
     Ok(())
 }
 

@@ -7,6 +7,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+use kube::CustomResource;
 use serde::{Deserialize, Deserializer};
 use serde_yaml::Value;
 
@@ -188,8 +189,27 @@ impl PeerAuthentication {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+// The same spec is the `PeerAuthentication` custom resource's in
+// Kubernetes mode (`cargo xtask gen-crds` writes its CRD).
+/// Whether the selected workloads accept plaintext (PERMISSIVE) or only
+/// mutual TLS from the mesh (STRICT).
+#[derive(
+    Clone, Debug, PartialEq, Deserialize, serde::Serialize, schemars::JsonSchema, CustomResource,
+)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[kube(
+    group = "mesh.dev",
+    version = "v1alpha1",
+    kind = "PeerAuthentication",
+    root = "PeerAuthenticationResource",
+    doc = "Mutual TLS mode of a namespace's workloads (docs/policy.md).",
+    namespaced,
+    status = "DocumentStatus",
+    shortname = "mpa",
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mtls.mode"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
 pub struct PeerAuthenticationSpec {
     /// Omitted: every workload of the namespace (of the mesh, in the root
     /// namespace).
@@ -198,14 +218,25 @@ pub struct PeerAuthenticationSpec {
     pub mtls: MtlsSetting,
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, serde::Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct MtlsSetting {
     pub mode: MtlsMode,
 }
 
 #[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, serde::Serialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Deserialize,
+    serde::Serialize,
+    schemars::JsonSchema,
 )]
 pub enum MtlsMode {
     #[default]
@@ -253,8 +284,34 @@ pub struct MeshNodeSpec {
     pub addresses: Vec<IpAddr>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+// The same spec is the `MeshPolicy` custom resource's in Kubernetes mode
+// (`cargo xtask gen-crds` writes its CRD): one type, so a document that
+// works in a directory works with `kubectl apply` and the other way round.
+/// Which sources may connect to the selected workloads, on which ports.
+#[derive(
+    Clone,
+    Debug,
+    Default,
+    PartialEq,
+    Deserialize,
+    serde::Serialize,
+    schemars::JsonSchema,
+    CustomResource,
+)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[kube(
+    group = "mesh.dev",
+    version = "v1alpha1",
+    kind = "MeshPolicy",
+    root = "MeshPolicyResource",
+    doc = "Identity-based allow/deny/audit policy for workloads (docs/policy.md).",
+    namespaced,
+    status = "DocumentStatus",
+    shortname = "mp",
+    printcolumn = r#"{"name":"Action","type":"string","jsonPath":".spec.action"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
 pub struct MeshPolicySpec {
     /// Omitted: every workload of the namespace (of every namespace for a
     /// policy of the root namespace).
@@ -269,7 +326,7 @@ pub struct MeshPolicySpec {
     pub rules: Vec<Rule>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, serde::Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Selector {
     #[serde(default)]
@@ -278,7 +335,18 @@ pub struct Selector {
     pub match_labels: BTreeMap<String, String>,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    Deserialize,
+    serde::Serialize,
+    schemars::JsonSchema,
+)]
 pub enum PolicyAction {
     #[default]
     #[serde(rename = "ALLOW")]
@@ -299,7 +367,7 @@ impl PolicyAction {
     }
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, serde::Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Rule {
     /// Empty or omitted: any source, mesh workload or not.
@@ -311,7 +379,7 @@ pub struct Rule {
 }
 
 /// Exactly one of the two is set (checked after parsing).
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, serde::Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct FromEntry {
     /// A SPIFFE ID, a SPIFFE ID prefix ending in `*`, or `*`.
@@ -322,16 +390,32 @@ pub struct FromEntry {
     pub namespace: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema,
+)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PortEntry {
     #[serde(deserialize_with = "port_number")]
+    #[schemars(range(min = 1, max = 65535))]
     pub port: u16,
     #[serde(default)]
     pub protocol: Protocol,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Deserialize,
+    serde::Serialize,
+    schemars::JsonSchema,
+)]
 pub enum Protocol {
     #[default]
     #[serde(rename = "TCP")]
@@ -412,6 +496,34 @@ fn port_number<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u16, D::Err
     }
 
     deserializer.deserialize_any(PortVisitor)
+}
+
+/// What the agent says about a document it read from the API server: one
+/// `Accepted` condition, `True`, or `False` with reason `Invalid` and a
+/// message naming the field and what is wrong with it.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, serde::Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DocumentStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// A status condition, with the fields of Kubernetes' `metav1.Condition`.
+#[derive(Clone, Debug, PartialEq, Deserialize, serde::Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    pub reason: String,
+    #[serde(default)]
+    pub message: String,
+    /// The `metadata.generation` this condition was computed for.
+    #[serde(default)]
+    pub observed_generation: i64,
+    /// RFC 3339: when `status` last changed.
+    pub last_transition_time: String,
 }
 
 /// All documents of a configuration, parsed and checked.

@@ -23,8 +23,9 @@ pub use compile::{
 };
 pub use diff::{MapDiff, diff};
 pub use documents::{
-    API_VERSION, ConfigError, Documents, FromEntry, MeshNode, MeshPolicy, MeshPolicySpec, MtlsMode,
-    ObjectMeta, Origin, PeerAuthentication, PolicyAction, PortEntry, Protocol, Rule, Selector,
-    Workload, WorkloadSpec, load_dir, parse_str,
+    API_VERSION, Condition, ConfigError, DocumentStatus, Documents, FromEntry, MeshNode,
+    MeshPolicy, MeshPolicyResource, MeshPolicySpec, MtlsMode, ObjectMeta, Origin,
+    PeerAuthentication, PeerAuthenticationResource, PeerAuthenticationSpec, PolicyAction,
+    PortEntry, Protocol, Rule, Selector, Workload, WorkloadSpec, load_dir, parse_str,
 };
 pub use identity::{IdentityPattern, ip_from_key, ip_key, numeric_identity, spiffe_id};

@@ -1,0 +1,3 @@
+//! Kubernetes mode: workloads from Pods, policy from the mesh's custom
+//! resources, all read through the API server's list/watch.
+pub mod crds;
