@@ -10,6 +10,8 @@ use crate::{
     control::Control,
     datapath::{Datapath, maps::PinnedMaps, pins::PinDir},
     flows::{self, FlowHub},
+    health::Health,
+    k8s,
     mtls::Mtls,
     state::NodeState,
 };
@@ -68,21 +70,28 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 None
             }
         };
-        let signal = match config.config_dir.clone() {
-            Some(dir) => {
-                let control = Control::adopt(config.clone())?;
-                tokio::select! {
-                    result = follow_config_dir(control, &dir, &hub, &mut mtls) => {
-                        result?;
-                        unreachable!("the directory watch only ends with an error")
-                    }
-                    signal = wait_for_shutdown() => signal?,
+        let mut health = Health::new(&config.state_dir);
+        let signal = if let Some(dir) = config.config_dir.clone() {
+            let control = Control::adopt(config.clone())?;
+            tokio::select! {
+                result = follow_config_dir(control, &dir, &hub, &mut mtls, &mut health) => {
+                    result?;
+                    unreachable!("the directory watch only ends with an error")
                 }
+                signal = wait_for_shutdown() => signal?,
             }
-            None => {
-                info!("ready");
-                wait_for_shutdown().await?
+        } else if let Some(k) = config.kubernetes.clone() {
+            let control = Control::adopt(config.clone())?;
+            tokio::select! {
+                result = k8s::follow_cluster(control, &config, &k, &hub, &mut mtls, &mut health) => {
+                    result?;
+                    unreachable!("following the cluster only ends with an error")
+                }
+                signal = wait_for_shutdown() => signal?,
             }
+        } else {
+            health.ready();
+            wait_for_shutdown().await?
         };
         // The programs and maps stay attached and pinned: the data path keeps
         // enforcing while no agent runs, and the next agent adopts the pins.
@@ -108,6 +117,7 @@ async fn follow_config_dir(
     dir: &Path,
     hub: &FlowHub,
     mtls: &mut Option<Mtls>,
+    health: &mut Health,
 ) -> anyhow::Result<()> {
     let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
     inotify
@@ -121,7 +131,7 @@ async fn follow_config_dir(
         )
         .with_context(|| format!("watching {}", dir.display()))?;
     let events = crate::datapath::sys::async_owned_fd(inotify.as_fd().try_clone_to_owned()?)?;
-    let mut ready = false;
+    let mut applied_once = false;
     loop {
         match control.reload() {
             Ok(names) => {
@@ -129,18 +139,21 @@ async fn follow_config_dir(
                     mtls.applied(&names);
                 }
                 hub.set_names(names);
-                if !ready {
+                if !applied_once {
                     if let Some(mtls) = mtls.as_ref() {
                         mtls.wait_certified(CERTIFICATES_WAIT).await;
                     }
-                    ready = true;
-                    info!("ready");
+                    applied_once = true;
                 }
+                health.ready();
             }
-            Err(e) => error!(
-                error = format!("{e:#}"),
-                "configuration refused; the policy in force stays in force"
-            ),
+            Err(e) => {
+                error!(
+                    error = format!("{e:#}"),
+                    "configuration refused; the policy in force stays in force"
+                );
+                health.not_ready(format!("configuration refused: {e:#}"));
+            }
         }
         // Wait for a change, then let the writer finish.
         loop {

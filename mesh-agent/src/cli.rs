@@ -128,8 +128,24 @@ pub struct RunArgs {
 
     /// Standalone mode: read Workload and MeshPolicy documents from this
     /// directory and apply every change to it (docs/policy.md).
-    #[arg(long, env = config::ENV_CONFIG_DIR)]
+    #[arg(long, env = config::ENV_CONFIG_DIR, conflicts_with = "kubernetes")]
     pub config_dir: Option<PathBuf>,
+
+    /// Kubernetes mode: workloads from Pods, policy from MeshPolicy and
+    /// PeerAuthentication resources (docs/kubernetes.md). Uses the pod's
+    /// service account, or --kubeconfig.
+    #[arg(long)]
+    pub kubernetes: bool,
+
+    /// Kubernetes mode with this kubeconfig instead of the in-cluster
+    /// service account.
+    #[arg(long, requires = "kubernetes")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Namespace of the Lease that elects the agent writing the documents'
+    /// status (default: the root namespace).
+    #[arg(long, env = config::ENV_POD_NAMESPACE, requires = "kubernetes")]
+    pub status_lease_namespace: Option<String>,
 
     /// This node's name, as workloads' `spec.node` names it (default: the
     /// host name).

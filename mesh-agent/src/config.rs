@@ -11,6 +11,7 @@ pub const ENV_LOG_FORMAT: &str = "MESH_LOG_FORMAT";
 pub const ENV_STATE_DIR: &str = "MESH_STATE_DIR";
 pub const ENV_CONFIG_DIR: &str = "MESH_CONFIG_DIR";
 pub const ENV_NODE_NAME: &str = "NODE_NAME";
+pub const ENV_POD_NAMESPACE: &str = "POD_NAMESPACE";
 pub const ENV_INTERFACES: &str = "MESH_INTERFACES";
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/mesh";
 pub const DEFAULT_STATE_DIR: &str = "/run/mesh";
@@ -32,6 +33,8 @@ pub struct Config {
     pub cgroup: PathBuf,
     /// Standalone mode: the directory of Workload and MeshPolicy documents.
     pub config_dir: Option<PathBuf>,
+    /// Kubernetes mode: where the API server is.
+    pub kubernetes: Option<KubernetesConfig>,
     /// Interfaces where traffic from other nodes arrives.
     pub interfaces: Vec<String>,
     #[serde(skip)]
@@ -46,6 +49,14 @@ pub struct Config {
     pub log_format: LogFormat,
     /// `None`: plaintext between nodes.
     pub mtls: Option<MtlsConfig>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct KubernetesConfig {
+    /// `None`: the in-cluster service account (or $KUBECONFIG).
+    pub kubeconfig: Option<PathBuf>,
+    /// Namespace of the Lease electing the status writer.
+    pub lease_namespace: String,
 }
 
 /// Where the agent's workload certificates come from.
@@ -135,6 +146,12 @@ impl Config {
             bpffs,
             state_dir,
             cgroup,
+            kubernetes: args.kubernetes.then(|| KubernetesConfig {
+                kubeconfig: args.kubeconfig,
+                lease_namespace: args
+                    .status_lease_namespace
+                    .unwrap_or_else(|| args.root_namespace.clone()),
+            }),
             config_dir: args.config_dir,
             interfaces: args.interfaces,
             mesh: MeshSettings {

@@ -136,9 +136,23 @@ impl Control {
             .clone()
             .expect("reload is only called in standalone mode");
         let docs = policy::load_dir(&dir)?;
-        let mut compiled = policy::compile(&docs, &self.config.mesh)?;
+        policy::require_local_netns(&docs, &self.config.mesh.node)?;
+        let compiled = policy::compile(&docs, &self.config.mesh)?;
+        let local_netns = resolve_netns(&docs, &compiled)?;
+        self.apply_compiled(compiled, local_netns, started)
+    }
+
+    /// Applies a compiled configuration whose local network namespaces have
+    /// been resolved to cookies; returns the names behind the numbers now
+    /// in the maps (also written to disk).
+    pub fn apply_compiled(
+        &mut self,
+        mut compiled: Compiled,
+        local_netns: BTreeMap<u64, u64>,
+        started: Instant,
+    ) -> Result<NodeState, ReloadError> {
         let desired = MapState {
-            local_netns: resolve_netns(&docs, &compiled)?,
+            local_netns,
             // The maps' entries move out; the names stay for NodeState.
             endpoints: std::mem::take(&mut compiled.endpoints),
             policy: std::mem::take(&mut compiled.policy),
@@ -314,6 +328,23 @@ fn resolve_netns(
         cookies.insert(cookie, *identity);
     }
     Ok(cookies)
+}
+
+/// Kubernetes mode: the cookies of the local workloads' network namespaces
+/// that can be opened, and the paths that could not (a pod that exited
+/// between the lookup and now; it is looked up again).
+pub fn resolve_netns_available(compiled: &Compiled) -> (BTreeMap<u64, u64>, Vec<PathBuf>) {
+    let mut cookies = BTreeMap::new();
+    let mut missing = Vec::new();
+    for (path, identity) in &compiled.local_netns {
+        match netns::cookie(path) {
+            Ok(cookie) => {
+                cookies.insert(cookie, *identity);
+            }
+            Err(_) => missing.push(path.clone()),
+        }
+    }
+    (cookies, missing)
 }
 
 /// What to restore, per map, if an update fails half-way: the previous

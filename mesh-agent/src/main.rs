@@ -10,6 +10,7 @@ mod control;
 mod datapath;
 mod explain;
 mod flows;
+mod health;
 mod inspect;
 mod k8s;
 mod mtls;

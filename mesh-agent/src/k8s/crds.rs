@@ -5,10 +5,6 @@ use kube::CustomResourceExt as _;
 
 use crate::policy::{MeshPolicyResource, PeerAuthenticationResource};
 
-/// Where `cargo xtask gen-crds` writes [`crds_yaml`], relative to the
-/// workspace root.
-pub const CRDS_PATH: &str = "deploy/crds.yaml";
-
 /// Every CRD as one multi-document YAML stream.
 pub fn crds_yaml() -> anyhow::Result<String> {
     let mut out = String::from(
@@ -31,7 +27,7 @@ mod tests {
     fn checked_in_crds_match_the_types() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("..")
-            .join(CRDS_PATH);
+            .join("deploy/crds.yaml");
         let checked_in = std::fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("{}: {e}; run `cargo xtask gen-crds`", path.display()));
         assert!(

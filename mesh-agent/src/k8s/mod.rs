@@ -1,3 +1,394 @@
 //! Kubernetes mode: workloads from Pods, policy from the mesh's custom
 //! resources, all read through the API server's list/watch.
+//!
+//! ```text
+//! watchers (Pods, Namespaces, Nodes, MeshPolicies, PeerAuthentications)
+//!   └─► mirrors (what the agent keeps of each object; relists swap whole)
+//!         └─► documents (translate) ─► compile ─► map diff (Control)
+//!                                         └─► statuses (lease holder writes them)
+//! ```
+//!
+//! Until every watcher has listed once, nothing is applied: a restarted
+//! agent keeps enforcing what its predecessor left in the maps. When the
+//! API server cannot be reached the maps keep their content (nothing is
+//! cleared, nothing opened), the agent reports not ready, and the watchers
+//! reconnect with backoff; a relist then converges by diff.
 pub mod crds;
+mod mirror;
+mod podns;
+mod status;
+mod translate;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use futures::{StreamExt as _, stream::BoxStream};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use kube::api::{Api, ApiResource, DynamicObject};
+use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::{Resource, ResourceExt as _};
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::{Config, KubernetesConfig},
+    control::{self, Control},
+    flows::FlowHub,
+    health::Health,
+    mtls::Mtls,
+    policy::{self, Documents, MeshPolicyResource, MeshSettings, PeerAuthenticationResource},
+};
+use mirror::Mirror;
+use translate::{DocumentEntry, PodInfo};
+
+/// Changes that arrive together (a Deployment's pods, a relist) are
+/// applied together; an event waits at most this long for company.
+const SETTLE: Duration = Duration::from_millis(5);
+
+/// How often a local pod whose network namespace was not found yet (its
+/// sandbox is still starting) is looked for again.
+const NETNS_RETRY: Duration = Duration::from_millis(500);
+
+/// How long a new agent waits for its workloads' certificates before it
+/// says it is ready anyway (tunnels of workloads without one are refused).
+const CERTIFICATES_WAIT: Duration = Duration::from_secs(10);
+
+/// The API server's watch events of every kind the agent follows.
+enum Change {
+    Pod(Result<watcher::Event<Pod>, watcher::Error>),
+    Namespace(Result<watcher::Event<Namespace>, watcher::Error>),
+    Node(Result<watcher::Event<Node>, watcher::Error>),
+    Policy(Result<watcher::Event<DynamicObject>, watcher::Error>),
+    PeerAuthentication(Result<watcher::Event<DynamicObject>, watcher::Error>),
+}
+
+pub async fn client(k: &KubernetesConfig) -> anyhow::Result<kube::Client> {
+    let config = match &k.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                .await
+                .with_context(|| format!("using {}", path.display()))?
+        }
+        // In a pod: the service account; elsewhere $KUBECONFIG or ~/.kube/config.
+        None => kube::Config::infer()
+            .await
+            .context("finding the cluster (in-cluster service account or kubeconfig)")?,
+    };
+    kube::Client::try_from(config).context("building the Kubernetes client")
+}
+
+/// Follows the cluster until the agent stops; returns only on an error that
+/// no retry can mend.
+pub async fn follow_cluster(
+    mut control: Control,
+    config: &Config,
+    k: &KubernetesConfig,
+    hub: &FlowHub,
+    mtls: &mut Option<Mtls>,
+    health: &mut Health,
+) -> anyhow::Result<()> {
+    let client = client(k).await?;
+    let policies = ApiResource::erase::<MeshPolicyResource>(&());
+    let peer_authentications = ApiResource::erase::<PeerAuthenticationResource>(&());
+    let mut changes = futures::stream::select_all([
+        watch_all(Api::<Pod>::all(client.clone()))
+            .map(Change::Pod)
+            .boxed(),
+        watch_all(Api::<Namespace>::all(client.clone()))
+            .map(Change::Namespace)
+            .boxed(),
+        watch_all(Api::<Node>::all(client.clone()))
+            .map(Change::Node)
+            .boxed(),
+        watch_all(Api::<DynamicObject>::all_with(client.clone(), &policies))
+            .map(Change::Policy)
+            .boxed(),
+        watch_all(Api::<DynamicObject>::all_with(
+            client.clone(),
+            &peer_authentications,
+        ))
+        .map(Change::PeerAuthentication)
+        .boxed(),
+    ]);
+
+    let (statuses, wanted) = watch::channel(Vec::new());
+    tokio::spawn(status::write_statuses(
+        client.clone(),
+        k.lease_namespace.clone(),
+        config.mesh.node.clone(),
+        wanted,
+    ));
+
+    let mut cluster = Cluster::new(config.mesh.clone(), policies, peer_authentications);
+    let mut reachable = Reachability::new(client);
+    let mut apply_at: Option<tokio::time::Instant> = None;
+    let mut applied_once = false;
+    let mut apply_error: Option<String> = None;
+    health.not_ready("listing the cluster's objects");
+    loop {
+        let retry_netns = cluster.missing_netns && applied_once;
+        tokio::select! {
+            Some(change) = changes.next() => match cluster.apply(change) {
+                Ok(true) => {
+                    apply_at.get_or_insert_with(|| tokio::time::Instant::now() + SETTLE);
+                }
+                Ok(false) => {}
+                Err(e) => reachable.lost(e),
+            },
+            () = sleep_until(apply_at), if apply_at.is_some() && cluster.synced() => {
+                apply_at = None;
+                let started = Instant::now();
+                match cluster.reconcile(&mut control) {
+                    Ok(names) => {
+                        apply_error = None;
+                        if let Some(mtls) = mtls.as_mut() {
+                            mtls.applied(&names);
+                        }
+                        hub.set_names(names);
+                        if !applied_once {
+                            applied_once = true;
+                            if let Some(mtls) = mtls.as_ref() {
+                                mtls.wait_certified(CERTIFICATES_WAIT).await;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        error!(error = format!("{e:#}"), elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                               "cluster state refused; the policy in force stays in force");
+                        apply_error = Some(format!("{e:#}"));
+                    }
+                }
+                statuses.send_replace(cluster.wanted_statuses());
+            }
+            () = tokio::time::sleep(NETNS_RETRY), if retry_netns => {
+                apply_at.get_or_insert_with(tokio::time::Instant::now);
+            }
+            Some(()) = reachable.recovered.recv() => reachable.up(),
+        }
+        match (&reachable.down, &apply_error) {
+            (Some(why), _) => health.not_ready(format!("API server unreachable: {why}")),
+            (None, Some(why)) => health.not_ready(format!("cluster state refused: {why}")),
+            (None, None) if applied_once => health.ready(),
+            (None, None) => health.not_ready("listing the cluster's objects"),
+        }
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Lists then watches every object of a kind, reconnecting with backoff.
+fn watch_all<K>(api: Api<K>) -> BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    // resourceVersion=0: the first list (and relists) come from the API
+    // server's watch cache, not etcd: N agents starting together cost the
+    // cluster little.
+    watcher(api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .boxed()
+}
+
+/// Whether the API server answers. The watchers reconnect on their own,
+/// silently; after a failure a probe says when the server is back.
+struct Reachability {
+    client: kube::Client,
+    down: Option<String>,
+    probing: bool,
+    tx: mpsc::Sender<()>,
+    recovered: mpsc::Receiver<()>,
+}
+
+impl Reachability {
+    fn new(client: kube::Client) -> Self {
+        let (tx, recovered) = mpsc::channel(1);
+        Self {
+            client,
+            down: None,
+            probing: false,
+            tx,
+            recovered,
+        }
+    }
+
+    fn lost(&mut self, e: watcher::Error) {
+        if self.down.is_none() {
+            warn!(error = %e, "lost the API server; enforcing the last known state, reconnecting");
+        }
+        self.down = Some(e.to_string());
+        if !self.probing {
+            self.probing = true;
+            let (client, tx) = (self.client.clone(), self.tx.clone());
+            tokio::spawn(async move {
+                let mut wait = Duration::from_millis(200);
+                loop {
+                    tokio::time::sleep(wait).await;
+                    let probe =
+                        tokio::time::timeout(Duration::from_secs(2), client.apiserver_version());
+                    if let Ok(Ok(_)) = probe.await {
+                        let _ = tx.send(()).await;
+                        return;
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            });
+        }
+    }
+
+    fn up(&mut self) {
+        self.probing = false;
+        if self.down.take().is_some() {
+            info!("the API server answers again");
+        }
+    }
+}
+
+/// What the agent knows of the cluster.
+struct Cluster {
+    settings: MeshSettings,
+    policy_resource: ApiResource,
+    peer_authentication_resource: ApiResource,
+    pods: Mirror<PodInfo>,
+    namespaces: Mirror<bool>,
+    nodes: Mirror<Vec<IpAddr>>,
+    policies: Mirror<DocumentEntry>,
+    peer_authentications: Mirror<DocumentEntry>,
+    last_valid_policies: BTreeMap<String, Documents>,
+    last_valid_peer_authentications: BTreeMap<String, Documents>,
+    /// Local pod uid → its network namespace.
+    netns: HashMap<String, PathBuf>,
+    /// A local pod's network namespace is not known yet.
+    missing_netns: bool,
+}
+
+impl Cluster {
+    fn new(settings: MeshSettings, policies: ApiResource, peer_auths: ApiResource) -> Self {
+        Self {
+            settings,
+            policy_resource: policies,
+            peer_authentication_resource: peer_auths,
+            pods: Mirror::default(),
+            namespaces: Mirror::default(),
+            nodes: Mirror::default(),
+            policies: Mirror::default(),
+            peer_authentications: Mirror::default(),
+            last_valid_policies: BTreeMap::new(),
+            last_valid_peer_authentications: BTreeMap::new(),
+            netns: HashMap::new(),
+            missing_netns: false,
+        }
+    }
+
+    fn synced(&self) -> bool {
+        self.pods.synced()
+            && self.namespaces.synced()
+            && self.nodes.synced()
+            && self.policies.synced()
+            && self.peer_authentications.synced()
+    }
+
+    /// Whether what the agent keeps changed.
+    fn apply(&mut self, change: Change) -> Result<bool, watcher::Error> {
+        fn key<K: Resource>(o: &K) -> String {
+            translate::object_key(o.meta().namespace.as_deref(), &o.name_any())
+        }
+        let settings = &self.settings;
+        Ok(match change {
+            Change::Pod(e) => self.pods.apply(e?, key, translate::pod_info),
+            Change::Namespace(e) => self
+                .namespaces
+                .apply(e?, key, translate::namespace_opted_out),
+            Change::Node(e) => self.nodes.apply(e?, key, translate::node_addresses),
+            Change::Policy(e) => self
+                .policies
+                .apply(e?, key, |o| translate::document_entry(o, settings)),
+            Change::PeerAuthentication(e) => self
+                .peer_authentications
+                .apply(e?, key, |o| translate::document_entry(o, settings)),
+        })
+    }
+
+    /// Compiles the cluster's state and applies the difference to the maps.
+    fn reconcile(&mut self, control: &mut Control) -> anyhow::Result<crate::state::NodeState> {
+        let started = Instant::now();
+        self.find_local_netns(Path::new("/proc"));
+        let mut docs = translate::cluster_documents(
+            self.pods.objects(),
+            self.namespaces.objects(),
+            self.nodes.objects(),
+            &self.netns,
+            &self.settings.node,
+        );
+        let policies = translate::in_force(self.policies.objects(), &mut self.last_valid_policies);
+        let peer_auths = translate::in_force(
+            self.peer_authentications.objects(),
+            &mut self.last_valid_peer_authentications,
+        );
+        docs.policies = policies.policies;
+        docs.peer_authentications = peer_auths.peer_authentications;
+        let compiled = policy::compile(&docs, &self.settings)?;
+        let (cookies, gone) = control::resolve_netns_available(&compiled);
+        if !gone.is_empty() {
+            // The process found has exited: look again next time.
+            self.netns.retain(|_, path| !gone.contains(path));
+            self.missing_netns = true;
+        }
+        Ok(control.apply_compiled(compiled, cookies, started)?)
+    }
+
+    /// Looks up the network namespace of local pods that have none yet.
+    fn find_local_netns(&mut self, proc: &Path) {
+        let node = &self.settings.node;
+        let local: BTreeSet<String> = self
+            .pods
+            .objects()
+            .values()
+            .filter(|p| &p.node == node && !p.uid.is_empty())
+            .map(|p| p.uid.clone())
+            .collect();
+        self.netns.retain(|uid, _| local.contains(uid));
+        let wanted: BTreeSet<String> = local
+            .iter()
+            .filter(|uid| !self.netns.contains_key(*uid))
+            .cloned()
+            .collect();
+        if !wanted.is_empty() {
+            self.netns.extend(podns::find(proc, &wanted));
+        }
+        self.missing_netns = self.netns.len() < local.len();
+    }
+
+    /// What each document's status should say.
+    fn wanted_statuses(&self) -> Vec<status::Wanted> {
+        let kinds = [
+            (&self.policy_resource, &self.policies),
+            (
+                &self.peer_authentication_resource,
+                &self.peer_authentications,
+            ),
+        ];
+        kinds
+            .into_iter()
+            .flat_map(|(resource, mirror)| {
+                mirror.objects().values().map(|e| status::Wanted {
+                    resource: resource.clone(),
+                    namespace: e.namespace.clone(),
+                    name: e.name.clone(),
+                    generation: e.generation,
+                    verdict: e.parsed.as_ref().map(|_| ()).map_err(Clone::clone),
+                    current: e.accepted.clone(),
+                })
+            })
+            .collect()
+    }
+}

@@ -39,6 +39,8 @@ use view::MeshView;
 /// The agent's mutual-TLS machinery, kept in step with each applied
 /// configuration.
 pub struct Mtls {
+    /// The in-agent CA's record of which node runs which identity.
+    hosted: Option<Arc<pki::AppliedAuthorizer>>,
     view: Arc<RwLock<Arc<MeshView>>>,
     listeners: OutboundListeners,
     certs: CertManager,
@@ -55,19 +57,14 @@ impl Mtls {
     /// the outbound listeners exist.
     pub async fn start(config: &Config, flows: FlowHub) -> anyhow::Result<Self> {
         let m = config.mtls.as_ref().expect("mTLS is configured");
-        let config_dir = config
-            .config_dir
-            .as_deref()
-            .context("mutual TLS needs --config-dir (the Kubernetes mode comes later)")?;
         let td = &config.mesh.trust_domain;
+        let mut hosted = None;
         let issuer: Arc<dyn pki::Issuer> = match &m.ca {
             CaSource::Local { ca_dir } => {
                 let ca = pki::CaHandle::load(ca_dir)
                     .with_context(|| format!("loading the CA in {}", ca_dir.display()))?;
-                let authorizer = Arc::new(
-                    pki::ConfigDirAuthorizer::new(config_dir, td)
-                        .map_err(|e| anyhow::anyhow!("{e}"))?,
-                );
+                let authorizer = Arc::new(pki::AppliedAuthorizer::default());
+                hosted = Some(authorizer.clone());
                 Arc::new(pki::LocalIssuer::new(
                     ca,
                     config.mesh.node.clone(),
@@ -138,6 +135,7 @@ impl Mtls {
             "mutual TLS between nodes on"
         );
         Ok(Self {
+            hosted,
             view,
             listeners,
             certs,
@@ -153,6 +151,9 @@ impl Mtls {
     /// (before anything is steered to them), certificates for their
     /// identities, and the view the tunnels route by.
     pub fn applied(&mut self, names: &NodeState) {
+        if let Some(hosted) = &self.hosted {
+            hosted.update(names);
+        }
         let view = Arc::new(MeshView::new(names));
         for (netns, e) in self.listeners.sync(&view.local) {
             error!(netns = %netns.display(), error = %e, "no outbound listener: this workload's connections to other nodes are refused");

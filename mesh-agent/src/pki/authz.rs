@@ -62,6 +62,65 @@ pub fn authorize(
     ))
 }
 
+/// The authorizer of the CA inside the agent (`--ca-dir`), in either mode:
+/// the workloads the agent has applied (from its directory or from the
+/// API server) say which node runs which identity.
+#[derive(Default)]
+pub struct AppliedAuthorizer {
+    /// node → the SPIFFE IDs of its workloads.
+    hosted: Mutex<Arc<HashMap<String, BTreeSet<String>>>>,
+}
+
+impl AppliedAuthorizer {
+    pub fn update(&self, names: &crate::state::NodeState) {
+        let mut hosted: HashMap<String, BTreeSet<String>> = HashMap::new();
+        for w in &names.workloads {
+            hosted
+                .entry(w.node.clone())
+                .or_default()
+                .insert(w.spiffe_id.clone());
+        }
+        *self.hosted.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(hosted);
+    }
+}
+
+impl Authorizer for AppliedAuthorizer {
+    fn may_issue(&self, node: &str, spiffe_id: &str) -> Result<(), String> {
+        let hosted = self
+            .hosted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        hosted_on(&hosted, node, spiffe_id)
+    }
+}
+
+/// `Ok` when `node` runs a workload of `spiffe_id`; otherwise where such
+/// workloads run, if anywhere.
+fn hosted_on(
+    hosted: &HashMap<String, BTreeSet<String>>,
+    node: &str,
+    spiffe_id: &str,
+) -> Result<(), String> {
+    if hosted.get(node).is_some_and(|ids| ids.contains(spiffe_id)) {
+        return Ok(());
+    }
+    let mut elsewhere: Vec<&str> = hosted
+        .iter()
+        .filter(|(_, ids)| ids.contains(spiffe_id))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    Err(if elsewhere.is_empty() {
+        "no workload has this identity".to_owned()
+    } else {
+        elsewhere.sort_unstable();
+        format!(
+            "no workload of this identity runs on the node (they run on {})",
+            elsewhere.join(", ")
+        )
+    })
+}
+
 /// Standalone mode's authorizer: the Workload documents of the
 /// configuration directory (docs/policy.md) say which node runs which
 /// workload. The directory is re-read whenever a file in it changed, so a
@@ -117,25 +176,7 @@ impl ConfigDirAuthorizer {
 
 impl Authorizer for ConfigDirAuthorizer {
     fn may_issue(&self, node: &str, spiffe_id: &str) -> Result<(), String> {
-        let hosted = self.hosted();
-        if hosted.get(node).is_some_and(|ids| ids.contains(spiffe_id)) {
-            return Ok(());
-        }
-        let elsewhere: Vec<&str> = hosted
-            .iter()
-            .filter(|(_, ids)| ids.contains(spiffe_id))
-            .map(|(n, _)| n.as_str())
-            .collect();
-        Err(if elsewhere.is_empty() {
-            "no workload has this identity".to_owned()
-        } else {
-            let mut elsewhere = elsewhere;
-            elsewhere.sort_unstable();
-            format!(
-                "no workload of this identity runs on the node (they run on {})",
-                elsewhere.join(", ")
-            )
-        })
+        hosted_on(&self.hosted(), node, spiffe_id)
     }
 }
 

@@ -42,7 +42,7 @@ use rustls::crypto::CryptoProvider;
 // The API the agent and the tunnels use; not all of it has a caller yet.
 #[allow(unused_imports)]
 pub use {
-    authz::{Authorizer, ConfigDirAuthorizer},
+    authz::{AppliedAuthorizer, Authorizer, ConfigDirAuthorizer},
     ca::{Ca, CaError, CaHandle},
     issuer::{IssueError, Issuer, LocalIssuer},
     rotation::{Backoff, CertManager, CertManagerConfig},

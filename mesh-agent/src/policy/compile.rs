@@ -445,6 +445,24 @@ fn reserved_rules(settings: &MeshSettings) -> [RuleInfo; 5] {
 /// Compiles validated documents into map entries, refusing what needs the
 /// settings to be checked: identity patterns of another trust domain, a
 /// local workload without `netns`, two identities with the same number.
+/// Standalone mode: the documents must say where each local workload's
+/// network namespace is (in Kubernetes mode the agent finds it; a local
+/// workload without one is then identified by address only).
+pub fn require_local_netns(docs: &Documents, node: &str) -> Result<(), ConfigError> {
+    match docs
+        .workloads
+        .iter()
+        .find(|w| w.spec.node == node && w.spec.netns.is_none())
+    {
+        Some(w) => Err(workload_error(
+            w,
+            "spec.netns",
+            format!("required for a workload on this node ({node}): the pod's network namespace"),
+        )),
+        None => Ok(()),
+    }
+}
+
 pub fn compile(docs: &Documents, settings: &MeshSettings) -> Result<Compiled, ConfigError> {
     let td = settings.trust_domain.as_str();
     let root = settings.root_namespace.as_str();
@@ -482,16 +500,6 @@ pub fn compile(docs: &Documents, settings: &MeshSettings) -> Result<Compiled, Co
             }
         }
         let local = w.spec.node == settings.node;
-        if local && w.spec.netns.is_none() {
-            return Err(workload_error(
-                w,
-                "spec.netns",
-                format!(
-                    "required for a workload on this node ({}): the pod's network namespace",
-                    settings.node
-                ),
-            ));
-        }
         known.insert(spiffe.clone(), identity);
         workloads.push(Known {
             doc: w,
@@ -1459,7 +1467,9 @@ mod tests {
 
         let text = "apiVersion: mesh.dev/v1alpha1\nkind: Workload\nmetadata: {name: w, namespace: shop}\nspec: {serviceAccount: a, ips: [198.18.0.1], node: node-a}\n";
         let docs = parse_str("w.yaml", text).unwrap();
-        let e = compile(&docs, &settings()).unwrap_err().to_string();
+        let e = require_local_netns(&docs, &settings().node)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.starts_with("w.yaml: document 1 (Workload shop/w): spec.netns: required for a workload on this node (node-a)"),
             "{e}"

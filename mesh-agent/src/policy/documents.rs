@@ -607,6 +607,14 @@ pub fn parse_str(file: &str, text: &str) -> Result<Documents, ConfigError> {
     Ok(docs)
 }
 
+/// Parses one document that is already a tree (an object read from the
+/// API server), with every check a document from a file gets.
+pub fn parse_value(file: &str, value: Value) -> Result<Documents, ConfigError> {
+    let mut docs = Documents::default();
+    parse_document(file, 1, value, &mut docs)?;
+    Ok(docs)
+}
+
 fn parse_documents(file: &str, text: &str) -> Result<Documents, ConfigError> {
     let mut docs = Documents::default();
     for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {

@@ -19,13 +19,14 @@ mod identity;
 
 pub use compile::{
     Compiled, DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN, DefaultAction, MeshSettings, RuleInfo,
-    Source, SubjectInfo, WorkloadInfo, compile, evaluate,
+    Source, SubjectInfo, WorkloadInfo, compile, evaluate, require_local_netns,
 };
 pub use diff::{MapDiff, diff};
 pub use documents::{
-    API_VERSION, Condition, ConfigError, DocumentStatus, Documents, FromEntry, MeshNode,
-    MeshPolicy, MeshPolicyResource, MeshPolicySpec, MtlsMode, ObjectMeta, Origin,
-    PeerAuthentication, PeerAuthenticationResource, PeerAuthenticationSpec, PolicyAction,
-    PortEntry, Protocol, Rule, Selector, Workload, WorkloadSpec, load_dir, parse_str,
+    API_VERSION, Condition, ConfigError, DocumentStatus, Documents, FromEntry, KIND_MESH_NODE,
+    KIND_MESH_POLICY, KIND_PEER_AUTHENTICATION, KIND_WORKLOAD, MeshNode, MeshNodeSpec, MeshPolicy,
+    MeshPolicyResource, MeshPolicySpec, MtlsMode, NodeMeta, ObjectMeta, Origin, PeerAuthentication,
+    PeerAuthenticationResource, PeerAuthenticationSpec, PolicyAction, PortEntry, Protocol, Rule,
+    Selector, Workload, WorkloadSpec, load_dir, parse_str, parse_value,
 };
 pub use identity::{IdentityPattern, ip_from_key, ip_key, numeric_identity, spiffe_id};

@@ -1,0 +1,478 @@
+//! From Kubernetes objects to the documents the standalone mode reads, so
+//! that both modes compile the same way (pure functions, unit-tested).
+//!
+//! - A Pod is a `Workload`: its namespace, labels, service account, IPs and
+//!   node. Pods that are not mesh workloads are left out: host-network pods
+//!   (their IP is the node's), finished pods (Succeeded/Failed: their IPs
+//!   are free for reuse), pods without IPs yet, and pods opted out with
+//!   the label `mesh.dev/dataplane-mode: none` on the pod or its namespace.
+//! - A Node is a `MeshNode`: its InternalIP addresses (ExternalIP if none).
+//! - `MeshPolicy` and `PeerAuthentication` objects go through the very
+//!   parser and checks a file's documents go through.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use kube::api::DynamicObject;
+
+use crate::policy::{
+    self, API_VERSION, Condition, ConfigError, Documents, KIND_MESH_NODE, KIND_WORKLOAD, MeshNode,
+    MeshNodeSpec, MeshSettings, NodeMeta, ObjectMeta, Origin, Workload, WorkloadSpec,
+};
+
+/// The label that keeps a pod, or every pod of a namespace, out of the mesh.
+pub const DATAPLANE_MODE_LABEL: &str = "mesh.dev/dataplane-mode";
+pub const DATAPLANE_MODE_NONE: &str = "none";
+
+/// Where documents read from the API server say they come from in errors
+/// and in `inspect policy`.
+pub const ORIGIN: &str = "api-server";
+
+/// The condition the agent writes into a document's status.
+pub const ACCEPTED: &str = "Accepted";
+
+/// What the agent keeps of a Pod.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodInfo {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub labels: BTreeMap<String, String>,
+    pub service_account: String,
+    pub node: String,
+    pub ips: Vec<IpAddr>,
+    /// Creation time (seconds): the newer of two pods claiming an IP has it.
+    pub created: i64,
+}
+
+pub fn object_key(namespace: Option<&str>, name: &str) -> String {
+    match namespace {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.to_owned(),
+    }
+}
+
+fn opted_out(labels: &BTreeMap<String, String>) -> bool {
+    labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) == Some(DATAPLANE_MODE_NONE)
+}
+
+/// The mesh workload a Pod is, if it is one (see the module's comment).
+pub fn pod_info(pod: &Pod) -> Option<PodInfo> {
+    let meta = &pod.metadata;
+    let spec = pod.spec.as_ref()?;
+    let status = pod.status.as_ref()?;
+    if spec.host_network == Some(true)
+        || matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"))
+    {
+        return None;
+    }
+    let labels = meta.labels.clone().unwrap_or_default();
+    if opted_out(&labels) {
+        return None;
+    }
+    let mut ips: Vec<IpAddr> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .filter_map(|p| p.ip.parse().ok())
+        .collect();
+    if ips.is_empty()
+        && let Some(ip) = status.pod_ip.as_deref().and_then(|ip| ip.parse().ok())
+    {
+        ips.push(ip);
+    }
+    let node = spec.node_name.clone().filter(|n| !n.is_empty())?;
+    if ips.is_empty() {
+        return None;
+    }
+    Some(PodInfo {
+        namespace: meta.namespace.clone()?,
+        name: meta.name.clone()?,
+        uid: meta.uid.clone().unwrap_or_default(),
+        labels,
+        service_account: spec
+            .service_account_name
+            .clone()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".into()),
+        node,
+        ips,
+        created: meta
+            .creation_timestamp
+            .as_ref()
+            .map_or(0, |t| t.0.as_second()),
+    })
+}
+
+/// Whether a namespace keeps its pods out of the mesh (`Some(false)`: it
+/// does not; every namespace is kept so that a label change is seen).
+pub fn namespace_opted_out(ns: &Namespace) -> Option<bool> {
+    Some(opted_out(
+        ns.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()),
+    ))
+}
+
+/// A node's tunnel addresses: InternalIP, or ExternalIP when it has none.
+pub fn node_addresses(node: &Node) -> Option<Vec<IpAddr>> {
+    let addresses = node.status.as_ref()?.addresses.as_ref()?;
+    let of_type = |t: &str| -> Vec<IpAddr> {
+        addresses
+            .iter()
+            .filter(|a| a.type_ == t)
+            .filter_map(|a| a.address.parse().ok())
+            .collect()
+    };
+    let internal = of_type("InternalIP");
+    let chosen = if internal.is_empty() {
+        of_type("ExternalIP")
+    } else {
+        internal
+    };
+    (!chosen.is_empty()).then_some(chosen)
+}
+
+/// A `MeshPolicy` or `PeerAuthentication` object as the agent keeps it:
+/// parsed and checked, or the reason it is refused, and what its status
+/// says now.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DocumentEntry {
+    pub namespace: String,
+    pub name: String,
+    pub generation: i64,
+    /// One parsed document, or why the object is invalid.
+    pub parsed: Result<Documents, String>,
+    /// The `Accepted` condition in the object's status now.
+    pub accepted: Option<Condition>,
+}
+
+/// Parses a custom resource with the standalone parser (same fields, same
+/// checks, same messages), then compiles it on its own to catch what only
+/// the compiler checks (patterns outside the trust domain, …).
+pub fn document_entry(object: &DynamicObject, settings: &MeshSettings) -> Option<DocumentEntry> {
+    let meta = &object.metadata;
+    let (namespace, name) = (meta.namespace.clone()?, meta.name.clone()?);
+    let types = object.types.as_ref()?;
+    let value = serde_json::json!({
+        "apiVersion": types.api_version,
+        "kind": types.kind,
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": meta.labels.clone().unwrap_or_default(),
+        },
+        "spec": object.data.get("spec").cloned().unwrap_or(serde_json::Value::Null),
+    });
+    let parsed = serde_yaml::to_value(&value)
+        .map_err(|e| e.to_string())
+        .and_then(|value| {
+            let docs = policy::parse_value(ORIGIN, value).map_err(|e| status_message(&e))?;
+            policy::compile(&docs, settings).map_err(|e| status_message(&e))?;
+            Ok(docs)
+        });
+    let accepted = object
+        .data
+        .get("status")
+        .and_then(|s| s.get("conditions"))
+        .and_then(|c| serde_json::from_value::<Vec<Condition>>(c.clone()).ok())
+        .and_then(|c| c.into_iter().find(|c| c.type_ == ACCEPTED));
+    Some(DocumentEntry {
+        namespace,
+        name,
+        generation: meta.generation.unwrap_or(0),
+        parsed,
+        accepted,
+    })
+}
+
+/// "spec.rules[0].ports[0].port: 0 is not a port (1-65535)": the field
+/// and the problem, without the file and document a file's error names.
+fn status_message(e: &ConfigError) -> String {
+    match &e.field {
+        Some(field) => format!("{field}: {}", e.message),
+        None => e.message.clone(),
+    }
+}
+
+/// The policy documents in force: each valid object as it is now, each
+/// invalid one as it was when last valid (an invalid edit never changes
+/// what is enforced); an object never valid has no say. `last_valid` is
+/// updated, and forgets deleted objects.
+pub fn in_force(
+    entries: &BTreeMap<String, DocumentEntry>,
+    last_valid: &mut BTreeMap<String, Documents>,
+) -> Documents {
+    last_valid.retain(|key, _| entries.contains_key(key));
+    let mut docs = Documents::default();
+    for (key, entry) in entries {
+        match &entry.parsed {
+            Ok(parsed) => {
+                last_valid.insert(key.clone(), parsed.clone());
+            }
+            Err(_) => {}
+        }
+        if let Some(valid) = last_valid.get(key) {
+            docs.policies.extend(valid.policies.iter().cloned());
+            docs.peer_authentications
+                .extend(valid.peer_authentications.iter().cloned());
+        }
+    }
+    docs
+}
+
+/// The Workload and MeshNode documents of a cluster's state. `netns` gives
+/// the network namespace of the pods of `this_node` that have been found
+/// (by pod uid). An IP claimed by two pods belongs to the newer one: the
+/// older one's address was released before it could be reused, whatever
+/// its object still says.
+pub fn cluster_documents(
+    pods: &BTreeMap<String, PodInfo>,
+    namespaces_opted_out: &BTreeMap<String, bool>,
+    nodes: &BTreeMap<String, Vec<IpAddr>>,
+    netns: &HashMap<String, PathBuf>,
+    this_node: &str,
+) -> Documents {
+    let mut by_age: Vec<&PodInfo> = pods
+        .values()
+        .filter(|p| namespaces_opted_out.get(&p.namespace) != Some(&true))
+        .collect();
+    // Newest first; ties broken by uid so every node decides alike.
+    by_age.sort_by(|a, b| b.created.cmp(&a.created).then_with(|| a.uid.cmp(&b.uid)));
+    let mut claimed = BTreeSet::new();
+    let origin = Origin {
+        file: ORIGIN.into(),
+        document: 1,
+    };
+    let mut docs = Documents::default();
+    for pod in by_age {
+        let ips: Vec<IpAddr> = pod
+            .ips
+            .iter()
+            .copied()
+            .filter(|ip| claimed.insert(*ip))
+            .collect();
+        if ips.is_empty() {
+            continue;
+        }
+        docs.workloads.push(Workload {
+            api_version: API_VERSION.into(),
+            kind: KIND_WORKLOAD.into(),
+            metadata: ObjectMeta {
+                name: pod.name.clone(),
+                namespace: pod.namespace.clone(),
+                labels: pod.labels.clone(),
+            },
+            spec: WorkloadSpec {
+                service_account: pod.service_account.clone(),
+                ips,
+                node: pod.node.clone(),
+                netns: (pod.node == this_node)
+                    .then(|| netns.get(&pod.uid).cloned())
+                    .flatten(),
+            },
+            origin: origin.clone(),
+        });
+    }
+    docs.workloads.sort_by_key(|w| w.key());
+    docs.nodes = nodes
+        .iter()
+        .map(|(name, addresses)| MeshNode {
+            api_version: API_VERSION.into(),
+            kind: KIND_MESH_NODE.into(),
+            metadata: NodeMeta {
+                name: name.clone(),
+                labels: BTreeMap::new(),
+            },
+            spec: MeshNodeSpec {
+                addresses: addresses.clone(),
+            },
+            origin: origin.clone(),
+        })
+        .collect();
+    docs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(name: &str, ip: &str, created: &str, extra: serde_json::Value) -> Pod {
+        let mut v = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}"),
+                         "labels": {"app": name}, "creationTimestamp": created},
+            "spec": {"serviceAccountName": "cart", "nodeName": "node-0", "containers": []},
+            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
+        });
+        merge(&mut v, extra);
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn merge(a: &mut serde_json::Value, b: serde_json::Value) {
+        match (a, b) {
+            (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+                for (k, v) in b {
+                    merge(a.entry(k).or_insert(serde_json::Value::Null), v);
+                }
+            }
+            (a, b) => *a = b,
+        }
+    }
+
+    const T0: &str = "2026-01-01T00:00:00Z";
+    const T1: &str = "2026-01-01T00:01:00Z";
+
+    #[test]
+    fn pods_become_workloads_and_non_workloads_are_left_out() {
+        let p = pod_info(&pod("cart", "10.0.0.5", T0, json!({}))).unwrap();
+        assert_eq!(p.service_account, "cart");
+        assert_eq!(p.node, "node-0");
+        assert_eq!(p.ips, ["10.0.0.5".parse::<IpAddr>().unwrap()]);
+        let none = |extra| pod_info(&pod("x", "10.0.0.6", T0, extra));
+        assert!(none(json!({"spec": {"hostNetwork": true}})).is_none());
+        assert!(none(json!({"status": {"phase": "Succeeded"}})).is_none());
+        assert!(none(json!({"status": {"phase": "Failed"}})).is_none());
+        assert!(none(json!({"status": {"podIP": null, "podIPs": null}})).is_none());
+        assert!(none(json!({"spec": {"nodeName": null}})).is_none());
+        assert!(none(json!({"metadata": {"labels": {DATAPLANE_MODE_LABEL: "none"}}})).is_none());
+        // Pending with an IP (containers starting) is a workload already.
+        assert!(none(json!({"status": {"phase": "Pending"}})).is_some());
+        // No service account named: "default", as Kubernetes does.
+        let d = none(json!({"spec": {"serviceAccountName": null}})).unwrap();
+        assert_eq!(d.service_account, "default");
+        // Dual-stack.
+        let ds = none(json!({"status": {"podIPs": [{"ip": "10.0.0.6"}, {"ip": "fd00::6"}]}}));
+        assert_eq!(ds.unwrap().ips.len(), 2);
+    }
+
+    #[test]
+    fn a_reused_ip_belongs_to_the_newer_pod() {
+        let old = pod_info(&pod("old", "10.0.0.9", T0, json!({}))).unwrap();
+        let mut new = pod_info(&pod("new", "10.0.0.9", T1, json!({}))).unwrap();
+        new.service_account = "db".into();
+        let pods = BTreeMap::from([("shop/old".to_string(), old), ("shop/new".to_string(), new)]);
+        let docs = cluster_documents(
+            &pods,
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            &HashMap::new(),
+            "n",
+        );
+        assert_eq!(docs.workloads.len(), 1);
+        assert_eq!(docs.workloads[0].metadata.name, "new");
+        assert_eq!(docs.workloads[0].spec.service_account, "db");
+    }
+
+    #[test]
+    fn namespaces_opt_out_and_local_pods_get_their_netns() {
+        let a = pod_info(&pod("a", "10.0.0.1", T0, json!({}))).unwrap();
+        let pods = BTreeMap::from([("shop/a".to_string(), a)]);
+        let netns = HashMap::from([("uid-a".to_string(), PathBuf::from("/proc/7/ns/net"))]);
+        let docs = cluster_documents(&pods, &BTreeMap::new(), &BTreeMap::new(), &netns, "node-0");
+        assert_eq!(
+            docs.workloads[0].spec.netns,
+            Some(PathBuf::from("/proc/7/ns/net"))
+        );
+        // The same pod seen from another node has no netns there.
+        let docs = cluster_documents(&pods, &BTreeMap::new(), &BTreeMap::new(), &netns, "node-1");
+        assert_eq!(docs.workloads[0].spec.netns, None);
+        let opted = BTreeMap::from([("shop".to_string(), true)]);
+        let docs = cluster_documents(&pods, &opted, &BTreeMap::new(), &netns, "node-0");
+        assert!(docs.workloads.is_empty());
+    }
+
+    fn policy_object(generation: i64, spec: serde_json::Value) -> DynamicObject {
+        serde_json::from_value(json!({
+            "apiVersion": "mesh.dev/v1alpha1", "kind": "MeshPolicy",
+            "metadata": {"name": "cart-allow", "namespace": "shop", "generation": generation,
+                         "uid": "u1", "resourceVersion": "5", "managedFields": []},
+            "spec": spec,
+            "status": {"conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted",
+                        "message": "", "observedGeneration": 1, "lastTransitionTime": T0}]},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn custom_resources_are_checked_as_files_are_and_invalid_edits_keep_the_last_valid() {
+        let settings = MeshSettings::default();
+        let valid = document_entry(
+            &policy_object(1, json!({"rules": [{"from": [{"namespace": "web"}]}]})),
+            &settings,
+        )
+        .unwrap();
+        assert!(valid.parsed.is_ok(), "{:?}", valid.parsed);
+        assert_eq!(valid.accepted.as_ref().unwrap().status, "True");
+
+        let bad_port = document_entry(
+            &policy_object(2, json!({"rules": [{"ports": [{"port": 0}]}]})),
+            &settings,
+        )
+        .unwrap();
+        assert_eq!(
+            bad_port.parsed.as_ref().unwrap_err(),
+            "spec.rules[0].ports[0].port: 0 is not a port (1-65535)"
+        );
+        // Only the compiler knows the trust domain.
+        let other_td = document_entry(
+            &policy_object(
+                3,
+                json!({"rules": [{"from": [{"identity": "spiffe://elsewhere/ns/a/sa/b"}]}]}),
+            ),
+            &settings,
+        )
+        .unwrap();
+        assert!(
+            other_td
+                .parsed
+                .as_ref()
+                .unwrap_err()
+                .contains("not in the mesh's trust domain"),
+            "{:?}",
+            other_td.parsed
+        );
+        let unknown = document_entry(&policy_object(4, json!({"rulez": []})), &settings).unwrap();
+        assert!(unknown.parsed.as_ref().unwrap_err().contains("rulez"));
+
+        let mut last_valid = BTreeMap::new();
+        let key = "shop/cart-allow".to_string();
+        let docs = in_force(
+            &BTreeMap::from([(key.clone(), valid.clone())]),
+            &mut last_valid,
+        );
+        assert_eq!(docs.policies.len(), 1);
+        // An invalid edit: the valid version stays in force.
+        let docs = in_force(
+            &BTreeMap::from([(key.clone(), bad_port.clone())]),
+            &mut last_valid,
+        );
+        assert_eq!(docs.policies.len(), 1);
+        assert_eq!(
+            docs.policies[0].spec.rules[0].from[0].namespace.as_deref(),
+            Some("web")
+        );
+        // Deleted: gone, and its last valid version forgotten.
+        let docs = in_force(&BTreeMap::new(), &mut last_valid);
+        assert!(docs.policies.is_empty() && last_valid.is_empty());
+        // Invalid from the start: no say.
+        let docs = in_force(&BTreeMap::from([(key, bad_port)]), &mut last_valid);
+        assert!(docs.policies.is_empty());
+    }
+
+    #[test]
+    fn nodes_prefer_internal_addresses() {
+        let node: Node = serde_json::from_value(json!({
+            "metadata": {"name": "n"},
+            "status": {"addresses": [
+                {"type": "ExternalIP", "address": "203.0.113.1"},
+                {"type": "InternalIP", "address": "10.1.0.1"},
+                {"type": "Hostname", "address": "n"}]}
+        }))
+        .unwrap();
+        assert_eq!(
+            node_addresses(&node).unwrap(),
+            ["10.1.0.1".parse::<IpAddr>().unwrap()]
+        );
+    }
+}
