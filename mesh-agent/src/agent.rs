@@ -188,7 +188,10 @@ async fn wait_for_shutdown() -> anyhow::Result<&'static str> {
 
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::{EnvFilter, fmt};
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // kube's client logs every failed connection attempt at ERROR; the
+    // agent says once that it lost the API server and once that it is back.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,kube_client::client::builder=off"));
     use std::io::IsTerminal as _;
     // Colours only for people: log collectors get plain text.
     let builder = fmt()

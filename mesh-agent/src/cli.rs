@@ -37,7 +37,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the node agent: load and attach the kernel programs, pin their
     /// maps and links, and keep them in step until stopped.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show what the kernel holds, read from the pinned maps.
     Inspect {
         /// Output format.
@@ -269,7 +269,7 @@ pub enum SwitchState {
 pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
-            let config = Config::from_args(cli.bpffs, cli.state_dir, args)?;
+            let config = Config::from_args(cli.bpffs, cli.state_dir, *args)?;
             agent::run(config)
         }
         Command::Inspect {

@@ -39,6 +39,40 @@ impl Agent {
     }
 
     pub fn spawn_node(bed: &TestBed, node: usize, extra: &[&str]) -> anyhow::Result<Self> {
+        let config_dir = bed.config_dir();
+        let mut args = vec!["--config-dir", config_dir.to_str().context("config dir")?];
+        args.extend_from_slice(extra);
+        Self::spawn_node_with(bed, node, &args)
+    }
+
+    /// Starts the agent of `node` in Kubernetes mode, talking to the API
+    /// server `kubeconfig` names. Waits until it reports ready.
+    pub fn start_node_kubernetes(
+        bed: &TestBed,
+        node: usize,
+        kubeconfig: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        Self::wait_ready(Self::spawn_node_kubernetes(bed, node, kubeconfig, extra)?)
+    }
+
+    pub fn spawn_node_kubernetes(
+        bed: &TestBed,
+        node: usize,
+        kubeconfig: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut args = vec![
+            "--kubernetes",
+            "--kubeconfig",
+            kubeconfig.to_str().context("kubeconfig path")?,
+        ];
+        args.extend_from_slice(extra);
+        Self::spawn_node_with(bed, node, &args)
+    }
+
+    /// The agent of `node`, its policy source in `args`.
+    fn spawn_node_with(bed: &TestBed, node: usize, args: &[&str]) -> anyhow::Result<Self> {
         let n = &bed.nodes[node];
         let mut cmd = Command::new(agent_bin());
         cmd.arg("--bpffs")
@@ -49,13 +83,11 @@ impl Agent {
             .arg("--cgroup")
             .arg(n.cgroup.path())
             .arg("--node")
-            .arg(n.name())
-            .arg("--config-dir")
-            .arg(bed.config_dir());
+            .arg(n.name());
         if bed.has_fabric() {
             cmd.arg("--interfaces").arg(crate::topology::UPLINK);
         }
-        cmd.args(extra);
+        cmd.args(args);
         // In the node's cgroup, as the DaemonSet's pod is under the root
         // the programs attach to: the agent's own sockets meet the hooks.
         Self::launch(
@@ -70,7 +102,7 @@ impl Agent {
     fn wait_ready(mut agent: Self) -> anyhow::Result<Self> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if agent.log().contains("ready") {
+            if agent.says_ready() {
                 return Ok(agent);
             }
             if let Some(status) = agent.process.child_mut().try_wait()? {
@@ -129,6 +161,11 @@ impl Agent {
             }
         });
         Ok(Self { process, log })
+    }
+
+    /// Whether the agent has logged that it is ready (not "not ready").
+    pub fn says_ready(&self) -> bool {
+        self.log().lines().any(|l| l.ends_with(" ready"))
     }
 
     pub fn log(&self) -> String {

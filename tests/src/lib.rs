@@ -9,9 +9,11 @@
 //! the test's namespaces (addresses from 198.18.0.0/15 and fd00::/8).
 
 pub mod agent;
+pub mod apiserver;
 pub mod bpffs;
 pub mod capture;
 pub mod cgroup;
+pub mod cluster;
 pub mod netns;
 pub mod privileges;
 pub mod process;

@@ -80,6 +80,11 @@ impl Node {
     }
 }
 
+/// The IPv4 address of node `index` on its uplink.
+pub fn node_uplink_ip(index: usize) -> IpAddr {
+    Ipv4Addr::new(198, 19, 255, index as u8 + 1).into()
+}
+
 /// The interface of each node that faces the other nodes.
 pub const UPLINK: &str = "uplink";
 
@@ -192,7 +197,7 @@ impl TestBed {
             ns.ip(&[
                 "addr",
                 "add",
-                &format!("198.19.255.{}/24", i + 1),
+                &format!("{}/24", node_uplink_ip(i.into())),
                 "dev",
                 UPLINK,
             ])?;

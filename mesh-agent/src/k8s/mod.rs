@@ -56,14 +56,17 @@ const NETNS_RETRY: Duration = Duration::from_millis(500);
 /// says it is ready anyway (tunnels of workloads without one are refused).
 const CERTIFICATES_WAIT: Duration = Duration::from_secs(10);
 
-/// The API server's watch events of every kind the agent follows.
+/// The API server's watch events of every kind the agent follows (boxed:
+/// a Pod is a few KiB, a Namespace much less).
 enum Change {
-    Pod(Result<watcher::Event<Pod>, watcher::Error>),
-    Namespace(Result<watcher::Event<Namespace>, watcher::Error>),
-    Node(Result<watcher::Event<Node>, watcher::Error>),
-    Policy(Result<watcher::Event<DynamicObject>, watcher::Error>),
-    PeerAuthentication(Result<watcher::Event<DynamicObject>, watcher::Error>),
+    Pod(Box<WatchResult<Pod>>),
+    Namespace(Box<WatchResult<Namespace>>),
+    Node(Box<WatchResult<Node>>),
+    Policy(Box<WatchResult<DynamicObject>>),
+    PeerAuthentication(Box<WatchResult<DynamicObject>>),
 }
+
+type WatchResult<K> = Result<watcher::Event<K>, watcher::Error>;
 
 pub async fn client(k: &KubernetesConfig) -> anyhow::Result<kube::Client> {
     let config = match &k.kubeconfig {
@@ -97,22 +100,22 @@ pub async fn follow_cluster(
     let peer_authentications = ApiResource::erase::<PeerAuthenticationResource>(&());
     let mut changes = futures::stream::select_all([
         watch_all(Api::<Pod>::all(client.clone()))
-            .map(Change::Pod)
+            .map(|e| Change::Pod(Box::new(e)))
             .boxed(),
         watch_all(Api::<Namespace>::all(client.clone()))
-            .map(Change::Namespace)
+            .map(|e| Change::Namespace(Box::new(e)))
             .boxed(),
         watch_all(Api::<Node>::all(client.clone()))
-            .map(Change::Node)
+            .map(|e| Change::Node(Box::new(e)))
             .boxed(),
         watch_all(Api::<DynamicObject>::all_with(client.clone(), &policies))
-            .map(Change::Policy)
+            .map(|e| Change::Policy(Box::new(e)))
             .boxed(),
         watch_all(Api::<DynamicObject>::all_with(
             client.clone(),
             &peer_authentications,
         ))
-        .map(Change::PeerAuthentication)
+        .map(|e| Change::PeerAuthentication(Box::new(e)))
         .boxed(),
     ]);
 
@@ -304,17 +307,18 @@ impl Cluster {
         }
         let settings = &self.settings;
         Ok(match change {
-            Change::Pod(e) => self.pods.apply(e?, key, translate::pod_info),
-            Change::Namespace(e) => self
-                .namespaces
-                .apply(e?, key, translate::namespace_opted_out),
-            Change::Node(e) => self.nodes.apply(e?, key, translate::node_addresses),
+            Change::Pod(e) => self.pods.apply((*e)?, key, translate::pod_info),
+            Change::Namespace(e) => {
+                self.namespaces
+                    .apply((*e)?, key, translate::namespace_opted_out)
+            }
+            Change::Node(e) => self.nodes.apply((*e)?, key, translate::node_addresses),
             Change::Policy(e) => self
                 .policies
-                .apply(e?, key, |o| translate::document_entry(o, settings)),
+                .apply((*e)?, key, |o| translate::document_entry(o, settings)),
             Change::PeerAuthentication(e) => self
                 .peer_authentications
-                .apply(e?, key, |o| translate::document_entry(o, settings)),
+                .apply((*e)?, key, |o| translate::document_entry(o, settings)),
         })
     }
 

@@ -205,11 +205,8 @@ pub fn in_force(
     last_valid.retain(|key, _| entries.contains_key(key));
     let mut docs = Documents::default();
     for (key, entry) in entries {
-        match &entry.parsed {
-            Ok(parsed) => {
-                last_valid.insert(key.clone(), parsed.clone());
-            }
-            Err(_) => {}
+        if let Ok(parsed) = &entry.parsed {
+            last_valid.insert(key.clone(), parsed.clone());
         }
         if let Some(valid) = last_valid.get(key) {
             docs.policies.extend(valid.policies.iter().cloned());

@@ -1,0 +1,569 @@
+//! Kubernetes mode on the real kernel: agents (`run --kubernetes`) follow
+//! an API server that runs in the test and speaks the real list/watch
+//! protocol over a socket; pods are network namespaces with real processes,
+//! and policy is judged on real connections.
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use mesh_tests::{
+    agent::{self, Agent},
+    cluster::{Cluster, PodRef},
+    process::Spawned,
+    topology::TestBed,
+};
+use serde_json::{Value, json};
+
+const T: Duration = Duration::from_secs(60);
+const PORT: u16 = 8080;
+/// Long enough for any event to reach the maps on a loaded machine; how
+/// fast it really is, is the control-plane benchmark's business.
+const CONVERGE: Duration = Duration::from_secs(10);
+
+/// `mesh-agent inspect endpoints -o json` of `node`: IP → (identity, local).
+fn endpoints(bed: &TestBed, node: usize) -> BTreeMap<String, (String, bool)> {
+    let out = agent::cli(
+        &bed.pin_dir(node),
+        &[
+            "--state-dir",
+            bed.state_dir(node).to_str().unwrap(),
+            "inspect",
+            "endpoints",
+            "-o",
+            "json",
+        ],
+    )
+    .unwrap();
+    let rows: Vec<Value> = serde_json::from_str(&out).unwrap();
+    rows.into_iter()
+        .map(|r| {
+            (
+                r["ip"].as_str().unwrap().to_string(),
+                (
+                    r["identity"].as_str().unwrap().to_string(),
+                    r["local"].as_bool().unwrap(),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Numeric identities (`inspect endpoints`' `id`) by IP.
+fn endpoint_ids(bed: &TestBed, node: usize) -> BTreeMap<String, String> {
+    let out = agent::cli(&bed.pin_dir(node), &["inspect", "endpoints", "-o", "json"]).unwrap();
+    let rows: Vec<Value> = serde_json::from_str(&out).unwrap();
+    rows.into_iter()
+        .map(|r| {
+            (
+                r["ip"].as_str().unwrap().to_string(),
+                r["id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Waits until `check` holds for node's endpoints; returns how long it took.
+fn wait_endpoints(
+    bed: &TestBed,
+    node: usize,
+    what: &str,
+    check: impl Fn(&BTreeMap<String, (String, bool)>) -> bool,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let now = endpoints(bed, node);
+        if check(&now) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < CONVERGE,
+            "{what}: not after {CONVERGE:?}; endpoints: {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn spiffe(ns: &str, sa: &str) -> String {
+    format!("spiffe://cluster.local/ns/{ns}/sa/{sa}")
+}
+
+/// `mesh-pod probe` from `pod` to `to`: "connected", "eperm", …
+fn probe(bed: &TestBed, pod: usize, to: usize) -> String {
+    let target = format!("tcp:{}", bed.pods[to].addr(false, PORT));
+    let report = bed
+        .client(
+            pod,
+            true,
+            &["probe", "--targets", &target, "--timeout-ms", "1000"],
+            T,
+        )
+        .unwrap();
+    report["results"][&target].as_str().unwrap().to_string()
+}
+
+fn wait_probe(bed: &TestBed, pod: usize, to: usize, want: &str) {
+    let started = Instant::now();
+    loop {
+        let got = probe(bed, pod, to);
+        if got == want {
+            return;
+        }
+        assert!(
+            started.elapsed() < CONVERGE,
+            "pod {pod} → pod {to}: {got}, expected {want}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn health(bed: &TestBed, node: usize) -> Value {
+    let text = std::fs::read_to_string(bed.state_dir(node).join("health.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn wait_health(bed: &TestBed, node: usize, ready: bool) -> Value {
+    let started = Instant::now();
+    loop {
+        let h = health(bed, node);
+        if h["ready"] == ready {
+            return h;
+        }
+        assert!(
+            started.elapsed() < CONVERGE,
+            "node {node} health is {h}, expected ready={ready}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One node with `pods` pods, each running a TCP echo server on PORT.
+fn bed(test: &str, pods: usize) -> (TestBed, Vec<Spawned>) {
+    let mut bed = TestBed::new(test).unwrap();
+    let mut servers = Vec::new();
+    for i in 0..pods {
+        bed.add_pod(0).unwrap();
+        let listen = format!("[::]:{PORT}").parse().unwrap();
+        servers.push(bed.server(i, true, listen, "echo").unwrap());
+    }
+    (bed, servers)
+}
+
+fn policy_yaml(namespace: &str, name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: mesh.dev/v1alpha1\nkind: MeshPolicy\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n{spec}"
+    )
+}
+
+/// Only frontend may reach cart. The same document a standalone agent reads
+/// from its directory.
+const CART_ALLOW_FRONTEND: &str = "  selector:\n    serviceAccount: cart\n  rules:\n  - from:\n    - identity: spiffe://cluster.local/ns/web/sa/frontend\n    ports:\n    - port: 8080\n";
+
+#[test]
+fn pods_become_endpoints_and_ip_reuse_never_leaves_a_stale_identity() {
+    let (bed, _servers) = bed("k8s-pods", 2);
+    let mut cluster = Cluster::start(&bed).unwrap();
+    cluster.namespace("shop", json!({}));
+    let agent = Agent::start_node_kubernetes(&bed, 0, &cluster.kubeconfig, &[]).unwrap();
+    let ip0 = bed.pods[0].ip4.to_string();
+    let ip0_v6 = bed.pods[0].ip6.to_string();
+    assert!(!endpoints(&bed, 0).contains_key(&ip0));
+
+    // Created → both addresses, local, with the pod's identity.
+    let cart = cluster
+        .run_pod(&bed, 0, "shop", "cart-1", "cart", json!({"app": "cart"}))
+        .unwrap();
+    let took = wait_endpoints(&bed, 0, "pod created", |e| e.contains_key(&ip0));
+    println!("pod created → endpoint in the map after {took:?} (polling the CLI)");
+    let now = endpoints(&bed, 0);
+    assert_eq!(now[&ip0], (spiffe("shop", "cart"), true));
+    assert_eq!(now[&ip0_v6], (spiffe("shop", "cart"), true));
+
+    // Deleted → gone.
+    assert!(cluster.delete_pod(&cart));
+    wait_endpoints(&bed, 0, "pod deleted", |e| {
+        !e.contains_key(&ip0) && !e.contains_key(&ip0_v6)
+    });
+
+    // The address goes to a new pod of another identity while the old
+    // pod's object still claims it (its deletion not yet seen): the newer
+    // pod has it. creationTimestamp has one-second resolution.
+    let old = cluster
+        .run_pod(&bed, 0, "shop", "cart-2", "cart", json!({}))
+        .unwrap();
+    wait_endpoints(&bed, 0, "cart-2", |e| {
+        e.get(&ip0) == Some(&(spiffe("shop", "cart"), true))
+    });
+    std::thread::sleep(Duration::from_millis(1100));
+    let new = cluster
+        .run_pod(&bed, 0, "shop", "db-1", "db", json!({}))
+        .unwrap();
+    wait_endpoints(&bed, 0, "reused by db-1", |e| {
+        e.get(&ip0) == Some(&(spiffe("shop", "db"), true))
+    });
+    // The old pod's deletion must not take the address from the new one.
+    assert!(cluster.delete_pod(&old));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(endpoints(&bed, 0)[&ip0], (spiffe("shop", "db"), true));
+    // A pod that finished keeps its object but not its address.
+    let mut finished = cluster
+        .api
+        .get("v1", "Pod", Some("shop"), &new.name)
+        .unwrap();
+    finished["status"]["phase"] = json!("Succeeded");
+    cluster.api.apply(finished);
+    wait_endpoints(&bed, 0, "pod finished", |e| !e.contains_key(&ip0));
+
+    // The kernel identifies a local pod's connections by its network
+    // namespace, found through the pod's cgroup: a policy allowing only
+    // `web/frontend` sees pod 1 as frontend.
+    cluster
+        .run_pod(&bed, 0, "shop", "cart-3", "cart", json!({}))
+        .unwrap();
+    cluster.namespace("web", json!({}));
+    cluster
+        .run_pod(&bed, 1, "web", "frontend-1", "frontend", json!({}))
+        .unwrap();
+    cluster
+        .apply_yaml(&policy_yaml("shop", "cart", CART_ALLOW_FRONTEND))
+        .unwrap();
+    wait_probe(&bed, 1, 0, "connected");
+    let log = agent.log();
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn mesh_policy_is_enforced_and_an_invalid_edit_keeps_the_previous_one() {
+    let (bed, _servers) = bed("k8s-policy", 3);
+    let mut cluster = Cluster::start(&bed).unwrap();
+    for ns in ["shop", "web"] {
+        cluster.namespace(ns, json!({}));
+    }
+    const CART: usize = 0;
+    const FRONTEND: usize = 1;
+    const ROBOT: usize = 2;
+    cluster
+        .run_pod(&bed, CART, "shop", "cart", "cart", json!({}))
+        .unwrap();
+    cluster
+        .run_pod(&bed, FRONTEND, "web", "frontend", "frontend", json!({}))
+        .unwrap();
+    cluster
+        .run_pod(&bed, ROBOT, "web", "robot", "robot", json!({}))
+        .unwrap();
+    let _agent = Agent::start_node_kubernetes(&bed, 0, &cluster.kubeconfig, &[]).unwrap();
+    // No policy: the default allows.
+    assert_eq!(probe(&bed, ROBOT, CART), "connected");
+
+    cluster
+        .apply_yaml(&policy_yaml("shop", "cart", CART_ALLOW_FRONTEND))
+        .unwrap();
+    wait_probe(&bed, ROBOT, CART, "eperm");
+    assert_eq!(probe(&bed, FRONTEND, CART), "connected");
+    let accepted = cluster
+        .wait_accepted("MeshPolicy", "shop", "cart", CONVERGE)
+        .unwrap();
+    assert_eq!(accepted["status"], "True", "{accepted}");
+    assert_eq!(accepted["reason"], "Accepted", "{accepted}");
+
+    // An edit that would let robot in, but is invalid (an entry with both
+    // identity and namespace): refused with the reason in the status; the
+    // previous version stays enforced.
+    let invalid = "  selector:\n    serviceAccount: cart\n  rules:\n  - from:\n    - identity: spiffe://cluster.local/ns/web/sa/frontend\n    - identity: spiffe://cluster.local/ns/web/sa/robot\n      namespace: web\n    ports:\n    - port: 8080\n";
+    cluster
+        .apply_yaml(&policy_yaml("shop", "cart", invalid))
+        .unwrap();
+    let refused = cluster
+        .wait_accepted("MeshPolicy", "shop", "cart", CONVERGE)
+        .unwrap();
+    assert_eq!(refused["status"], "False", "{refused}");
+    assert_eq!(refused["reason"], "Invalid", "{refused}");
+    assert_eq!(
+        refused["message"],
+        "spec.rules[0].from[1]: exactly one of `identity` and `namespace` is required",
+        "{refused}"
+    );
+    assert_eq!(probe(&bed, ROBOT, CART), "eperm");
+    assert_eq!(probe(&bed, FRONTEND, CART), "connected");
+
+    // A valid edit letting robot in is enforced, and accepted.
+    let both = "  selector:\n    serviceAccount: cart\n  rules:\n  - from:\n    - namespace: web\n    ports:\n    - port: 8080\n";
+    cluster
+        .apply_yaml(&policy_yaml("shop", "cart", both))
+        .unwrap();
+    wait_probe(&bed, ROBOT, CART, "connected");
+    let accepted = cluster
+        .wait_accepted("MeshPolicy", "shop", "cart", CONVERGE)
+        .unwrap();
+    assert_eq!(accepted["status"], "True", "{accepted}");
+
+    // A DENY policy of the root namespace applies to every namespace.
+    cluster
+        .apply_yaml(&policy_yaml(
+            "mesh-system",
+            "no-robots",
+            "  action: DENY\n  rules:\n  - from:\n    - identity: spiffe://cluster.local/ns/web/sa/robot\n",
+        ))
+        .unwrap();
+    wait_probe(&bed, ROBOT, CART, "eperm");
+    assert_eq!(probe(&bed, FRONTEND, CART), "connected");
+    // Deleted: robot is back.
+    cluster.api.delete(
+        "mesh.dev/v1alpha1",
+        "MeshPolicy",
+        Some("mesh-system"),
+        "no-robots",
+    );
+    wait_probe(&bed, ROBOT, CART, "connected");
+}
+
+#[test]
+fn watch_breaks_410_and_outages_miss_nothing_clear_nothing_open_nothing() {
+    let (bed, _servers) = bed("k8s-outage", 4);
+    let mut cluster = Cluster::start(&bed).unwrap();
+    for ns in ["shop", "web"] {
+        cluster.namespace(ns, json!({}));
+    }
+    const CART: usize = 0;
+    const FRONTEND: usize = 1;
+    const ROBOT: usize = 2;
+    const LATE: usize = 3;
+    cluster
+        .run_pod(&bed, CART, "shop", "cart", "cart", json!({}))
+        .unwrap();
+    cluster
+        .run_pod(&bed, FRONTEND, "web", "frontend", "frontend", json!({}))
+        .unwrap();
+    let robot = cluster
+        .run_pod(&bed, ROBOT, "web", "robot", "robot", json!({}))
+        .unwrap();
+    cluster
+        .apply_yaml(&policy_yaml("shop", "cart", CART_ALLOW_FRONTEND))
+        .unwrap();
+    let agent = Agent::start_node_kubernetes(&bed, 0, &cluster.kubeconfig, &[]).unwrap();
+    assert_eq!(probe(&bed, ROBOT, CART), "eperm");
+    assert_eq!(probe(&bed, FRONTEND, CART), "connected");
+    wait_health(&bed, 0, true);
+
+    // Watch the maps all along: they must never lose the entries of the
+    // pods that exist throughout (cart and frontend, both addresses).
+    let steady: Vec<String> = [CART, FRONTEND]
+        .iter()
+        .flat_map(|&p| [bed.pods[p].ip4.to_string(), bed.pods[p].ip6.to_string()])
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let samples = Arc::new(AtomicUsize::new(0));
+    let watcher = {
+        let (stop, samples, steady) = (stop.clone(), samples.clone(), steady.clone());
+        let pins = bed.pin_dir(0);
+        std::thread::spawn(move || -> Result<(), String> {
+            while !stop.load(Ordering::Relaxed) {
+                let out = agent::cli(&pins, &["inspect", "endpoints", "-o", "json"])
+                    .map_err(|e| e.to_string())?;
+                let rows: Vec<Value> = serde_json::from_str(&out).map_err(|e| e.to_string())?;
+                for ip in &steady {
+                    if !rows.iter().any(|r| r["ip"] == ip.as_str()) {
+                        return Err(format!("{ip} missing from the map: {out}"));
+                    }
+                }
+                samples.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(())
+        })
+    };
+
+    // 1. The watch breaks mid-stream; a change made meanwhile arrives.
+    cluster.api.break_watches();
+    let late = cluster
+        .run_pod(&bed, LATE, "web", "late", "late", json!({}))
+        .unwrap();
+    let late_ip = bed.pods[LATE].ip4.to_string();
+    wait_endpoints(&bed, 0, "pod created across a broken watch", |e| {
+        e.contains_key(&late_ip)
+    });
+
+    // 2. While the agent cannot connect, robot is deleted and late's
+    // address goes to a new pod of another identity, and the history is
+    // compacted: the agent's resourceVersion is too old (410 Gone), it
+    // relists, and applies the relist's difference without clearing
+    // anything.
+    let lists_before = lists(&cluster);
+    cluster.api.stop_serving();
+    cluster.delete_pod(&robot);
+    cluster.delete_pod(&late);
+    cluster
+        .run_pod(&bed, LATE, "web", "late-2", "frontend", json!({}))
+        .unwrap();
+    cluster.api.compact();
+    cluster.api.resume_serving();
+    wait_endpoints(&bed, 0, "relist after 410", |e| {
+        !e.contains_key(&bed.pods[ROBOT].ip4.to_string())
+            && e.get(&late_ip) == Some(&(spiffe("web", "frontend"), true))
+    });
+    assert!(
+        lists(&cluster) > lists_before,
+        "the agent never relisted after 410 Gone"
+    );
+    assert!(
+        cluster.api.requests().iter().any(|r| r.verb == "watch"
+            && r.param("resourceVersion")
+                .is_some_and(|v| v != "0" && !v.is_empty())),
+        "the agent never resumed a watch from its resourceVersion"
+    );
+    wait_health(&bed, 0, true);
+
+    // 3. The API server goes away for a while: the agent says it is not
+    // ready, keeps enforcing, and converges when the server is back, with
+    // what changed while it was away.
+    cluster.api.stop_serving();
+    let h = wait_health(&bed, 0, false);
+    assert!(
+        h["reason"]
+            .as_str()
+            .unwrap()
+            .contains("API server unreachable"),
+        "{h}"
+    );
+    assert_eq!(probe(&bed, FRONTEND, CART), "connected");
+    assert_eq!(probe(&bed, LATE, CART), "connected");
+    // Changes while the agent cannot see them: a DENY for frontend.
+    cluster
+        .apply_yaml(&policy_yaml(
+            "shop",
+            "deny-frontend",
+            "  action: DENY\n  rules:\n  - from:\n    - identity: spiffe://cluster.local/ns/web/sa/frontend\n",
+        ))
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    // Still the old policy, still not ready.
+    assert_eq!(probe(&bed, FRONTEND, CART), "connected");
+    assert_eq!(health(&bed, 0)["ready"], false);
+    cluster.api.resume_serving();
+    wait_probe(&bed, FRONTEND, CART, "eperm");
+    wait_health(&bed, 0, true);
+
+    stop.store(true, Ordering::Relaxed);
+    watcher.join().unwrap().unwrap();
+    assert!(
+        samples.load(Ordering::Relaxed) > 10,
+        "the map was hardly watched"
+    );
+    let log = agent.log();
+    assert!(log.contains("lost the API server"), "{log}");
+}
+
+/// LIST requests (not watches) the API server has answered so far.
+fn lists(cluster: &Cluster) -> usize {
+    cluster
+        .api
+        .requests()
+        .iter()
+        .filter(|r| r.verb == "list")
+        .count()
+}
+
+#[test]
+fn identities_agree_across_nodes_and_restarts_and_one_agent_writes_status() {
+    let mut bed = TestBed::new("k8s-two").unwrap();
+    bed.add_node().unwrap();
+    // Node 1's agent reaches the API server (on node 0) over the fabric.
+    bed.connect_nodes().unwrap();
+    for node in [0, 0, 1, 1] {
+        bed.add_pod(node).unwrap();
+    }
+    let mut cluster = Cluster::start(&bed).unwrap();
+    cluster.namespace("shop", json!({}));
+    // Pods of the same identities on both nodes, created while both agents
+    // start (identities "allocated" concurrently).
+    let mut agents: Vec<Agent> = (0..2)
+        .map(|n| Agent::spawn_node_kubernetes(&bed, n, &cluster.kubeconfig, &[]).unwrap())
+        .collect();
+    let pods: Vec<PodRef> = [(0, "cart"), (1, "db"), (2, "cart"), (3, "db")]
+        .into_iter()
+        .map(|(pod, sa)| {
+            cluster
+                .run_pod(&bed, pod, "shop", &format!("{sa}-{pod}"), sa, json!({}))
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(pods.len(), 4);
+    let started = Instant::now();
+    while !agents.iter().all(Agent::says_ready) {
+        assert!(
+            started.elapsed() < CONVERGE,
+            "agents not ready:\n{}\n{}",
+            agents[0].log(),
+            agents[1].log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for node in 0..2 {
+        wait_endpoints(&bed, node, "all four pods", |e| {
+            (0..4).all(|p| e.contains_key(&bed.pods[p].ip4.to_string()))
+        });
+    }
+    let ids0 = endpoint_ids(&bed, 0);
+    let ids1 = endpoint_ids(&bed, 1);
+    assert_eq!(ids0, ids1, "the nodes number identities differently");
+    // Same service account, same number, whichever node runs the pod.
+    assert_eq!(
+        ids0[&bed.pods[0].ip4.to_string()],
+        ids0[&bed.pods[2].ip4.to_string()]
+    );
+    assert_ne!(
+        ids0[&bed.pods[0].ip4.to_string()],
+        ids0[&bed.pods[1].ip4.to_string()]
+    );
+    // Local on its own node only.
+    assert!(endpoints(&bed, 0)[&bed.pods[0].ip4.to_string()].1);
+    assert!(!endpoints(&bed, 1)[&bed.pods[0].ip4.to_string()].1);
+
+    // Restarted, node 1's agent numbers them the same again.
+    agents[1].kill().unwrap();
+    agents[1] = Agent::start_node_kubernetes(&bed, 1, &cluster.kubeconfig, &[]).unwrap();
+    assert_eq!(endpoint_ids(&bed, 1), ids0);
+
+    // Two agents, one status writer: each document's status is written
+    // once per generation, not once per node.
+    cluster
+        .apply_yaml(&policy_yaml("shop", "cart", CART_ALLOW_FRONTEND))
+        .unwrap();
+    cluster
+        .wait_accepted("MeshPolicy", "shop", "cart", CONVERGE)
+        .unwrap();
+    cluster
+        .apply_yaml(&policy_yaml(
+            "shop",
+            "cart",
+            "  rules: [{from: [{namespace: shop}]}]\n",
+        ))
+        .unwrap();
+    cluster
+        .wait_accepted("MeshPolicy", "shop", "cart", CONVERGE)
+        .unwrap();
+    // Give a second writer every chance to show itself.
+    std::thread::sleep(Duration::from_secs(1));
+    let status_writes = cluster
+        .api
+        .requests()
+        .iter()
+        .filter(|r| r.verb == "patch" && r.path.ends_with("/meshpolicies/cart/status"))
+        .count();
+    assert_eq!(status_writes, 2, "one write per generation");
+    let lease = cluster
+        .api
+        .get(
+            "coordination.k8s.io/v1",
+            "Lease",
+            Some("mesh-system"),
+            "mesh-agent-status",
+        )
+        .unwrap();
+    let holder = lease["spec"]["holderIdentity"].as_str().unwrap();
+    assert!(holder == "node-0" || holder == "node-1", "{lease}");
+}
