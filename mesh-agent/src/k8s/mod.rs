@@ -96,6 +96,7 @@ pub async fn follow_cluster(
     health: &mut Health,
 ) -> anyhow::Result<()> {
     let client = client(k).await?;
+    let watching_since = Instant::now();
     let policies = ApiResource::erase::<MeshPolicyResource>(&());
     let peer_authentications = ApiResource::erase::<PeerAuthenticationResource>(&());
     let mut changes = futures::stream::select_all([
@@ -155,6 +156,12 @@ pub async fn follow_cluster(
                         hub.set_names(names);
                         if !applied_once {
                             applied_once = true;
+                            info!(
+                                elapsed_ms = watching_since.elapsed().as_secs_f64() * 1e3,
+                                pods = cluster.pods.objects().len(),
+                                policies = cluster.policies.objects().len(),
+                                "initial sync applied"
+                            );
                             if let Some(mtls) = mtls.as_ref() {
                                 mtls.wait_certified(CERTIFICATES_WAIT).await;
                             }
