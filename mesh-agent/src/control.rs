@@ -176,6 +176,7 @@ impl Control {
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
             "policy applied"
         );
+        drop_elsewhere(compiled);
         Ok(names)
     }
 
@@ -298,7 +299,7 @@ impl Control {
             undo.roll_back(&mut self.maps);
             return Err(e);
         }
-        self.applied = desired;
+        drop_elsewhere(std::mem::replace(&mut self.applied, desired));
         let generation = self.pins.bump_policy_generation()?;
         Ok(Changes {
             upserted,
@@ -328,6 +329,19 @@ fn resolve_netns(
         cookies.insert(cookie, *identity);
     }
     Ok(cookies)
+}
+
+/// Frees a large value on another thread: tens of thousands of map
+/// entries take milliseconds to free, which the next change need not wait
+/// for.
+pub fn drop_elsewhere<T: Send + 'static>(value: T) {
+    if std::thread::Builder::new()
+        .name("drop".into())
+        .spawn(move || drop(value))
+        .is_err()
+    {
+        // No thread to be had: it was dropped here instead.
+    }
 }
 
 /// Kubernetes mode: the cookies of the local workloads' network namespaces

@@ -57,7 +57,9 @@ impl NodeState {
     pub fn write(&self, state_dir: &Path) -> io::Result<()> {
         std::fs::create_dir_all(state_dir)?;
         let tmp = state_dir.join(".state.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        // Compact: with thousands of workloads it is rewritten on every
+        // change, and only the CLI reads it.
+        std::fs::write(&tmp, serde_json::to_vec(self)?)?;
         std::fs::rename(&tmp, Self::path(state_dir))
     }
 

@@ -35,7 +35,7 @@ enum Task {
     GenCrds,
     /// Benchmarks, run against a baseline in the same run.
     Bench {
-        /// Which benchmark: same-node, policy or cross-node.
+        /// Which benchmark: same-node, policy, cross-node or control-plane.
         which: String,
         /// Extra arguments for the benchmark (e.g. `--rounds 5`; see
         /// `target/release/mesh-bench <which> --help`).
@@ -147,7 +147,7 @@ fn parse_test_result(line: &str) -> Option<(u64, u64)> {
 }
 
 /// The benchmarks `bench` knows (subcommands of `mesh-bench`).
-const BENCHMARKS: &[&str] = &["same-node", "policy", "cross-node"];
+const BENCHMARKS: &[&str] = &["same-node", "policy", "cross-node", "control-plane"];
 
 fn bench(which: &str, args: &[String]) -> anyhow::Result<()> {
     ensure!(

@@ -39,7 +39,9 @@ use crate::{
     flows::FlowHub,
     health::Health,
     mtls::Mtls,
-    policy::{self, Documents, MeshPolicyResource, MeshSettings, PeerAuthenticationResource},
+    policy::{
+        self, Condition, Documents, MeshPolicyResource, MeshSettings, PeerAuthenticationResource,
+    },
 };
 use mirror::Mirror;
 use translate::{DocumentEntry, PodInfo};
@@ -51,6 +53,9 @@ const SETTLE: Duration = Duration::from_millis(5);
 /// How often a local pod whose network namespace was not found yet (its
 /// sandbox is still starting) is looked for again.
 const NETNS_RETRY: Duration = Duration::from_millis(500);
+
+/// The host's /proc (the agent runs with `hostPID`).
+const PROC: &str = "/proc";
 
 /// How long a new agent waits for its workloads' certificates before it
 /// says it is ready anyway (tunnels of workloads without one are refused).
@@ -138,10 +143,13 @@ pub async fn follow_cluster(
         let retry_netns = cluster.missing_netns && applied_once;
         tokio::select! {
             Some(change) = changes.next() => match cluster.apply(change) {
-                Ok(true) => {
-                    apply_at.get_or_insert_with(|| tokio::time::Instant::now() + SETTLE);
+                Ok(changed) => {
+                    if changed.state {
+                        apply_at.get_or_insert_with(|| tokio::time::Instant::now() + SETTLE);
+                    } else if changed.statuses && applied_once {
+                        statuses.send_replace(cluster.wanted_statuses());
+                    }
                 }
-                Ok(false) => {}
                 Err(e) => reachable.lost(e),
             },
             () = sleep_until(apply_at), if apply_at.is_some() && cluster.synced() => {
@@ -176,7 +184,10 @@ pub async fn follow_cluster(
                 statuses.send_replace(cluster.wanted_statuses());
             }
             () = tokio::time::sleep(NETNS_RETRY), if retry_netns => {
-                apply_at.get_or_insert_with(tokio::time::Instant::now);
+                // Only a namespace found is worth compiling the cluster again.
+                if cluster.find_local_netns(Path::new(PROC)) {
+                    apply_at.get_or_insert_with(tokio::time::Instant::now);
+                }
             }
             Some(()) = reachable.recovered.recv() => reachable.up(),
         }
@@ -263,6 +274,14 @@ impl Reachability {
     }
 }
 
+/// What a watch event changed.
+struct Changed {
+    /// What the maps are compiled from.
+    state: bool,
+    /// Only what documents' statuses say.
+    statuses: bool,
+}
+
 /// What the agent knows of the cluster.
 struct Cluster {
     settings: MeshSettings,
@@ -273,6 +292,11 @@ struct Cluster {
     nodes: Mirror<Vec<IpAddr>>,
     policies: Mirror<DocumentEntry>,
     peer_authentications: Mirror<DocumentEntry>,
+    /// The `Accepted` condition each document's status has now (apart:
+    /// the agent's own status writes come back as events, and must not
+    /// make it compile the cluster again).
+    policy_statuses: Mirror<Option<Condition>>,
+    peer_authentication_statuses: Mirror<Option<Condition>>,
     last_valid_policies: BTreeMap<String, Documents>,
     last_valid_peer_authentications: BTreeMap<String, Documents>,
     /// Local pod uid → its network namespace.
@@ -292,6 +316,8 @@ impl Cluster {
             nodes: Mirror::default(),
             policies: Mirror::default(),
             peer_authentications: Mirror::default(),
+            policy_statuses: Mirror::default(),
+            peer_authentication_statuses: Mirror::default(),
             last_valid_policies: BTreeMap::new(),
             last_valid_peer_authentications: BTreeMap::new(),
             netns: HashMap::new(),
@@ -307,32 +333,53 @@ impl Cluster {
             && self.peer_authentications.synced()
     }
 
-    /// Whether what the agent keeps changed.
-    fn apply(&mut self, change: Change) -> Result<bool, watcher::Error> {
+    /// What a watch event changed: the state the maps are compiled from,
+    /// or only what documents' statuses say.
+    fn apply(&mut self, change: Change) -> Result<Changed, watcher::Error> {
         fn key<K: Resource>(o: &K) -> String {
             translate::object_key(o.meta().namespace.as_deref(), &o.name_any())
         }
         let settings = &self.settings;
+        let status = |o: &DynamicObject| Some(translate::accepted_condition(o));
+        let state = |state| Changed {
+            state,
+            statuses: false,
+        };
         Ok(match change {
-            Change::Pod(e) => self.pods.apply((*e)?, key, translate::pod_info),
-            Change::Namespace(e) => {
-                self.namespaces
-                    .apply((*e)?, key, translate::namespace_opted_out)
+            Change::Pod(e) => state(self.pods.apply((*e)?, key, translate::pod_info)),
+            Change::Namespace(e) => state(self.namespaces.apply(
+                (*e)?,
+                key,
+                translate::namespace_opted_out,
+            )),
+            Change::Node(e) => state(self.nodes.apply((*e)?, key, translate::node_addresses)),
+            Change::Policy(e) => {
+                let e = (*e)?;
+                Changed {
+                    statuses: self.policy_statuses.apply(e.clone(), key, status),
+                    state: self
+                        .policies
+                        .apply(e, key, |o| translate::document_entry(o, settings)),
+                }
             }
-            Change::Node(e) => self.nodes.apply((*e)?, key, translate::node_addresses),
-            Change::Policy(e) => self
-                .policies
-                .apply((*e)?, key, |o| translate::document_entry(o, settings)),
-            Change::PeerAuthentication(e) => self
-                .peer_authentications
-                .apply((*e)?, key, |o| translate::document_entry(o, settings)),
+            Change::PeerAuthentication(e) => {
+                let e = (*e)?;
+                Changed {
+                    statuses: self
+                        .peer_authentication_statuses
+                        .apply(e.clone(), key, status),
+                    state: self
+                        .peer_authentications
+                        .apply(e, key, |o| translate::document_entry(o, settings)),
+                }
+            }
         })
     }
 
     /// Compiles the cluster's state and applies the difference to the maps.
     fn reconcile(&mut self, control: &mut Control) -> anyhow::Result<crate::state::NodeState> {
         let started = Instant::now();
-        self.find_local_netns(Path::new("/proc"));
+        self.find_local_netns(Path::new(PROC));
         let mut docs = translate::cluster_documents(
             self.pods.objects(),
             self.namespaces.objects(),
@@ -348,6 +395,7 @@ impl Cluster {
         docs.policies = policies.policies;
         docs.peer_authentications = peer_auths.peer_authentications;
         let compiled = policy::compile(&docs, &self.settings)?;
+        control::drop_elsewhere(docs);
         let (cookies, gone) = control::resolve_netns_available(&compiled);
         if !gone.is_empty() {
             // The process found has exited: look again next time.
@@ -357,8 +405,9 @@ impl Cluster {
         Ok(control.apply_compiled(compiled, cookies, started)?)
     }
 
-    /// Looks up the network namespace of local pods that have none yet.
-    fn find_local_netns(&mut self, proc: &Path) {
+    /// Looks up the network namespace of local pods that have none yet;
+    /// whether it found any.
+    fn find_local_netns(&mut self, proc: &Path) -> bool {
         let node = &self.settings.node;
         let local: BTreeSet<String> = self
             .pods
@@ -373,31 +422,41 @@ impl Cluster {
             .filter(|uid| !self.netns.contains_key(*uid))
             .cloned()
             .collect();
-        if !wanted.is_empty() {
-            self.netns.extend(podns::find(proc, &wanted));
-        }
+        let found = if wanted.is_empty() {
+            HashMap::new()
+        } else {
+            podns::find(proc, &wanted)
+        };
+        let any = !found.is_empty();
+        self.netns.extend(found);
         self.missing_netns = self.netns.len() < local.len();
+        any
     }
 
     /// What each document's status should say.
     fn wanted_statuses(&self) -> Vec<status::Wanted> {
         let kinds = [
-            (&self.policy_resource, &self.policies),
+            (&self.policy_resource, &self.policies, &self.policy_statuses),
             (
                 &self.peer_authentication_resource,
                 &self.peer_authentications,
+                &self.peer_authentication_statuses,
             ),
         ];
         kinds
             .into_iter()
-            .flat_map(|(resource, mirror)| {
+            .flat_map(|(resource, mirror, statuses)| {
                 mirror.objects().values().map(|e| status::Wanted {
                     resource: resource.clone(),
                     namespace: e.namespace.clone(),
                     name: e.name.clone(),
                     generation: e.generation,
                     verdict: e.parsed.as_ref().map(|_| ()).map_err(Clone::clone),
-                    current: e.accepted.clone(),
+                    current: statuses
+                        .objects()
+                        .get(&translate::object_key(Some(&e.namespace), &e.name))
+                        .cloned()
+                        .flatten(),
                 })
             })
             .collect()

@@ -142,8 +142,6 @@ pub struct DocumentEntry {
     pub generation: i64,
     /// One parsed document, or why the object is invalid.
     pub parsed: Result<Documents, String>,
-    /// The `Accepted` condition in the object's status now.
-    pub accepted: Option<Condition>,
 }
 
 /// Parses a custom resource with the standalone parser (same fields, same
@@ -170,19 +168,22 @@ pub fn document_entry(object: &DynamicObject, settings: &MeshSettings) -> Option
             policy::compile(&docs, settings).map_err(|e| status_message(&e))?;
             Ok(docs)
         });
-    let accepted = object
-        .data
-        .get("status")
-        .and_then(|s| s.get("conditions"))
-        .and_then(|c| serde_json::from_value::<Vec<Condition>>(c.clone()).ok())
-        .and_then(|c| c.into_iter().find(|c| c.type_ == ACCEPTED));
     Some(DocumentEntry {
         namespace,
         name,
         generation: meta.generation.unwrap_or(0),
         parsed,
-        accepted,
     })
+}
+
+/// The `Accepted` condition in a document's status now, if any.
+pub fn accepted_condition(object: &DynamicObject) -> Option<Condition> {
+    object
+        .data
+        .get("status")
+        .and_then(|s| s.get("conditions"))
+        .and_then(|c| serde_json::from_value::<Vec<Condition>>(c.clone()).ok())
+        .and_then(|c| c.into_iter().find(|c| c.type_ == ACCEPTED))
 }
 
 /// "spec.rules[0].ports[0].port: 0 is not a port (1-65535)": the field
@@ -270,7 +271,9 @@ pub fn cluster_documents(
             origin: origin.clone(),
         });
     }
-    docs.workloads.sort_by_key(|w| w.key());
+    docs.workloads.sort_by(|a, b| {
+        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
+    });
     docs.nodes = nodes
         .iter()
         .map(|(name, addresses)| MeshNode {
@@ -400,7 +403,8 @@ mod tests {
         )
         .unwrap();
         assert!(valid.parsed.is_ok(), "{:?}", valid.parsed);
-        assert_eq!(valid.accepted.as_ref().unwrap().status, "True");
+        let object = policy_object(1, json!({}));
+        assert_eq!(accepted_condition(&object).unwrap().status, "True");
 
         let bad_port = document_entry(
             &policy_object(2, json!({"rules": [{"ports": [{"port": 0}]}]})),

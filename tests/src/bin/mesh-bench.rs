@@ -1,4 +1,5 @@
-//! `mesh-bench same-node|policy|cross-node` (run them with `cargo xtask bench …`):
+//! `mesh-bench same-node|policy|cross-node|control-plane` (run them with
+//! `cargo xtask bench …`):
 //!
 //! - `same-node`: plain TCP between two pods against the same pods with the
 //!   mesh's short-circuit, alternating rounds in one run, medians and ratios.
@@ -9,6 +10,12 @@
 //!   against the mesh's mutual-TLS tunnel between the node agents:
 //!   throughput, latency, the new-connection rate, and that rate sustained
 //!   over hundreds of thousands of connections.
+//! - `control-plane`: the agent's Kubernetes mode against an API server
+//!   holding 10,000 pods and 1,000 MeshPolicies: initial sync, memory and
+//!   event-to-map latency, next to the same state read from files
+//!   (standalone mode).
+#[path = "mesh-bench/control_plane.rs"]
+mod control_plane;
 #[path = "mesh-bench/cross_node.rs"]
 mod cross_node;
 
@@ -44,6 +51,8 @@ enum Bench {
     Policy(Policy),
     /// Plain TCP between pods on two nodes against the mesh's mTLS tunnel.
     CrossNode(cross_node::CrossNode),
+    /// Kubernetes mode at scale (sync, memory, event latency) vs standalone.
+    ControlPlane(control_plane::ControlPlane),
 }
 
 #[derive(Args)]
@@ -81,6 +90,7 @@ fn main() -> anyhow::Result<()> {
         Bench::SameNode(args) => same_node(args, &cli.out),
         Bench::Policy(args) => policy(args, &cli.out),
         Bench::CrossNode(args) => cross_node::run(args, &cli.out),
+        Bench::ControlPlane(args) => control_plane::run(args, &cli.out),
     }
 }
 
