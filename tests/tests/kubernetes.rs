@@ -92,18 +92,10 @@ fn spiffe(ns: &str, sa: &str) -> String {
     format!("spiffe://cluster.local/ns/{ns}/sa/{sa}")
 }
 
-/// `mesh-pod probe` from `pod` to `to`: "connected", "eperm", …
+/// `mesh-pod probe` from `pod` (a mesh workload) to `to`: "connected",
+/// "eperm", …
 fn probe(bed: &TestBed, pod: usize, to: usize) -> String {
-    let target = format!("tcp:{}", bed.pods[to].addr(false, PORT));
-    let report = bed
-        .client(
-            pod,
-            true,
-            &["probe", "--targets", &target, "--timeout-ms", "1000"],
-            T,
-        )
-        .unwrap();
-    report["results"][&target].as_str().unwrap().to_string()
+    probe_from(bed, pod, true, to)
 }
 
 fn wait_probe(bed: &TestBed, pod: usize, to: usize, want: &str) {

@@ -24,7 +24,6 @@ use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -38,6 +37,7 @@ use mesh_tests::{
 use serde_json::{Value, json};
 
 use super::{log_field, log_tail, machine, median, times};
+use crate::cross_node::{CpuTicks, commit, loadavg};
 
 #[derive(Args)]
 pub struct ControlPlane {
@@ -969,59 +969,6 @@ fn latency_summary(events: &[&Event]) -> Value {
     })
 }
 
-/// (all, steal) CPU ticks of the machine so far, from /proc/stat.
-fn cpu_ticks() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let ticks: Vec<u64> = stat
-        .lines()
-        .find(|l| l.starts_with("cpu "))
-        .map(|l| {
-            l.split_whitespace()
-                .skip(1)
-                .filter_map(|t| t.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    // user nice system idle iowait irq softirq steal
-    (
-        ticks.iter().take(8).sum(),
-        ticks.get(7).copied().unwrap_or(0),
-    )
-}
-
-/// /proc/loadavg's first three fields.
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// The workspace's commit the binaries were built from (`+dirty` with
-/// uncommitted changes), so that figures name what they measured.
-fn commit() -> Option<String> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
-    let git = |args: &[&str]| {
-        Command::new("git")
-            .arg("-C")
-            .arg(root)
-            .args(args)
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-    };
-    let head = git(&["rev-parse", "--short", "HEAD"])?;
-    let dirty = git(&["status", "--porcelain", "--untracked-files=no"])?;
-    Some(if dirty.is_empty() {
-        head
-    } else {
-        format!("{head}+dirty")
-    })
-}
-
 pub fn run(cli: &ControlPlane, out: &Path) -> anyhow::Result<()> {
     ensure!(cli.rounds > 0, "--rounds must be at least 1");
     ensure!(
@@ -1034,7 +981,7 @@ pub fn run(cli: &ControlPlane, out: &Path) -> anyhow::Result<()> {
         "pod addresses come from 10.64.0.0/10"
     );
     let run_started = *STARTED.get_or_init(Instant::now);
-    let (load_at_start, ticks_at_start) = (loadavg(), cpu_ticks());
+    let (load_at_start, ticks_at_start) = (loadavg(), CpuTicks::now());
     let state = State::generate(cli);
     let identities = state.identities();
     progress!(
@@ -1205,9 +1152,7 @@ pub fn run(cli: &ControlPlane, out: &Path) -> anyhow::Result<()> {
     }
 
     let total = run_started.elapsed().as_secs_f64();
-    let ticks = cpu_ticks();
-    let steal_pct = 100.0 * ticks.1.saturating_sub(ticks_at_start.1) as f64
-        / ticks.0.saturating_sub(ticks_at_start.0).max(1) as f64;
+    let steal_pct = ticks_at_start.steal_pct();
     let report = json!({
         "benchmark": "control-plane",
         "machine": machine(),

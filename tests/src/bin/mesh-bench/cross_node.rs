@@ -317,13 +317,13 @@ impl Cluster {
 
 /// The machine's CPU time so far (/proc/stat), to tell how much of it the
 /// hypervisor gave to others (steal) while something was measured.
-struct CpuTicks {
+pub(crate) struct CpuTicks {
     total: u64,
     steal: u64,
 }
 
 impl CpuTicks {
-    fn now() -> Self {
+    pub(crate) fn now() -> Self {
         let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
         let ticks: Vec<u64> = stat
             .lines()
@@ -344,7 +344,7 @@ impl CpuTicks {
     }
 
     /// Percent of the CPU time since `self` that was stolen.
-    fn steal_pct(&self) -> f64 {
+    pub(crate) fn steal_pct(&self) -> f64 {
         let now = Self::now();
         let total = now.total.saturating_sub(self.total);
         if total == 0 {
@@ -365,7 +365,7 @@ fn load_1m() -> f64 {
 }
 
 /// /proc/loadavg's first three fields.
-fn loadavg() -> String {
+pub(crate) fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
         .split_whitespace()
@@ -376,7 +376,7 @@ fn loadavg() -> String {
 
 /// The workspace's commit the binaries were built from (`+dirty` with
 /// uncommitted changes), so that figures name what they measured.
-fn commit() -> Option<String> {
+pub(crate) fn commit() -> Option<String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
     let git = |args: &[&str]| {
         Command::new("git")
