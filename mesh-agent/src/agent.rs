@@ -152,7 +152,7 @@ async fn follow_config_dir(
                     error = format!("{e:#}"),
                     "configuration refused; the policy in force stays in force"
                 );
-                health.not_ready(format!("configuration refused: {e:#}"));
+                health.not_ready(format!("invalid configuration: {e:#}"));
             }
         }
         // Wait for a change, then let the writer finish.
