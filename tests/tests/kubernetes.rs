@@ -228,25 +228,33 @@ fn pods_become_endpoints_and_ip_reuse_never_leaves_a_stale_identity() {
     assert!(!log.contains("panicked"), "{log}");
 }
 
-#[test]
-fn mesh_policy_is_enforced_and_an_invalid_edit_keeps_the_previous_one() {
-    let (bed, _servers) = bed("k8s-policy", 3);
-    let mut cluster = Cluster::start(&bed).unwrap();
+const CART: usize = 0;
+const FRONTEND: usize = 1;
+const ROBOT: usize = 2;
+
+/// The cluster of the policy tests: cart (shop/cart) in pod 0, frontend
+/// (web/frontend) in pod 1, robot (web/robot) in pod 2; robot's pod ref.
+fn cart_frontend_robot(bed: &TestBed) -> (Cluster, PodRef) {
+    let mut cluster = Cluster::start(bed).unwrap();
     for ns in ["shop", "web"] {
         cluster.namespace(ns, json!({}));
     }
-    const CART: usize = 0;
-    const FRONTEND: usize = 1;
-    const ROBOT: usize = 2;
     cluster
-        .run_pod(&bed, CART, "shop", "cart", "cart", json!({}))
+        .run_pod(bed, CART, "shop", "cart", "cart", json!({}))
         .unwrap();
     cluster
-        .run_pod(&bed, FRONTEND, "web", "frontend", "frontend", json!({}))
+        .run_pod(bed, FRONTEND, "web", "frontend", "frontend", json!({}))
         .unwrap();
-    cluster
-        .run_pod(&bed, ROBOT, "web", "robot", "robot", json!({}))
+    let robot = cluster
+        .run_pod(bed, ROBOT, "web", "robot", "robot", json!({}))
         .unwrap();
+    (cluster, robot)
+}
+
+#[test]
+fn mesh_policy_is_enforced_and_an_invalid_edit_keeps_the_previous_one() {
+    let (bed, _servers) = bed("k8s-policy", 3);
+    let (cluster, _robot) = cart_frontend_robot(&bed);
     let _agent = Agent::start_node_kubernetes(&bed, 0, &cluster.kubeconfig, &[]).unwrap();
     // No policy: the default allows.
     assert_eq!(probe(&bed, ROBOT, CART), "connected");
@@ -316,23 +324,8 @@ fn mesh_policy_is_enforced_and_an_invalid_edit_keeps_the_previous_one() {
 #[test]
 fn watch_breaks_410_and_outages_miss_nothing_clear_nothing_open_nothing() {
     let (bed, _servers) = bed("k8s-outage", 4);
-    let mut cluster = Cluster::start(&bed).unwrap();
-    for ns in ["shop", "web"] {
-        cluster.namespace(ns, json!({}));
-    }
-    const CART: usize = 0;
-    const FRONTEND: usize = 1;
-    const ROBOT: usize = 2;
+    let (mut cluster, robot) = cart_frontend_robot(&bed);
     const LATE: usize = 3;
-    cluster
-        .run_pod(&bed, CART, "shop", "cart", "cart", json!({}))
-        .unwrap();
-    cluster
-        .run_pod(&bed, FRONTEND, "web", "frontend", "frontend", json!({}))
-        .unwrap();
-    let robot = cluster
-        .run_pod(&bed, ROBOT, "web", "robot", "robot", json!({}))
-        .unwrap();
     cluster
         .apply_yaml(&policy_yaml("shop", "cart", CART_ALLOW_FRONTEND))
         .unwrap();

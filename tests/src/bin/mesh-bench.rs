@@ -14,6 +14,24 @@
 //!   holding 10,000 pods and 1,000 MeshPolicies: initial sync, memory and
 //!   event-to-map latency, next to the same state read from files
 //!   (standalone mode).
+/// When the run started, for the progress lines' timestamps.
+static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+/// A progress line on stderr, with the seconds since the run started (the
+/// benchmark modules below share it).
+macro_rules! progress {
+    ($($arg:tt)*) => {
+        eprintln!(
+            "[{:>4.0} s] {}",
+            crate::STARTED
+                .get_or_init(std::time::Instant::now)
+                .elapsed()
+                .as_secs_f64(),
+            format_args!($($arg)*)
+        )
+    };
+}
+
 #[path = "mesh-bench/control_plane.rs"]
 mod control_plane;
 #[path = "mesh-bench/cross_node.rs"]

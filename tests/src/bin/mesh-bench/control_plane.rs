@@ -75,20 +75,6 @@ pub struct ControlPlane {
     max_policy: u32,
 }
 
-/// When the run started, for the progress lines' timestamps.
-static STARTED: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-
-/// A progress line on stderr, with the seconds since the run started.
-macro_rules! progress {
-    ($($arg:tt)*) => {
-        eprintln!(
-            "[{:>4.0} s] {}",
-            STARTED.get_or_init(Instant::now).elapsed().as_secs_f64(),
-            format_args!($($arg)*)
-        )
-    };
-}
-
 const TRUST_DOMAIN: &str = "cluster.local";
 const MESH_API: &str = "mesh.dev/v1alpha1";
 
@@ -980,7 +966,7 @@ pub fn run(cli: &ControlPlane, out: &Path) -> anyhow::Result<()> {
         cli.pods + cli.events < (1 << 22),
         "pod addresses come from 10.64.0.0/10"
     );
-    let run_started = *STARTED.get_or_init(Instant::now);
+    let run_started = *crate::STARTED.get_or_init(Instant::now);
     let (load_at_start, ticks_at_start) = (loadavg(), CpuTicks::now());
     let state = State::generate(cli);
     let identities = state.identities();

@@ -58,20 +58,6 @@ pub struct CrossNode {
     sustained_max_seconds: u64,
 }
 
-/// When the run started, for the progress lines' timestamps.
-static STARTED: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-
-/// A progress line on stderr, with the seconds since the run started.
-macro_rules! progress {
-    ($($arg:tt)*) => {
-        eprintln!(
-            "[{:>4.0} s] {}",
-            STARTED.get_or_init(Instant::now).elapsed().as_secs_f64(),
-            format_args!($($arg)*)
-        )
-    };
-}
-
 const TRUST_DOMAIN: &str = "cluster.local";
 const NAMESPACE: &str = "bench";
 /// The mesh's servers (in node 1's mesh cgroup) …
@@ -552,7 +538,7 @@ pub fn run(cli: &CrossNode, out: &Path) -> anyhow::Result<()> {
         "nothing to measure"
     );
     ensure!(cli.slice > 0, "--slice must be at least 1");
-    let run_started = *STARTED.get_or_init(Instant::now);
+    let run_started = *crate::STARTED.get_or_init(Instant::now);
     let load_at_start = loadavg();
     let cluster = Cluster::start()?;
     progress!("two nodes, a pod on each, agents ready");
