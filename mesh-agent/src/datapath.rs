@@ -10,10 +10,13 @@
 //!
 //! Every link is pinned, and a restarted agent swaps the program of each
 //! pinned link in place (`BPF_LINK_UPDATE`): no hook is ever left empty.
+//! Maps pinned by an agent with an older layout are migrated first, and
+//! pins of a newer agent are refused (see `migrate`).
 //! The sk_msg program is attached to `SOCK_HASH` itself, so it lives as long
 //! as that map's pin.
 
 pub mod maps;
+pub mod migrate;
 pub mod pins;
 pub mod sys;
 
@@ -30,7 +33,7 @@ use aya::{
         links::FdLink, tc::TcAttachOptions,
     },
 };
-use mesh_common::{SocketKey, map_names};
+use mesh_common::{MAP_LAYOUT_VERSION, SocketKey, map_names};
 use tracing::info;
 
 use crate::{cgroup, config::Config};
@@ -64,6 +67,8 @@ pub enum DatapathError {
     #[error(transparent)]
     Maps(#[from] MapsError),
     #[error(transparent)]
+    Migrate(#[from] migrate::MigrateError),
+    #[error(transparent)]
     Cgroup(#[from] cgroup::CgroupError),
     #[error("loading the kernel programs")]
     Load(#[from] aya::EbpfError),
@@ -96,8 +101,10 @@ impl Datapath {
     /// already pinned under `pins` (a restart or upgrade) or creating them.
     pub fn install(config: &Config, pins: &PinDir) -> Result<Self, DatapathError> {
         let dir = pins.path();
-        maps::check_pinned_layouts(dir)?;
         let fresh = !dir.join(map_names::SETTINGS).exists();
+        // Refuses pins of a newer agent, and moves aside the maps whose
+        // layout changed, before anything else touches them.
+        let migration = migrate::prepare(dir)?;
         let cgroup = cgroup::open_cgroup2(&config.cgroup)?;
         let cgroup_id = cgroup::cgroup_id(&cgroup).map_err(|source| DatapathError::Io {
             what: format!("reading the id of cgroup {}", config.cgroup.display()),
@@ -121,6 +128,8 @@ impl Datapath {
             .map_max_entries(map_names::UDP_PEERS, config.max_conntrack)
             .load(OBJECT)?;
         let maps = PinnedMaps::open(dir)?;
+        // The new programs find the old entries from their first run.
+        migration.copy()?;
 
         // Settings first: the programs read them from their first run. The
         // short-circuit is opt-in (docs/short-circuit.md says which kernel
@@ -148,8 +157,12 @@ impl Datapath {
             }
         }
 
+        migration.finish()?;
+        maps.set_layout_version(MAP_LAYOUT_VERSION)?;
+
         info!(
             bpffs = %dir.display(),
+            layout = MAP_LAYOUT_VERSION,
             cgroup = %config.cgroup.display(),
             cgroup_id,
             interfaces = ?config.interfaces,

@@ -257,7 +257,20 @@ pub enum Setting {
     /// TCP connections from local workloads to workloads on other nodes are
     /// steered there. 0: off (plaintext between nodes).
     TunnelPort = 3,
+    /// The [`MAP_LAYOUT_VERSION`] of the agent that last installed the
+    /// programs on these pins (0: pins made before versions were recorded,
+    /// layout 1). An agent refuses pins of a newer layout than its own.
+    LayoutVersion = 4,
 }
+
+/// Version of the pinned maps' layout (key and value formats, map types),
+/// recorded in `SETTINGS` by every agent that installs the programs. Bump it
+/// with every change to a pinned map's layout, together with the migration
+/// of the old layout in mesh-agent's `datapath::migrate`.
+///
+/// - 1: the first layout (unrecorded, read as 0).
+/// - 2: `FlowState` (CONNTRACK values) carries the flow's identities.
+pub const MAP_LAYOUT_VERSION: u32 = 2;
 
 /// `SO_MARK` of the node agent's own sockets (its tunnels and the
 /// connections it makes to local workloads for inbound tunnels): the

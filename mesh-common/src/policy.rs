@@ -281,6 +281,12 @@ pub struct FlowState {
     pub generation: u32,
     /// `FLOW_*` flags.
     pub flags: u32,
+    /// The identities the verdict was computed for (0 when unknown: an
+    /// entry migrated from layout 1 whose address has no endpoint any more).
+    /// They name the flow's workloads even after an address moves to
+    /// another pod.
+    pub src_identity: u64,
+    pub dst_identity: u64,
 }
 
 /// The flow was opened by a local workload towards another node: packets

@@ -349,6 +349,8 @@ fn ingress_passes(key: &FlowKey, syn: bool) -> bool {
         verdict,
         generation,
         flags: 0,
+        src_identity: attempt.src_identity,
+        dst_identity: dst.identity,
     };
     if CONNTRACK.insert(key, &state, BPF_ANY as u64).is_err() {
         count(Counter::ConntrackFailed, 1);
@@ -367,9 +369,10 @@ pub fn mesh_egress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn record_outbound(key: &FlowKey) {
-    if !is_local_endpoint(&key.src_ip) {
-        return;
-    }
+    let src = match endpoint(&key.src_ip) {
+        Some(e) if e.flags & ENDPOINT_LOCAL != 0 => e,
+        _ => return,
+    };
     // SAFETY: as in `endpoint`.
     if unsafe { CONNTRACK.get(key) }.is_some() || unsafe { CONNTRACK.get(&key.reversed()) }.is_some()
     {
@@ -379,6 +382,8 @@ fn record_outbound(key: &FlowKey) {
         verdict: Verdict::new(Action::Allow, 0),
         generation: policy_generation(),
         flags: FLOW_OUTBOUND,
+        src_identity: src.identity,
+        dst_identity: identity_of_address(&key.dst_ip),
     };
     if CONNTRACK.insert(key, &state, BPF_ANY as u64).is_err() {
         count(Counter::ConntrackFailed, 1);

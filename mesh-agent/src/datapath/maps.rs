@@ -311,6 +311,13 @@ impl PinnedMaps {
         self.hash(map_names::TUNNEL_ORIG)
     }
 
+    /// Records the layout of the maps the installed programs use.
+    pub fn set_layout_version(&self, version: u32) -> Result<(), MapsError> {
+        self.settings()?
+            .set(Setting::LayoutVersion as u32, version, 0)
+            .map_err(self.err(map_names::SETTINGS))
+    }
+
     pub fn set_revoke_established(&self, on: bool) -> Result<(), MapsError> {
         self.settings()?
             .set(Setting::RevokeEstablished as u32, on as u32, 0)
@@ -354,36 +361,4 @@ pub struct PolicyMaps {
     pub endpoints: HashMap<MapData, IpKey, Endpoint>,
     pub local_netns: HashMap<MapData, u64, u64>,
     pub policy: HashMap<MapData, PolicyKey, Verdict>,
-}
-
-/// Refuses pinned maps whose layout differs from what this agent's programs
-/// expect: aya would silently reuse them, and the programs would then read
-/// garbage. Maps not pinned yet are fine (they will be created).
-pub fn check_pinned_layouts(dir: &Path) -> Result<(), MapsError> {
-    for (name, expected) in EXPECTED_MAPS {
-        let path = dir.join(name);
-        if !path.exists() {
-            continue;
-        }
-        let err = |source| MapsError::Map {
-            name,
-            dir: dir.to_owned(),
-            source,
-        };
-        let info = MapInfo::from_pin(&path).map_err(err)?;
-        let found = MapLayout {
-            map_type: info.map_type().map_err(err)?,
-            key_size: info.key_size(),
-            value_size: info.value_size(),
-        };
-        if found != expected {
-            return Err(MapsError::Layout {
-                name,
-                dir: dir.to_owned(),
-                found,
-                expected,
-            });
-        }
-    }
-    Ok(())
 }
