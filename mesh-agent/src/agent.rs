@@ -9,6 +9,11 @@ use crate::{
     config::{Config, LogFormat},
     control::Control,
     datapath::{Datapath, maps::PinnedMaps, pins::PinDir},
+    endpoints::{
+        self, Listeners,
+        admin::LogFilter,
+        metrics::{self, Metrics},
+    },
     flows::{self, FlowHub},
     health::Health,
     k8s,
@@ -28,7 +33,7 @@ const CERTIFICATES_WAIT: Duration = Duration::from_secs(10);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 pub fn run(config: Config) -> anyhow::Result<()> {
-    init_logging(config.log_format);
+    let log_filter = init_logging(config.log_format);
     info!(
         config = %serde_json::to_string(&config)?,
         node = %config.mesh.node,
@@ -39,7 +44,6 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let pins = PinDir::lock(&config.bpffs)?;
-    let _datapath = Datapath::install(&config, &pins)?;
 
     // Two workers: tunnels encrypt and copy on one while the other serves
     // the control loop and the flows (these machines have two cores; more
@@ -50,7 +54,33 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
-        let hub = FlowHub::new();
+        let mut health = Health::new(&config.state_dir);
+        let metrics = Metrics::new(
+            metrics::Options {
+                mtls: config.mtls.is_some(),
+                kubernetes: config.kubernetes.is_some(),
+            },
+            metrics::node_readings(
+                config.bpffs.clone(),
+                config.state_dir.clone(),
+                health.watch(),
+            ),
+        );
+        let hub = FlowHub::new(metrics.flows.clone());
+        // Before anything changes in the kernel: a port in use stops the
+        // agent here, naming the flag.
+        let listeners = Listeners::bind(&config.endpoints)?;
+        endpoints::spawn(
+            listeners,
+            endpoints::Shared {
+                config: config.clone(),
+                hub: hub.clone(),
+                health: health.watch(),
+                metrics: metrics.clone(),
+                log_filter,
+            },
+        );
+        let _datapath = Datapath::install(&config, &pins)?;
         hub.set_names(NodeState::read(&config.state_dir).unwrap_or_default());
         tokio::spawn(log_failure(
             "flow events",
@@ -62,7 +92,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         ));
 
         let mut mtls = match &config.mtls {
-            Some(_) => Some(Mtls::start(&config, hub.clone()).await?),
+            Some(_) => Some(Mtls::start(&config, hub.clone(), metrics.tunnels.clone()).await?),
             None => {
                 // Plaintext between nodes: nothing may be steered to a
                 // listener that does not exist.
@@ -70,9 +100,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 None
             }
         };
-        let mut health = Health::new(&config.state_dir);
         let signal = if let Some(dir) = config.config_dir.clone() {
-            let control = Control::adopt(config.clone())?;
+            let control = Control::adopt(config.clone(), metrics.reconcile.clone())?;
             tokio::select! {
                 result = follow_config_dir(control, &dir, &hub, &mut mtls, &mut health) => {
                     result?;
@@ -81,9 +110,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 signal = wait_for_shutdown() => signal?,
             }
         } else if let Some(k) = config.kubernetes.clone() {
-            let control = Control::adopt(config.clone())?;
+            let control = Control::adopt(config.clone(), metrics.reconcile.clone())?;
             tokio::select! {
-                result = k8s::follow_cluster(control, &config, &k, &hub, &mut mtls, &mut health) => {
+                result = k8s::follow_cluster(control, &config, &k, &hub, &mut mtls, &mut health, &metrics.kubernetes) => {
                     result?;
                     unreachable!("following the cluster only ends with an error")
                 }
@@ -186,20 +215,33 @@ async fn wait_for_shutdown() -> anyhow::Result<&'static str> {
     })
 }
 
-fn init_logging(format: LogFormat) {
-    use tracing_subscriber::{EnvFilter, fmt};
-    // kube's client logs every failed connection attempt at ERROR; the
-    // agent says once that it lost the API server and once that it is back.
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,kube_client::client::builder=off"));
+/// The log filter when `RUST_LOG` does not say: kube's client logs every
+/// failed connection attempt at ERROR; the agent says once that it lost the
+/// API server and once that it is back.
+const DEFAULT_LOG_FILTER: &str = "info,kube_client::client::builder=off";
+
+/// Logs to stderr, plain or JSON, with a filter the admin endpoint can
+/// replace while the agent runs.
+fn init_logging(format: LogFormat) -> LogFilter {
     use std::io::IsTerminal as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::{EnvFilter, fmt, layer::SubscriberExt as _, reload};
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
+    let (filter, handle) = reload::Layer::new(filter);
     // Colours only for people: log collectors get plain text.
-    let builder = fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Plain => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let ansi = std::io::stderr().is_terminal();
+    let (plain, json) = match format {
+        LogFormat::Plain => (
+            Some(fmt::layer().with_ansi(ansi).with_writer(std::io::stderr)),
+            None,
+        ),
+        LogFormat::Json => (None, Some(fmt::layer().json().with_writer(std::io::stderr))),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(plain)
+        .with(json)
+        .init();
+    LogFilter::new(handle)
 }

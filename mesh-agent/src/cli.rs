@@ -1,6 +1,6 @@
 //! Command-line interface: `run` (the node agent) and the operator commands
 //! that read the pinned maps directly, so they work while the agent is down.
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -63,6 +63,20 @@ pub enum Command {
     /// Print the CustomResourceDefinitions of the mesh's documents
     /// (MeshPolicy, PeerAuthentication), for `kubectl apply -f -`.
     Crds,
+    /// Say whether this node's mesh is healthy, and why not: the agent,
+    /// its readiness, the kernel programs, map fill, certificates. Exits
+    /// 0 when healthy, 1 when not.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// The agent's health endpoint (`run --health-address`); when it does
+    /// not answer, `<state-dir>/health.json` says what the agent last knew.
+    #[arg(long, default_value = "127.0.0.1:15021", env = config::ENV_HEALTH_ADDRESS)]
+    pub health_address: SocketAddr,
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
 }
 
 #[derive(Debug, clap::Args)]
@@ -119,11 +133,11 @@ pub struct RunArgs {
     /// suit. When not given, a restarted agent keeps the setting in force
     /// (an operator's runtime switch survives restarts); a new pin
     /// directory starts with `off`.
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, env = config::ENV_SHORT_CIRCUIT)]
     pub short_circuit: Option<OnOff>,
 
     /// Capacity of the socket maps (only used when they are created).
-    #[arg(long, default_value_t = mesh_common::DEFAULT_MAX_SOCKETS)]
+    #[arg(long, default_value_t = mesh_common::DEFAULT_MAX_SOCKETS, env = config::ENV_MAX_SOCKETS)]
     pub max_sockets: u32,
 
     /// Standalone mode: read Workload and MeshPolicy documents from this
@@ -134,12 +148,12 @@ pub struct RunArgs {
     /// Kubernetes mode: workloads from Pods, policy from MeshPolicy and
     /// PeerAuthentication resources (docs/kubernetes.md). Uses the pod's
     /// service account, or --kubeconfig.
-    #[arg(long)]
+    #[arg(long, env = config::ENV_KUBERNETES, value_parser = clap::builder::FalseyValueParser::new())]
     pub kubernetes: bool,
 
     /// Kubernetes mode with this kubeconfig instead of the in-cluster
     /// service account.
-    #[arg(long, requires = "kubernetes")]
+    #[arg(long, requires = "kubernetes", env = config::ENV_KUBECONFIG)]
     pub kubeconfig: Option<PathBuf>,
 
     /// Namespace of the Lease that elects the agent writing the documents'
@@ -158,41 +172,56 @@ pub struct RunArgs {
     pub interfaces: Vec<String>,
 
     /// The SPIFFE trust domain of the mesh's identities.
-    #[arg(long, default_value = "cluster.local")]
+    #[arg(long, default_value = "cluster.local", env = config::ENV_TRUST_DOMAIN)]
     pub trust_domain: String,
 
     /// Policies in this namespace select workloads of every namespace.
-    #[arg(long, default_value = "mesh-system")]
+    #[arg(long, default_value = "mesh-system", env = config::ENV_ROOT_NAMESPACE)]
     pub root_namespace: String,
 
     /// Verdict for mesh sources when no ALLOW policy selects the destination.
-    #[arg(long, value_enum, default_value_t = crate::policy::DefaultAction::Allow)]
+    #[arg(long, value_enum, default_value_t = crate::policy::DefaultAction::Allow, env = config::ENV_DEFAULT_POLICY)]
     pub default_policy: crate::policy::DefaultAction,
 
     /// Verdict for sources that are not mesh workloads when no ALLOW policy
     /// selects the destination.
-    #[arg(long, value_enum, default_value_t = crate::policy::DefaultAction::Allow)]
+    #[arg(long, value_enum, default_value_t = crate::policy::DefaultAction::Allow, env = config::ENV_NON_MESH)]
     pub non_mesh: crate::policy::DefaultAction,
 
     /// What a policy change does to established connections it now denies.
-    #[arg(long, value_enum, default_value_t = Established::Keep)]
+    #[arg(long, value_enum, default_value_t = Established::Keep, env = config::ENV_ESTABLISHED)]
     pub established: Established,
 
     /// Capacity of the endpoints map (only used when it is created).
-    #[arg(long, default_value_t = mesh_common::policy::DEFAULT_MAX_ENDPOINTS)]
+    #[arg(long, default_value_t = mesh_common::policy::DEFAULT_MAX_ENDPOINTS, env = config::ENV_MAX_ENDPOINTS)]
     pub max_endpoints: u32,
 
     /// Capacity of the policy map (only used when it is created).
-    #[arg(long, default_value_t = mesh_common::policy::DEFAULT_MAX_POLICY)]
+    #[arg(long, default_value_t = mesh_common::policy::DEFAULT_MAX_POLICY, env = config::ENV_MAX_POLICY)]
     pub max_policy: u32,
 
     /// Capacity of the conntrack map (only used when it is created).
-    #[arg(long, default_value_t = mesh_common::policy::DEFAULT_MAX_CONNTRACK)]
+    #[arg(long, default_value_t = mesh_common::policy::DEFAULT_MAX_CONNTRACK, env = config::ENV_MAX_CONNTRACK)]
     pub max_conntrack: u32,
 
     /// Log format.
     #[arg(long, value_enum, default_value_t = config::LogFormat::Plain, env = config::ENV_LOG_FORMAT)]
     pub log_format: config::LogFormat,
+
+    /// Admin endpoint: `/config_dump`, `/logging` (GET shows the log
+    /// filter, POST `?level=…` changes it). It can change the agent's
+    /// behaviour: keep it on localhost.
+    #[arg(long, default_value = config::DEFAULT_ADMIN_ADDRESS, env = config::ENV_ADMIN_ADDRESS)]
+    pub admin_address: SocketAddr,
+
+    /// Prometheus endpoint: `/metrics`.
+    #[arg(long, default_value = config::DEFAULT_METRICS_ADDRESS, env = config::ENV_METRICS_ADDRESS)]
+    pub metrics_address: SocketAddr,
+
+    /// Probe endpoint: `/live`, and `/ready` (200 once the maps reflect the
+    /// current policy, else 503 and why).
+    #[arg(long, default_value = config::DEFAULT_HEALTH_ADDRESS, env = config::ENV_HEALTH_ADDRESS)]
+    pub health_address: SocketAddr,
 
     #[command(flatten)]
     pub mtls: MtlsArgs,
@@ -205,33 +234,33 @@ pub struct RunArgs {
 pub struct MtlsArgs {
     /// Run the mesh CA inside the agent, from this directory (`ca init`).
     /// It signs only identities of this node's workloads, as the service does.
-    #[arg(long, conflicts_with = "ca_address")]
+    #[arg(long, conflicts_with = "ca_address", env = config::ENV_CA_DIR)]
     pub ca_dir: Option<PathBuf>,
 
     /// The CA service (`ca serve`), as HOST:PORT.
-    #[arg(long, requires = "node_credentials")]
+    #[arg(long, requires = "node_credentials", env = config::ENV_CA_ADDRESS)]
     pub ca_address: Option<String>,
 
     /// This node's credentials for the CA service (`ca issue-node`):
     /// cert.pem, key.pem and bundle.pem.
-    #[arg(long)]
+    #[arg(long, env = config::ENV_NODE_CREDENTIALS)]
     pub node_credentials: Option<PathBuf>,
 
     /// Port of the agent's tunnel listener (HBONE), on every node.
-    #[arg(long, default_value_t = 15008)]
+    #[arg(long, default_value_t = 15008, env = config::ENV_TUNNEL_PORT)]
     pub tunnel_port: u16,
 
     /// Port of the agent's outbound listener inside each local workload's
     /// network namespace (on its loopback).
-    #[arg(long, default_value_t = 15001)]
+    #[arg(long, default_value_t = 15001, env = config::ENV_OUTBOUND_PORT)]
     pub outbound_port: u16,
 
     /// Lifetime of the workload certificates the agent asks for.
-    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration, env = config::ENV_SVID_LIFETIME)]
     pub svid_lifetime: std::time::Duration,
 
     /// Renew each certificate when this fraction of its lifetime has passed.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.5, env = config::ENV_RENEW_FRACTION)]
     pub renew_fraction: f64,
 }
 
@@ -266,7 +295,21 @@ pub enum SwitchState {
     Status,
 }
 
-pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
+/// Runs the command; `status` exits 1 when the node's mesh is not healthy.
+pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Status(args) = &cli.command {
+        let report = crate::endpoints::status::run(&cli.bpffs, &cli.state_dir, args.health_address);
+        print!("{}", report.render(args.output));
+        return Ok(if report.healthy {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
+    run_command(cli).map(|()| ExitCode::SUCCESS)
+}
+
+fn run_command(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
             let config = Config::from_args(cli.bpffs, cli.state_dir, *args)?;
@@ -308,6 +351,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
             print!("{}", explain::explain(&maps, &names, &args)?);
             Ok(())
         }
+        Command::Status(_) => unreachable!("handled in dispatch"),
         Command::ShortCircuit { state } => {
             let maps = PinnedMaps::open(&cli.bpffs)?;
             match state {

@@ -1,5 +1,6 @@
-//! The agent's effective configuration, logged at start-up.
-use std::path::PathBuf;
+//! The agent's effective configuration, logged at start-up and shown by
+//! the admin endpoint's `/config_dump`.
+use std::{net::SocketAddr, path::PathBuf};
 
 use serde::Serialize;
 
@@ -13,8 +14,36 @@ pub const ENV_CONFIG_DIR: &str = "MESH_CONFIG_DIR";
 pub const ENV_NODE_NAME: &str = "NODE_NAME";
 pub const ENV_POD_NAMESPACE: &str = "POD_NAMESPACE";
 pub const ENV_INTERFACES: &str = "MESH_INTERFACES";
+// Every other flag of `run`: `MESH_` and the flag's name, so a ConfigMap can
+// configure the agent with `envFrom`.
+pub const ENV_SHORT_CIRCUIT: &str = "MESH_SHORT_CIRCUIT";
+pub const ENV_MAX_SOCKETS: &str = "MESH_MAX_SOCKETS";
+pub const ENV_KUBERNETES: &str = "MESH_KUBERNETES";
+pub const ENV_KUBECONFIG: &str = "MESH_KUBECONFIG";
+pub const ENV_TRUST_DOMAIN: &str = "MESH_TRUST_DOMAIN";
+pub const ENV_ROOT_NAMESPACE: &str = "MESH_ROOT_NAMESPACE";
+pub const ENV_DEFAULT_POLICY: &str = "MESH_DEFAULT_POLICY";
+pub const ENV_NON_MESH: &str = "MESH_NON_MESH";
+pub const ENV_ESTABLISHED: &str = "MESH_ESTABLISHED";
+pub const ENV_MAX_ENDPOINTS: &str = "MESH_MAX_ENDPOINTS";
+pub const ENV_MAX_POLICY: &str = "MESH_MAX_POLICY";
+pub const ENV_MAX_CONNTRACK: &str = "MESH_MAX_CONNTRACK";
+pub const ENV_CA_DIR: &str = "MESH_CA_DIR";
+pub const ENV_CA_ADDRESS: &str = "MESH_CA_ADDRESS";
+pub const ENV_NODE_CREDENTIALS: &str = "MESH_NODE_CREDENTIALS";
+pub const ENV_TUNNEL_PORT: &str = "MESH_TUNNEL_PORT";
+pub const ENV_OUTBOUND_PORT: &str = "MESH_OUTBOUND_PORT";
+pub const ENV_SVID_LIFETIME: &str = "MESH_SVID_LIFETIME";
+pub const ENV_RENEW_FRACTION: &str = "MESH_RENEW_FRACTION";
+pub const ENV_ADMIN_ADDRESS: &str = "MESH_ADMIN_ADDRESS";
+pub const ENV_METRICS_ADDRESS: &str = "MESH_METRICS_ADDRESS";
+pub const ENV_HEALTH_ADDRESS: &str = "MESH_HEALTH_ADDRESS";
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/mesh";
 pub const DEFAULT_STATE_DIR: &str = "/run/mesh";
+/// Localhost only: the admin endpoint can change the agent's behaviour.
+pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:15000";
+pub const DEFAULT_METRICS_ADDRESS: &str = "0.0.0.0:15020";
+pub const DEFAULT_HEALTH_ADDRESS: &str = "0.0.0.0:15021";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -37,7 +66,7 @@ pub struct Config {
     pub kubernetes: Option<KubernetesConfig>,
     /// Interfaces where traffic from other nodes arrives.
     pub interfaces: Vec<String>,
-    #[serde(skip)]
+    #[serde(serialize_with = "serialize_mesh")]
     pub mesh: MeshSettings,
     /// `Some` when given on the command line; `None` keeps what is pinned.
     pub short_circuit: Option<bool>,
@@ -49,6 +78,29 @@ pub struct Config {
     pub log_format: LogFormat,
     /// `None`: plaintext between nodes.
     pub mtls: Option<MtlsConfig>,
+    pub endpoints: EndpointsConfig,
+}
+
+/// Where the agent's HTTP endpoints listen.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct EndpointsConfig {
+    /// `/config_dump`, `/logging`.
+    pub admin: SocketAddr,
+    /// `/metrics`.
+    pub metrics: SocketAddr,
+    /// `/live`, `/ready`.
+    pub health: SocketAddr,
+}
+
+fn serialize_mesh<S: serde::Serializer>(m: &MeshSettings, s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeStruct as _;
+    let mut out = s.serialize_struct("MeshSettings", 5)?;
+    out.serialize_field("trust_domain", &m.trust_domain)?;
+    out.serialize_field("node", &m.node)?;
+    out.serialize_field("root_namespace", &m.root_namespace)?;
+    out.serialize_field("default_policy", &m.default_action)?;
+    out.serialize_field("non_mesh", &m.non_mesh_action)?;
+    out.end()
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -168,6 +220,11 @@ impl Config {
             max_policy: args.max_policy,
             max_conntrack: args.max_conntrack,
             log_format: args.log_format,
+            endpoints: EndpointsConfig {
+                admin: args.admin_address,
+                metrics: args.metrics_address,
+                health: args.health_address,
+            },
         })
     }
 }

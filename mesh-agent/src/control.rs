@@ -29,6 +29,7 @@ use tracing::{info, warn};
 use crate::{
     config::Config,
     datapath::maps::{MapsError, PinnedMaps, PolicyMaps},
+    endpoints::metrics::ReconcileMetrics,
     netns,
     policy::{self, Compiled, ConfigError},
     state::NodeState,
@@ -92,6 +93,7 @@ pub struct Control {
     maps: PolicyMaps,
     applied: MapState,
     capacity: Capacity,
+    metrics: ReconcileMetrics,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -104,7 +106,7 @@ struct Capacity {
 impl Control {
     /// Takes over the pinned maps as they are: a restarted agent converges
     /// from what the previous one left, never from empty maps.
-    pub fn adopt(config: Config) -> Result<Self, MapsError> {
+    pub fn adopt(config: Config, metrics: ReconcileMetrics) -> Result<Self, MapsError> {
         let pins = PinnedMaps::open(&config.bpffs)?;
         let applied = MapState {
             endpoints: pins.endpoints()?.into_iter().collect(),
@@ -123,6 +125,7 @@ impl Control {
             maps,
             applied,
             capacity,
+            metrics,
         })
     }
 
@@ -167,13 +170,20 @@ impl Control {
                 path: NodeState::path(&self.config.state_dir),
                 source,
             })?;
+        let elapsed = started.elapsed();
+        let mode = if self.config.kubernetes.is_some() {
+            "kubernetes"
+        } else {
+            "standalone"
+        };
+        self.metrics.observe(mode, elapsed);
         info!(
             upserted = changes.upserted,
             deleted = changes.deleted,
             generation = changes.generation,
             workloads = compiled.workloads.len(),
             policy_entries,
-            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            elapsed_ms = elapsed.as_secs_f64() * 1e3,
             "policy applied"
         );
         drop_elsewhere(compiled);

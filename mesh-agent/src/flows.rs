@@ -30,6 +30,7 @@ use tracing::{debug, warn};
 
 use crate::{
     datapath::sys::{async_ring_buf, read_pod},
+    endpoints::metrics::FlowMetrics,
     policy::ip_from_key,
     state::NodeState,
 };
@@ -124,26 +125,43 @@ fn monotonic_epoch() -> f64 {
     wall - mono
 }
 
-/// The agent's side: the recent events and the live stream.
+/// The agent's side: the recent events, the live stream, and the verdicts
+/// counted for `/metrics`.
 #[derive(Clone)]
 pub struct FlowHub {
     history: Arc<Mutex<VecDeque<FlowRecord>>>,
     live: broadcast::Sender<FlowRecord>,
-    names: Arc<Mutex<NodeState>>,
+    /// What the control loop last applied (shared, so `/config_dump` takes
+    /// it without a copy).
+    names: Arc<Mutex<Arc<NodeState>>>,
+    metrics: FlowMetrics,
 }
 
 impl FlowHub {
-    pub fn new() -> Self {
+    pub fn new(metrics: FlowMetrics) -> Self {
         Self {
             history: Arc::default(),
             live: broadcast::channel(HISTORY).0,
             names: Arc::default(),
+            metrics,
         }
     }
 
     /// New names after each applied configuration.
     pub fn set_names(&self, names: NodeState) {
-        *self.names.lock().unwrap() = names;
+        let old = std::mem::replace(&mut *self.names.lock().unwrap(), Arc::new(names));
+        // Freed outside the lock, which the ring buffer reader takes per event.
+        drop(old);
+    }
+
+    /// The names in force: what the control loop last applied.
+    pub fn names(&self) -> Arc<NodeState> {
+        self.names.lock().unwrap().clone()
+    }
+
+    /// The SPIFFE ID of a numeric identity, from the names in force.
+    pub fn identity_name(&self, identity: u64) -> String {
+        self.names.lock().unwrap().identity_name(identity)
     }
 
     /// Reports a tunnel verdict alongside the kernel's.
@@ -190,12 +208,17 @@ impl FlowHub {
     fn publish(&self, record: FlowRecord) {
         debug!(
             verdict = %record.verdict,
+            hook = %record.hook,
             src = %record.src.identity,
             dst = %record.dst.identity,
+            src_addr = ?record.src.ip,
+            dst_addr = ?record.dst.ip,
             port = ?record.dst.port,
+            proto = %record.proto,
             reason = %record.reason,
             "flow"
         );
+        self.metrics.record(&record);
         let mut history = self.history.lock().unwrap();
         if history.len() == HISTORY {
             history.pop_front();

@@ -8,6 +8,7 @@ mod cli;
 mod config;
 mod control;
 mod datapath;
+mod endpoints;
 mod explain;
 mod flows;
 mod health;
@@ -26,7 +27,7 @@ use clap::Parser as _;
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
     match cli::dispatch(cli) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
             std::process::ExitCode::FAILURE

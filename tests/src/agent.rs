@@ -132,6 +132,16 @@ impl Agent {
             .arg("--cgroup")
             .arg(bed.cgroup.path())
             .args(extra);
+        // The machine's network namespace is shared with other tests'
+        // agents (and anything else running there): any free ports for the
+        // endpoints, unless `extra` names some.
+        for var in [
+            "MESH_ADMIN_ADDRESS",
+            "MESH_METRICS_ADDRESS",
+            "MESH_HEALTH_ADDRESS",
+        ] {
+            cmd.env(var, "127.0.0.1:0");
+        }
         // The agent runs in the machine's namespaces, outside the pods' cgroup.
         Self::launch(
             cmd,

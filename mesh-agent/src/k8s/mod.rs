@@ -36,6 +36,7 @@ use tracing::{error, info, warn};
 use crate::{
     config::{Config, KubernetesConfig},
     control::{self, Control},
+    endpoints::metrics::KubernetesMetrics,
     flows::FlowHub,
     health::Health,
     mtls::Mtls,
@@ -99,6 +100,7 @@ pub async fn follow_cluster(
     hub: &FlowHub,
     mtls: &mut Option<Mtls>,
     health: &mut Health,
+    metrics: &KubernetesMetrics,
 ) -> anyhow::Result<()> {
     let client = client(k).await?;
     let watching_since = Instant::now();
@@ -191,6 +193,7 @@ pub async fn follow_cluster(
             }
             Some(()) = reachable.recovered.recv() => reachable.up(),
         }
+        metrics.set_connected(reachable.down.is_none() && cluster.synced());
         match (&reachable.down, &apply_error) {
             (Some(why), _) => health.not_ready(format!("API server unreachable: {why}")),
             (None, Some(why)) => health.not_ready(format!("cluster state refused: {why}")),

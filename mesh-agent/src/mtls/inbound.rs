@@ -2,23 +2,36 @@
 //! the destination's identity with its certificate, learns the source's
 //! from the verified client certificate, checks policy with the same
 //! entries the kernel uses, and carries allowed tunnels to the workload.
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use http::StatusCode;
-use tokio::{net::TcpListener, sync::watch};
-use tracing::{debug, info, warn};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+use tracing::{Instrument as _, debug, error_span, info, warn};
 
 use super::{
     judge::{PolicyLookup, Refused},
     outbound::connect_marked,
 };
 use crate::{
+    endpoints::metrics::{Direction, OpenTunnel, TunnelMetrics},
     flows::{FlowHub, TunnelFlow},
     pki::{SvidStore, identity_from_sni, peer_identity},
     policy::numeric_identity,
     tunnel::{
         TunnelSettings,
         server::{ConnectRequest, Refusal, serve},
+        splice::Socket,
     },
 };
 
@@ -30,6 +43,7 @@ pub struct Inbound {
     pub lookup: Arc<PolicyLookup>,
     pub settings: TunnelSettings,
     pub flows: FlowHub,
+    pub metrics: TunnelMetrics,
 }
 
 impl Inbound {
@@ -70,10 +84,12 @@ impl Inbound {
             Ok(Err(e)) => {
                 // Another trust domain, an expired or missing client
                 // certificate, an identity this node does not host…
+                self.metrics.handshake(Direction::Inbound, false);
                 warn!(%peer, error = %e, "tunnel handshake refused");
                 return;
             }
             Err(_) => {
+                self.metrics.handshake(Direction::Inbound, false);
                 warn!(%peer, "tunnel handshake timed out");
                 return;
             }
@@ -83,11 +99,18 @@ impl Inbound {
             peer_identity(conn),
             conn.server_name().and_then(identity_from_sni),
         ) else {
+            self.metrics.handshake(Direction::Inbound, false);
             warn!(%peer, "tunnel without a verified identity or server name");
             return;
         };
+        self.metrics.handshake(Direction::Inbound, true);
         let src_identity = numeric_identity(&source);
-        debug!(%peer, %source, "tunnel connection accepted");
+        let dst = self.flows.identity_name(expected);
+        debug!(%peer, src = %source, %dst, "tunnel connection accepted");
+        // The tunnel code knows no identities: its events carry them from
+        // this span (at ERROR level so that no filter leaves them out).
+        let src = source.clone();
+        let span = error_span!("tunnel", %src, %dst);
         let this = self.clone();
         let handler = move |request: ConnectRequest| {
             let this = this.clone();
@@ -97,8 +120,11 @@ impl Inbound {
         let stop = async move {
             let _ = shutdown.wait_for(|s| *s).await;
         };
-        if let Err(e) = serve(tls, &self.settings, handler, stop).await {
-            debug!(%peer, error = %e, "tunnel connection ended");
+        if let Err(e) = serve(tls, &self.settings, handler, stop)
+            .instrument(span)
+            .await
+        {
+            debug!(%peer, %src, %dst, error = %e, "tunnel connection ended");
         }
     }
 
@@ -109,7 +135,7 @@ impl Inbound {
         source: &str,
         src_identity: u64,
         expected_dst: u64,
-    ) -> Result<tokio::net::TcpStream, Refusal> {
+    ) -> Result<Counted, Refusal> {
         let target = request.target;
         let report =
             |allowed: bool, dst_identity: u64, rule: Option<u32>, reason: Option<String>| {
@@ -146,7 +172,10 @@ impl Inbound {
         match connect_marked(target).await {
             Ok(stream) => {
                 report(true, dst.identity, Some(verdict.rule), None);
-                Ok(stream)
+                Ok(Counted {
+                    stream,
+                    _open: self.metrics.open(Direction::Inbound),
+                })
             }
             Err(e) => {
                 let reason = format!("connecting to {target}: {e}");
@@ -154,5 +183,58 @@ impl Inbound {
                 Err(Refusal::new(StatusCode::BAD_GATEWAY, reason))
             }
         }
+    }
+}
+
+/// The connection to the local workload, counted as an open tunnel until
+/// the splice drops it.
+pub struct Counted {
+    stream: TcpStream,
+    _open: OpenTunnel,
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+impl Socket for Counted {
+    fn reset_on_close(&self) -> io::Result<()> {
+        self.stream.reset_on_close()
     }
 }

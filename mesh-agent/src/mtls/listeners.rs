@@ -183,7 +183,7 @@ async fn accept_loop(
             Ok(accepted) => accepted,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
-                warn!(error = %e, identity = %workload.spiffe_id, "outbound accept failed");
+                warn!(error = %e, src = %workload.spiffe_id, "outbound accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             }
@@ -203,7 +203,7 @@ async fn accept_loop(
             None => {
                 // Not steered by the kernel (someone connected to the port
                 // directly): there is no destination to carry it to.
-                info!(identity = %workload.spiffe_id, %peer, "connection to the outbound port without a steered destination refused");
+                info!(src = %workload.spiffe_id, %peer, "connection to the outbound port without a steered destination refused");
                 let _ = stream.set_zero_linger();
             }
         }

@@ -27,6 +27,7 @@ use tracing::{error, info, warn};
 use crate::{
     config::{CaSource, Config},
     datapath::maps::PinnedMaps,
+    endpoints::metrics::TunnelMetrics,
     flows::FlowHub,
     pki::{self, CertManager, SvidStore},
     state::NodeState,
@@ -55,7 +56,11 @@ impl Mtls {
     /// Starts certificate management and the tunnel listener. Nothing is
     /// steered to the agent until the first configuration is applied and
     /// the outbound listeners exist.
-    pub async fn start(config: &Config, flows: FlowHub) -> anyhow::Result<Self> {
+    pub async fn start(
+        config: &Config,
+        flows: FlowHub,
+        metrics: TunnelMetrics,
+    ) -> anyhow::Result<Self> {
         let m = config.mtls.as_ref().expect("mTLS is configured");
         let td = &config.mesh.trust_domain;
         let mut hosted = None;
@@ -111,6 +116,7 @@ impl Mtls {
             lookup: Arc::new(judge::PolicyLookup::open(&maps)?),
             settings: settings.clone(),
             flows: flows.clone(),
+            metrics: metrics.clone(),
         });
         allow_time_wait_reuse();
         let listener = tunnel_listener(m.tunnel_port)?;
@@ -122,6 +128,7 @@ impl Mtls {
             pool: Pool::new(settings),
             tunnel_port: m.tunnel_port,
             flows,
+            metrics,
         });
         let orig = Arc::new(OrigTable::new(maps.tunnel_orig()?));
         let listeners = OutboundListeners::new(

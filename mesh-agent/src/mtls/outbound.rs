@@ -10,10 +10,11 @@ use std::{
 use http::HeaderMap;
 use mesh_common::policy::IpKey;
 use tokio::net::{TcpSocket, TcpStream};
-use tracing::{debug, warn};
+use tracing::{Instrument as _, debug, error_span, warn};
 
 use super::{listeners::Accepted, view::MeshView};
 use crate::{
+    endpoints::metrics::{Direction, TunnelMetrics},
     flows::{FlowHub, TunnelFlow},
     pki::{SvidStore, sni_for},
     policy::ip_from_key,
@@ -39,6 +40,7 @@ pub struct Outbound {
     pub pool: Pool<PoolKey>,
     pub tunnel_port: u16,
     pub flows: FlowHub,
+    pub metrics: TunnelMetrics,
 }
 
 impl Outbound {
@@ -55,7 +57,13 @@ impl Outbound {
             // clean end that could pass for an empty answer.
             let _ = stream.set_zero_linger();
             drop(stream);
-            warn!(src = %src.spiffe_id, %dst, %reason, "tunnel not opened");
+            warn!(
+                src = %src.spiffe_id,
+                dst = %self.flows.identity_name(dst_identity),
+                dst_addr = %dst,
+                %reason,
+                "tunnel not opened"
+            );
             self.flows.tunnel(TunnelFlow {
                 hook: "tunnel-out",
                 allowed: false,
@@ -98,21 +106,35 @@ impl Outbound {
             peer: peer_addr,
         };
         let server_name = sni_for(peer.identity);
+        let metrics = self.metrics.clone();
         let connect = move || {
             let config = config.clone();
             let server_name = server_name.clone();
+            let metrics = metrics.clone();
             async move {
                 let tcp = connect_marked(peer_addr).await?;
-                tokio_rustls::TlsConnector::from(config)
+                let tls = tokio_rustls::TlsConnector::from(config)
                     .connect(server_name, tcp)
-                    .await
+                    .await;
+                metrics.handshake(Direction::Outbound, tls.is_ok());
+                tls
             }
         };
-        match self.pool.open(&key, connect, dst, HeaderMap::new()).await {
+        // The pool and the tunnel know no identities: their events carry
+        // them from this span (at ERROR level so that no filter leaves them
+        // out). A pooled connection serves one (source, destination) pair.
+        let span = error_span!("tunnel", src = %src.spiffe_id, dst = %peer.spiffe_id);
+        let opened = self
+            .pool
+            .open(&key, connect, dst, HeaderMap::new())
+            .instrument(span.clone())
+            .await;
+        match opened {
             Ok(tunnel) => {
-                debug!(src = %src.spiffe_id, dst = %peer.spiffe_id, %dst, "tunnel open");
-                if let Err(e) = tunnel.splice(a.stream).await {
-                    debug!(error = %e, %dst, "tunnel ended with a reset");
+                let _open = self.metrics.open(Direction::Outbound);
+                debug!(src = %src.spiffe_id, dst = %peer.spiffe_id, dst_addr = %dst, "tunnel open");
+                if let Err(e) = tunnel.splice(a.stream).instrument(span).await {
+                    debug!(src = %src.spiffe_id, dst = %peer.spiffe_id, dst_addr = %dst, error = %e, "tunnel ended with a reset");
                 }
             }
             Err(PoolError::Open(OpenError::Refused { status, reason })) => refuse(

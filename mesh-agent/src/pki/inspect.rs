@@ -13,6 +13,12 @@ use crate::{
 };
 
 pub fn certs(state_dir: &Path, output: Output) -> anyhow::Result<String> {
+    Ok(render(&read_state(state_dir)?, output, SystemTime::now()))
+}
+
+/// The certificate manager's last record, as `inspect certs`, `status`,
+/// the metrics and the admin endpoint show it.
+pub fn read_state(state_dir: &Path) -> anyhow::Result<CertState> {
     let path = state_path(state_dir);
     let text = std::fs::read_to_string(&path).with_context(|| {
         format!(
@@ -20,9 +26,14 @@ pub fn certs(state_dir: &Path, output: Output) -> anyhow::Result<String> {
             path.display()
         )
     })?;
-    let state: CertState = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not a certificate state file", path.display()))?;
-    Ok(render(&state, output, SystemTime::now()))
+    serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a certificate state file", path.display()))
+}
+
+/// Whether `read_state` failed because there is no record at all (the
+/// agent has not run with mutual TLS), rather than an unreadable one.
+pub fn no_state(state_dir: &Path) -> bool {
+    !state_path(state_dir).exists()
 }
 
 pub fn render(state: &CertState, output: Output, now: SystemTime) -> String {

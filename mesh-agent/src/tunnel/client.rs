@@ -96,12 +96,13 @@ where
         splice_buffer: settings.splice_buffer(),
     });
     let task_state = state.clone();
-    tokio::spawn(async move {
+    // In the caller's span, which names the identities the connection serves.
+    tokio::spawn(tracing::Instrument::in_current_span(async move {
         if let Err(error) = connection.await {
             tracing::debug!(%error, "tunnel connection ended");
         }
         task_state.closed.store(true, Ordering::Release);
-    });
+    }));
     Ok(Connection {
         send_request,
         state,

@@ -237,7 +237,9 @@ where
         let inner = Arc::downgrade(&self.inner);
         let key = key.clone();
         let settings = self.inner.settings.clone();
-        tokio::spawn(async move {
+        // In the caller's span: the log lines of the connection name the
+        // pair it serves.
+        tokio::spawn(tracing::Instrument::in_current_span(async move {
             let limit = settings.handshake_timeout;
             let result = tokio::time::timeout(limit, async {
                 let io = stream
@@ -254,7 +256,7 @@ where
                 inner.finish_handshake(key, id, &result);
             }
             let _ = done.send(result);
-        });
+        }));
         outcome
     }
 

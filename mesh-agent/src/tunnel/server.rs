@@ -93,7 +93,13 @@ where
                 Some(Err(error)) => return Err(error.into()),
                 Some(Ok((request, respond))) => {
                     let handler = handler.clone();
-                    tokio::spawn(handle(request, respond, handler, splice_buffer));
+                    // In the caller's span, which names the peer's identity.
+                    tokio::spawn(tracing::Instrument::in_current_span(handle(
+                        request,
+                        respond,
+                        handler,
+                        splice_buffer,
+                    )));
                 }
             },
         }

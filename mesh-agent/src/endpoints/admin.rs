@@ -1,0 +1,189 @@
+//! The admin endpoint: `/config_dump` (what the agent runs with and what
+//! it applied) and `/logging` (the log filter, changed live).
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt as _, Limited};
+use serde::Serialize;
+use tracing::info;
+use tracing_subscriber::{EnvFilter, Registry, reload};
+
+use super::{Reply, Shared, method_not_allowed, not_found, reply, text};
+use crate::{config::Config, health::HealthReport, pki::rotation::CertState, state::NodeState};
+
+/// The agent's log filter, which `/logging` reads and replaces.
+#[derive(Clone)]
+pub struct LogFilter {
+    handle: reload::Handle<EnvFilter, Registry>,
+}
+
+impl LogFilter {
+    pub fn new(handle: reload::Handle<EnvFilter, Registry>) -> Self {
+        Self { handle }
+    }
+
+    /// The directives in force, as `RUST_LOG` would say them.
+    pub fn current(&self) -> String {
+        self.handle
+            .with_current(|filter| filter.to_string())
+            .unwrap_or_default()
+    }
+
+    /// Replaces the filter with `directives` (`debug`,
+    /// `info,mesh_agent::tunnel=trace`, …); returns the filter now in force.
+    pub fn set(&self, directives: &str) -> Result<String, String> {
+        let directives = directives.trim();
+        if directives.is_empty() {
+            return Err("no log level given (?level=debug, or any RUST_LOG directives)".into());
+        }
+        let filter = EnvFilter::try_new(directives).map_err(|e| format!("{directives:?}: {e}"))?;
+        let previous = self.current();
+        self.handle.reload(filter).map_err(|e| e.to_string())?;
+        let now = self.current();
+        info!(filter = %now, previous = %previous, "log filter changed");
+        Ok(now)
+    }
+}
+
+/// What `/config_dump` shows.
+#[derive(Serialize)]
+struct ConfigDump<'a> {
+    version: &'static str,
+    /// The effective configuration (flags, environment, defaults).
+    config: &'a Config,
+    log_filter: String,
+    health: HealthReport,
+    /// What the control loop last applied: the policy generation, the
+    /// identities, workloads, rules of the policies (`rules`), subjects and
+    /// nodes behind the maps' numbers (as `<state-dir>/state.json`).
+    applied: &'a NodeState,
+    /// This node's workload certificates (`inspect certs`); `null` without
+    /// mutual TLS.
+    certificates: Option<CertState>,
+}
+
+const INDEX: &str = "\
+mesh-agent admin endpoint
+  GET  /config_dump               configuration, applied workloads and policies, certificates (JSON)
+  GET  /logging                   the log filter in force
+  POST /logging?level=DIRECTIVES  change it (debug, info, warn, or any RUST_LOG directives)
+";
+
+pub async fn handle(shared: &Shared, req: Request<hyper::body::Incoming>) -> Reply {
+    let path = req.uri().path().to_owned();
+    match (req.method(), path.as_str()) {
+        (&Method::GET, "/") => text(StatusCode::OK, INDEX),
+        (&Method::GET, "/config_dump") => config_dump(shared),
+        (&Method::GET, "/logging") => text(StatusCode::OK, shared.log_filter.current()),
+        (&Method::POST, "/logging") => {
+            let query = req.uri().query().unwrap_or("").to_owned();
+            let directives = match query_param(&query, "level") {
+                Some(level) => level,
+                // Or the directives as the body (`curl --data 'info,…'`).
+                None => match Limited::new(req.into_body(), 4096).collect().await {
+                    Ok(body) => String::from_utf8_lossy(&body.to_bytes()).into_owned(),
+                    Err(e) => {
+                        return text(StatusCode::BAD_REQUEST, format!("reading the body: {e}"));
+                    }
+                },
+            };
+            match shared.log_filter.set(&directives) {
+                Ok(now) => text(StatusCode::OK, now),
+                Err(e) => text(StatusCode::BAD_REQUEST, e),
+            }
+        }
+        (_, "/" | "/config_dump" | "/logging") => method_not_allowed(req.method(), &path),
+        _ => not_found(&path),
+    }
+}
+
+fn config_dump(shared: &Shared) -> Reply {
+    let applied: Arc<NodeState> = shared.hub.names();
+    let dump = ConfigDump {
+        version: env!("CARGO_PKG_VERSION"),
+        config: &shared.config,
+        log_filter: shared.log_filter.current(),
+        health: shared.health.borrow().clone(),
+        applied: &applied,
+        certificates: crate::pki::inspect::read_state(&shared.config.state_dir).ok(),
+    };
+    match serde_json::to_vec_pretty(&dump) {
+        Ok(mut body) => {
+            body.push(b'\n');
+            reply(StatusCode::OK, "application/json", Bytes::from(body))
+        }
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// The value of `name` in a query string, percent-decoded.
+fn query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (percent_decode(key) == name).then(|| percent_decode(value))
+    })
+}
+
+/// `%XX` escapes and `+` as a space, as forms and curl write them.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => match s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                Some(b) => {
+                    out.push(b);
+                    i += 2;
+                }
+                None => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_level_from_the_query() {
+        assert_eq!(
+            query_param("level=debug", "level").as_deref(),
+            Some("debug")
+        );
+        assert_eq!(
+            query_param("x=1&level=info%2Cmesh_agent%3A%3Atunnel%3Dtrace", "level").as_deref(),
+            Some("info,mesh_agent::tunnel=trace")
+        );
+        assert_eq!(query_param("levels=debug", "level"), None);
+        assert_eq!(percent_decode("a+b%zz%41"), "a b%zzA");
+    }
+
+    #[test]
+    fn changes_the_filter_live() {
+        let (layer, handle) = reload::Layer::<EnvFilter, Registry>::new(EnvFilter::new("info"));
+        let _subscriber =
+            tracing_subscriber::layer::SubscriberExt::with(Registry::default(), layer);
+        let filter = LogFilter::new(handle);
+        assert_eq!(filter.current(), "info");
+        assert_eq!(filter.set("debug").unwrap(), "debug");
+        assert_eq!(filter.current(), "debug");
+        assert!(filter.set("").is_err());
+        let e = filter.set("info,[{").unwrap_err();
+        assert!(e.contains("info,[{"), "{e}");
+        assert_eq!(
+            filter.current(),
+            "debug",
+            "a refused filter changes nothing"
+        );
+    }
+}

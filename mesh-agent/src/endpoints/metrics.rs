@@ -1,0 +1,609 @@
+//! The agent's Prometheus metrics (`/metrics` on `--metrics-address`, names
+//! prefixed `mesh_`), with prometheus-client.
+//!
+//! Two kinds: what the agent counts as it goes (verdicts, tunnels,
+//! reconciles, the API server's watch), each subsystem holding a cheap clone
+//! of its part; and what is read at each scrape, from the pinned maps and
+//! the state directory (kernel counters, map fill, policy generation,
+//! certificates, readiness), so a scrape always says what the kernel holds
+//! now, also what an earlier agent did.
+use std::{
+    fmt,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use mesh_common::policy::{
+    RULE_MESH_DEFAULT, RULE_NO_POLICY, RULE_NON_MESH, RULE_NOT_ALLOWED, RULE_STRICT_MTLS,
+};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{
+        MetricType,
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::{Registry, Unit},
+};
+
+use crate::{
+    datapath::maps::{MapFill, PinnedMaps},
+    flows::FlowRecord,
+    health::HealthWatch,
+};
+
+/// The registry and the parts the subsystems update. Cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    pub flows: FlowMetrics,
+    pub tunnels: TunnelMetrics,
+    pub reconcile: ReconcileMetrics,
+    pub kubernetes: KubernetesMetrics,
+}
+
+/// What the agent is told about its environment when the registry is made.
+pub struct Options {
+    /// Mutual TLS is on: tunnel metrics are shown from the start (at 0).
+    pub mtls: bool,
+    /// Kubernetes mode: the watch gauge is shown.
+    pub kubernetes: bool,
+}
+
+impl Metrics {
+    /// A registry whose scrape-time readings come from `read`.
+    pub fn new(options: Options, read: impl Fn() -> Readings + Send + Sync + 'static) -> Self {
+        let mut registry = Registry::with_prefix("mesh");
+        let flows = FlowMetrics::default();
+        registry.register(
+            "flow_verdicts",
+            "Verdicts on new connections and flows, by where they were judged (connect, \
+             sendmsg, ingress: the kernel; tunnel-in, tunnel-out: the agent), the source and \
+             destination identities (SPIFFE IDs, world, or the number when no name is known), \
+             the verdict and what decided it",
+            flows.verdicts.clone(),
+        );
+        let tunnels = TunnelMetrics::default();
+        registry.register(
+            "tunnel_handshakes",
+            "Mutual TLS handshakes of tunnels between node agents, by direction and result",
+            tunnels.handshakes.clone(),
+        );
+        registry.register(
+            "tunnels_open",
+            "Tunnels carrying a connection now, by direction",
+            tunnels.open.clone(),
+        );
+        if options.mtls {
+            for direction in [Direction::Inbound, Direction::Outbound] {
+                for ok in [true, false] {
+                    let _ = tunnels
+                        .handshakes
+                        .get_or_create(&HandshakeLabels::new(direction, ok));
+                }
+                let _ = tunnels.open.get_or_create(&DirectionLabels::new(direction));
+            }
+        }
+        let reconcile = ReconcileMetrics::default();
+        registry.register_with_unit(
+            "reconcile_duration",
+            "Time from a change of the policy source to its map diff applied (read or \
+             translate, compile, diff, write), by mode",
+            Unit::Seconds,
+            reconcile.durations.clone(),
+        );
+        let kubernetes = KubernetesMetrics::default();
+        if options.kubernetes {
+            registry.register(
+                "kubernetes_watch_connected",
+                "1 while every watch has listed its kind and the API server answers, else 0",
+                kubernetes.connected.clone(),
+            );
+        }
+        registry.register_collector(Box::new(NodeCollector {
+            read: Box::new(read),
+        }));
+        Self {
+            registry: Arc::new(registry),
+            flows,
+            tunnels,
+            reconcile,
+            kubernetes,
+        }
+    }
+
+    /// The OpenMetrics text exposition (reads the maps: call it off the
+    /// async workers).
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
+/// The `Content-Type` of [`Metrics::render`].
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabels {
+    hook: String,
+    src_identity: String,
+    dst_identity: String,
+    verdict: String,
+    reason: &'static str,
+}
+
+/// Verdicts, as the flow hub names them.
+#[derive(Clone, Debug, Default)]
+pub struct FlowMetrics {
+    verdicts: Family<VerdictLabels, Counter>,
+}
+
+impl FlowMetrics {
+    pub fn record(&self, flow: &FlowRecord) {
+        let labels = VerdictLabels {
+            hook: flow.hook.clone(),
+            src_identity: flow.src.identity.clone(),
+            dst_identity: flow.dst.identity.clone(),
+            verdict: flow.verdict.to_ascii_lowercase(),
+            // Tunnel refusals that no rule decided carry rule 0.
+            reason: reason_label((flow.rule != 0).then_some(flow.rule)),
+        };
+        self.verdicts.get_or_create(&labels).inc();
+    }
+}
+
+/// The `reason` label: the reserved rule that decided, `policy` for a rule
+/// of a MeshPolicy, `tunnel` for a tunnel refused for another reason (no
+/// certificate, peer unreachable, refused by the peer).
+pub fn reason_label(rule: Option<u32>) -> &'static str {
+    match rule {
+        None => "tunnel",
+        Some(RULE_MESH_DEFAULT) => "mesh_default",
+        Some(RULE_NON_MESH) => "non_mesh",
+        Some(RULE_NOT_ALLOWED) => "not_allowed",
+        Some(RULE_NO_POLICY) => "no_policy",
+        Some(RULE_STRICT_MTLS) => "strict_mtls",
+        Some(_) => "policy",
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// This agent accepted the tunnel (the destination's node).
+    Inbound,
+    /// This agent opened it for a local workload (the source's node).
+    Outbound,
+}
+
+impl Direction {
+    fn name(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
+}
+
+impl DirectionLabels {
+    fn new(direction: Direction) -> Self {
+        Self {
+            direction: direction.name(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandshakeLabels {
+    direction: &'static str,
+    result: &'static str,
+}
+
+impl HandshakeLabels {
+    fn new(direction: Direction, ok: bool) -> Self {
+        Self {
+            direction: direction.name(),
+            result: if ok { "ok" } else { "failed" },
+        }
+    }
+}
+
+/// Tunnels between node agents.
+#[derive(Clone, Debug, Default)]
+pub struct TunnelMetrics {
+    handshakes: Family<HandshakeLabels, Counter>,
+    open: Family<DirectionLabels, Gauge>,
+}
+
+impl TunnelMetrics {
+    /// A mutual TLS handshake finished, or failed.
+    pub fn handshake(&self, direction: Direction, ok: bool) {
+        self.handshakes
+            .get_or_create(&HandshakeLabels::new(direction, ok))
+            .inc();
+    }
+
+    /// A tunnel carries a connection until the guard is dropped.
+    pub fn open(&self, direction: Direction) -> OpenTunnel {
+        let gauge = self
+            .open
+            .get_or_create(&DirectionLabels::new(direction))
+            .clone();
+        gauge.inc();
+        OpenTunnel(gauge)
+    }
+}
+
+/// Counts one open tunnel while it lives.
+#[derive(Debug)]
+pub struct OpenTunnel(Gauge);
+
+impl Drop for OpenTunnel {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabels {
+    mode: &'static str,
+}
+
+type Buckets = fn() -> Histogram;
+
+/// How long applying a change of the policy source takes.
+#[derive(Clone, Debug)]
+pub struct ReconcileMetrics {
+    durations: Family<ModeLabels, Histogram, Buckets>,
+}
+
+impl Default for ReconcileMetrics {
+    fn default() -> Self {
+        // 1 ms to 16 s: a small standalone change takes a few ms, a
+        // 10,000-pod cluster's full recompile some 100 ms.
+        Self {
+            durations: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 15))
+            }),
+        }
+    }
+}
+
+impl ReconcileMetrics {
+    /// `mode`: `standalone` or `kubernetes`.
+    pub fn observe(&self, mode: &'static str, elapsed: Duration) {
+        self.durations
+            .get_or_create(&ModeLabels { mode })
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
+/// The state of the Kubernetes API server's watches.
+#[derive(Clone, Debug, Default)]
+pub struct KubernetesMetrics {
+    connected: Gauge,
+}
+
+impl KubernetesMetrics {
+    pub fn set_connected(&self, connected: bool) {
+        self.connected.set(i64::from(connected));
+    }
+}
+
+/// What a scrape reads from the kernel and the state directory. A part
+/// that cannot be read is left empty, and its metrics are not shown.
+#[derive(Debug, Default, Clone)]
+pub struct Readings {
+    /// The kernel programs' counters, by name, summed over CPUs.
+    pub counters: Vec<(&'static str, u64)>,
+    pub maps: Vec<(&'static str, MapFill)>,
+    pub policy_generation: Option<u32>,
+    /// SPIFFE ID → seconds until its certificate expires (negative: expired).
+    pub certificates: Vec<(String, f64)>,
+    pub ready: Option<bool>,
+}
+
+/// The real readings: the pins under `bpffs`, `certs.json` in `state_dir`,
+/// the live health.
+pub fn node_readings(
+    bpffs: PathBuf,
+    state_dir: PathBuf,
+    health: HealthWatch,
+) -> impl Fn() -> Readings + Send + Sync + 'static {
+    move || {
+        let mut readings = Readings {
+            ready: Some(health.borrow().ready),
+            ..Readings::default()
+        };
+        // Before the programs are installed there is nothing to read.
+        if let Ok(maps) = PinnedMaps::open(&bpffs) {
+            if let Ok(counters) = maps.counters() {
+                readings.counters = counters.into_iter().map(|(c, v)| (c.name(), v)).collect();
+            }
+            readings.maps = maps.fill().unwrap_or_default();
+            readings.policy_generation = maps.policy_generation().ok();
+        }
+        if let Ok(state) = crate::pki::inspect::read_state(&state_dir) {
+            let now = SystemTime::now();
+            readings.certificates = state
+                .certificates
+                .iter()
+                .filter_map(|c| Some((c.spiffe_id.clone(), seconds_until(&c.not_after, now)?)))
+                .collect();
+        }
+        readings
+    }
+}
+
+/// Seconds from `now` to an RFC 3339 instant, negative when past.
+pub fn seconds_until(at: &str, now: SystemTime) -> Option<f64> {
+    let at = humantime::parse_rfc3339(at).ok()?;
+    Some(match at.duration_since(now) {
+        Ok(left) => left.as_secs_f64(),
+        Err(past) => -past.duration().as_secs_f64(),
+    })
+}
+
+/// Encodes the scrape-time readings.
+struct NodeCollector {
+    read: Box<dyn Fn() -> Readings + Send + Sync>,
+}
+
+impl fmt::Debug for NodeCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeCollector").finish_non_exhaustive()
+    }
+}
+
+impl Collector for NodeCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let r = (self.read)();
+        for (name, value) in &r.counters {
+            let metric = format!("kernel_{name}");
+            let help = kernel_counter_help(name);
+            let m = encoder.encode_descriptor(&metric, &help, None, MetricType::Counter)?;
+            ConstCounter::new(*value).encode(m)?;
+        }
+        if !r.maps.is_empty() {
+            type Value = fn(&MapFill) -> f64;
+            let gauges: [(&str, &str, Value); 3] = [
+                ("map_entries", "Entries in each pinned map", |f| {
+                    f64::from(f.entries)
+                }),
+                ("map_max_entries", "Capacity of each pinned map", |f| {
+                    f64::from(f.max_entries)
+                }),
+                (
+                    "map_fill_ratio",
+                    "Entries over capacity of each pinned map (a full map refuses new \
+                     sockets or flows; an LRU map evicts the oldest)",
+                    |f| f64::from(f.entries) / f64::from(f.max_entries.max(1)),
+                ),
+            ];
+            for (name, help, value) in gauges {
+                let mut m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+                for (map, fill) in &r.maps {
+                    let labels = [("map", *map)];
+                    ConstGauge::new(value(fill)).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+        if let Some(generation) = r.policy_generation {
+            let m = encoder.encode_descriptor(
+                "policy_generation",
+                "The policy generation in the kernel's settings (bumped by every applied change)",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(i64::from(generation)).encode(m)?;
+        }
+        if !r.certificates.is_empty() {
+            let mut m = encoder.encode_descriptor(
+                "certificate_expires_in",
+                "Time until each workload certificate of this node expires (negative: expired)",
+                Some(&Unit::Seconds),
+                MetricType::Gauge,
+            )?;
+            for (identity, seconds) in &r.certificates {
+                let labels = [("identity", identity.as_str())];
+                ConstGauge::new(*seconds).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        if let Some(ready) = r.ready {
+            let m = encoder.encode_descriptor(
+                "ready",
+                "1 when the maps reflect the current policy (as /ready answers), else 0",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(i64::from(ready)).encode(m)?;
+        }
+        Ok(())
+    }
+}
+
+/// What each kernel counter counts (docs/cli.md, `inspect stats`).
+fn kernel_counter_help(name: &str) -> String {
+    let what = match name {
+        "sockets_tracked" => "Established sockets added to the socket maps",
+        "sockets_track_failed" => {
+            "Sockets that could not be added to the socket maps (a map was full)"
+        }
+        "sockets_closed" => "Tracked sockets that closed and were removed",
+        "msgs_redirected" => "Messages handed straight to the local peer socket (short-circuit)",
+        "bytes_redirected" => "Bytes handed straight to the local peer socket (short-circuit)",
+        "redirect_failed" => {
+            "Messages whose redirect found no local peer socket and took the stack"
+        }
+        "msgs_stack_only" => "Messages of sockets pinned to the TCP/IP stack",
+        "policy_allowed" => "New connections or inbound flows that policy allowed",
+        "policy_denied" => "New connections or inbound flows that policy denied",
+        "policy_audited" => "New connections or inbound flows that an AUDIT policy let through",
+        "flow_events_lost" => "Verdicts not reported because the flow ring buffer was full",
+        "conntrack_failed" => "Flows that could not be recorded in CONNTRACK",
+        "tunnel_redirected" => "Connections steered to the node agent for mutual TLS",
+        _ => return format!("Kernel counter {name} (COUNTERS map, summed over CPUs)"),
+    };
+    format!("{what} (kernel counter, summed over CPUs)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flows::FlowEnd;
+
+    const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
+    const CART: &str = "spiffe://cluster.local/ns/shop/sa/cart";
+
+    fn flow(hook: &str, src: &str, dst: &str, verdict: &str, rule: u32) -> FlowRecord {
+        let end = |identity: &str| FlowEnd {
+            identity: identity.into(),
+            id: "17".into(),
+            ip: None,
+            port: None,
+        };
+        FlowRecord {
+            time: 0.0,
+            verdict: verdict.into(),
+            hook: hook.into(),
+            proto: "tcp".into(),
+            src: end(src),
+            dst: end(dst),
+            rule,
+            reason: String::new(),
+            mtls: None,
+        }
+    }
+
+    fn fake_readings() -> Readings {
+        Readings {
+            counters: vec![("policy_denied", 3), ("bytes_redirected", 1024)],
+            maps: vec![(
+                "POLICY",
+                MapFill {
+                    entries: 64,
+                    max_entries: 128,
+                },
+            )],
+            policy_generation: Some(7),
+            certificates: vec![(CART.into(), 3600.0)],
+            ready: Some(true),
+        }
+    }
+
+    fn lines(text: &str) -> Vec<&str> {
+        text.lines().collect()
+    }
+
+    #[test]
+    fn renders_what_was_counted_and_what_was_read() {
+        let metrics = Metrics::new(
+            Options {
+                mtls: true,
+                kubernetes: true,
+            },
+            fake_readings,
+        );
+        for _ in 0..2 {
+            metrics
+                .flows
+                .record(&flow("connect", FRONTEND, CART, "ALLOW", 16));
+        }
+        metrics
+            .flows
+            .record(&flow("ingress", "world", CART, "DENY", RULE_NOT_ALLOWED));
+        metrics
+            .flows
+            .record(&flow("tunnel-out", FRONTEND, CART, "DENY", 0));
+        metrics.tunnels.handshake(Direction::Outbound, true);
+        let open = metrics.tunnels.open(Direction::Inbound);
+        metrics
+            .reconcile
+            .observe("standalone", Duration::from_millis(3));
+        metrics.kubernetes.set_connected(true);
+
+        let text = metrics.render();
+        let l = lines(&text);
+        for want in [
+            "# TYPE mesh_flow_verdicts counter",
+            &format!(
+                "mesh_flow_verdicts_total{{hook=\"connect\",src_identity=\"{FRONTEND}\",dst_identity=\"{CART}\",verdict=\"allow\",reason=\"policy\"}} 2"
+            ),
+            &format!(
+                "mesh_flow_verdicts_total{{hook=\"ingress\",src_identity=\"world\",dst_identity=\"{CART}\",verdict=\"deny\",reason=\"not_allowed\"}} 1"
+            ),
+            &format!(
+                "mesh_flow_verdicts_total{{hook=\"tunnel-out\",src_identity=\"{FRONTEND}\",dst_identity=\"{CART}\",verdict=\"deny\",reason=\"tunnel\"}} 1"
+            ),
+            "mesh_tunnel_handshakes_total{direction=\"outbound\",result=\"ok\"} 1",
+            "mesh_tunnel_handshakes_total{direction=\"inbound\",result=\"failed\"} 0",
+            "mesh_tunnels_open{direction=\"inbound\"} 1",
+            "mesh_tunnels_open{direction=\"outbound\"} 0",
+            "# UNIT mesh_reconcile_duration_seconds seconds",
+            "mesh_reconcile_duration_seconds_count{mode=\"standalone\"} 1",
+            "mesh_reconcile_duration_seconds_bucket{le=\"0.004\",mode=\"standalone\"} 1",
+            "mesh_reconcile_duration_seconds_bucket{le=\"0.002\",mode=\"standalone\"} 0",
+            "mesh_kubernetes_watch_connected 1",
+            "mesh_kernel_policy_denied_total 3",
+            "mesh_kernel_bytes_redirected_total 1024",
+            "mesh_map_entries{map=\"POLICY\"} 64.0",
+            "mesh_map_max_entries{map=\"POLICY\"} 128.0",
+            "mesh_map_fill_ratio{map=\"POLICY\"} 0.5",
+            "mesh_policy_generation 7",
+            &format!("mesh_certificate_expires_in_seconds{{identity=\"{CART}\"}} 3600.0"),
+            "mesh_ready 1",
+        ] {
+            assert!(l.contains(&want), "no line {want:?} in:\n{text}");
+        }
+        assert_eq!(l.last(), Some(&"# EOF"));
+
+        drop(open);
+        assert!(
+            metrics
+                .render()
+                .contains("mesh_tunnels_open{direction=\"inbound\"} 0\n")
+        );
+    }
+
+    #[test]
+    fn shows_only_what_applies() {
+        let metrics = Metrics::new(
+            Options {
+                mtls: false,
+                kubernetes: false,
+            },
+            Readings::default,
+        );
+        let text = metrics.render();
+        // Nothing counted and nothing readable: only the end marker.
+        assert_eq!(text, "# EOF\n");
+    }
+
+    #[test]
+    fn reasons_name_the_deciding_rule() {
+        assert_eq!(reason_label(Some(RULE_MESH_DEFAULT)), "mesh_default");
+        assert_eq!(reason_label(Some(RULE_NON_MESH)), "non_mesh");
+        assert_eq!(reason_label(Some(RULE_NO_POLICY)), "no_policy");
+        assert_eq!(reason_label(Some(RULE_STRICT_MTLS)), "strict_mtls");
+        assert_eq!(reason_label(Some(16)), "policy");
+        assert_eq!(reason_label(None), "tunnel");
+    }
+
+    #[test]
+    fn certificate_time_left_is_signed() {
+        let now = humantime::parse_rfc3339("2026-11-21T10:00:00Z").unwrap();
+        assert_eq!(seconds_until("2026-11-21T11:00:00Z", now), Some(3600.0));
+        assert_eq!(seconds_until("2026-11-21T09:59:00Z", now), Some(-60.0));
+        assert_eq!(seconds_until("yesterday", now), None);
+    }
+}
