@@ -3,7 +3,14 @@
 //! A node may only obtain the SVIDs of workloads that run on it: a
 //! compromised node can then impersonate its own workloads, never the
 //! others. The same rule applies whether the CA is remote (gRPC service)
-//! or runs inside the agent (standalone mode): see [`authorize`].
+//! or runs inside the agent (standalone mode): see [`authorize`]. Where
+//! the CA learns which node runs what:
+//!
+//! - [`AppliedAuthorizer`]: the CA inside the agent (`run --ca-dir`), from
+//!   the workloads the agent applied, in either mode;
+//! - [`ConfigDirAuthorizer`]: `ca serve --config-dir`, from Workload
+//!   documents;
+//! - [`PodAuthorizer`]: `ca serve --kubernetes`, from the cluster's Pods.
 
 // `ConfigError` (file, document, field) is the policy module's documented
 // error, built only on the cold path of a refused configuration.
@@ -20,6 +27,9 @@ use tracing::{info, warn};
 
 use super::spiffe;
 use crate::policy::{self, ConfigError};
+
+mod pods;
+pub use pods::PodAuthorizer;
 
 pub trait Authorizer: Send + Sync {
     /// `Ok` when `node` may get a certificate for `spiffe_id`; otherwise
@@ -105,20 +115,25 @@ fn hosted_on(
     if hosted.get(node).is_some_and(|ids| ids.contains(spiffe_id)) {
         return Ok(());
     }
-    let mut elsewhere: Vec<&str> = hosted
+    let elsewhere = hosted
         .iter()
         .filter(|(_, ids)| ids.contains(spiffe_id))
-        .map(|(n, _)| n.as_str())
-        .collect();
-    Err(if elsewhere.is_empty() {
-        "no workload has this identity".to_owned()
-    } else {
-        elsewhere.sort_unstable();
-        format!(
-            "no workload of this identity runs on the node (they run on {})",
-            elsewhere.join(", ")
-        )
-    })
+        .map(|(n, _)| n);
+    Err(refusal(elsewhere, "workload"))
+}
+
+/// Why a node may not have an identity, given the nodes where the
+/// identity's `what`s (workloads, pods) run.
+fn refusal<'a>(elsewhere: impl IntoIterator<Item = &'a String>, what: &str) -> String {
+    let mut elsewhere: Vec<&str> = elsewhere.into_iter().map(String::as_str).collect();
+    if elsewhere.is_empty() {
+        return format!("no {what} has this identity");
+    }
+    elsewhere.sort_unstable();
+    format!(
+        "no {what} of this identity runs on the node (they run on {})",
+        elsewhere.join(", ")
+    )
 }
 
 /// Standalone mode's authorizer: the Workload documents of the

@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use tracing::info;
 
 use super::{
-    authz::ConfigDirAuthorizer,
+    authz::{Authorizer, ConfigDirAuthorizer, PodAuthorizer},
     ca::{Ca, CaHandle},
     cert::{CertInfo, rfc3339, spiffe_id_of},
     service::{CaClient, CaServer, NodeCredentials},
@@ -109,8 +109,20 @@ pub struct ServeArgs {
     pub listen: SocketAddr,
     /// The Workload documents (docs/policy.md) saying which node runs
     /// which workload; re-read when they change.
+    #[arg(
+        long,
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    pub config_dir: Option<PathBuf>,
+    /// Authorise from the cluster's Pods instead: a node may get the
+    /// identity of the pods scheduled to it (docs/deploy.md). Uses the
+    /// pod's service account, or --kubeconfig.
     #[arg(long)]
-    pub config_dir: PathBuf,
+    pub kubernetes: bool,
+    /// The cluster's kubeconfig instead of the in-cluster service account.
+    #[arg(long, requires = "kubernetes")]
+    pub kubeconfig: Option<PathBuf>,
     /// Longest lifetime granted to a workload certificate; longer requests
     /// are shortened to it.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
@@ -232,13 +244,40 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging();
     let ca = CaHandle::load(&args.ca_dir)?;
     let trust_domain = ca.trust_domain();
-    let authorizer = ConfigDirAuthorizer::new(&args.config_dir, &trust_domain)?;
-    let server = CaServer::new(ca, Arc::new(authorizer), args.max_lifetime)?;
+    let (authorizer, pods): (Arc<dyn Authorizer>, _) = match &args.config_dir {
+        Some(dir) => (
+            Arc::new(ConfigDirAuthorizer::new(dir, &trust_domain)?),
+            None,
+        ),
+        None => {
+            let pods = Arc::new(PodAuthorizer::new(&trust_domain));
+            (pods.clone(), Some(pods))
+        }
+    };
+    let server = CaServer::new(ca, authorizer, args.max_lifetime)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
+        if let Some(pods) = pods {
+            let client = kube_client(args.kubeconfig.as_deref()).await?;
+            tokio::spawn({
+                let pods = pods.clone();
+                async move { pods.follow(client).await }
+            });
+            // Listening only once the pods are known: until then every
+            // request would be refused, and a readiness probe on the port
+            // says when the CA can answer.
+            info!("listing the cluster's pods");
+            tokio::select! {
+                () = pods.wait_listed() => {}
+                signal = wait_for_shutdown() => {
+                    info!(signal, "stopping");
+                    return Ok(());
+                }
+            }
+        }
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
@@ -256,6 +295,23 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .await?;
         anyhow::Ok(())
     })
+}
+
+/// The in-cluster service account, or `kubeconfig`.
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                .await
+                .with_context(|| format!("using {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("finding the cluster (in-cluster service account or kubeconfig)")?,
+    };
+    kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
 async fn wait_for_shutdown() -> &'static str {
@@ -387,5 +443,12 @@ mod tests {
             ])
             .is_err()
         );
+        // One source of authorisations: the documents or the cluster.
+        let serve = ["serve", "--ca-dir", &ca_dir, "--listen", "127.0.0.1:0"];
+        let e = ca(&serve).unwrap_err().to_string();
+        assert!(e.contains("--config-dir"), "{e}");
+        let both = [&serve[..], &["--config-dir", "x", "--kubernetes"]].concat();
+        let e = ca(&both).unwrap_err().to_string();
+        assert!(e.contains("cannot be used with"), "{e}");
     }
 }
