@@ -14,6 +14,7 @@ pub mod bpffs;
 pub mod capture;
 pub mod cgroup;
 pub mod cluster;
+pub mod deploy;
 pub mod netns;
 pub mod privileges;
 pub mod process;
