@@ -211,9 +211,9 @@ impl FlowHub {
             hook = %record.hook,
             src = %record.src.identity,
             dst = %record.dst.identity,
-            src_addr = ?record.src.ip,
-            dst_addr = ?record.dst.ip,
-            port = ?record.dst.port,
+            src_addr = record.src.ip.map(tracing::field::display),
+            dst_addr = record.dst.ip.map(tracing::field::display),
+            port = record.dst.port,
             proto = %record.proto,
             reason = %record.reason,
             "flow"

@@ -79,16 +79,18 @@ impl Health {
         if self.reported && *self.current.borrow() == report {
             return;
         }
+        self.reported = true;
+        // The endpoint and the file first: whoever reads the log line
+        // finds them saying the same.
+        self.current.send_replace(report.clone());
+        if let Err(e) = self.write(&report) {
+            warn!(error = %e, "could not write {}", Self::path(&self.state_dir).display());
+        }
         if report.ready {
             info!("ready");
         } else {
             warn!(reason = %report.reason, "not ready; the policy in force stays in force");
         }
-        if let Err(e) = self.write(&report) {
-            warn!(error = %e, "could not write {}", Self::path(&self.state_dir).display());
-        }
-        self.reported = true;
-        self.current.send_replace(report);
     }
 
     fn write(&self, report: &HealthReport) -> std::io::Result<()> {

@@ -375,33 +375,37 @@ impl Collector for NodeCollector {
             ConstCounter::new(*value).encode(m)?;
         }
         if !r.maps.is_empty() {
-            type Value = fn(&MapFill) -> f64;
-            let gauges: [(&str, &str, Value); 3] = [
-                ("map_entries", "Entries in each pinned map", |f| {
-                    f64::from(f.entries)
+            type Count = fn(&MapFill) -> u32;
+            let counts: [(&str, &str, Count); 2] = [
+                ("map_entries", "Entries in each pinned map.", |f| f.entries),
+                ("map_max_entries", "Capacity of each pinned map.", |f| {
+                    f.max_entries
                 }),
-                ("map_max_entries", "Capacity of each pinned map", |f| {
-                    f64::from(f.max_entries)
-                }),
-                (
-                    "map_fill_ratio",
-                    "Entries over capacity of each pinned map (a full map refuses new \
-                     sockets or flows; an LRU map evicts the oldest)",
-                    |f| f64::from(f.entries) / f64::from(f.max_entries.max(1)),
-                ),
             ];
-            for (name, help, value) in gauges {
+            for (name, help, value) in counts {
                 let mut m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
                 for (map, fill) in &r.maps {
                     let labels = [("map", *map)];
                     ConstGauge::new(value(fill)).encode(m.encode_family(&labels)?)?;
                 }
             }
+            let mut m = encoder.encode_descriptor(
+                "map_fill_ratio",
+                "Entries over capacity of each pinned map (a full map refuses new sockets or \
+                 flows; an LRU map evicts the oldest).",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (map, fill) in &r.maps {
+                let labels = [("map", *map)];
+                let ratio = f64::from(fill.entries) / f64::from(fill.max_entries.max(1));
+                ConstGauge::new(ratio).encode(m.encode_family(&labels)?)?;
+            }
         }
         if let Some(generation) = r.policy_generation {
             let m = encoder.encode_descriptor(
                 "policy_generation",
-                "The policy generation in the kernel's settings (bumped by every applied change)",
+                "The policy generation in the kernel's settings (bumped by every applied change).",
                 None,
                 MetricType::Gauge,
             )?;
@@ -410,7 +414,7 @@ impl Collector for NodeCollector {
         if !r.certificates.is_empty() {
             let mut m = encoder.encode_descriptor(
                 "certificate_expires_in",
-                "Time until each workload certificate of this node expires (negative: expired)",
+                "Time until each workload certificate of this node expires (negative: expired).",
                 Some(&Unit::Seconds),
                 MetricType::Gauge,
             )?;
@@ -422,7 +426,7 @@ impl Collector for NodeCollector {
         if let Some(ready) = r.ready {
             let m = encoder.encode_descriptor(
                 "ready",
-                "1 when the maps reflect the current policy (as /ready answers), else 0",
+                "1 when the maps reflect the current policy (as /ready answers), else 0.",
                 None,
                 MetricType::Gauge,
             )?;
@@ -452,9 +456,9 @@ fn kernel_counter_help(name: &str) -> String {
         "flow_events_lost" => "Verdicts not reported because the flow ring buffer was full",
         "conntrack_failed" => "Flows that could not be recorded in CONNTRACK",
         "tunnel_redirected" => "Connections steered to the node agent for mutual TLS",
-        _ => return format!("Kernel counter {name} (COUNTERS map, summed over CPUs)"),
+        _ => return format!("Kernel counter {name} (COUNTERS map, summed over CPUs)."),
     };
-    format!("{what} (kernel counter, summed over CPUs)")
+    format!("{what} (kernel counter, summed over CPUs).")
 }
 
 #[cfg(test)]
@@ -556,8 +560,8 @@ mod tests {
             "mesh_kubernetes_watch_connected 1",
             "mesh_kernel_policy_denied_total 3",
             "mesh_kernel_bytes_redirected_total 1024",
-            "mesh_map_entries{map=\"POLICY\"} 64.0",
-            "mesh_map_max_entries{map=\"POLICY\"} 128.0",
+            "mesh_map_entries{map=\"POLICY\"} 64",
+            "mesh_map_max_entries{map=\"POLICY\"} 128",
             "mesh_map_fill_ratio{map=\"POLICY\"} 0.5",
             "mesh_policy_generation 7",
             &format!("mesh_certificate_expires_in_seconds{{identity=\"{CART}\"}} 3600.0"),

@@ -29,7 +29,7 @@ use admin::LogFilter;
 use metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen on {address} ({flag}): {source}")]
+#[error("cannot listen on {address} ({flag})")]
 pub struct BindError {
     flag: &'static str,
     address: SocketAddr,

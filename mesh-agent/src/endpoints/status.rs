@@ -362,7 +362,7 @@ pub fn evaluate(inputs: &Inputs, now: SystemTime) -> Report {
             let ratio = |f: &MapFill| f64::from(f.entries) / f64::from(f.max_entries.max(1));
             let describe = |(name, f): &(&str, MapFill)| {
                 format!(
-                    "{name} {:.0}% ({}/{})",
+                    "{name} {:.1}% ({}/{})",
                     100.0 * ratio(f),
                     f.entries,
                     f.max_entries
@@ -704,7 +704,10 @@ mod tests {
             state_of(&report, "programs").1,
             "9 cgroup hooks on cgroup 4242; tc on eth0"
         );
-        assert_eq!(state_of(&report, "maps").1, "fullest: POLICY 10% (10/100)");
+        assert_eq!(
+            state_of(&report, "maps").1,
+            "fullest: POLICY 10.0% (10/100)"
+        );
         assert_eq!(
             state_of(&report, "denials").1,
             "4 denied, 0 audited, 9 allowed since the maps were created"
@@ -827,7 +830,7 @@ mod tests {
         assert!(report.healthy);
         assert_eq!(
             state_of(&report, "maps"),
-            (State::Warn, "nearly full: CONNTRACK 95% (95/100)".into())
+            (State::Warn, "nearly full: CONNTRACK 95.0% (95/100)".into())
         );
         assert_eq!(state_of(&report, "kernel").0, State::Warn);
         assert!(

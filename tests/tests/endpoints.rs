@@ -1,0 +1,369 @@
+//! The agent's endpoints on the real kernel: `/live`, `/ready`, `/metrics`,
+//! `/config_dump`, `/logging` and `mesh-agent status`, asked from inside the
+//! node's network namespace (where the agent listens on its default ports,
+//! as a DaemonSet pod would), after real connections from the pods.
+use std::{
+    io::{Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use mesh_tests::{
+    agent::{self, Agent},
+    netns::Netns,
+    process::{Placement, Spawned},
+    topology::TestBed,
+};
+use nix::sched::{CloneFlags, setns};
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(60);
+const ADMIN: &str = "127.0.0.1:15000";
+const METRICS: &str = "127.0.0.1:15020";
+const HEALTH: &str = "127.0.0.1:15021";
+const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
+const ROBOT: &str = "spiffe://cluster.local/ns/shop/sa/robot";
+const CART: &str = "spiffe://cluster.local/ns/shop/sa/cart";
+const FRONTEND_POD: usize = 0;
+const ROBOT_POD: usize = 1;
+const CART_POD: usize = 2;
+const PORT: u16 = 8080;
+
+/// One node: frontend and robot (clients) and cart (an echo server), cart
+/// allowing frontend only.
+fn shop(test: &str) -> (TestBed, Spawned) {
+    let mut bed = TestBed::new(test).unwrap();
+    for (pod, sa) in ["frontend", "robot", "cart"].into_iter().enumerate() {
+        bed.add_pod(0).unwrap();
+        bed.register_workload(pod, "shop", sa, &[("app", sa)])
+            .unwrap();
+    }
+    let server = bed
+        .server(
+            CART_POD,
+            true,
+            format!("[::]:{PORT}").parse().unwrap(),
+            "echo",
+        )
+        .unwrap();
+    bed.write_config(
+        "cart.yaml",
+        &format!(
+            "apiVersion: mesh.dev/v1alpha1\nkind: MeshPolicy\nmetadata:\n  name: cart\n  namespace: shop\nspec:\n  selector:\n    serviceAccount: cart\n  rules:\n  - from:\n    - identity: {FRONTEND}\n"
+        ),
+    )
+    .unwrap();
+    (bed, server)
+}
+
+/// `mesh-pod probe` from `pod` to cart: connected, eperm, …
+fn probe_cart(bed: &TestBed, pod: usize) -> String {
+    let target = format!("tcp:{}", bed.pods[CART_POD].addr(false, PORT));
+    let report = bed
+        .client(
+            pod,
+            true,
+            &["probe", "--targets", &target, "--timeout-ms", "1000"],
+            T,
+        )
+        .unwrap();
+    report["results"][&target].as_str().unwrap().to_string()
+}
+
+/// Runs `f` on a thread inside `netns` (sockets made there stay there).
+fn in_netns<R: Send>(netns: &Netns, f: impl FnOnce() -> R + Send) -> R {
+    let file = netns.file().unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            setns(&file, CloneFlags::CLONE_NEWNET).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+struct HttpResponse {
+    status: u16,
+    head: String,
+    body: String,
+}
+
+/// One HTTP/1.1 request from inside the node's network namespace.
+fn http(bed: &TestBed, method: &str, address: &str, path: &str) -> HttpResponse {
+    let response = in_netns(&bed.nodes[0].netns, || {
+        let mut tcp = TcpStream::connect(address).unwrap();
+        tcp.set_read_timeout(Some(T)).unwrap();
+        write!(
+            tcp,
+            "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut response = Vec::new();
+        tcp.read_to_end(&mut response).unwrap();
+        String::from_utf8(response).unwrap()
+    });
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    HttpResponse {
+        status,
+        head: head.to_string(),
+        body: body.to_string(),
+    }
+}
+
+fn get(bed: &TestBed, address: &str, path: &str) -> HttpResponse {
+    http(bed, "GET", address, path)
+}
+
+/// Asks until `done` says yes (or panics with the last answer after `T`).
+fn wait_for(what: &str, mut ask: impl FnMut() -> (bool, String)) -> String {
+    let deadline = Instant::now() + T;
+    loop {
+        let (done, last) = ask();
+        if done {
+            return last;
+        }
+        assert!(Instant::now() < deadline, "{what}; last answer:\n{last}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The value of the sample whose name and labels are exactly `series`.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.split_whitespace().next()?.parse().ok()
+    })
+}
+
+fn verdicts(src: &str, verdict: &str, reason: &str) -> String {
+    format!(
+        "mesh_flow_verdicts_total{{hook=\"connect\",src_identity=\"{src}\",dst_identity=\"{CART}\",verdict=\"{verdict}\",reason=\"{reason}\"}}"
+    )
+}
+
+/// `mesh-agent status` inside the node's network namespace: exit code and
+/// stdout.
+fn status(bed: &TestBed, extra: &[&str]) -> (i32, String) {
+    let mut cmd = Command::new(agent::agent_bin());
+    cmd.arg("--bpffs")
+        .arg(bed.pin_dir(0))
+        .arg("--state-dir")
+        .arg(bed.state_dir(0))
+        .arg("status")
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = Spawned::spawn(
+        cmd,
+        &Placement {
+            netns: Some(&bed.nodes[0].netns),
+            cgroup: None,
+        },
+    )
+    .unwrap()
+    .wait_output(T)
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.stderr.is_empty(),
+        "status wrote to stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap(), stdout)
+}
+
+#[test]
+fn endpoints_serve_health_metrics_config_and_log_level() {
+    let (bed, _server) = shop("endpoints");
+    let agent = Agent::start_node(&bed, 0, &[]).unwrap();
+
+    let live = get(&bed, HEALTH, "/live");
+    assert_eq!((live.status, live.body.as_str()), (200, "live\n"));
+    // The agent logged "ready": the endpoint says so too.
+    let ready = get(&bed, HEALTH, "/ready");
+    assert_eq!((ready.status, ready.body.as_str()), (200, "ready\n"));
+
+    assert_eq!(probe_cart(&bed, FRONTEND_POD), "connected");
+    assert_eq!(probe_cart(&bed, ROBOT_POD), "eperm");
+
+    // The verdicts, named by identity, once the agent has read them from
+    // the ring buffer.
+    let allowed = verdicts(FRONTEND, "allow", "policy");
+    let denied = verdicts(ROBOT, "deny", "not_allowed");
+    let metrics = wait_for("no verdicts in /metrics", || {
+        let m = get(&bed, METRICS, "/metrics");
+        assert_eq!(m.status, 200);
+        assert!(
+            m.head.contains("application/openmetrics-text"),
+            "{}",
+            m.head
+        );
+        let found = sample(&m.body, &allowed).is_some_and(|v| v >= 1.0)
+            && sample(&m.body, &denied).is_some_and(|v| v >= 1.0);
+        (found, m.body)
+    });
+    assert!(metrics.ends_with("# EOF\n"), "{metrics}");
+    // Three pods, an IPv4 and an IPv6 address each.
+    assert_eq!(
+        sample(&metrics, "mesh_map_entries{map=\"ENDPOINTS\"}"),
+        Some(6.0),
+        "{metrics}"
+    );
+    let fill = sample(&metrics, "mesh_map_fill_ratio{map=\"POLICY\"}").expect("POLICY fill");
+    assert!(fill > 0.0 && fill < 0.01, "{metrics}");
+    let reconciles = sample(
+        &metrics,
+        "mesh_reconcile_duration_seconds_count{mode=\"standalone\"}",
+    )
+    .expect("reconcile histogram");
+    assert!(reconciles >= 1.0, "{metrics}");
+    assert!(sample(&metrics, "mesh_kernel_policy_denied_total").unwrap() >= 1.0);
+    assert_eq!(sample(&metrics, "mesh_ready"), Some(1.0), "{metrics}");
+    assert!(sample(&metrics, "mesh_policy_generation").unwrap() >= 1.0);
+
+    // The configuration, what was applied, and the health.
+    let dump = get(&bed, ADMIN, "/config_dump");
+    assert_eq!(dump.status, 200);
+    let dump: Value = serde_json::from_str(&dump.body).unwrap();
+    assert_eq!(dump["config"]["mesh"]["node"], "node-0");
+    assert_eq!(dump["config"]["endpoints"]["health"], "0.0.0.0:15021");
+    assert_eq!(dump["health"]["ready"], true);
+    let workloads = dump["applied"]["workloads"].as_array().unwrap();
+    let cart = workloads
+        .iter()
+        .find(|w| w["spiffe_id"] == CART)
+        .unwrap_or_else(|| panic!("no cart workload in {dump:#}"));
+    assert_eq!(cart["name"], "pod-2");
+    let ip = bed.pods[CART_POD].ip4.to_string();
+    assert!(
+        cart["ips"].as_array().unwrap().iter().any(|a| a == &ip),
+        "{dump:#}"
+    );
+    assert!(
+        dump["applied"]["rules"]
+            .as_object()
+            .unwrap()
+            .values()
+            .any(|r| r["policy"] == "shop/cart"),
+        "{dump:#}"
+    );
+    assert_eq!(dump["certificates"], Value::Null, "mutual TLS is off");
+
+    // The log level, changed live: a debug line of the flow hub appears.
+    assert_eq!(get(&bed, ADMIN, "/logging").body, "info\n");
+    let bad = http(&bed, "POST", ADMIN, "/logging?level=info,%5B%7B");
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    assert!(!agent.log().contains(" DEBUG "), "{}", agent.log());
+    let set = http(&bed, "POST", ADMIN, "/logging?level=debug");
+    assert_eq!((set.status, set.body.as_str()), (200, "debug\n"));
+    assert_eq!(get(&bed, ADMIN, "/logging").body, "debug\n");
+    assert_eq!(probe_cart(&bed, FRONTEND_POD), "connected");
+    agent
+        .wait_log(
+            &format!(
+                "DEBUG mesh_agent::flows: flow verdict=ALLOW hook=connect src={FRONTEND} dst={CART}"
+            ),
+            1,
+            T,
+        )
+        .unwrap();
+
+    let (code, text) = status(&bed, &[]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.starts_with("status: healthy\n"), "{text}");
+    for check in ["agent", "ready", "programs", "maps", "certificates"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(check) && l.contains(" ok ")),
+            "{check} is not ok:\n{text}"
+        );
+    }
+    let (code, json) = status(&bed, &["-o", "json"]);
+    assert_eq!(code, 0, "{json}");
+    let json: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(json["healthy"], true);
+    assert!(json["counters"]["policy_denied"].as_u64().unwrap() >= 1);
+}
+
+#[test]
+fn an_invalid_policy_makes_ready_503_and_status_fail() {
+    let (bed, _server) = shop("endpoints-bad");
+    let agent = Agent::start_node(&bed, 0, &[]).unwrap();
+    assert_eq!(status(&bed, &[]).0, 0);
+
+    bed.write_config("bad.yaml", "apiVersion: mesh.dev/v1alpha1\nkind: MeshPolicy\nmetadata: {name: broken, namespace: shop}\nspec:\n  action: MAYBE\n")
+        .unwrap();
+    let reason = wait_for("/ready still 200 after an invalid policy", || {
+        let ready = get(&bed, HEALTH, "/ready");
+        (ready.status == 503, ready.body)
+    });
+    assert!(
+        reason.starts_with("invalid configuration:") && reason.contains("bad.yaml"),
+        "{reason}"
+    );
+    // Alive, and still enforcing the policy in force.
+    assert_eq!(get(&bed, HEALTH, "/live").status, 200);
+    assert_eq!(probe_cart(&bed, ROBOT_POD), "eperm");
+    assert_eq!(
+        sample(&get(&bed, METRICS, "/metrics").body, "mesh_ready"),
+        Some(0.0)
+    );
+
+    let (code, text) = status(&bed, &[]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.starts_with("status: NOT healthy"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("ready") && l.contains("FAIL") && l.contains("bad.yaml")),
+        "{text}"
+    );
+    let (code, json) = status(&bed, &["-o", "json"]);
+    assert_eq!(code, 1);
+    let json: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(json["ready"], false);
+    assert!(
+        json["reason"].as_str().unwrap().contains("bad.yaml"),
+        "{json}"
+    );
+
+    // Fixed: ready again.
+    bed.remove_config("bad.yaml").unwrap();
+    wait_for("/ready not 200 after the fix", || {
+        let ready = get(&bed, HEALTH, "/ready");
+        (ready.status == 200, ready.body)
+    });
+    assert_eq!(status(&bed, &[]).0, 0, "{}", agent.log());
+}
+
+#[test]
+fn a_port_in_use_stops_the_agent_before_it_touches_the_kernel() {
+    let bed = TestBed::new("endpoints-port").unwrap();
+    let _taken = in_netns(&bed.nodes[0].netns, || {
+        TcpListener::bind("0.0.0.0:15020").unwrap()
+    });
+    let mut agent = Agent::spawn_node(&bed, 0, &[]).unwrap();
+    let exit = agent.wait_exit(T).unwrap();
+    assert!(!exit.success());
+    let log = agent.log();
+    assert!(
+        log.contains("cannot listen on 0.0.0.0:15020 (--metrics-address)"),
+        "{log}"
+    );
+    assert!(
+        !bed.pin_dir(0).join("SOCK_HASH").exists(),
+        "the agent installed programs before it could serve:\n{log}"
+    );
+    // No agent, no programs: status says so, and exits 1.
+    let (code, text) = status(&bed, &[]);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("agent") && l.contains("not running")),
+        "{text}"
+    );
+}
