@@ -142,7 +142,9 @@ pub struct RunArgs {
 
     /// Standalone mode: read Workload and MeshPolicy documents from this
     /// directory and apply every change to it (docs/policy.md).
-    #[arg(long, env = config::ENV_CONFIG_DIR, conflicts_with = "kubernetes")]
+    // Not `conflicts_with = "kubernetes"`: clap would count
+    // MESH_KUBERNETES=false as the flag given (checked in Config instead).
+    #[arg(long, env = config::ENV_CONFIG_DIR)]
     pub config_dir: Option<PathBuf>,
 
     /// Kubernetes mode: workloads from Pods, policy from MeshPolicy and
@@ -153,7 +155,7 @@ pub struct RunArgs {
 
     /// Kubernetes mode with this kubeconfig instead of the in-cluster
     /// service account.
-    #[arg(long, requires = "kubernetes", env = config::ENV_KUBECONFIG)]
+    #[arg(long, env = config::ENV_KUBECONFIG)]
     pub kubeconfig: Option<PathBuf>,
 
     /// Namespace of the Lease that elects the agent writing the documents'

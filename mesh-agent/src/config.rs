@@ -148,6 +148,14 @@ impl Config {
             Some(path) => path,
             None => cgroup::detect_cgroup2_mount()?,
         };
+        anyhow::ensure!(
+            !(args.kubernetes && args.config_dir.is_some()),
+            "--config-dir (standalone mode) and --kubernetes exclude each other"
+        );
+        anyhow::ensure!(
+            args.kubernetes || args.kubeconfig.is_none(),
+            "--kubeconfig needs --kubernetes"
+        );
         for (flag, value) in [
             ("--max-sockets", args.max_sockets),
             ("--max-endpoints", args.max_endpoints),

@@ -90,29 +90,45 @@ struct HttpResponse {
     body: String,
 }
 
-/// One HTTP/1.1 request from inside the node's network namespace.
+/// One HTTP/1.1 request from inside the network namespace of node 0.
 fn http(bed: &TestBed, method: &str, address: &str, path: &str) -> HttpResponse {
-    let response = in_netns(&bed.nodes[0].netns, || {
-        let mut tcp = TcpStream::connect(address).unwrap();
-        tcp.set_read_timeout(Some(T)).unwrap();
+    http_on(bed, 0, method, address, path)
+}
+
+/// One HTTP/1.1 request from inside the network namespace of `node`.
+fn http_on(bed: &TestBed, node: usize, method: &str, address: &str, path: &str) -> HttpResponse {
+    try_http_on(bed, node, method, address, path)
+        .unwrap_or_else(|e| panic!("{method} {address}{path}: {e}"))
+}
+
+/// As [`http_on`], failing when nothing listens (yet).
+fn try_http_on(
+    bed: &TestBed,
+    node: usize,
+    method: &str,
+    address: &str,
+    path: &str,
+) -> std::io::Result<HttpResponse> {
+    let response = in_netns(&bed.nodes[node].netns, || {
+        let mut tcp = TcpStream::connect(address)?;
+        tcp.set_read_timeout(Some(T))?;
         write!(
             tcp,
             "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
+        )?;
         let mut response = Vec::new();
-        tcp.read_to_end(&mut response).unwrap();
-        String::from_utf8(response).unwrap()
-    });
+        tcp.read_to_end(&mut response)?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&response).into_owned())
+    })?;
     let (head, body) = response
         .split_once("\r\n\r\n")
         .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
     let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    HttpResponse {
+    Ok(HttpResponse {
         status,
         head: head.to_string(),
         body: body.to_string(),
-    }
+    })
 }
 
 fn get(bed: &TestBed, address: &str, path: &str) -> HttpResponse {
@@ -364,6 +380,186 @@ fn a_port_in_use_stops_the_agent_before_it_touches_the_kernel() {
     assert!(
         text.lines()
             .any(|l| l.starts_with("agent") && l.contains("not running")),
+        "{text}"
+    );
+}
+
+/// The agent's log lines as JSON objects (`--log-format json`).
+fn json_lines(agent: &Agent) -> Vec<Value> {
+    agent
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[test]
+fn tunnels_are_counted_and_their_log_lines_name_both_identities() {
+    const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+    const DB: &str = "spiffe://cluster.local/ns/shop/sa/db";
+    let mut bed = TestBed::new("endpoints-mtls").unwrap();
+    bed.add_node().unwrap();
+    bed.connect_nodes().unwrap();
+    for (node, sa) in [(0, "web"), (1, "db")] {
+        bed.add_pod(node).unwrap();
+        bed.register_workload(node, "shop", sa, &[]).unwrap();
+    }
+    let _server = bed
+        .server(1, true, format!("[::]:{PORT}").parse().unwrap(), "echo")
+        .unwrap();
+    let nodes: Vec<String> = (0..2)
+        .map(|n| {
+            format!(
+                "apiVersion: mesh.dev/v1alpha1\nkind: MeshNode\nmetadata: {{name: node-{n}}}\nspec: {{addresses: [198.19.255.{}]}}\n",
+                n + 1
+            )
+        })
+        .collect();
+    bed.write_config("nodes.yaml", &nodes.join("---\n"))
+        .unwrap();
+    let ca = bed.files.path().join("ca");
+    let out = Command::new(agent::agent_bin())
+        .args(["ca", "init", "--trust-domain", "cluster.local", "--out"])
+        .arg(&ca)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // JSON logs: readiness comes from /ready, not from a log line.
+    let ca = ca.to_str().unwrap();
+    let agents: Vec<Agent> = (0..2)
+        .map(|n| Agent::spawn_node(&bed, n, &["--ca-dir", ca, "--log-format", "json"]).unwrap())
+        .collect();
+    for n in 0..2 {
+        wait_for("an agent is not ready", || {
+            match try_http_on(&bed, n, "GET", HEALTH, "/ready") {
+                Ok(ready) => (
+                    ready.status == 200,
+                    format!("{}\n{}", ready.body, agents[n].log()),
+                ),
+                Err(e) => (false, format!("{e}\n{}", agents[n].log())),
+            }
+        });
+        let debug = http_on(
+            &bed,
+            n,
+            "POST",
+            ADMIN,
+            "/logging?level=info%2Cmesh_agent%3Ddebug",
+        );
+        assert_eq!(debug.status, 200, "{}", debug.body);
+        assert!(debug.body.contains("mesh_agent=debug"), "{}", debug.body);
+    }
+
+    let target = format!("tcp:{}", bed.pods[1].addr(false, PORT));
+    let report = bed
+        .client(
+            0,
+            true,
+            &["probe", "--targets", &target, "--timeout-ms", "2000"],
+            T,
+        )
+        .unwrap();
+    assert_eq!(report["results"][&target], "connected", "{report}");
+
+    let series = |node: usize, name: &str| {
+        let m = http_on(&bed, node, "GET", METRICS, "/metrics").body;
+        (sample(&m, name), m)
+    };
+    // The source's agent: its handshake, and the tunnel closed again once
+    // the probe's connection ended.
+    wait_for("node 0 counted no outbound handshake", || {
+        let (ok, m) = series(
+            0,
+            "mesh_tunnel_handshakes_total{direction=\"outbound\",result=\"ok\"}",
+        );
+        let open = sample(&m, "mesh_tunnels_open{direction=\"outbound\"}");
+        (ok >= Some(1.0) && open == Some(0.0), m)
+    });
+    let (expires, m) = series(
+        0,
+        &format!("mesh_certificate_expires_in_seconds{{identity=\"{WEB}\"}}"),
+    );
+    assert!(expires.is_some_and(|s| s > 3600.0), "{m}");
+    // The destination's agent: the handshake it accepted, and its verdict
+    // on the tunnel for the verified identity.
+    wait_for("node 1 counted no inbound tunnel", || {
+        let (ok, m) = series(
+            1,
+            "mesh_tunnel_handshakes_total{direction=\"inbound\",result=\"ok\"}",
+        );
+        let verdict = sample(
+            &m,
+            &format!(
+                "mesh_flow_verdicts_total{{hook=\"tunnel-in\",src_identity=\"{WEB}\",dst_identity=\"{DB}\",verdict=\"allow\",reason=\"mesh_default\"}}"
+            ),
+        );
+        (ok >= Some(1.0) && verdict >= Some(1.0), m)
+    });
+
+    // Log lines about the tunnel carry both identities: the agent's own as
+    // fields, the tunnel code's from its span.
+    let line = |agent: &Agent, message: &str| {
+        wait_for(&format!("no {message:?} line"), || {
+            let found = json_lines(agent)
+                .into_iter()
+                .find(|l| l["fields"]["message"] == message);
+            (
+                found.is_some(),
+                found.map_or_else(|| agent.log(), |l| l.to_string()),
+            )
+        })
+    };
+    let open: Value = serde_json::from_str(&line(&agents[0], "tunnel open")).unwrap();
+    assert_eq!(
+        (
+            open["fields"]["src"].as_str(),
+            open["fields"]["dst"].as_str()
+        ),
+        (Some(WEB), Some(DB)),
+        "{open}"
+    );
+    let closed: Value = serde_json::from_str(&line(&agents[1], "tunnel closed")).unwrap();
+    assert_eq!(closed["target"], "mesh_agent::tunnel::server", "{closed}");
+    assert_eq!(
+        (
+            closed["span"]["src"].as_str(),
+            closed["span"]["dst"].as_str()
+        ),
+        (Some(WEB), Some(DB)),
+        "{closed}"
+    );
+    let flow: Value = serde_json::from_str(&line(&agents[1], "flow")).unwrap();
+    assert_eq!(
+        (
+            flow["fields"]["src"].as_str(),
+            flow["fields"]["dst"].as_str()
+        ),
+        (Some(WEB), Some(DB)),
+        "{flow}"
+    );
+
+    // The certificates, in the dump and in status.
+    let dump: Value =
+        serde_json::from_str(&http_on(&bed, 1, "GET", ADMIN, "/config_dump").body).unwrap();
+    assert_eq!(
+        dump["certificates"]["certificates"][0]["spiffe_id"], DB,
+        "{dump:#}"
+    );
+    let (code, text) = status(&bed, &[]);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("certificates") && l.contains(" ok ") && l.contains("1 valid")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("programs") && l.contains("tc on uplink")),
         "{text}"
     );
 }
