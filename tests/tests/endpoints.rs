@@ -434,14 +434,14 @@ fn tunnels_are_counted_and_their_log_lines_name_both_identities() {
     let agents: Vec<Agent> = (0..2)
         .map(|n| Agent::spawn_node(&bed, n, &["--ca-dir", ca, "--log-format", "json"]).unwrap())
         .collect();
-    for n in 0..2 {
+    for (n, agent) in agents.iter().enumerate() {
         wait_for("an agent is not ready", || {
             match try_http_on(&bed, n, "GET", HEALTH, "/ready") {
                 Ok(ready) => (
                     ready.status == 200,
-                    format!("{}\n{}", ready.body, agents[n].log()),
+                    format!("{}\n{}", ready.body, agent.log()),
                 ),
-                Err(e) => (false, format!("{e}\n{}", agents[n].log())),
+                Err(e) => (false, format!("{e}\n{}", agent.log())),
             }
         });
         let debug = http_on(
