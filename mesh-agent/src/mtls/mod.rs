@@ -163,7 +163,8 @@ impl Mtls {
         }
         let view = Arc::new(MeshView::new(names));
         for (netns, e) in self.listeners.sync(&view.local) {
-            error!(netns = %netns.display(), error = %e, "no outbound listener: this workload's connections to other nodes are refused");
+            let src = view.local.get(&netns).map(|w| w.spiffe_id.as_str());
+            error!(src, netns = %netns.display(), error = %e, "no outbound listener: this workload's connections to other nodes are refused");
         }
         let wanted: HashSet<String> = view.local.values().map(|w| w.spiffe_id.clone()).collect();
         self.certs.set_wanted(wanted);
