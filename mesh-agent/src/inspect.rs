@@ -330,6 +330,9 @@ pub fn policy(maps: &PinnedMaps, names: &NodeState, output: Output) -> Result<St
 pub struct ConntrackRow {
     pub src: SocketAddr,
     pub dst: SocketAddr,
+    /// The identities the verdict was made for (recorded with the flow).
+    pub src_identity: String,
+    pub dst_identity: String,
     pub proto: &'static str,
     /// `inbound` (judged by policy) or `outbound` (opened by a local workload).
     pub direction: &'static str,
@@ -351,6 +354,8 @@ pub fn conntrack(
             ConntrackRow {
                 src: SocketAddr::new(kernel_ip(k.src_ip), k.src_port),
                 dst: SocketAddr::new(kernel_ip(k.dst_ip), k.dst_port),
+                src_identity: flow_identity(names, st.src_identity),
+                dst_identity: flow_identity(names, st.dst_identity),
                 proto: proto_name(k.proto),
                 direction: if outbound { "outbound" } else { "inbound" },
                 action: st.verdict.action().name(),
@@ -367,13 +372,25 @@ pub fn conntrack(
     Ok(match output {
         Output::Json => json(&rows),
         Output::Table => table::render(
-            &["SRC", "DST", "PROTO", "DIRECTION", "ACTION", "RULE", "GEN"],
+            &[
+                "SRC",
+                "DST",
+                "SRC IDENTITY",
+                "DST IDENTITY",
+                "PROTO",
+                "DIRECTION",
+                "ACTION",
+                "RULE",
+                "GEN",
+            ],
             &rows
                 .iter()
                 .map(|r| {
                     vec![
                         r.src.to_string(),
                         r.dst.to_string(),
+                        r.src_identity.clone(),
+                        r.dst_identity.clone(),
                         r.proto.into(),
                         r.direction.into(),
                         r.action.into(),
@@ -385,6 +402,16 @@ pub fn conntrack(
             "No entries found.",
         ),
     })
+}
+
+/// A flow's recorded identity; 0 is a flow migrated from a layout that
+/// did not record it, whose workload was gone.
+fn flow_identity(names: &NodeState, id: u64) -> String {
+    if id == 0 {
+        "unknown".into()
+    } else {
+        names.identity_name(id)
+    }
 }
 
 pub fn json<T: Serialize>(value: &T) -> String {

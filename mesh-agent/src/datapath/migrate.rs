@@ -24,8 +24,9 @@ use tracing::info;
 
 use super::maps::{EXPECTED_MAPS, MapLayout, MapsError};
 
-/// Suffix of a pin moved aside while its map is migrated.
-const OLD_SUFFIX: &str = ".old-layout";
+/// Suffix of a pin moved aside while its map is migrated (bpffs refuses
+/// names with dots).
+const OLD_SUFFIX: &str = "_OLD_LAYOUT";
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
@@ -106,7 +107,12 @@ pub fn prepare(dir: &Path) -> Result<Pending, MigrateError> {
         let aside = old_pin(dir, name);
         if aside.exists() {
             // An earlier start moved it aside and stopped before the end.
-            needed.push(find_migration(dir, name, layout_of(dir, name, &aside)?, expected)?);
+            needed.push(find_migration(
+                dir,
+                name,
+                layout_of(dir, name, &aside)?,
+                expected,
+            )?);
             continue;
         }
         let path = dir.join(name);
@@ -119,14 +125,7 @@ pub fn prepare(dir: &Path) -> Result<Pending, MigrateError> {
         }
     }
     for migration in &needed {
-        let (path, aside) = (dir.join(migration.map), old_pin(dir, migration.map));
-        if !aside.exists() {
-            std::fs::rename(&path, &aside).map_err(|source| MigrateError::Io {
-                what: "moving aside the old-layout pin",
-                path: path.clone(),
-                source,
-            })?;
-        }
+        move_aside(dir, migration)?;
         info!(map = migration.map, from = %migration.from, "migrating map to this agent's layout");
     }
     Ok(Pending {
@@ -155,7 +154,11 @@ impl Pending {
             let old = MapData::from_pin(old_pin(&self.dir, m.map)).map_err(err)?;
             let new = MapData::from_pin(self.dir.join(m.map)).map_err(err)?;
             let copied = (m.copy)(old, new, &endpoints)?;
-            info!(map = m.map, entries = copied, "copied entries to the new layout");
+            info!(
+                map = m.map,
+                entries = copied,
+                "copied entries to the new layout"
+            );
         }
         Ok(())
     }
@@ -175,6 +178,20 @@ impl Pending {
         }
         Ok(())
     }
+}
+
+/// Renames the old map's pin out of the loader's way; the programs using
+/// the map hold it, so it lives on.
+fn move_aside(dir: &Path, migration: &Migration) -> Result<(), MigrateError> {
+    let (path, aside) = (dir.join(migration.map), old_pin(dir, migration.map));
+    if aside.exists() {
+        return Ok(()); // an interrupted start moved it already
+    }
+    std::fs::rename(&path, &aside).map_err(|source| MigrateError::Io {
+        what: "moving aside the old-layout pin",
+        path,
+        source,
+    })
 }
 
 fn old_pin(dir: &Path, name: &str) -> PathBuf {
@@ -234,7 +251,6 @@ impl Endpoints {
     fn get(&self, ip: &[u32; 4]) -> Option<Endpoint> {
         self.0.get(&IpKey { ip: *ip }, 0).ok()
     }
-
 }
 
 /// `CONNTRACK` values of layout 1: no identities.
@@ -358,7 +374,10 @@ mod tests {
         // Inbound from a workload, and from outside the mesh.
         let st = convert_flow_state(&key(1, 2), old(0), lookup);
         assert_eq!((st.src_identity, st.dst_identity), (100, 200));
-        assert_eq!((st.verdict, st.generation, st.flags), (old(0).verdict, 9, 0));
+        assert_eq!(
+            (st.verdict, st.generation, st.flags),
+            (old(0).verdict, 9, 0)
+        );
         let st = convert_flow_state(&key(7, 2), old(0), lookup);
         assert_eq!((st.src_identity, st.dst_identity), (WORLD_IDENTITY, 200));
         // Outbound to outside the mesh; and a local side that is gone.

@@ -44,8 +44,8 @@ enum Cmd {
         targets: Vec<String>,
         #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
-        /// Keep probing every target in turn for this long and report how
-        /// often each result came up, per target.
+        /// Keep probing every target in turn for this long (or until
+        /// SIGTERM) and report how often each result came up, per target.
         #[arg(long)]
         repeat_ms: Option<u64>,
     },
@@ -93,7 +93,8 @@ enum Cmd {
         size: usize,
         #[arg(long, default_value_t = 1000)]
         count: usize,
-        /// Keep going for this long instead of `count` rounds.
+        /// Keep going for this long (or until SIGTERM) instead of `count`
+        /// rounds.
         #[arg(long)]
         seconds: Option<f64>,
     },
@@ -150,8 +151,45 @@ enum Mode {
     Hold,
 }
 
+/// Set by SIGTERM in the commands that run for a while (repeated probes, a
+/// pingpong for some seconds): they stop early and still print their report,
+/// so a test can end them when its scenario is over.
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_sigterm(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn stop_requested() -> bool {
+    STOP.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn report_on_sigterm() {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    // SA_RESTART: a read or write under way is not cut short by the signal.
+    let action = SigAction::new(
+        SigHandler::Handler(on_sigterm),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe { sigaction(Signal::SIGTERM, &action) }.expect("installing the SIGTERM handler");
+}
+
 fn main() {
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Cmd::Probe {
+            repeat_ms: Some(_),
+            ..
+        } | Cmd::Pingpong {
+            seconds: Some(_),
+            ..
+        }
+    ) {
+        report_on_sigterm();
+    }
     let result = match cli.command {
         Cmd::Serve {
             listen,
@@ -581,7 +619,7 @@ fn pingpong(
     let mut round = 0u64;
     loop {
         match deadline {
-            Some(d) if Instant::now() >= d => break,
+            Some(d) if Instant::now() >= d || stop_requested() => break,
             None if rtts.len() >= count => break,
             _ => {}
         }
@@ -769,7 +807,7 @@ fn probe_repeatedly(
     let deadline = Instant::now() + duration;
     println!("probing");
     std::io::stdout().flush()?;
-    while Instant::now() < deadline {
+    while Instant::now() < deadline && !stop_requested() {
         for target in targets {
             let result = probe(target, timeout)?;
             *counts.entry(target).or_default().entry(result).or_default() += 1;
