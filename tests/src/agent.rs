@@ -19,6 +19,22 @@ pub fn agent_bin() -> std::path::PathBuf {
     sibling_binary("mesh-agent", "MESH_AGENT_BIN")
 }
 
+/// The agent of the previous map layout (`cargo xtask previous-agent`),
+/// which the upgrade tests start from.
+pub fn previous_agent_bin() -> anyhow::Result<std::path::PathBuf> {
+    let bin = match std::env::var_os("MESH_PREVIOUS_AGENT_BIN") {
+        Some(path) => path.into(),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/previous-agent/mesh-agent"),
+    };
+    anyhow::ensure!(
+        bin.is_file(),
+        "the upgrade tests need the agent of the previous map layout at {}: \
+         `cargo xtask test` builds it, or `cargo xtask previous-agent`",
+        bin.display()
+    );
+    Ok(bin)
+}
+
 pub struct Agent {
     process: Spawned,
     log: Arc<Mutex<String>>,
@@ -73,8 +89,28 @@ impl Agent {
 
     /// The agent of `node`, its policy source in `args`.
     fn spawn_node_with(bed: &TestBed, node: usize, args: &[&str]) -> anyhow::Result<Self> {
+        Self::spawn_node_as(bed, node, &agent_bin(), args)
+    }
+
+    /// Like [`Agent::start_node`] with another build of the agent (the
+    /// upgrade tests' previous version); `args` name the policy source.
+    pub fn start_node_as(
+        bed: &TestBed,
+        node: usize,
+        bin: &Path,
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
+        Self::wait_ready(Self::spawn_node_as(bed, node, bin, args)?)
+    }
+
+    pub fn spawn_node_as(
+        bed: &TestBed,
+        node: usize,
+        bin: &Path,
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
         let n = &bed.nodes[node];
-        let mut cmd = Command::new(agent_bin());
+        let mut cmd = Command::new(bin);
         cmd.arg("--bpffs")
             .arg(bed.pin_dir(node))
             .arg("--state-dir")
