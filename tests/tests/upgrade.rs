@@ -386,3 +386,64 @@ fn upgrade_from_the_previous_layout_migrates_under_traffic_and_a_downgrade_refus
         );
     }
 }
+
+#[test]
+fn sigterm_drains_open_tunnels_turns_new_ones_away_and_leaves_the_programs_enforcing() {
+    let mut s = scene("drain", &agent::agent_bin());
+    let db = s.db();
+    // A cross-node connection through a tunnel, open across the SIGTERM.
+    let open = s
+        .bed
+        .workload(WEB, &["pingpong", "--to", &db, "--seconds", "3"])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(s.agents[1].pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let signalled = Instant::now();
+    s.agents[1]
+        .wait_log("tunnel listener closed", 1, Duration::from_secs(5))
+        .unwrap();
+    // While the open tunnel drains, a new one is turned away.
+    let target = format!("tcp:{db}");
+    let report = s
+        .bed
+        .client(
+            WEB,
+            true,
+            &["probe", "--targets", &target, "--timeout-ms", "300"],
+            T,
+        )
+        .unwrap();
+    assert_ne!(report["results"][&target], "connected", "{report}");
+    let out = open.wait_output(T).unwrap();
+    assert!(
+        out.status.success(),
+        "the open tunnel was cut: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let status = s.agents[1].wait_exit(Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "{status}");
+    let drained = signalled.elapsed();
+    assert!(
+        drained > Duration::from_secs(2),
+        "the agent left before its open tunnel ended ({drained:?})"
+    );
+    // No agent on node 1 now: its programs still decide.
+    let probe = |pod| {
+        let report = s
+            .bed
+            .client(
+                pod,
+                true,
+                &["probe", "--targets", &target, "--timeout-ms", "300"],
+                T,
+            )
+            .unwrap();
+        report["results"][&target].as_str().unwrap().to_string()
+    };
+    assert_eq!(probe(ROBOT), "eperm");
+    assert_eq!(probe(API), "connected");
+}

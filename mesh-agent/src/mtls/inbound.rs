@@ -47,9 +47,12 @@ pub struct Inbound {
 }
 
 impl Inbound {
-    /// Accepts tunnels until `shutdown` turns true; then open tunnels drain.
+    /// Accepts tunnels until `shutdown` turns true; then closes the listener
+    /// and returns once the open tunnels have drained (each connection says
+    /// GOAWAY and ends with its last tunnel). The caller bounds the drain.
     pub async fn run(self: Arc<Self>, listener: TcpListener, shutdown: watch::Receiver<bool>) {
         let mut stop = shutdown.clone();
+        let mut connections = tokio::task::JoinSet::new();
         loop {
             let (tcp, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -60,16 +63,22 @@ impl Inbound {
                         continue;
                     }
                 },
-                () = async { let _ = stop.wait_for(|s| *s).await; } => {
-                    info!("tunnel listener closed; open tunnels drain");
-                    return;
-                }
+                // Reap finished connections as they end.
+                Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+                () = async { let _ = stop.wait_for(|s| *s).await; } => break,
             };
             let _ = tcp.set_nodelay(true);
             let this = self.clone();
             let shutdown = shutdown.clone();
-            tokio::spawn(async move { this.connection(tcp, peer, shutdown).await });
+            connections.spawn(async move { this.connection(tcp, peer, shutdown).await });
         }
+        drop(listener);
+        info!(
+            connections = connections.len(),
+            "tunnel listener closed; open tunnels drain"
+        );
+        while connections.join_next().await.is_some() {}
+        info!("open tunnels drained");
     }
 
     async fn connection(
