@@ -446,4 +446,21 @@ fn sigterm_drains_open_tunnels_turns_new_ones_away_and_leaves_the_programs_enfor
     };
     assert_eq!(probe(ROBOT), "eperm");
     assert_eq!(probe(API), "connected");
+
+    // The client's side drains too: a connection its agent carries into a
+    // tunnel runs to its end after that agent's SIGTERM.
+    s.agents[1] = s.start(1, &agent::agent_bin()).unwrap();
+    let open = s
+        .bed
+        .workload(WEB, &["pingpong", "--to", &db, "--seconds", "3"])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let status = s.agents[0].stop().unwrap();
+    assert!(status.success(), "{status}");
+    let out = open.wait_output(T).unwrap();
+    assert!(
+        out.status.success(),
+        "the client's agent cut the open tunnel: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }

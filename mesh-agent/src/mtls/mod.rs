@@ -50,6 +50,8 @@ pub struct Mtls {
     steering: bool,
     shutdown: watch::Sender<bool>,
     inbound: tokio::task::JoinHandle<()>,
+    /// Outbound connections being carried through tunnels.
+    carrying: tokio_util::task::TaskTracker,
 }
 
 impl Mtls {
@@ -122,6 +124,7 @@ impl Mtls {
         let listener = tunnel_listener(m.tunnel_port)?;
         let inbound = tokio::spawn(inbound.run(listener, shutdown.subscribe()));
 
+        let carrying = tokio_util::task::TaskTracker::new();
         let outbound = Arc::new(outbound::Outbound {
             view: view.clone(),
             store,
@@ -129,6 +132,7 @@ impl Mtls {
             tunnel_port: m.tunnel_port,
             flows,
             metrics,
+            carrying: carrying.clone(),
         });
         let orig = Arc::new(OrigTable::new(maps.tunnel_orig()?));
         let listeners = OutboundListeners::new(
@@ -151,6 +155,7 @@ impl Mtls {
             steering: false,
             shutdown,
             inbound,
+            carrying,
         })
     }
 
@@ -189,12 +194,22 @@ impl Mtls {
         }
     }
 
-    /// Stops accepting tunnels and lets open ones finish within `grace`.
-    /// Steering stays on: the next agent takes over the same ports.
+    /// Stops accepting tunnels and lets open ones, both ways, finish within
+    /// `grace`. Steering stays on: the next agent takes over the same ports.
     pub async fn shutdown(self, grace: Duration) {
         let _ = self.shutdown.send(true);
         drop(self.listeners);
-        let _ = tokio::time::timeout(grace, self.inbound).await;
+        self.carrying.close();
+        let drained = async {
+            let _ = self.inbound.await;
+            self.carrying.wait().await;
+        };
+        if tokio::time::timeout(grace, drained).await.is_err() {
+            warn!(
+                ?grace,
+                "open tunnels outlived the grace period; they are cut"
+            );
+        }
     }
 }
 

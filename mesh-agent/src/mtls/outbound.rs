@@ -41,12 +41,15 @@ pub struct Outbound {
     pub tunnel_port: u16,
     pub flows: FlowHub,
     pub metrics: TunnelMetrics,
+    /// The connections being carried, which a SIGTERM lets finish.
+    pub carrying: tokio_util::task::TaskTracker,
 }
 
 impl Outbound {
     pub fn handle(self: &Arc<Self>, accepted: Accepted) {
         let this = self.clone();
-        tokio::spawn(async move { this.carry(accepted).await });
+        self.carrying
+            .spawn(async move { this.carry(accepted).await });
     }
 
     async fn carry(&self, a: Accepted) {
