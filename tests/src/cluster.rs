@@ -40,6 +40,18 @@ pub struct PodRef {
 }
 
 impl Cluster {
+    /// The requests the agents made that `deploy/`'s RBAC would refuse
+    /// them (the test itself writes through the server's own functions, so
+    /// every recorded request is an agent's).
+    pub fn requests_deploy_refuses(&self) -> Vec<crate::deploy::Request> {
+        self.api
+            .requests()
+            .iter()
+            .filter_map(crate::deploy::Request::of)
+            .filter(|r| !crate::deploy::agent_allows(r))
+            .collect()
+    }
+
     /// Starts the API server on node 0 (on its loopback, or on its uplink
     /// address when the nodes are connected, so every node reaches it) and
     /// writes a kubeconfig for the agents.

@@ -88,6 +88,16 @@ fn wait_endpoints(
     }
 }
 
+/// Everything the agents asked the API server for is granted by `deploy/`.
+fn assert_rbac(cluster: &Cluster) {
+    assert!(!cluster.api.requests().is_empty(), "no request recorded");
+    let refused = cluster.requests_deploy_refuses();
+    assert!(
+        refused.is_empty(),
+        "deploy/'s RBAC does not grant the agent these requests: {refused:#?}"
+    );
+}
+
 fn spiffe(ns: &str, sa: &str) -> String {
     format!("spiffe://cluster.local/ns/{ns}/sa/{sa}")
 }
@@ -226,6 +236,7 @@ fn pods_become_endpoints_and_ip_reuse_never_leaves_a_stale_identity() {
     wait_probe(&bed, 1, 0, "connected");
     let log = agent.log();
     assert!(!log.contains("panicked"), "{log}");
+    assert_rbac(&cluster);
 }
 
 const CART: usize = 0;
@@ -319,6 +330,7 @@ fn mesh_policy_is_enforced_and_an_invalid_edit_keeps_the_previous_one() {
         "no-robots",
     );
     wait_probe(&bed, ROBOT, CART, "connected");
+    assert_rbac(&cluster);
 }
 
 #[test]
@@ -440,6 +452,7 @@ fn watch_breaks_410_and_outages_miss_nothing_clear_nothing_open_nothing() {
     );
     let log = agent.log();
     assert!(log.contains("lost the API server"), "{log}");
+    assert_rbac(&cluster);
 }
 
 /// LIST requests (not watches) the API server has answered so far.
@@ -551,6 +564,7 @@ fn identities_agree_across_nodes_and_restarts_and_one_agent_writes_status() {
         .unwrap();
     let holder = lease["spec"]["holderIdentity"].as_str().unwrap();
     assert!(holder == "node-0" || holder == "node-1", "{lease}");
+    assert_rbac(&cluster);
 }
 
 /// `mesh-pod probe` from `pod` to `to`, in the mesh or outside its cgroup.
@@ -649,4 +663,5 @@ fn mutual_tls_between_nodes_from_pods_nodes_and_peer_authentication_objects() {
         !certs.contains(&spiffe("shop", "db")),
         "node 0 holds a certificate of node 1's workload: {certs}"
     );
+    assert_rbac(&cluster);
 }
