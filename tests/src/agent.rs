@@ -109,8 +109,44 @@ impl Agent {
         bin: &Path,
         args: &[&str],
     ) -> anyhow::Result<Self> {
+        Self::spawn_node_cmd(bed, node, Command::new(bin), args)
+    }
+
+    /// [`Agent::start_node_kubernetes`] with only the Linux capabilities
+    /// `capabilities` (names as in a pod's securityContext, e.g. `NET_ADMIN`):
+    /// the agent is started under `setpriv` with that bounding set, so root
+    /// holds nothing else, as in a container that drops ALL and adds them.
+    pub fn start_node_kubernetes_with_capabilities(
+        bed: &TestBed,
+        node: usize,
+        kubeconfig: &Path,
+        capabilities: &[String],
+    ) -> anyhow::Result<Self> {
+        let mut bounding = vec!["-all".to_string()];
+        bounding.extend(
+            capabilities
+                .iter()
+                .map(|c| format!("+{}", c.to_lowercase())),
+        );
+        let mut cmd = Command::new("setpriv");
+        cmd.arg("--bounding-set")
+            .arg(bounding.join(","))
+            .arg("--")
+            .arg(agent_bin());
+        let kubeconfig = kubeconfig.to_str().context("kubeconfig path")?;
+        let args = ["--kubernetes", "--kubeconfig", kubeconfig];
+        Self::wait_ready(Self::spawn_node_cmd(bed, node, cmd, &args)?)
+    }
+
+    /// The agent of `node` run by `cmd` (the agent binary, or a wrapper
+    /// whose last argument is the binary).
+    fn spawn_node_cmd(
+        bed: &TestBed,
+        node: usize,
+        mut cmd: Command,
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
         let n = &bed.nodes[node];
-        let mut cmd = Command::new(bin);
         cmd.arg("--bpffs")
             .arg(bed.pin_dir(node))
             .arg("--state-dir")

@@ -263,6 +263,39 @@ fn cart_frontend_robot(bed: &TestBed) -> (Cluster, PodRef) {
 }
 
 #[test]
+fn the_daemonsets_capabilities_are_enough_to_find_pods_and_enforce_policy() {
+    let capabilities = mesh_tests::deploy::daemonset_capabilities();
+    assert!(!capabilities.is_empty());
+    let (bed, _servers) = bed("k8s-caps", 3);
+    let (cluster, _robot) = cart_frontend_robot(&bed);
+    cluster
+        .apply_yaml(&policy_yaml("shop", "cart", CART_ALLOW_FRONTEND))
+        .unwrap();
+    let agent =
+        Agent::start_node_kubernetes_with_capabilities(&bed, 0, &cluster.kubeconfig, &capabilities)
+            .unwrap();
+    // The agent really runs with those capabilities only.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|hex| u64::from_str_radix(hex.trim(), 16).unwrap())
+        .unwrap();
+    assert_ne!(effective, 0);
+    assert!(
+        effective.count_ones() as usize <= capabilities.len(),
+        "{status}"
+    );
+    // Allowed and denied as the policy says: the pods' network namespaces
+    // were found (setns, /proc/<pid>/ns/net of other processes).
+    wait_probe(&bed, FRONTEND, CART, "connected");
+    assert_eq!(probe(&bed, ROBOT, CART), "eperm");
+    let log = agent.log();
+    assert!(!log.contains("Operation not permitted"), "{log}");
+    assert_rbac(&cluster);
+}
+
+#[test]
 fn mesh_policy_is_enforced_and_an_invalid_edit_keeps_the_previous_one() {
     let (bed, _servers) = bed("k8s-policy", 3);
     let (cluster, _robot) = cart_frontend_robot(&bed);
