@@ -391,7 +391,7 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(offset_of!(FlowKey, src_port), 32);
         assert_eq!(offset_of!(FlowKey, proto), 36);
-        assert_eq!(size_of::<FlowState>(), 16);
+        assert_eq!(size_of::<FlowState>(), 32);
         assert_eq!(size_of::<UdpPeerKey>(), 32);
         assert_eq!(offset_of!(UdpPeerKey, local_port), 24);
         assert_eq!(size_of::<FlowEvent>(), 72);
