@@ -2,6 +2,7 @@
 //! installed by `setup`, which `test`, `demo` and `bench` run first.
 mod demo;
 mod ebpf;
+mod previous;
 mod setup;
 
 use std::process::Command;
@@ -30,6 +31,9 @@ enum Task {
     },
     /// Two pods on one machine, the agent, traffic, and what the kernel did.
     Demo,
+    /// Build the agent of the previous map layout, which the upgrade tests
+    /// start from (`test` does it when needed).
+    PreviousAgent,
     /// Write the CRDs of the mesh's documents (generated from mesh-agent's
     /// types) to deploy/crds.yaml; a test fails when they drift apart.
     GenCrds,
@@ -50,6 +54,7 @@ fn main() -> anyhow::Result<()> {
         Task::BuildEbpf => ebpf::build(),
         Task::Test { args } => test(&args),
         Task::Demo => demo::run(),
+        Task::PreviousAgent => previous::build().map(|bin| eprintln!("xtask: {}", bin.display())),
         Task::Bench { which, args } => bench(&which, &args),
         Task::GenCrds => gen_crds(),
     }
@@ -88,9 +93,13 @@ fn build_binaries(release: bool) -> anyhow::Result<()> {
 
 fn test(args: &[String]) -> anyhow::Result<()> {
     build_binaries(false)?;
+    // The upgrade tests start from the agent of the previous map layout.
+    let previous_agent = previous::build()?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     let mut cmd = cargo();
-    cmd.args(["test", "--workspace"]).args(args);
+    cmd.args(["test", "--workspace"])
+        .args(args)
+        .env("MESH_PREVIOUS_AGENT_BIN", previous_agent);
     eprintln!("xtask: running {cmd:?}");
     let mut child = cmd.stdout(std::process::Stdio::piped()).spawn()?;
     let stdout = child.stdout.take().context("cargo test stdout")?;
