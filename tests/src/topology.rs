@@ -278,6 +278,37 @@ impl TestBed {
         Ok(())
     }
 
+    /// MeshNode documents for every node (`nodes.yaml`), with the nodes'
+    /// uplink addresses, so agents know where to open tunnels.
+    pub fn write_mesh_nodes(&self) -> anyhow::Result<()> {
+        let nodes: Vec<String> = (0..self.nodes.len())
+            .map(|n| {
+                format!(
+                    "apiVersion: mesh.dev/v1alpha1\nkind: MeshNode\nmetadata: {{name: {}}}\nspec: {{addresses: [{}]}}\n",
+                    self.nodes[n].name(),
+                    node_uplink_ip(n)
+                )
+            })
+            .collect();
+        self.write_config("nodes.yaml", &nodes.join("---\n"))
+    }
+
+    /// A new mesh CA (`mesh-agent ca init`) for `trust_domain`, in the
+    /// test's files; its directory.
+    pub fn mesh_ca(&self, trust_domain: &str) -> anyhow::Result<std::path::PathBuf> {
+        let ca = self.files.path().join("ca");
+        let out = Command::new(crate::agent::agent_bin())
+            .args(["ca", "init", "--trust-domain", trust_domain, "--out"])
+            .arg(&ca)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "ca init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(ca)
+    }
+
     pub fn remove_config(&self, file: &str) -> anyhow::Result<()> {
         Ok(std::fs::remove_file(self.config_dir().join(file))?)
     }

@@ -134,29 +134,11 @@ fn mesh_without_agents(test: &str, workloads: &[W], docs: &[(&str, String)]) -> 
         let listen: SocketAddr = format!("[::]:{PORT}").parse().unwrap();
         servers.push(bed.server(i, true, listen, "echo").unwrap());
     }
-    let nodes: Vec<String> = (0..bed.nodes.len())
-        .map(|n| {
-            format!(
-                "apiVersion: mesh.dev/v1alpha1\nkind: MeshNode\nmetadata: {{name: {}}}\nspec: {{addresses: [198.19.255.{}]}}\n",
-                bed.nodes[n].name(),
-                n + 1
-            )
-        })
-        .collect();
-    bed.write_config("nodes.yaml", &nodes.join("---\n"))
-        .unwrap();
+    bed.write_mesh_nodes().unwrap();
     for (file, yaml) in docs {
         bed.write_config(file, yaml).unwrap();
     }
-    let ca = bed.files.path().join("ca");
-    mesh_agent_ok(&[
-        "ca",
-        "init",
-        "--trust-domain",
-        TD,
-        "--out",
-        ca.to_str().unwrap(),
-    ]);
+    let ca = bed.mesh_ca(TD).unwrap();
     Mesh {
         bed,
         _servers: servers,

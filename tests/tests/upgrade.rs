@@ -63,17 +63,7 @@ fn scene(test: &str, bin: &Path) -> Scene {
     }
     let listen: SocketAddr = format!("[::]:{PORT}").parse().unwrap();
     let server = bed.server(DB, true, listen, "echo").unwrap();
-    let nodes: Vec<String> = (0..2)
-        .map(|n| {
-            format!(
-                "apiVersion: mesh.dev/v1alpha1\nkind: MeshNode\nmetadata: {{name: {}}}\nspec: {{addresses: [198.19.255.{}]}}\n",
-                bed.nodes[n].name(),
-                n + 1
-            )
-        })
-        .collect();
-    bed.write_config("nodes.yaml", &nodes.join("---\n"))
-        .unwrap();
+    bed.write_mesh_nodes().unwrap();
     bed.write_config(
         "db.yaml",
         &format!(
@@ -83,13 +73,7 @@ fn scene(test: &str, bin: &Path) -> Scene {
         ),
     )
     .unwrap();
-    let ca = bed.files.path().join("ca");
-    let out = Command::new(agent::agent_bin())
-        .args(["ca", "init", "--trust-domain", TD, "--out"])
-        .arg(&ca)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "ca init: {out:?}");
+    let ca = bed.mesh_ca(TD).unwrap();
     let config_dir = bed.config_dir();
     let mut scene = Scene {
         bed,
@@ -136,22 +120,20 @@ impl Scene {
         }
         self.agents[node] = self.start(node, bin).unwrap();
         let ready = Instant::now();
-        let target = format!("tcp:{}", self.db());
         while ready.elapsed() < Duration::from_secs(5) {
-            let report = self
-                .bed
-                .client(
-                    WEB,
-                    true,
-                    &["probe", "--targets", &target, "--timeout-ms", "300"],
-                    T,
-                )
-                .unwrap();
-            if report["results"][&target] == "connected" {
+            if self.probe_db(WEB) == "connected" {
                 return ready.elapsed();
             }
         }
         panic!("no cross-node connection within 5 s of the new agent being ready");
+    }
+
+    /// One connection attempt from `pod` to db: connected, eperm, timeout…
+    fn probe_db(&self, pod: usize) -> String {
+        let target = format!("tcp:{}", self.db());
+        let args = ["probe", "--targets", &target, "--timeout-ms", "300"];
+        let report = self.bed.client(pod, true, &args, T).unwrap();
+        report["results"][&target].as_str().unwrap().to_string()
     }
 
     fn pin(&self, node: usize, map: &str) -> PathBuf {
@@ -407,17 +389,7 @@ fn sigterm_drains_open_tunnels_turns_new_ones_away_and_leaves_the_programs_enfor
         .wait_log("tunnel listener closed", 1, Duration::from_secs(5))
         .unwrap();
     // While the open tunnel drains, a new one is turned away.
-    let target = format!("tcp:{db}");
-    let report = s
-        .bed
-        .client(
-            WEB,
-            true,
-            &["probe", "--targets", &target, "--timeout-ms", "300"],
-            T,
-        )
-        .unwrap();
-    assert_ne!(report["results"][&target], "connected", "{report}");
+    assert_ne!(s.probe_db(WEB), "connected");
     let out = open.wait_output(T).unwrap();
     assert!(
         out.status.success(),
@@ -432,20 +404,8 @@ fn sigterm_drains_open_tunnels_turns_new_ones_away_and_leaves_the_programs_enfor
         "the agent left before its open tunnel ended ({drained:?})"
     );
     // No agent on node 1 now: its programs still decide.
-    let probe = |pod| {
-        let report = s
-            .bed
-            .client(
-                pod,
-                true,
-                &["probe", "--targets", &target, "--timeout-ms", "300"],
-                T,
-            )
-            .unwrap();
-        report["results"][&target].as_str().unwrap().to_string()
-    };
-    assert_eq!(probe(ROBOT), "eperm");
-    assert_eq!(probe(API), "connected");
+    assert_eq!(s.probe_db(ROBOT), "eperm");
+    assert_eq!(s.probe_db(API), "connected");
 
     // The client's side drains too: a connection its agent carries into a
     // tunnel runs to its end after that agent's SIGTERM.
