@@ -6,8 +6,10 @@ use std::process::Command;
 use anyhow::{bail, ensure};
 
 /// Debian packages: Debian's rustc with a prebuilt `core` for the BPF
-/// target, LLVM 22 for bpf-linker, bpftool, iproute2 for the tests, and
-/// iptables for the policy benchmark's baseline.
+/// target, LLVM 22 for bpf-linker, bpftool, iproute2 for the tests,
+/// iptables for the policy benchmark's baseline, and buildah for the agent's
+/// image (`cargo xtask image`: FROM scratch with vfs storage, so it needs no
+/// container runtime, overlay or fuse).
 const PACKAGES: &[&str] = &[
     "rustc-web",
     "libstd-rust-web-dev-bpf",
@@ -19,6 +21,7 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
     "iptables",
+    "buildah",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
