@@ -2,6 +2,7 @@
 //! installed by `setup`, which `test`, `demo` and `bench` run first.
 mod demo;
 mod ebpf;
+mod image;
 mod previous;
 mod setup;
 
@@ -34,6 +35,14 @@ enum Task {
     /// Build the agent of the previous map layout, which the upgrade tests
     /// start from (`test` does it when needed).
     PreviousAgent,
+    /// The agent's container image (FROM scratch, one static binary), built
+    /// offline with buildah, and an OCI archive of it in target/image/.
+    Image {
+        /// Cargo profile of the agent: `release` for an image to ship,
+        /// `dev` for a quicker check.
+        #[arg(long, default_value = "release")]
+        profile: String,
+    },
     /// Write the CRDs of the mesh's documents (generated from mesh-agent's
     /// types) to deploy/crds.yaml; a test fails when they drift apart.
     GenCrds,
@@ -57,6 +66,10 @@ fn main() -> anyhow::Result<()> {
         Task::PreviousAgent => previous::build().map(|bin| eprintln!("xtask: {}", bin.display())),
         Task::Bench { which, args } => bench(&which, &args),
         Task::GenCrds => gen_crds(),
+        // The archive's path alone on stdout, for scripts.
+        Task::Image { profile } => {
+            image::build(&profile).map(|archive| println!("{}", archive.display()))
+        }
     }
 }
 
