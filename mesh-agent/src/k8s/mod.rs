@@ -74,8 +74,10 @@ enum Change {
 
 type WatchResult<K> = Result<watcher::Event<K>, watcher::Error>;
 
-pub async fn client(k: &KubernetesConfig) -> anyhow::Result<kube::Client> {
-    let config = match &k.kubeconfig {
+/// A client for the cluster of `kubeconfig`, or when `None`, the pod's
+/// service account (elsewhere $KUBECONFIG or ~/.kube/config).
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
         Some(path) => {
             let kubeconfig = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("reading {}", path.display()))?;
@@ -83,7 +85,6 @@ pub async fn client(k: &KubernetesConfig) -> anyhow::Result<kube::Client> {
                 .await
                 .with_context(|| format!("using {}", path.display()))?
         }
-        // In a pod: the service account; elsewhere $KUBECONFIG or ~/.kube/config.
         None => kube::Config::infer()
             .await
             .context("finding the cluster (in-cluster service account or kubeconfig)")?,
@@ -102,7 +103,7 @@ pub async fn follow_cluster(
     health: &mut Health,
     metrics: &KubernetesMetrics,
 ) -> anyhow::Result<()> {
-    let client = client(k).await?;
+    let client = client(k.kubeconfig.as_deref()).await?;
     let watching_since = Instant::now();
     let policies = ApiResource::erase::<MeshPolicyResource>(&());
     let peer_authentications = ApiResource::erase::<PeerAuthenticationResource>(&());

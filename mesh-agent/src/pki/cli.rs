@@ -261,7 +261,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     runtime.block_on(async {
         if let Some(pods) = pods {
-            let client = kube_client(args.kubeconfig.as_deref()).await?;
+            let client = crate::k8s::client(args.kubeconfig.as_deref()).await?;
             tokio::spawn({
                 let pods = pods.clone();
                 async move { pods.follow(client).await }
@@ -295,23 +295,6 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .await?;
         anyhow::Ok(())
     })
-}
-
-/// The in-cluster service account, or `kubeconfig`.
-async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-                .await
-                .with_context(|| format!("using {}", path.display()))?
-        }
-        None => kube::Config::infer()
-            .await
-            .context("finding the cluster (in-cluster service account or kubeconfig)")?,
-    };
-    kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
 async fn wait_for_shutdown() -> &'static str {
