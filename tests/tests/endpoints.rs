@@ -407,27 +407,8 @@ fn tunnels_are_counted_and_their_log_lines_name_both_identities() {
     let _server = bed
         .server(1, true, format!("[::]:{PORT}").parse().unwrap(), "echo")
         .unwrap();
-    let nodes: Vec<String> = (0..2)
-        .map(|n| {
-            format!(
-                "apiVersion: mesh.dev/v1alpha1\nkind: MeshNode\nmetadata: {{name: node-{n}}}\nspec: {{addresses: [198.19.255.{}]}}\n",
-                n + 1
-            )
-        })
-        .collect();
-    bed.write_config("nodes.yaml", &nodes.join("---\n"))
-        .unwrap();
-    let ca = bed.files.path().join("ca");
-    let out = Command::new(agent::agent_bin())
-        .args(["ca", "init", "--trust-domain", "cluster.local", "--out"])
-        .arg(&ca)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    bed.write_mesh_nodes().unwrap();
+    let ca = bed.mesh_ca("cluster.local").unwrap();
 
     // JSON logs: readiness comes from /ready, not from a log line.
     let ca = ca.to_str().unwrap();

@@ -652,17 +652,7 @@ fn mutual_tls_between_nodes_from_pods_nodes_and_peer_authentication_objects() {
             "apiVersion: mesh.dev/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: db-strict, namespace: shop}\nspec:\n  selector: {serviceAccount: db}\n  mtls: {mode: STRICT}\n",
         )
         .unwrap();
-    let ca = bed.files.path().join("ca");
-    let out = std::process::Command::new(agent::agent_bin())
-        .args(["ca", "init", "--trust-domain", "cluster.local", "--out"])
-        .arg(&ca)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let ca = bed.mesh_ca("cluster.local").unwrap();
     let ca = ca.to_str().unwrap();
     let _agents: Vec<Agent> = (0..2)
         .map(|n| {
