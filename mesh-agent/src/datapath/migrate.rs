@@ -144,6 +144,9 @@ impl Pending {
     /// Copies the old maps' entries into the new ones; run after loading
     /// (the new maps exist) and before attaching (the new programs see them).
     pub fn copy(&self) -> Result<(), MigrateError> {
+        if self.migrations.is_empty() {
+            return Ok(()); // the usual start: nothing to open
+        }
         let endpoints = Endpoints::open(&self.dir)?;
         for m in &self.migrations {
             let err = |source| MapsError::Map {
