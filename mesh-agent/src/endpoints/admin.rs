@@ -117,37 +117,12 @@ fn config_dump(shared: &Shared) -> Reply {
     }
 }
 
-/// The value of `name` in a query string, percent-decoded.
+/// The value of `name` in a query string, decoded as forms and curl write
+/// it (`%XX` escapes, `+` for a space).
 fn query_param(query: &str, name: &str) -> Option<String> {
-    query.split('&').find_map(|pair| {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        (percent_decode(key) == name).then(|| percent_decode(value))
-    })
-}
-
-/// `%XX` escapes and `+` as a space, as forms and curl write them.
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' => match s
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-            {
-                Some(b) => {
-                    out.push(b);
-                    i += 2;
-                }
-                None => out.push(b'%'),
-            },
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.into_owned())
 }
 
 #[cfg(test)]
@@ -165,7 +140,10 @@ mod tests {
             Some("info,mesh_agent::tunnel=trace")
         );
         assert_eq!(query_param("levels=debug", "level"), None);
-        assert_eq!(percent_decode("a+b%zz%41"), "a b%zzA");
+        assert_eq!(
+            query_param("level=a+b%zz%41", "level").as_deref(),
+            Some("a b%zzA")
+        );
     }
 
     #[test]
