@@ -441,6 +441,25 @@ impl TestBed {
         serde_json::from_str(stdout.trim())
             .with_context(|| format!("client printed no JSON report: {stdout}"))
     }
+
+    /// One connection attempt from `pod` (in the mesh, or outside its
+    /// cgroup) to `target` (`tcp:ADDR` or `udp:ADDR`): `connected`, `eperm`,
+    /// `refused`, `timeout`…, as `mesh-pod probe` says.
+    pub fn probe(
+        &self,
+        pod: usize,
+        in_mesh: bool,
+        target: &str,
+        timeout_ms: u64,
+    ) -> anyhow::Result<String> {
+        let timeout = timeout_ms.to_string();
+        let args = ["probe", "--targets", target, "--timeout-ms", &timeout];
+        let report = self.client(pod, in_mesh, &args, Duration::from_secs(120))?;
+        report["results"][target]
+            .as_str()
+            .map(str::to_string)
+            .with_context(|| format!("no result for {target}: {report}"))
+    }
 }
 
 impl Drop for TestBed {

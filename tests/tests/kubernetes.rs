@@ -19,7 +19,6 @@ use mesh_tests::{
 };
 use serde_json::{Value, json};
 
-const T: Duration = Duration::from_secs(60);
 const PORT: u16 = 8080;
 /// Long enough for any event to reach the maps on a loaded machine; how
 /// fast it really is, is the control-plane benchmark's business.
@@ -603,15 +602,7 @@ fn identities_agree_across_nodes_and_restarts_and_one_agent_writes_status() {
 /// `mesh-pod probe` from `pod` to `to`, in the mesh or outside its cgroup.
 fn probe_from(bed: &TestBed, pod: usize, in_mesh: bool, to: usize) -> String {
     let target = format!("tcp:{}", bed.pods[to].addr(false, PORT));
-    let report = bed
-        .client(
-            pod,
-            in_mesh,
-            &["probe", "--targets", &target, "--timeout-ms", "1000"],
-            T,
-        )
-        .unwrap();
-    report["results"][&target].as_str().unwrap().to_string()
+    bed.probe(pod, in_mesh, &target, 1000).unwrap()
 }
 
 #[test]

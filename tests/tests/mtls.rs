@@ -79,17 +79,9 @@ impl Mesh {
     }
 
     fn probe(&self, pod: usize, in_mesh: bool, target: &str) -> String {
-        let target = format!("tcp:{target}");
-        let report = self
-            .bed
-            .client(
-                pod,
-                in_mesh,
-                &["probe", "--targets", &target, "--timeout-ms", "1000"],
-                T,
-            )
-            .unwrap();
-        report["results"][&target].as_str().unwrap().to_string()
+        self.bed
+            .probe(pod, in_mesh, &format!("tcp:{target}"), 1000)
+            .unwrap()
     }
 }
 

@@ -131,9 +131,7 @@ impl Scene {
     /// One connection attempt from `pod` to db: connected, eperm, timeout…
     fn probe_db(&self, pod: usize) -> String {
         let target = format!("tcp:{}", self.db());
-        let args = ["probe", "--targets", &target, "--timeout-ms", "300"];
-        let report = self.bed.client(pod, true, &args, T).unwrap();
-        report["results"][&target].as_str().unwrap().to_string()
+        self.bed.probe(pod, true, &target, 300).unwrap()
     }
 
     fn pin(&self, node: usize, map: &str) -> PathBuf {
