@@ -239,12 +239,17 @@ impl FlowHub {
             let mut guard = fd.readable_mut().await?;
             let ring = guard.get_inner_mut();
             while let Some(item) = ring.next() {
-                let Some(ev) = read_pod::<FlowEvent>(&item) else {
-                    continue;
-                };
+                let event = read_pod::<FlowEvent>(&item);
                 drop(item);
-                let record = FlowRecord::from_event(&ev, &self.names.lock().unwrap(), epoch);
-                self.publish(record);
+                if let Some(ev) = event {
+                    let record = FlowRecord::from_event(&ev, &self.names.lock().unwrap(), epoch);
+                    self.publish(record);
+                }
+                // A pod retrying a denied connect in a tight loop produces
+                // events as fast as this loop reads them: without a yield
+                // now and then it holds a worker for as long as the flood
+                // lasts, starving tunnels and blocking shutdown.
+                tokio::task::consume_budget().await;
             }
             guard.clear_ready();
         }
