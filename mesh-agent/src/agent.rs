@@ -25,10 +25,6 @@ use crate::{
 /// that arrive within this window are applied together.
 const SETTLE: Duration = Duration::from_millis(5);
 
-/// How long a new agent waits for its workloads' certificates before it
-/// says it is ready anyway (tunnels of workloads without one are refused).
-const CERTIFICATES_WAIT: Duration = Duration::from_secs(10);
-
 /// How long open tunnels may run on after SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -54,7 +50,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
-        let mut health = Health::new(&config.state_dir);
+        let health = Health::new(&config.state_dir);
         let metrics = Metrics::new(
             metrics::Options {
                 mtls: config.mtls.is_some(),
@@ -100,10 +96,15 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 None
             }
         };
+        if let Some(mtls) = &mtls {
+            // Ready means a tunnel can be opened at once for every local
+            // workload: not before each has its certificate.
+            health.wait_for_certificates(mtls.missing_certificates());
+        }
         let signal = if let Some(dir) = config.config_dir.clone() {
             let control = Control::adopt(config.clone(), metrics.reconcile.clone())?;
             tokio::select! {
-                result = follow_config_dir(control, &dir, &hub, &mut mtls, &mut health) => {
+                result = follow_config_dir(control, &dir, &hub, &mut mtls, &health) => {
                     result?;
                     unreachable!("the directory watch only ends with an error")
                 }
@@ -112,7 +113,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         } else if let Some(k) = config.kubernetes.clone() {
             let control = Control::adopt(config.clone(), metrics.reconcile.clone())?;
             tokio::select! {
-                result = k8s::follow_cluster(control, &config, &k, &hub, &mut mtls, &mut health, &metrics.kubernetes) => {
+                result = k8s::follow_cluster(control, &config, &k, &hub, &mut mtls, &health, &metrics.kubernetes) => {
                     result?;
                     unreachable!("following the cluster only ends with an error")
                 }
@@ -146,7 +147,7 @@ async fn follow_config_dir(
     dir: &Path,
     hub: &FlowHub,
     mtls: &mut Option<Mtls>,
-    health: &mut Health,
+    health: &Health,
 ) -> anyhow::Result<()> {
     let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
     inotify
@@ -160,7 +161,6 @@ async fn follow_config_dir(
         )
         .with_context(|| format!("watching {}", dir.display()))?;
     let events = crate::datapath::sys::async_owned_fd(inotify.as_fd().try_clone_to_owned()?)?;
-    let mut applied_once = false;
     loop {
         match control.reload() {
             Ok(names) => {
@@ -168,12 +168,6 @@ async fn follow_config_dir(
                     mtls.applied(&names);
                 }
                 hub.set_names(names);
-                if !applied_once {
-                    if let Some(mtls) = mtls.as_ref() {
-                        mtls.wait_certified(CERTIFICATES_WAIT).await;
-                    }
-                    applied_once = true;
-                }
                 health.ready();
             }
             Err(e) => {

@@ -236,7 +236,7 @@ mod tests {
     #[test]
     fn ready_follows_health_and_says_why_not() {
         let dir = std::env::temp_dir().join(format!("mesh-endpoints-{}", std::process::id()));
-        let mut health = Health::new(&dir);
+        let health = Health::new(&dir);
         let watch = health.watch();
         let live = health_endpoint(&watch, &get("/live"));
         assert_eq!(live.status(), StatusCode::OK);

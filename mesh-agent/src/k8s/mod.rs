@@ -58,10 +58,6 @@ const NETNS_RETRY: Duration = Duration::from_millis(500);
 /// The host's /proc (the agent runs with `hostPID`).
 const PROC: &str = "/proc";
 
-/// How long a new agent waits for its workloads' certificates before it
-/// says it is ready anyway (tunnels of workloads without one are refused).
-const CERTIFICATES_WAIT: Duration = Duration::from_secs(10);
-
 /// The API server's watch events of every kind the agent follows (boxed:
 /// a Pod is a few KiB, a Namespace much less).
 enum Change {
@@ -100,7 +96,7 @@ pub async fn follow_cluster(
     k: &KubernetesConfig,
     hub: &FlowHub,
     mtls: &mut Option<Mtls>,
-    health: &mut Health,
+    health: &Health,
     metrics: &KubernetesMetrics,
 ) -> anyhow::Result<()> {
     let client = client(k.kubeconfig.as_deref()).await?;
@@ -173,9 +169,6 @@ pub async fn follow_cluster(
                                 policies = cluster.policies.objects().len(),
                                 "initial sync applied"
                             );
-                            if let Some(mtls) = mtls.as_ref() {
-                                mtls.wait_certified(CERTIFICATES_WAIT).await;
-                            }
                         }
                     }
                     Err(e) => {

@@ -182,16 +182,9 @@ impl Mtls {
         }
     }
 
-    /// Waits until every local identity has a certificate, or `timeout`.
-    pub async fn wait_certified(&self, timeout: Duration) {
-        if tokio::time::timeout(timeout, self.certs.wait_all_issued())
-            .await
-            .is_err()
-        {
-            warn!(
-                "not every local workload has a certificate yet; their tunnels are refused until they do"
-            );
-        }
+    /// The local workloads' identities that have no certificate yet.
+    pub fn missing_certificates(&self) -> watch::Receiver<Vec<String>> {
+        self.certs.missing()
     }
 
     /// Stops accepting tunnels and lets open ones, both ways, finish within

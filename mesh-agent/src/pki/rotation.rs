@@ -71,22 +71,26 @@ pub struct CertManager {
 struct Shared {
     store: SvidStore,
     wanted: watch::Sender<HashSet<String>>,
-    ready: watch::Sender<bool>,
+    /// The wanted identities without a certificate, sorted.
+    missing: watch::Sender<Vec<String>>,
 }
 
 impl Shared {
-    /// Ready: every wanted identity has an SVID. Computed under the watch's
-    /// lock from the latest wanted set and store, so concurrent updates
-    /// cannot leave a stale answer.
-    fn refresh_ready(&self) {
-        self.ready.send_if_modified(|ready| {
-            let now = self
+    /// Recomputes the wanted identities still without an SVID, under the
+    /// watch's lock from the latest wanted set and store, so concurrent
+    /// updates cannot leave a stale answer.
+    fn refresh_missing(&self) {
+        self.missing.send_if_modified(|missing| {
+            let mut now: Vec<String> = self
                 .wanted
                 .borrow()
                 .iter()
-                .all(|id| self.store.get(id).is_some());
-            let changed = *ready != now;
-            *ready = now;
+                .filter(|id| self.store.get(id).is_none())
+                .cloned()
+                .collect();
+            now.sort();
+            let changed = *missing != now;
+            *missing = now;
             changed
         });
     }
@@ -112,7 +116,7 @@ impl CertManager {
         let shared = Arc::new(Shared {
             store,
             wanted: watch::channel(HashSet::new()).0,
-            ready: watch::channel(true).0,
+            missing: watch::channel(Vec::new()).0,
         });
         let task = tokio::spawn(run(issuer, shared.clone(), config, backoff));
         CertManager { shared, task }
@@ -126,18 +130,19 @@ impl CertManager {
             *wanted = spiffe_ids;
             changed
         });
-        self.shared.refresh_ready();
+        self.shared.refresh_missing();
     }
 
-    /// `true` while every wanted identity has a certificate.
-    pub fn ready(&self) -> watch::Receiver<bool> {
-        self.shared.ready.subscribe()
+    /// The wanted identities that have no certificate yet (empty: every
+    /// local workload has one).
+    pub fn missing(&self) -> watch::Receiver<Vec<String>> {
+        self.shared.missing.subscribe()
     }
 
     /// Returns once every wanted identity has a certificate.
     pub async fn wait_all_issued(&self) {
-        let mut ready = self.ready();
-        let _ = ready.wait_for(|r| *r).await;
+        let mut missing = self.missing();
+        let _ = missing.wait_for(Vec::is_empty).await;
     }
 
     pub fn store(&self) -> &SvidStore {
@@ -258,7 +263,7 @@ async fn run(
             if let Err(e) = write_state(&config.state_dir, store, &entries) {
                 warn!(error = %e, "cannot record the certificates' state");
             }
-            shared.refresh_ready();
+            shared.refresh_missing();
         }
 
         // Sleep until the next renewal, retry or expiry, or a new wanted set.
@@ -464,10 +469,14 @@ mod tests {
         let store = SvidStore::new(TD, bundle);
         let state_dir = dir.path().join("state");
         let manager = start(issuer, &store, &state_dir);
-        assert!(*manager.ready().borrow());
+        assert!(manager.missing().borrow().is_empty());
 
         manager.set_wanted([id("cart"), id("frontend")].into());
-        assert!(!*manager.ready().borrow(), "not ready until issued");
+        assert_eq!(
+            *manager.missing().borrow(),
+            [id("cart"), id("frontend")],
+            "missing until issued"
+        );
         tokio::time::timeout(Duration::from_secs(5), manager.wait_all_issued())
             .await
             .unwrap();
@@ -516,7 +525,7 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), dropped)
             .await
             .unwrap();
-        assert!(*manager.ready().borrow());
+        assert!(manager.missing().borrow().is_empty());
     }
 
     /// Fails the first attempts, then issues from a test CA.

@@ -190,6 +190,8 @@ pub struct ServerAgent {
     shutdown: broadcast::Sender<()>,
     /// Connections whose `serve` has returned.
     pub served: Arc<AtomicUsize>,
+    /// The accept loop, which owns every connection's task.
+    accepting: tokio::task::JoinHandle<()>,
 }
 
 impl ServerAgent {
@@ -203,18 +205,36 @@ impl ServerAgent {
         F: Future<Output = Result<U, Refusal>> + Send + 'static,
         U: Socket + 'static,
     {
-        let listener = TcpListener::bind(LOCALHOST).await.unwrap();
+        Self::start_at(LOCALHOST.parse().unwrap(), settings, tls, handler).await
+    }
+
+    /// Like [`ServerAgent::start`], listening on `addr` (a restarted
+    /// agent takes its predecessor's port).
+    pub async fn start_at<H, F, U>(
+        addr: SocketAddr,
+        settings: TunnelSettings,
+        tls: Option<TlsAcceptor>,
+        handler: H,
+    ) -> Self
+    where
+        H: Fn(ConnectRequest) -> F + Clone + Send + Sync + 'static,
+        F: Future<Output = Result<U, Refusal>> + Send + 'static,
+        U: Socket + 'static,
+    {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (shutdown, _) = broadcast::channel(1);
         let subscribe = shutdown.clone();
         let served = Arc::new(AtomicUsize::new(0));
         let count = served.clone();
-        tokio::spawn(async move {
+        let accepting = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
             while let Ok((stream, _)) = listener.accept().await {
+                while connections.try_join_next().is_some() {}
                 let (settings, tls, handler) = (settings.clone(), tls.clone(), handler.clone());
                 // Only the connections open at shutdown are told.
                 let (mut stop, count) = (subscribe.subscribe(), count.clone());
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     let shutdown = async move {
                         let _ = stop.recv().await;
                     };
@@ -236,7 +256,15 @@ impl ServerAgent {
             addr,
             shutdown,
             served,
+            accepting,
         }
+    }
+
+    /// The agent dies without a word, as on SIGKILL: its listener and
+    /// every connection close at once, no GOAWAY sent.
+    pub async fn crash(self) {
+        self.accepting.abort();
+        let _ = self.accepting.await;
     }
 
     /// The graceful shutdown of every connection open now, as on SIGTERM

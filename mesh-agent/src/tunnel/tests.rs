@@ -648,3 +648,35 @@ async fn graceful_shutdown_drains_open_tunnels_and_turns_new_ones_away() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_crashed_peer_restarted_on_its_port_is_reached_at_once() {
+    let echo = echo_destination().await;
+    let settings = TunnelSettings::default();
+    let server = ServerAgent::start(settings.clone(), None, connect_to_target).await;
+    let pool = Pool::new(settings.clone());
+    let mut before = pooled_echo(&pool, &server, echo).await;
+    ping(&mut before, b"before").await;
+
+    // SIGKILL, and the next agent on the same port: the pooled connection
+    // is dead, and the pool must notice without waiting for a timer.
+    let addr = server.addr;
+    server.crash().await;
+    let restarted = ServerAgent::start_at(addr, settings, None, connect_to_target).await;
+    let asked = std::time::Instant::now();
+    let mut after = pooled_echo(&pool, &restarted, echo).await;
+    ping(&mut after, b"after").await;
+    // Anything that waited for a timer would take a retransmission's
+    // second at least (the kernel's initial RTO, or a keepalive).
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "the first tunnel after the restart took {:?}",
+        asked.elapsed()
+    );
+    assert_eq!(
+        pool.handshakes(),
+        2,
+        "a new connection replaced the dead one"
+    );
+    assert_eq!(pool.connections(), 1, "the dead connection left the pool");
+}
