@@ -286,21 +286,30 @@ pub const SHORT_CIRCUIT_OFF: u32 = 0;
 #[cfg(feature = "user")]
 #[allow(unsafe_code)]
 mod pod {
-    // SAFETY: both types are #[repr(C)], contain only integers, and have no
-    // implicit padding (the layout tests below pin that), so every bit
-    // pattern is valid and every byte is initialised.
-    unsafe impl aya::Pod for super::SocketKey {}
-    unsafe impl aya::Pod for super::SocketInfo {}
-    unsafe impl aya::Pod for super::policy::IpKey {}
-    unsafe impl aya::Pod for super::policy::Endpoint {}
-    unsafe impl aya::Pod for super::policy::PolicyKey {}
-    unsafe impl aya::Pod for super::policy::Verdict {}
-    unsafe impl aya::Pod for super::policy::FlowKey {}
-    unsafe impl aya::Pod for super::policy::FlowState {}
-    unsafe impl aya::Pod for super::policy::FlowEvent {}
-    unsafe impl aya::Pod for super::policy::UdpPeerKey {}
-    unsafe impl aya::Pod for super::policy::OrigDst {}
-    unsafe impl aya::Pod for super::policy::TunnelKey {}
+    /// Map keys and values the agent reads and writes as plain bytes.
+    macro_rules! pod {
+        ($($t:ty),* $(,)?) => {$(
+            // SAFETY: every one of these types is #[repr(C)], contains only
+            // integers, and has no implicit padding (the layout tests below
+            // pin that), so every bit pattern is valid and every byte is
+            // initialised.
+            unsafe impl aya::Pod for $t {}
+        )*};
+    }
+    pod!(
+        super::SocketKey,
+        super::SocketInfo,
+        super::policy::IpKey,
+        super::policy::Endpoint,
+        super::policy::PolicyKey,
+        super::policy::Verdict,
+        super::policy::FlowKey,
+        super::policy::FlowState,
+        super::policy::FlowEvent,
+        super::policy::UdpPeerKey,
+        super::policy::OrigDst,
+        super::policy::TunnelKey,
+    );
 }
 
 #[cfg(test)]

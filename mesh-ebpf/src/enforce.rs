@@ -32,7 +32,8 @@ use mesh_common::{
 use crate::{
     CONNTRACK, ENDPOINTS, FLOWS, LOCAL_NETNS, POLICY, UDP_PEERS, count,
     packet::{self, Parsed},
-    policy_generation, setting, tunnel::{is_agent_socket, remember_redirect, steer_to_agent4, steer_to_agent6, tunnel_port},
+    policy_generation, setting,
+    tunnel::{is_agent_socket, remember_redirect, steer_to_agent4, steer_to_agent6, tunnel_port},
 };
 
 /// sock_addr programs: 1 lets the call proceed, 0 fails it with EPERM.
@@ -54,7 +55,7 @@ pub(crate) struct Attempt {
 #[inline(always)]
 pub(crate) fn endpoint(ip: &[u32; 4]) -> Option<Endpoint> {
     // SAFETY: map values are plain data, read and copied at once.
-    unsafe { ENDPOINTS.get(&IpKey { ip: *ip }) }.copied()
+    unsafe { ENDPOINTS.get(IpKey { ip: *ip }) }.copied()
 }
 
 /// The verdict for `a` towards the workload `dst`, reported as a flow
@@ -115,7 +116,7 @@ fn identity_of_caller(ctx: &SockAddrContext) -> u64 {
     // SAFETY: the helper only reads the context it is given.
     let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: as in `endpoint`.
-    match unsafe { LOCAL_NETNS.get(&cookie) } {
+    match unsafe { LOCAL_NETNS.get(cookie) } {
         Some(id) => *id,
         None => WORLD_IDENTITY,
     }
@@ -167,7 +168,7 @@ fn judge_sock_addr(ctx: &SockAddrContext, dst_ip: [u32; 4], hook: Hook) -> Outco
         return Outcome::Allow;
     }
     // SAFETY: as in `endpoint`.
-    if hook == Hook::Sendmsg && unsafe { UDP_PEERS.get(&udp_peer(ctx, dst_ip)) }.is_some() {
+    if hook == Hook::Sendmsg && unsafe { UDP_PEERS.get(udp_peer(ctx, dst_ip)) }.is_some() {
         return Outcome::Allow; // a reply to a datagram this socket received
     }
     let Some(dst) = endpoint(&dst_ip) else {
@@ -272,7 +273,7 @@ pub fn mesh_sendmsg6(ctx: SockAddrContext) -> i32 {
 fn remember_udp_peer(ctx: &SockAddrContext, remote_ip: [u32; 4]) -> i32 {
     // SAFETY: the kernel's context for this call.
     if unsafe { (*ctx.sock_addr).protocol } as u8 == PROTO_UDP {
-        let _ = UDP_PEERS.insert(&udp_peer(ctx, remote_ip), &1, BPF_ANY as u64);
+        let _ = UDP_PEERS.insert(udp_peer(ctx, remote_ip), 1, BPF_ANY as u64);
     }
     SOCK_ADDR_ALLOW
 }
@@ -313,10 +314,10 @@ fn ingress_passes(key: &FlowKey, syn: bool) -> bool {
         return true;
     }
     // SAFETY: as in `endpoint`.
-    if let Some(st) = unsafe { CONNTRACK.get(&key.reversed()) } {
-        if st.flags & FLOW_OUTBOUND != 0 {
-            return true; // a reply to a flow this node opened
-        }
+    if let Some(st) = unsafe { CONNTRACK.get(key.reversed()) }
+        && st.flags & FLOW_OUTBOUND != 0
+    {
+        return true; // a reply to a flow this node opened
     }
     let generation = policy_generation();
     // A SYN is a new connection even if an old one used the same ports.
@@ -352,7 +353,7 @@ fn ingress_passes(key: &FlowKey, syn: bool) -> bool {
         src_identity: attempt.src_identity,
         dst_identity: dst.identity,
     };
-    if CONNTRACK.insert(key, &state, BPF_ANY as u64).is_err() {
+    if CONNTRACK.insert(key, state, BPF_ANY as u64).is_err() {
         count(Counter::ConntrackFailed, 1);
     }
     verdict.action().passes()
@@ -374,7 +375,7 @@ fn record_outbound(key: &FlowKey) {
         _ => return,
     };
     // SAFETY: as in `endpoint`.
-    if unsafe { CONNTRACK.get(key) }.is_some() || unsafe { CONNTRACK.get(&key.reversed()) }.is_some()
+    if unsafe { CONNTRACK.get(key) }.is_some() || unsafe { CONNTRACK.get(key.reversed()) }.is_some()
     {
         return; // already known, or a reply of an inbound flow
     }
@@ -385,7 +386,7 @@ fn record_outbound(key: &FlowKey) {
         src_identity: src.identity,
         dst_identity: identity_of_address(&key.dst_ip),
     };
-    if CONNTRACK.insert(key, &state, BPF_ANY as u64).is_err() {
+    if CONNTRACK.insert(key, state, BPF_ANY as u64).is_err() {
         count(Counter::ConntrackFailed, 1);
     }
 }

@@ -34,8 +34,8 @@ use mesh_common::{
     SocketInfo, SocketKey,
     policy::{
         DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_LOCAL_NETNS, DEFAULT_MAX_POLICY,
-        DEFAULT_MAX_REDIRECTS, OrigDst, TunnelKey,
-        Endpoint, FLOWS_RING_BYTES, FlowKey, FlowState, IpKey, PolicyKey, UdpPeerKey, Verdict,
+        DEFAULT_MAX_REDIRECTS, Endpoint, FLOWS_RING_BYTES, FlowKey, FlowState, IpKey, OrigDst,
+        PolicyKey, TunnelKey, UdpPeerKey, Verdict,
     },
 };
 

@@ -59,12 +59,7 @@ fn try_parse(ctx: &TcContext) -> Result<Parsed, ()> {
                 return Ok(Parsed::Ignore);
             }
             let ihl = ((ver_ihl & 0x0f) as usize) * 4;
-            (
-                ipv4_mapped(src),
-                ipv4_mapped(dst),
-                proto,
-                ETH_HLEN + ihl,
-            )
+            (ipv4_mapped(src), ipv4_mapped(dst), proto, ETH_HLEN + ihl)
         }
         ETH_P_IPV6 => {
             let proto: u8 = load(ctx, ETH_HLEN + 6)?;

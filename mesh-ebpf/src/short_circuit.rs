@@ -63,11 +63,11 @@ fn connection_allowed(key: &SocketKey, active: bool) -> bool {
         (key.remote_ip, key.local_ip, key.local_port)
     };
     // SAFETY: map values are plain data, read and copied at once.
-    let Some(server) = (unsafe { ENDPOINTS.get(&IpKey { ip: server_ip }) }).copied() else {
+    let Some(server) = (unsafe { ENDPOINTS.get(IpKey { ip: server_ip }) }).copied() else {
         return true;
     };
     // SAFETY: as above.
-    let client = match unsafe { ENDPOINTS.get(&IpKey { ip: client_ip }) } {
+    let client = match unsafe { ENDPOINTS.get(IpKey { ip: client_ip }) } {
         Some(e) => e.identity,
         None => WORLD_IDENTITY,
     };
@@ -90,25 +90,26 @@ fn track_established(ctx: &SockOpsContext, side: u32) {
     if !connection_allowed(&key, side == SOCKET_ACTIVE) {
         return;
     }
+    // SAFETY: a helper that only reads the context it is given.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: reads the clock.
+    let established_ns = unsafe { bpf_ktime_get_ns() };
     let info = SocketInfo {
         flags: side,
         policy_generation: generation,
-        // SAFETY: helpers that only read the context / the clock.
-        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-        established_ns: unsafe { bpf_ktime_get_ns() },
+        cookie,
+        established_ns,
     };
     // The info entry goes first: the redirect program refuses to redirect a
     // socket it has no info for, so a socket is never half-tracked.
-    if SOCKETS.insert(&key, &info, BPF_ANY as u64).is_err() {
+    if SOCKETS.insert(key, info, BPF_ANY as u64).is_err() {
         count(Counter::SocketsTrackFailed, 1);
         return;
     }
     // SAFETY: ctx.ops is the kernel's sock_ops context for this call.
-    if SOCK_HASH
-        .update(&mut key, unsafe { &mut *ctx.ops }, BPF_NOEXIST as u64)
-        .is_err()
-    {
-        let _ = SOCKETS.remove(&key);
+    let ops = unsafe { &mut *ctx.ops };
+    if SOCK_HASH.update(&mut key, ops, BPF_NOEXIST as u64).is_err() {
+        let _ = SOCKETS.remove(key);
         count(Counter::SocketsTrackFailed, 1);
         return;
     }
@@ -119,10 +120,10 @@ fn track_established(ctx: &SockOpsContext, side: u32) {
 }
 
 fn untrack_closed(ctx: &SockOpsContext) {
-    if let Some(key) = sockops_key(ctx) {
-        if SOCKETS.remove(&key).is_ok() {
-            count(Counter::SocketsClosed, 1);
-        }
+    if let Some(key) = sockops_key(ctx)
+        && SOCKETS.remove(key).is_ok()
+    {
+        count(Counter::SocketsClosed, 1);
     }
 }
 
@@ -149,7 +150,7 @@ fn try_msg_redirect(ctx: &SkMsgContext) -> Result<(), ()> {
     // SAFETY: the helper only reads the context it is given.
     let key =
         SocketKey::from_raw(&raw, || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }).ok_or(())?;
-    let info = SOCKETS.get_ptr_mut(&key).ok_or(())?;
+    let info = SOCKETS.get_ptr_mut(key).ok_or(())?;
     // SAFETY: a live hash-map value; this socket's sendmsg holds the socket
     // lock, so only this program touches this entry now.
     let info = unsafe { &mut *info };

@@ -60,7 +60,7 @@ pub(crate) fn remember_redirect(ctx: &SockAddrContext, a: &Attempt, dst: &Endpoi
     };
     // If this fails the connection still goes to the agent, which refuses
     // one it knows no destination for: failing closed, never open.
-    let _ = REDIRECTS.insert(&socket_cookie(ctx), &orig, BPF_ANY as u64);
+    let _ = REDIRECTS.insert(socket_cookie(ctx), orig, BPF_ANY as u64);
     count(Counter::TunnelRedirected, 1);
 }
 
@@ -97,7 +97,7 @@ pub(crate) fn publish_for_agent(ctx: &SockOpsContext) {
     // SAFETY: helpers that only read the context they are given.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: map values are plain data, read and copied at once.
-    let Some(orig) = (unsafe { REDIRECTS.get(&cookie) }).copied() else {
+    let Some(orig) = (unsafe { REDIRECTS.get(cookie) }).copied() else {
         return;
     };
     let key = TunnelKey {
@@ -107,7 +107,7 @@ pub(crate) fn publish_for_agent(ctx: &SockOpsContext) {
         family: if ctx.family() == AF_INET6 { 6 } else { 4 },
         _pad: 0,
     };
-    let _ = TUNNEL_ORIG.insert(&key, &orig, BPF_ANY as u64);
+    let _ = TUNNEL_ORIG.insert(key, orig, BPF_ANY as u64);
 }
 
 /// `getpeername(2)` of a steered socket answers the original destination,
@@ -115,7 +115,7 @@ pub(crate) fn publish_for_agent(ctx: &SockOpsContext) {
 #[cgroup_sock_addr(getpeername4)]
 pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
     // SAFETY: as in `publish_for_agent`.
-    if let Some(orig) = unsafe { REDIRECTS.get(&socket_cookie(&ctx)) } {
+    if let Some(orig) = unsafe { REDIRECTS.get(socket_cookie(&ctx)) } {
         // SAFETY: getpeername4 may write the address it returns.
         unsafe {
             (*ctx.sock_addr).user_ip4 = orig.ip[3];
@@ -128,7 +128,7 @@ pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
     // SAFETY: as in `publish_for_agent`.
-    if let Some(orig) = unsafe { REDIRECTS.get(&socket_cookie(&ctx)) } {
+    if let Some(orig) = unsafe { REDIRECTS.get(socket_cookie(&ctx)) } {
         let orig = *orig;
         // SAFETY: as in `steer_to_agent6`.
         unsafe {

@@ -6,25 +6,13 @@ use anyhow::ensure;
 use crate::{cargo, run, setup, workspace_root};
 
 pub fn build() -> anyhow::Result<()> {
-    ensure!(
-        std::path::Path::new(setup::BPF_RUSTC).exists(),
-        "{} is missing: run `cargo xtask setup` first",
-        setup::BPF_RUSTC
-    );
     let root = workspace_root();
-    run(cargo()
-        .current_dir(root.join("mesh-ebpf"))
+    run(bpf_cargo(cargo())?
         .args(["build", "--release", "--target", "bpfel-unknown-none"])
         .arg("--target-dir")
         .arg(root.join("target/ebpf"))
-        .env("RUSTC", setup::BPF_RUSTC)
-        // aya-ebpf uses #![feature(asm_experimental_arch)].
-        .env("RUSTC_BOOTSTRAP", "1")
         .env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_LINKER", "bpf-linker")
-        .env("RUSTFLAGS", "-C link-arg=--btf -C debuginfo=2")
-        // The host toolchain's variables must not leak into this build.
-        .env_remove("RUSTC_WRAPPER")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS"))?;
+        .env("RUSTFLAGS", "-C link-arg=--btf -C debuginfo=2"))?;
     let object = root.join("target/ebpf/bpfel-unknown-none/release/mesh-ebpf");
     ensure!(
         object.is_file(),
@@ -33,4 +21,41 @@ pub fn build() -> anyhow::Result<()> {
     );
     eprintln!("xtask: eBPF object at {}", object.display());
     Ok(())
+}
+
+/// Clippy on the kernel crate, warnings denied: Debian's clippy, the one
+/// that matches the rustc whose `core` the crate builds against.
+pub fn clippy() -> anyhow::Result<()> {
+    ensure!(
+        std::path::Path::new(setup::BPF_CARGO_CLIPPY).exists(),
+        "{} is missing: run `cargo xtask setup` first",
+        setup::BPF_CARGO_CLIPPY
+    );
+    let root = workspace_root();
+    let mut cmd = std::process::Command::new(setup::BPF_CARGO_CLIPPY);
+    cmd.arg("clippy");
+    run(bpf_cargo(cmd)?
+        .args(["--release", "--target", "bpfel-unknown-none"])
+        .arg("--target-dir")
+        // Its own directory: check builds must not replace the object.
+        .arg(root.join("target/ebpf-clippy"))
+        .args(["--", "-D", "warnings"]))
+}
+
+/// A cargo command in the kernel crate with Debian's rustc.
+fn bpf_cargo(mut cmd: std::process::Command) -> anyhow::Result<std::process::Command> {
+    ensure!(
+        std::path::Path::new(setup::BPF_RUSTC).exists(),
+        "{} is missing: run `cargo xtask setup` first",
+        setup::BPF_RUSTC
+    );
+    cmd.current_dir(workspace_root().join("mesh-ebpf"))
+        .env("RUSTC", setup::BPF_RUSTC)
+        // aya-ebpf uses #![feature(asm_experimental_arch)].
+        .env("RUSTC_BOOTSTRAP", "1")
+        // The host toolchain's variables must not leak into this build.
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    Ok(cmd)
 }

@@ -127,7 +127,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     build_binaries(false)?;
     // The upgrade tests start from the agent of the previous map layout.
     let previous_agent = previous::build()?;
-    run(cargo().args(["fmt", "--all", "--check"]))?;
+    check_style()?;
     let mut cmd = cargo();
     cmd.args(["test", "--workspace"])
         .args(args)
@@ -151,6 +151,25 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     ensure!(status.success(), "cargo test failed with {status}");
     ensure!(passed > 0, "no test ran");
     Ok(())
+}
+
+/// Formatting and lints of every crate, the kernel crate included (it has
+/// a workspace of its own, built by another rustc), warnings denied.
+fn check_style() -> anyhow::Result<()> {
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    let ebpf_manifest = workspace_root().join("mesh-ebpf/Cargo.toml");
+    run(cargo()
+        .args(["fmt", "--check", "--manifest-path"])
+        .arg(&ebpf_manifest))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    ebpf::clippy()
 }
 
 fn gen_crds() -> anyhow::Result<()> {

@@ -13,6 +13,8 @@ use anyhow::{bail, ensure};
 const PACKAGES: &[&str] = &[
     "rustc-web",
     "libstd-rust-web-dev-bpf",
+    // Clippy of the same rustc, for the kernel crate's lints.
+    "rust-web-clippy",
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
@@ -27,6 +29,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// Debian's rustc, which can build for bpfel-unknown-none.
 pub const BPF_RUSTC: &str = "/usr/bin/rustc";
+/// Debian's clippy for that rustc (rustup's cannot read its `core`).
+pub const BPF_CARGO_CLIPPY: &str = "/usr/bin/cargo-clippy";
 
 fn missing_packages() -> Vec<&'static str> {
     PACKAGES

@@ -125,10 +125,12 @@ impl Mtls {
         let inbound = tokio::spawn(inbound.run(listener, shutdown.subscribe()));
 
         let carrying = tokio_util::task::TaskTracker::new();
+        let pool = Pool::new(settings);
+        tokio::spawn(sweep_now_and_then(pool.clone()));
         let outbound = Arc::new(outbound::Outbound {
             view: view.clone(),
             store,
-            pool: Pool::new(settings),
+            pool,
             tunnel_port: m.tunnel_port,
             flows,
             metrics,
@@ -203,6 +205,21 @@ impl Mtls {
                 "open tunnels outlived the grace period; they are cut"
             );
         }
+    }
+}
+
+/// How often the tunnel pool drops its failed and expired connections of
+/// every peer (lookups do it for the peer they are for).
+const POOL_SWEEP: Duration = Duration::from_secs(30);
+
+/// Without it, a connection to a peer no workload talks to any more would
+/// stay in the pool, and open, for as long as the agent runs.
+async fn sweep_now_and_then(pool: Pool<outbound::PoolKey>) {
+    let mut every = tokio::time::interval(POOL_SWEEP);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        pool.sweep();
     }
 }
 

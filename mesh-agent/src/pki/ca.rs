@@ -268,10 +268,6 @@ impl Ca {
         })
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
     }
@@ -281,6 +277,7 @@ impl Ca {
         &self.bundle
     }
 
+    #[cfg(test)]
     pub fn cert(&self) -> &CertificateDer<'static> {
         &self.cert
     }
@@ -577,6 +574,7 @@ impl CaHandle {
     }
 
     /// A CA that is never re-read.
+    #[cfg(test)]
     pub fn fixed(ca: Ca) -> CaHandle {
         CaHandle::build(None, ca, Vec::new())
     }
@@ -950,7 +948,7 @@ mod tests {
         let serving = second.serving_svid(HOUR).unwrap();
         verify_chain(
             first.bundle(),
-            &serving.chain,
+            &serving.key.cert,
             SystemTime::now(),
             Usage::Server,
         )

@@ -157,6 +157,7 @@ impl LocalIssuer {
     }
 
     /// Shortens longer requests to `max`, as the CA service does.
+    #[cfg(test)]
     pub fn with_max_lifetime(mut self, max: Duration) -> LocalIssuer {
         self.max_lifetime = max;
         self

@@ -17,7 +17,6 @@
 
 // The agent wires the store, the certificate manager and `inspect certs` in
 // separately; until then parts of this API have no caller in the binary.
-#![allow(dead_code)]
 
 pub mod authz;
 pub mod ca;

@@ -140,13 +140,10 @@ impl CertManager {
     }
 
     /// Returns once every wanted identity has a certificate.
+    #[cfg(test)]
     pub async fn wait_all_issued(&self) {
         let mut missing = self.missing();
         let _ = missing.wait_for(Vec::is_empty).await;
-    }
-
-    pub fn store(&self) -> &SvidStore {
-        &self.shared.store
     }
 }
 

@@ -90,8 +90,6 @@ use proto::{
 
 /// The path of the one method.
 const SIGN_PATH: &str = "/mesh.ca.v1.CertificateAuthority/Sign";
-/// Default maximum lifetime of workload certificates.
-pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// How long a TLS handshake or a call may take.
 const TIMEOUT: Duration = Duration::from_secs(10);
 /// Larger answers are not a CA's.
@@ -109,7 +107,6 @@ pub enum ServiceError {
 #[derive(Debug, Clone)]
 pub struct NodePeer {
     pub node: String,
-    pub spiffe_id: String,
     pub addr: SocketAddr,
 }
 
@@ -245,7 +242,7 @@ impl CertificateAuthority for CaService {
         );
         match result {
             Ok(chain) => {
-                info!(node = %peer.node, identity = %request.spiffe_id, "certificate issued");
+                info!(node = %peer.node, peer = %peer.addr, identity = %request.spiffe_id, "certificate issued");
                 Ok(Response::new(SignResponse {
                     cert_chain: chain.into_iter().map(|c| c.to_vec()).collect(),
                     trust_bundle: ca.bundle().iter().map(|c| c.to_vec()).collect(),
@@ -257,7 +254,7 @@ impl CertificateAuthority for CaService {
                     Refusal::Invalid(m) => Status::invalid_argument(m),
                     Refusal::Failed(m) => Status::failed_precondition(m),
                 };
-                warn!(node = %peer.node, identity = %request.spiffe_id, error = status.message(), "certificate refused");
+                warn!(node = %peer.node, peer = %peer.addr, identity = %request.spiffe_id, error = status.message(), "certificate refused");
                 Err(status)
             }
         }
@@ -342,7 +339,6 @@ impl CaServer {
                     debug!(peer = %addr, node, "node connected");
                     let peer = NodePeer {
                         node: node.to_owned(),
-                        spiffe_id,
                         addr,
                     };
                     let _ = tx.send(Ok(NodeConn { tls, peer })).await;
@@ -441,13 +437,17 @@ impl CaClient {
     }
 
     /// The node this client authenticates as.
+    #[cfg(test)]
     pub fn node(&self) -> &str {
         &self.node
     }
 
     async fn open(&self) -> Result<h2::client::SendRequest<Bytes>, IssueError> {
         let unavailable = |what: &str, e: &dyn std::fmt::Display| {
-            IssueError::Unavailable(format!("{}: {what}: {e}", self.endpoint))
+            IssueError::Unavailable(format!(
+                "{} (as node {}): {what}: {e}",
+                self.endpoint, self.node
+            ))
         };
         let tcp = tokio::time::timeout(TIMEOUT, TcpStream::connect(&self.endpoint))
             .await
@@ -895,10 +895,10 @@ mod tests {
         let svid = client.sign(&cart, Duration::from_secs(600)).await.unwrap();
         assert_eq!(client.trust_bundle(), rotated.bundle());
         let now = SystemTime::now();
-        verify_chain(&old_bundle, &svid.chain, now, Usage::Server).unwrap();
+        verify_chain(&old_bundle, &svid.key.cert, now, Usage::Server).unwrap();
         verify_chain(
             std::slice::from_ref(rotated.cert()),
-            &svid.chain,
+            &svid.key.cert,
             now,
             Usage::Server,
         )

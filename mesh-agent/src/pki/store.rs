@@ -42,9 +42,8 @@ pub struct Svid {
     pub spiffe_id: String,
     /// The kernel's number for the identity.
     pub identity: u64,
-    /// Leaf first, without the root.
-    pub chain: Vec<CertificateDer<'static>>,
-    /// The chain and the signing key, as rustls presents them.
+    /// The chain (leaf first, without the root) and the signing key, as
+    /// rustls presents them.
     pub key: Arc<CertifiedKey>,
     /// Lowercase hex.
     pub serial: String,
@@ -75,12 +74,11 @@ impl Svid {
             .key_provider
             .load_private_key(key)
             .map_err(SvidError::Key)?;
-        let certified = CertifiedKey::new(chain.clone(), signing_key);
+        let certified = CertifiedKey::new(chain, signing_key);
         certified.keys_match().map_err(SvidError::Key)?;
         Ok(Svid {
             identity: numeric_identity(&spiffe_id),
             spiffe_id,
-            chain,
             key: Arc::new(certified),
             serial: info.serial,
             not_before: info.not_before,
@@ -131,10 +129,6 @@ impl SvidStore {
         }))
     }
 
-    pub fn trust_domain(&self) -> &str {
-        &self.0.trust_domain
-    }
-
     pub fn trust_bundle(&self) -> &TrustBundle {
         &self.0.bundle
     }
@@ -178,20 +172,11 @@ impl SvidStore {
         self.read().by_id.get(spiffe_id).cloned()
     }
 
-    pub fn get_by_identity(&self, identity: u64) -> Option<Arc<Svid>> {
-        self.read().by_identity.get(&identity).cloned()
-    }
-
     /// Every SVID, ordered by SPIFFE ID.
     pub fn all(&self) -> Vec<Arc<Svid>> {
         let mut all: Vec<Arc<Svid>> = self.read().by_id.values().cloned().collect();
         all.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id));
         all
-    }
-
-    /// A counter that moves on every insert or removal.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.0.changes.subscribe()
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Svids> {

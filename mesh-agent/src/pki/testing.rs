@@ -63,7 +63,7 @@ pub fn self_signed(
 
 /// A root CA in a temporary directory.
 pub struct TestCa {
-    pub dir: TempDir,
+    _dir: TempDir,
     pub ca: Ca,
 }
 
@@ -71,7 +71,7 @@ impl TestCa {
     pub fn root(trust_domain: &str) -> TestCa {
         let dir = TempDir::new("test-ca");
         let ca = Ca::init(trust_domain, dir.path(), None, DEFAULT_CA_LIFETIME).unwrap();
-        TestCa { dir, ca }
+        TestCa { _dir: dir, ca }
     }
 
     pub fn bundle(&self) -> &[CertificateDer<'static>] {

@@ -60,10 +60,6 @@ impl Roots {
             .collect::<Result<_, _>>()?;
         Ok(Roots { certs, anchors })
     }
-
-    pub fn certs(&self) -> &[CertificateDer<'static>] {
-        &self.certs
-    }
 }
 
 impl TrustBundle {

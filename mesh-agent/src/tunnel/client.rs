@@ -129,6 +129,7 @@ impl Connection {
     /// Opens a tunnel to `target` (the original destination `ip:port`),
     /// sending `headers` with the `CONNECT`, and waits for the peer's
     /// answer.
+    #[cfg(test)]
     pub async fn open(&self, target: SocketAddr, headers: HeaderMap) -> Result<Tunnel, OpenError> {
         self.state.streams.fetch_add(1, Ordering::AcqRel);
         let slot = StreamSlot(self.state.clone());
@@ -181,7 +182,6 @@ impl Connection {
         Ok(Tunnel {
             send,
             recv,
-            headers: parts.headers,
             splice_buffer: self.state.splice_buffer,
             _slot: slot,
         })
@@ -233,17 +233,11 @@ impl Drop for StreamSlot {
 pub struct Tunnel {
     send: SendStream<Bytes>,
     recv: RecvStream,
-    headers: HeaderMap,
     splice_buffer: usize,
     _slot: StreamSlot,
 }
 
 impl Tunnel {
-    /// The headers of the peer's answer.
-    pub fn response_headers(&self) -> &HeaderMap {
-        &self.headers
-    }
-
     /// Copies bytes between `socket` (the application's connection) and
     /// the tunnel until both directions end; see [`splice::splice`].
     pub async fn splice<S: Socket>(self, socket: S) -> Result<SpliceStats, SpliceError> {

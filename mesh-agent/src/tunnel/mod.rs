@@ -14,10 +14,6 @@
 //! - [`pool`]: shares client connections per (source identity, destination
 //!   identity, peer) key, one handshake at a time, retired after a maximum age.
 
-// Parts of the API (pool statistics and sweeping, HBONE_PORT) are not
-// called by the agent yet.
-#![allow(dead_code)]
-
 pub mod client;
 pub mod pool;
 pub mod server;
@@ -31,9 +27,6 @@ mod tests;
 use std::time::Duration;
 
 use serde::Serialize;
-
-/// The HBONE port: node agents accept tunnels here.
-pub const HBONE_PORT: u16 = 15008;
 
 /// The response header in which a peer says why it refused a tunnel (for
 /// example which policy rule denied it), so the source node can log it.

@@ -121,10 +121,6 @@ where
         }
     }
 
-    pub fn settings(&self) -> &TunnelSettings {
-        &self.inner.settings
-    }
-
     /// Opens a tunnel to `target` on a pooled connection for `key`, making
     /// one with `connect` (which returns the peer's mutual-TLS stream) when
     /// none has room. `connect` is called at most once per handshake, with
@@ -261,11 +257,13 @@ where
     }
 
     /// Connections in the pool (all keys).
+    #[cfg(test)]
     pub fn connections(&self) -> usize {
         self.lock().values().map(|e| e.connections.len()).sum()
     }
 
     /// Successful handshakes since the pool was made.
+    #[cfg(test)]
     pub fn handshakes(&self) -> u64 {
         self.inner.handshakes.load(Ordering::Relaxed)
     }
