@@ -6,18 +6,18 @@ use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use tracing::{error, info};
 
 use crate::{
-    config::{Config, LogFormat},
+    config::Config,
     control::Control,
     datapath::{Datapath, maps::PinnedMaps, pins::PinDir},
     endpoints::{
         self, Listeners,
-        admin::LogFilter,
         metrics::{self, Metrics},
     },
     flows::{self, FlowHub},
     health::Health,
     k8s,
     mtls::Mtls,
+    signal::ShutdownSignals,
     state::NodeState,
 };
 
@@ -29,7 +29,7 @@ const SETTLE: Duration = Duration::from_millis(5);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 pub fn run(config: Config) -> anyhow::Result<()> {
-    let log_filter = init_logging(config.log_format);
+    let log_filter = crate::telemetry::init_logging(config.log_format);
     info!(
         config = %serde_json::to_string(&config)?,
         node = %config.mesh.node,
@@ -50,6 +50,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
+        let mut signals = ShutdownSignals::install()?;
         let health = Health::new(&config.state_dir);
         let metrics = Metrics::new(
             metrics::Options {
@@ -108,7 +109,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                     result?;
                     unreachable!("the directory watch only ends with an error")
                 }
-                signal = wait_for_shutdown() => signal?,
+                signal = signals.recv() => signal,
             }
         } else if let Some(k) = config.kubernetes.clone() {
             let control = Control::adopt(config.clone(), metrics.reconcile.clone())?;
@@ -117,11 +118,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                     result?;
                     unreachable!("following the cluster only ends with an error")
                 }
-                signal = wait_for_shutdown() => signal?,
+                signal = signals.recv() => signal,
             }
         } else {
             health.ready();
-            wait_for_shutdown().await?
+            signals.recv().await
         };
         // The programs and maps stay attached and pinned: the data path keeps
         // enforcing while no agent runs, and the next agent adopts the pins.
@@ -197,45 +198,4 @@ async fn follow_config_dir(
             }
         }
     }
-}
-
-async fn wait_for_shutdown() -> anyhow::Result<&'static str> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
-}
-
-/// The log filter when `RUST_LOG` does not say: kube's client logs every
-/// failed connection attempt at ERROR; the agent says once that it lost the
-/// API server and once that it is back.
-const DEFAULT_LOG_FILTER: &str = "info,kube_client::client::builder=off";
-
-/// Logs to stderr, plain or JSON, with a filter the admin endpoint can
-/// replace while the agent runs.
-fn init_logging(format: LogFormat) -> LogFilter {
-    use std::io::IsTerminal as _;
-    use tracing_subscriber::util::SubscriberInitExt as _;
-    use tracing_subscriber::{EnvFilter, fmt, layer::SubscriberExt as _, reload};
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
-    let (filter, handle) = reload::Layer::new(filter);
-    // Colours only for people: log collectors get plain text.
-    let ansi = std::io::stderr().is_terminal();
-    let (plain, json) = match format {
-        LogFormat::Plain => (
-            Some(fmt::layer().with_ansi(ansi).with_writer(std::io::stderr)),
-            None,
-        ),
-        LogFormat::Json => (None, Some(fmt::layer().json().with_writer(std::io::stderr))),
-    };
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(plain)
-        .with(json)
-        .init();
-    LogFilter::new(handle)
 }

@@ -6,8 +6,13 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::{
+    flags::*,
+    policy::{DefaultAction, MeshSettings},
+};
+
+use crate::{
     agent,
-    config::{self, Config},
+    config::{CaSource, Config, EndpointsConfig, KubernetesConfig, LogFormat, MtlsConfig},
     datapath::maps::PinnedMaps,
     explain,
     inspect::{self, Output},
@@ -22,11 +27,11 @@ use crate::{
 )]
 pub struct Cli {
     /// Pin directory of this node's mesh (on a bpf filesystem).
-    #[arg(long, global = true, env = config::ENV_BPFFS, default_value = config::DEFAULT_BPFFS)]
+    #[arg(long, global = true, env = ENV_BPFFS, default_value = DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
 
     /// The agent's socket and the names behind the maps' numbers.
-    #[arg(long, global = true, env = config::ENV_STATE_DIR, default_value = config::DEFAULT_STATE_DIR)]
+    #[arg(long, global = true, env = ENV_STATE_DIR, default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
 
     #[command(subcommand)]
@@ -73,7 +78,7 @@ pub enum Command {
 pub struct StatusArgs {
     /// The agent's health endpoint (`run --health-address`); when it does
     /// not answer, `<state-dir>/health.json` says what the agent last knew.
-    #[arg(long, default_value = "127.0.0.1:15021", env = config::ENV_HEALTH_ADDRESS)]
+    #[arg(long, default_value = "127.0.0.1:15021", env = ENV_HEALTH_ADDRESS)]
     pub health_address: SocketAddr,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -125,7 +130,7 @@ pub enum Established {
 pub struct RunArgs {
     /// cgroup v2 directory whose sockets the mesh handles (the pods' cgroup
     /// subtree). Defaults to the cgroup2 mount point, found in /proc/mounts.
-    #[arg(long, env = config::ENV_CGROUP)]
+    #[arg(long, env = ENV_CGROUP)]
     pub cgroup: Option<PathBuf>,
 
     /// Redirect payload between local sockets, skipping the TCP/IP stack.
@@ -133,96 +138,96 @@ pub struct RunArgs {
     /// suit. When not given, a restarted agent keeps the setting in force
     /// (an operator's runtime switch survives restarts); a new pin
     /// directory starts with `off`.
-    #[arg(long, value_enum, env = config::ENV_SHORT_CIRCUIT)]
+    #[arg(long, value_enum, env = ENV_SHORT_CIRCUIT)]
     pub short_circuit: Option<OnOff>,
 
     /// Capacity of the socket maps (only used when they are created).
-    #[arg(long, default_value_t = mesh_common::DEFAULT_MAX_SOCKETS, env = config::ENV_MAX_SOCKETS)]
+    #[arg(long, default_value_t = mesh_common::DEFAULT_MAX_SOCKETS, env = ENV_MAX_SOCKETS)]
     pub max_sockets: u32,
 
     /// Standalone mode: read Workload and MeshPolicy documents from this
     /// directory and apply every change to it (docs/policy.md).
     // Not `conflicts_with = "kubernetes"`: clap would count
     // MESH_KUBERNETES=false as the flag given (checked in Config instead).
-    #[arg(long, env = config::ENV_CONFIG_DIR)]
+    #[arg(long, env = ENV_CONFIG_DIR)]
     pub config_dir: Option<PathBuf>,
 
     /// Kubernetes mode: workloads from Pods, policy from MeshPolicy and
     /// PeerAuthentication resources (docs/kubernetes.md). Uses the pod's
     /// service account, or --kubeconfig.
-    #[arg(long, env = config::ENV_KUBERNETES, value_parser = clap::builder::FalseyValueParser::new())]
+    #[arg(long, env = ENV_KUBERNETES, value_parser = clap::builder::FalseyValueParser::new())]
     pub kubernetes: bool,
 
     /// Kubernetes mode with this kubeconfig instead of the in-cluster
     /// service account.
-    #[arg(long, env = config::ENV_KUBECONFIG)]
+    #[arg(long, env = ENV_KUBECONFIG)]
     pub kubeconfig: Option<PathBuf>,
 
     /// Namespace of the Lease that elects the agent writing the documents'
     /// status (default: the root namespace).
-    #[arg(long, env = config::ENV_POD_NAMESPACE, requires = "kubernetes")]
+    #[arg(long, env = ENV_POD_NAMESPACE, requires = "kubernetes")]
     pub status_lease_namespace: Option<String>,
 
     /// This node's name, as workloads' `spec.node` names it (default: the
     /// host name).
-    #[arg(long, env = config::ENV_NODE_NAME)]
+    #[arg(long, env = ENV_NODE_NAME)]
     pub node: Option<String>,
 
     /// Interfaces where traffic from other nodes arrives; a tc program on
     /// each checks it against policy.
-    #[arg(long, value_delimiter = ',', env = config::ENV_INTERFACES)]
+    #[arg(long, value_delimiter = ',', env = ENV_INTERFACES)]
     pub interfaces: Vec<String>,
 
     /// The SPIFFE trust domain of the mesh's identities.
-    #[arg(long, default_value = "cluster.local", env = config::ENV_TRUST_DOMAIN)]
+    #[arg(long, default_value = "cluster.local", env = ENV_TRUST_DOMAIN)]
     pub trust_domain: String,
 
     /// Policies in this namespace select workloads of every namespace.
-    #[arg(long, default_value = "mesh-system", env = config::ENV_ROOT_NAMESPACE)]
+    #[arg(long, default_value = "mesh-system", env = ENV_ROOT_NAMESPACE)]
     pub root_namespace: String,
 
     /// Verdict for mesh sources when no ALLOW policy selects the destination.
-    #[arg(long, value_enum, default_value_t = crate::policy::DefaultAction::Allow, env = config::ENV_DEFAULT_POLICY)]
-    pub default_policy: crate::policy::DefaultAction,
+    #[arg(long, default_value = "allow", env = ENV_DEFAULT_POLICY, value_parser = one_of::<DefaultAction>(&DefaultAction::NAMES))]
+    pub default_policy: DefaultAction,
 
     /// Verdict for sources that are not mesh workloads when no ALLOW policy
     /// selects the destination.
-    #[arg(long, value_enum, default_value_t = crate::policy::DefaultAction::Allow, env = config::ENV_NON_MESH)]
-    pub non_mesh: crate::policy::DefaultAction,
+    #[arg(long, default_value = "allow", env = ENV_NON_MESH, value_parser = one_of::<DefaultAction>(&DefaultAction::NAMES))]
+    pub non_mesh: DefaultAction,
 
     /// What a policy change does to established connections it now denies.
-    #[arg(long, value_enum, default_value_t = Established::Keep, env = config::ENV_ESTABLISHED)]
+    #[arg(long, value_enum, default_value_t = Established::Keep, env = ENV_ESTABLISHED)]
     pub established: Established,
 
     /// Capacity of the endpoints map (only used when it is created).
-    #[arg(long, default_value_t = mesh_common::policy::DEFAULT_MAX_ENDPOINTS, env = config::ENV_MAX_ENDPOINTS)]
+    #[arg(long, default_value_t = mesh_common::policy::DEFAULT_MAX_ENDPOINTS, env = ENV_MAX_ENDPOINTS)]
     pub max_endpoints: u32,
 
     /// Capacity of the policy map (only used when it is created).
-    #[arg(long, default_value_t = mesh_common::policy::DEFAULT_MAX_POLICY, env = config::ENV_MAX_POLICY)]
+    #[arg(long, default_value_t = mesh_common::policy::DEFAULT_MAX_POLICY, env = ENV_MAX_POLICY)]
     pub max_policy: u32,
 
     /// Capacity of the conntrack map (only used when it is created).
-    #[arg(long, default_value_t = mesh_common::policy::DEFAULT_MAX_CONNTRACK, env = config::ENV_MAX_CONNTRACK)]
+    #[arg(long, default_value_t = mesh_common::policy::DEFAULT_MAX_CONNTRACK, env = ENV_MAX_CONNTRACK)]
     pub max_conntrack: u32,
 
     /// Log format.
-    #[arg(long, value_enum, default_value_t = config::LogFormat::Plain, env = config::ENV_LOG_FORMAT)]
-    pub log_format: config::LogFormat,
+    #[arg(long, default_value = "plain", env = ENV_LOG_FORMAT, value_parser = one_of::<LogFormat>(&LogFormat::NAMES))]
+    pub log_format: LogFormat,
 
     /// Admin endpoint: `/config_dump`, `/logging` (GET shows the log
     /// filter, POST `?level=…` changes it). It can change the agent's
     /// behaviour: keep it on localhost.
-    #[arg(long, default_value = config::DEFAULT_ADMIN_ADDRESS, env = config::ENV_ADMIN_ADDRESS)]
+    #[arg(long, default_value = DEFAULT_ADMIN_ADDRESS, env = ENV_ADMIN_ADDRESS)]
     pub admin_address: SocketAddr,
 
     /// Prometheus endpoint: `/metrics`.
-    #[arg(long, default_value = config::DEFAULT_METRICS_ADDRESS, env = config::ENV_METRICS_ADDRESS)]
+    #[arg(long, default_value = DEFAULT_METRICS_ADDRESS, env = ENV_METRICS_ADDRESS)]
     pub metrics_address: SocketAddr,
 
     /// Probe endpoint: `/live`, and `/ready` (200 once the maps reflect the
     /// current policy, else 503 and why).
-    #[arg(long, default_value = config::DEFAULT_HEALTH_ADDRESS, env = config::ENV_HEALTH_ADDRESS)]
+    #[arg(long, default_value = DEFAULT_HEALTH_ADDRESS, env = ENV_HEALTH_ADDRESS)]
     pub health_address: SocketAddr,
 
     #[command(flatten)]
@@ -236,33 +241,33 @@ pub struct RunArgs {
 pub struct MtlsArgs {
     /// Run the mesh CA inside the agent, from this directory (`ca init`).
     /// It signs only identities of this node's workloads, as the service does.
-    #[arg(long, conflicts_with = "ca_address", env = config::ENV_CA_DIR)]
+    #[arg(long, conflicts_with = "ca_address", env = ENV_CA_DIR)]
     pub ca_dir: Option<PathBuf>,
 
     /// The CA service (`ca serve`), as HOST:PORT.
-    #[arg(long, requires = "node_credentials", env = config::ENV_CA_ADDRESS)]
+    #[arg(long, requires = "node_credentials", env = ENV_CA_ADDRESS)]
     pub ca_address: Option<String>,
 
     /// This node's credentials for the CA service (`ca issue-node`):
     /// cert.pem, key.pem and bundle.pem.
-    #[arg(long, env = config::ENV_NODE_CREDENTIALS)]
+    #[arg(long, env = ENV_NODE_CREDENTIALS)]
     pub node_credentials: Option<PathBuf>,
 
     /// Port of the agent's tunnel listener (HBONE), on every node.
-    #[arg(long, default_value_t = 15008, env = config::ENV_TUNNEL_PORT)]
+    #[arg(long, default_value_t = 15008, env = ENV_TUNNEL_PORT)]
     pub tunnel_port: u16,
 
     /// Port of the agent's outbound listener inside each local workload's
     /// network namespace (on its loopback).
-    #[arg(long, default_value_t = 15001, env = config::ENV_OUTBOUND_PORT)]
+    #[arg(long, default_value_t = 15001, env = ENV_OUTBOUND_PORT)]
     pub outbound_port: u16,
 
     /// Lifetime of the workload certificates the agent asks for.
-    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration, env = config::ENV_SVID_LIFETIME)]
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration, env = ENV_SVID_LIFETIME)]
     pub svid_lifetime: std::time::Duration,
 
     /// Renew each certificate when this fraction of its lifetime has passed.
-    #[arg(long, default_value_t = 0.5, env = config::ENV_RENEW_FRACTION)]
+    #[arg(long, default_value_t = 0.5, env = ENV_RENEW_FRACTION)]
     pub renew_fraction: f64,
 }
 
@@ -297,6 +302,104 @@ pub enum SwitchState {
     Status,
 }
 
+impl RunArgs {
+    /// The agent's configuration from these flags and the global ones,
+    /// checked: flags that exclude each other, ranges, port clashes.
+    pub fn into_config(self, bpffs: PathBuf, state_dir: PathBuf) -> anyhow::Result<Config> {
+        let args = self;
+        let cgroup = match args.cgroup {
+            Some(path) => path,
+            None => crate::cgroup::detect_cgroup2_mount()?,
+        };
+        anyhow::ensure!(
+            !(args.kubernetes && args.config_dir.is_some()),
+            "--config-dir (standalone mode) and --kubernetes exclude each other"
+        );
+        anyhow::ensure!(
+            args.kubernetes || args.kubeconfig.is_none(),
+            "--kubeconfig needs --kubernetes"
+        );
+        for (flag, value) in [
+            ("--max-sockets", args.max_sockets),
+            ("--max-endpoints", args.max_endpoints),
+            ("--max-policy", args.max_policy),
+            ("--max-conntrack", args.max_conntrack),
+        ] {
+            anyhow::ensure!(value > 0, "{flag} must be at least 1");
+        }
+        let node = match args.node {
+            Some(node) => node,
+            None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
+        };
+        let m = args.mtls;
+        let ca = match (m.ca_dir, m.ca_address, m.node_credentials) {
+            (Some(ca_dir), None, _) => Some(CaSource::Local { ca_dir }),
+            (None, Some(address), Some(node_credentials)) => Some(CaSource::Remote {
+                address,
+                node_credentials,
+            }),
+            (None, None, None) => None,
+            (None, None, Some(_)) => anyhow::bail!("--node-credentials needs --ca-address"),
+            _ => anyhow::bail!("give either --ca-dir or --ca-address, not both"),
+        };
+        if ca.is_some() {
+            anyhow::ensure!(
+                m.renew_fraction > 0.0 && m.renew_fraction < 1.0,
+                "--renew-fraction must be between 0 and 1 (exclusive), got {}",
+                m.renew_fraction
+            );
+            anyhow::ensure!(
+                m.svid_lifetime >= std::time::Duration::from_secs(1),
+                "--svid-lifetime must be at least 1s"
+            );
+            anyhow::ensure!(
+                m.tunnel_port != 0 && m.outbound_port != 0 && m.tunnel_port != m.outbound_port,
+                "--tunnel-port and --outbound-port must be two different non-zero ports"
+            );
+        }
+        let mtls = ca.map(|ca| MtlsConfig {
+            ca,
+            tunnel_port: m.tunnel_port,
+            outbound_port: m.outbound_port,
+            svid_lifetime: m.svid_lifetime,
+            renew_fraction: m.renew_fraction,
+        });
+        Ok(Config {
+            mtls,
+            bpffs,
+            state_dir,
+            cgroup,
+            kubernetes: args.kubernetes.then(|| KubernetesConfig {
+                kubeconfig: args.kubeconfig,
+                lease_namespace: args
+                    .status_lease_namespace
+                    .unwrap_or_else(|| args.root_namespace.clone()),
+            }),
+            config_dir: args.config_dir,
+            interfaces: args.interfaces,
+            mesh: MeshSettings {
+                trust_domain: args.trust_domain,
+                node,
+                root_namespace: args.root_namespace,
+                default_action: args.default_policy,
+                non_mesh_action: args.non_mesh,
+            },
+            short_circuit: args.short_circuit.map(|s| s == OnOff::On),
+            revoke_established: args.established == Established::Revoke,
+            max_sockets: args.max_sockets,
+            max_endpoints: args.max_endpoints,
+            max_policy: args.max_policy,
+            max_conntrack: args.max_conntrack,
+            log_format: args.log_format,
+            endpoints: EndpointsConfig {
+                admin: args.admin_address,
+                metrics: args.metrics_address,
+                health: args.health_address,
+            },
+        })
+    }
+}
+
 /// Runs the command; `status` exits 1 when the node's mesh is not healthy.
 pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Command::Status(args) = &cli.command {
@@ -314,7 +417,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 fn run_command(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
-            let config = Config::from_args(cli.bpffs, cli.state_dir, *args)?;
+            let config = args.into_config(cli.bpffs, cli.state_dir)?;
             agent::run(config)
         }
         Command::Inspect {
@@ -346,11 +449,26 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             print!("{}", crate::k8s::crds::crds_yaml()?);
             Ok(())
         }
-        Command::Flows(args) => explain::flows(&cli.state_dir, args),
+        Command::Flows(args) => explain::flows(
+            &cli.state_dir,
+            explain::FlowsQuery {
+                follow: args.follow,
+                identity: args.identity,
+                verdict: args.verdict,
+                output: args.output,
+            },
+        ),
         Command::Explain(args) => {
             let maps = PinnedMaps::open(&cli.bpffs)?;
             let names = NodeState::read(&cli.state_dir)?;
-            print!("{}", explain::explain(&maps, &names, &args)?);
+            let query = explain::Query {
+                from: args.from,
+                to: args.to,
+                port: args.port,
+                proto: args.proto,
+                output: args.output,
+            };
+            print!("{}", explain::explain(&maps, &names, &query)?);
             Ok(())
         }
         Command::Status(_) => unreachable!("handled in dispatch"),
@@ -367,5 +485,129 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             println!("short-circuit: {}", if on { "on" } else { "off" });
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `mesh-agent run ARGS`, with the cgroup and node given so that the
+    /// machine's own do not matter, made into a configuration.
+    fn config(args: &[&str]) -> anyhow::Result<Config> {
+        let mut argv = vec!["mesh-agent", "run", "--cgroup", "/cg", "--node", "n1"];
+        argv.extend_from_slice(args);
+        let cli = Cli::try_parse_from(argv)?;
+        let Command::Run(run) = cli.command else {
+            unreachable!("a run command")
+        };
+        run.into_config(cli.bpffs, cli.state_dir)
+    }
+
+    fn refused(args: &[&str]) -> String {
+        format!("{:#}", config(args).expect_err("accepted"))
+    }
+
+    #[test]
+    fn the_two_policy_sources_exclude_each_other() {
+        let both = refused(&["--config-dir", "/etc/mesh", "--kubernetes"]);
+        assert!(both.contains("exclude each other"), "{both}");
+        let kubeconfig = refused(&["--kubeconfig", "/k"]);
+        assert!(
+            kubeconfig.contains("--kubeconfig needs --kubernetes"),
+            "{kubeconfig}"
+        );
+        let k = config(&["--kubernetes", "--kubeconfig", "/k"]).unwrap();
+        let k = k.kubernetes.unwrap();
+        assert_eq!(k.kubeconfig.as_deref(), Some(std::path::Path::new("/k")));
+        // The status lease lives in the root namespace unless told.
+        assert_eq!(k.lease_namespace, "mesh-system");
+    }
+
+    #[test]
+    fn map_capacities_are_at_least_one() {
+        for flag in [
+            "--max-sockets",
+            "--max-endpoints",
+            "--max-policy",
+            "--max-conntrack",
+        ] {
+            let error = refused(&[flag, "0"]);
+            assert!(
+                error.contains(&format!("{flag} must be at least 1")),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn one_certificate_authority_with_sane_lifetimes_and_ports() {
+        assert!(
+            config(&[]).unwrap().mtls.is_none(),
+            "plaintext without a CA"
+        );
+        let both = refused(&[
+            "--ca-dir",
+            "/ca",
+            "--ca-address",
+            "ca:15012",
+            "--node-credentials",
+            "/c",
+        ]);
+        assert!(
+            both.contains("--ca-dir") && both.contains("--ca-address"),
+            "{both}"
+        );
+        let credentials = refused(&["--node-credentials", "/c"]);
+        assert!(
+            credentials.contains("--node-credentials needs --ca-address"),
+            "{credentials}"
+        );
+        for (args, says) in [
+            (
+                &["--renew-fraction", "1"][..],
+                "--renew-fraction must be between 0 and 1",
+            ),
+            (
+                &["--renew-fraction", "0"],
+                "--renew-fraction must be between 0 and 1",
+            ),
+            (
+                &["--svid-lifetime", "500ms"],
+                "--svid-lifetime must be at least 1s",
+            ),
+            (&["--tunnel-port", "15001"], "two different non-zero ports"),
+            (&["--outbound-port", "0"], "two different non-zero ports"),
+        ] {
+            let error = refused(&[&["--ca-dir", "/ca"], args].concat());
+            assert!(error.contains(says), "{args:?}: {error}");
+        }
+        let remote = config(&["--ca-address", "ca:15012", "--node-credentials", "/c"]).unwrap();
+        let mtls = remote.mtls.unwrap();
+        assert!(
+            matches!(&mtls.ca, CaSource::Remote { address, .. } if address == "ca:15012"),
+            "{:?}",
+            mtls.ca
+        );
+        assert_eq!((mtls.tunnel_port, mtls.outbound_port), (15008, 15001));
+    }
+
+    #[test]
+    fn choices_parse_without_the_types_knowing_clap() {
+        let c = config(&[
+            "--log-format",
+            "json",
+            "--default-policy",
+            "deny",
+            "--established",
+            "revoke",
+        ])
+        .unwrap();
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.mesh.default_action, DefaultAction::Deny);
+        assert_eq!(c.mesh.non_mesh_action, DefaultAction::Allow);
+        assert!(c.revoke_established);
+        let error = refused(&["--log-format", "xml"]);
+        assert!(error.contains("possible values: plain, json"), "{error}");
     }
 }

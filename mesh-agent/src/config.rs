@@ -1,55 +1,33 @@
 //! The agent's effective configuration, logged at start-up and shown by
-//! the admin endpoint's `/config_dump`.
+//! the admin endpoint's `/config_dump`. It knows nothing of the command
+//! line: `cli` builds it from the flags and checks them.
 use std::{net::SocketAddr, path::PathBuf};
 
 use serde::Serialize;
 
-use crate::{cgroup, cli::RunArgs, policy::MeshSettings};
+use crate::policy::MeshSettings;
 
-pub const ENV_BPFFS: &str = "MESH_BPFFS";
-pub const ENV_CGROUP: &str = "MESH_CGROUP";
-pub const ENV_LOG_FORMAT: &str = "MESH_LOG_FORMAT";
-pub const ENV_STATE_DIR: &str = "MESH_STATE_DIR";
-pub const ENV_CONFIG_DIR: &str = "MESH_CONFIG_DIR";
-pub const ENV_NODE_NAME: &str = "NODE_NAME";
-pub const ENV_POD_NAMESPACE: &str = "POD_NAMESPACE";
-pub const ENV_INTERFACES: &str = "MESH_INTERFACES";
-// Every other flag of `run`: `MESH_` and the flag's name, so a ConfigMap can
-// configure the agent with `envFrom`.
-pub const ENV_SHORT_CIRCUIT: &str = "MESH_SHORT_CIRCUIT";
-pub const ENV_MAX_SOCKETS: &str = "MESH_MAX_SOCKETS";
-pub const ENV_KUBERNETES: &str = "MESH_KUBERNETES";
-pub const ENV_KUBECONFIG: &str = "MESH_KUBECONFIG";
-pub const ENV_TRUST_DOMAIN: &str = "MESH_TRUST_DOMAIN";
-pub const ENV_ROOT_NAMESPACE: &str = "MESH_ROOT_NAMESPACE";
-pub const ENV_DEFAULT_POLICY: &str = "MESH_DEFAULT_POLICY";
-pub const ENV_NON_MESH: &str = "MESH_NON_MESH";
-pub const ENV_ESTABLISHED: &str = "MESH_ESTABLISHED";
-pub const ENV_MAX_ENDPOINTS: &str = "MESH_MAX_ENDPOINTS";
-pub const ENV_MAX_POLICY: &str = "MESH_MAX_POLICY";
-pub const ENV_MAX_CONNTRACK: &str = "MESH_MAX_CONNTRACK";
-pub const ENV_CA_DIR: &str = "MESH_CA_DIR";
-pub const ENV_CA_ADDRESS: &str = "MESH_CA_ADDRESS";
-pub const ENV_NODE_CREDENTIALS: &str = "MESH_NODE_CREDENTIALS";
-pub const ENV_TUNNEL_PORT: &str = "MESH_TUNNEL_PORT";
-pub const ENV_OUTBOUND_PORT: &str = "MESH_OUTBOUND_PORT";
-pub const ENV_SVID_LIFETIME: &str = "MESH_SVID_LIFETIME";
-pub const ENV_RENEW_FRACTION: &str = "MESH_RENEW_FRACTION";
-pub const ENV_ADMIN_ADDRESS: &str = "MESH_ADMIN_ADDRESS";
-pub const ENV_METRICS_ADDRESS: &str = "MESH_METRICS_ADDRESS";
-pub const ENV_HEALTH_ADDRESS: &str = "MESH_HEALTH_ADDRESS";
-pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/mesh";
-pub const DEFAULT_STATE_DIR: &str = "/run/mesh";
-/// Localhost only: the admin endpoint can change the agent's behaviour.
-pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:15000";
-pub const DEFAULT_METRICS_ADDRESS: &str = "0.0.0.0:15020";
-pub const DEFAULT_HEALTH_ADDRESS: &str = "0.0.0.0:15021";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Plain,
     Json,
+}
+
+impl LogFormat {
+    pub const NAMES: [&str; 2] = ["plain", "json"];
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "plain" => Ok(Self::Plain),
+            "json" => Ok(Self::Json),
+            other => Err(format!("unknown log format {other:?} (plain or json)")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -139,100 +117,5 @@ mod humantime_serde_secs {
         s: S,
     ) -> Result<S::Ok, S::Error> {
         s.serialize_str(&humantime::format_duration(*d).to_string())
-    }
-}
-
-impl Config {
-    pub fn from_args(bpffs: PathBuf, state_dir: PathBuf, args: RunArgs) -> anyhow::Result<Self> {
-        let cgroup = match args.cgroup {
-            Some(path) => path,
-            None => cgroup::detect_cgroup2_mount()?,
-        };
-        anyhow::ensure!(
-            !(args.kubernetes && args.config_dir.is_some()),
-            "--config-dir (standalone mode) and --kubernetes exclude each other"
-        );
-        anyhow::ensure!(
-            args.kubernetes || args.kubeconfig.is_none(),
-            "--kubeconfig needs --kubernetes"
-        );
-        for (flag, value) in [
-            ("--max-sockets", args.max_sockets),
-            ("--max-endpoints", args.max_endpoints),
-            ("--max-policy", args.max_policy),
-            ("--max-conntrack", args.max_conntrack),
-        ] {
-            anyhow::ensure!(value > 0, "{flag} must be at least 1");
-        }
-        let node = match args.node {
-            Some(node) => node,
-            None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
-        };
-        let m = args.mtls;
-        let ca = match (m.ca_dir, m.ca_address, m.node_credentials) {
-            (Some(ca_dir), None, _) => Some(CaSource::Local { ca_dir }),
-            (None, Some(address), Some(node_credentials)) => Some(CaSource::Remote {
-                address,
-                node_credentials,
-            }),
-            (None, None, None) => None,
-            (None, None, Some(_)) => anyhow::bail!("--node-credentials needs --ca-address"),
-            _ => anyhow::bail!("give either --ca-dir or --ca-address, not both"),
-        };
-        if ca.is_some() {
-            anyhow::ensure!(
-                m.renew_fraction > 0.0 && m.renew_fraction < 1.0,
-                "--renew-fraction must be between 0 and 1 (exclusive), got {}",
-                m.renew_fraction
-            );
-            anyhow::ensure!(
-                m.svid_lifetime >= std::time::Duration::from_secs(1),
-                "--svid-lifetime must be at least 1s"
-            );
-            anyhow::ensure!(
-                m.tunnel_port != 0 && m.outbound_port != 0 && m.tunnel_port != m.outbound_port,
-                "--tunnel-port and --outbound-port must be two different non-zero ports"
-            );
-        }
-        let mtls = ca.map(|ca| MtlsConfig {
-            ca,
-            tunnel_port: m.tunnel_port,
-            outbound_port: m.outbound_port,
-            svid_lifetime: m.svid_lifetime,
-            renew_fraction: m.renew_fraction,
-        });
-        Ok(Self {
-            mtls,
-            bpffs,
-            state_dir,
-            cgroup,
-            kubernetes: args.kubernetes.then(|| KubernetesConfig {
-                kubeconfig: args.kubeconfig,
-                lease_namespace: args
-                    .status_lease_namespace
-                    .unwrap_or_else(|| args.root_namespace.clone()),
-            }),
-            config_dir: args.config_dir,
-            interfaces: args.interfaces,
-            mesh: MeshSettings {
-                trust_domain: args.trust_domain,
-                node,
-                root_namespace: args.root_namespace,
-                default_action: args.default_policy,
-                non_mesh_action: args.non_mesh,
-            },
-            short_circuit: args.short_circuit.map(|s| s == crate::cli::OnOff::On),
-            revoke_established: args.established == crate::cli::Established::Revoke,
-            max_sockets: args.max_sockets,
-            max_endpoints: args.max_endpoints,
-            max_policy: args.max_policy,
-            max_conntrack: args.max_conntrack,
-            log_format: args.log_format,
-            endpoints: EndpointsConfig {
-                admin: args.admin_address,
-                metrics: args.metrics_address,
-                health: args.health_address,
-            },
-        })
     }
 }

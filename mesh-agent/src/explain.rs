@@ -20,13 +20,34 @@ use mesh_common::policy::{
 use serde::Serialize;
 
 use crate::{
-    cli::{ExplainArgs, FlowsArgs},
     datapath::maps::PinnedMaps,
     flows::{self, FlowRecord, Request},
     inspect::{Output, json, proto_name},
     policy::{ip_key, numeric_identity},
     state::NodeState,
 };
+
+/// What `explain` is asked: a connection, and how to answer.
+#[derive(Debug, Clone)]
+pub struct Query {
+    /// An IP address or a SPIFFE ID.
+    pub from: String,
+    /// An IP address or a SPIFFE ID.
+    pub to: String,
+    pub port: u16,
+    pub proto: Proto,
+    pub output: Output,
+}
+
+/// Which of the agent's flow events `flows` prints, and how.
+#[derive(Debug, Clone)]
+pub struct FlowsQuery {
+    pub follow: bool,
+    /// A SPIFFE ID, a prefix of one ending in `*`, `world`, or a number.
+    pub identity: Option<String>,
+    pub verdict: Option<VerdictFilter>,
+    pub output: Output,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Proto {
@@ -164,7 +185,7 @@ fn destinations(
     Ok(found)
 }
 
-pub fn explain(maps: &PinnedMaps, names: &NodeState, args: &ExplainArgs) -> anyhow::Result<String> {
+pub fn explain(maps: &PinnedMaps, names: &NodeState, args: &Query) -> anyhow::Result<String> {
     let proto = match args.proto {
         Proto::Tcp => PROTO_TCP,
         Proto::Udp => PROTO_UDP,
@@ -257,7 +278,7 @@ fn matches_identity(filter: &str, end: &flows::FlowEnd) -> bool {
     }
 }
 
-pub fn flows(state_dir: &Path, args: FlowsArgs) -> anyhow::Result<()> {
+pub fn flows(state_dir: &Path, args: FlowsQuery) -> anyhow::Result<()> {
     let socket = flows::socket_path(state_dir);
     let mut conn = UnixStream::connect(&socket).with_context(|| {
         format!(

@@ -18,7 +18,15 @@ use anyhow::Context as _;
 use aya::maps::{Map, MapData, RingBuf};
 use mesh_common::{
     map_names,
-    policy::{FlowEvent, Hook, PROTO_TCP, PROTO_UDP},
+    policy::{
+        FlowEvent, Hook, PROTO_TCP, PROTO_UDP, RULE_MESH_DEFAULT, RULE_NO_POLICY, RULE_NON_MESH,
+        RULE_NOT_ALLOWED, RULE_STRICT_MTLS,
+    },
+};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
 };
 use serde::{Deserialize, Serialize};
 use tokio::{
@@ -30,7 +38,6 @@ use tracing::{debug, warn};
 
 use crate::{
     datapath::sys::{async_ring_buf, read_pod},
-    endpoints::metrics::FlowMetrics,
     policy::ip_from_key,
     state::NodeState,
 };
@@ -317,4 +324,62 @@ pub struct Request {
 
 pub fn socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join("agent.sock")
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabels {
+    hook: String,
+    src_identity: String,
+    dst_identity: String,
+    verdict: String,
+    reason: &'static str,
+}
+
+/// The flows' metrics: verdicts, as the flow hub names them.
+#[derive(Clone, Debug, Default)]
+pub struct FlowMetrics {
+    verdicts: Family<VerdictLabels, Counter>,
+}
+
+impl FlowMetrics {
+    /// Made and registered (as `mesh_flow_verdicts`) in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self::default();
+        registry.register(
+            "flow_verdicts",
+            "Verdicts on new connections and flows, by where they were judged (connect, \
+             sendmsg, ingress: the kernel; tunnel-in, tunnel-out: the agent), the source and \
+             destination identities (SPIFFE IDs, world, or the number when no name is known), \
+             the verdict and what decided it",
+            metrics.verdicts.clone(),
+        );
+        metrics
+    }
+
+    pub fn record(&self, flow: &FlowRecord) {
+        let labels = VerdictLabels {
+            hook: flow.hook.clone(),
+            src_identity: flow.src.identity.clone(),
+            dst_identity: flow.dst.identity.clone(),
+            verdict: flow.verdict.to_ascii_lowercase(),
+            // Tunnel refusals that no rule decided carry rule 0.
+            reason: reason_label((flow.rule != 0).then_some(flow.rule)),
+        };
+        self.verdicts.get_or_create(&labels).inc();
+    }
+}
+
+/// The `reason` label: the reserved rule that decided, `policy` for a rule
+/// of a MeshPolicy, `tunnel` for a tunnel refused for another reason (no
+/// certificate, peer unreachable, refused by the peer).
+pub fn reason_label(rule: Option<u32>) -> &'static str {
+    match rule {
+        None => "tunnel",
+        Some(RULE_MESH_DEFAULT) => "mesh_default",
+        Some(RULE_NON_MESH) => "non_mesh",
+        Some(RULE_NOT_ALLOWED) => "not_allowed",
+        Some(RULE_NO_POLICY) => "no_policy",
+        Some(RULE_STRICT_MTLS) => "strict_mtls",
+        Some(_) => "policy",
+    }
 }

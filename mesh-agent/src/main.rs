@@ -10,6 +10,7 @@ mod control;
 mod datapath;
 mod endpoints;
 mod explain;
+mod flags;
 mod flows;
 mod health;
 mod inspect;
@@ -18,8 +19,10 @@ mod mtls;
 mod netns;
 mod pki;
 pub mod policy;
+mod signal;
 mod state;
 mod table;
+mod telemetry;
 mod tunnel;
 
 use clap::Parser as _;

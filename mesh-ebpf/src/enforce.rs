@@ -30,7 +30,9 @@ use mesh_common::{
 };
 
 use crate::{
-    CONNTRACK, ENDPOINTS, FLOWS, LOCAL_NETNS, POLICY, UDP_PEERS, count,
+    CONNTRACK, ENDPOINTS, FLOWS, LOCAL_NETNS, POLICY, UDP_PEERS,
+    attempt::Attempt,
+    count,
     packet::{self, Parsed},
     policy_generation, setting,
     tunnel::{is_agent_socket, remember_redirect, steer_to_agent4, steer_to_agent6, tunnel_port},
@@ -39,17 +41,6 @@ use crate::{
 /// sock_addr programs: 1 lets the call proceed, 0 fails it with EPERM.
 const SOCK_ADDR_ALLOW: i32 = 1;
 const SOCK_ADDR_DENY: i32 = 0;
-
-/// What is being judged: one connection or flow, as far as it is known.
-pub(crate) struct Attempt {
-    pub(crate) src_identity: u64,
-    pub(crate) src_ip: [u32; 4],
-    pub(crate) src_port: u16,
-    pub(crate) dst_ip: [u32; 4],
-    pub(crate) dst_port: u16,
-    pub(crate) proto: u8,
-    pub(crate) hook: Hook,
-}
 
 /// The workload (or nothing) that owns `ip`.
 #[inline(always)]

@@ -20,6 +20,7 @@
 #![no_std]
 #![no_main]
 
+mod attempt;
 mod enforce;
 mod packet;
 mod short_circuit;

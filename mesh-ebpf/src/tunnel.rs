@@ -21,7 +21,7 @@ use mesh_common::{
     policy::{Endpoint, OrigDst, TunnelKey},
 };
 
-use crate::{REDIRECTS, TUNNEL_ORIG, count, enforce::Attempt, setting};
+use crate::{REDIRECTS, TUNNEL_ORIG, attempt::Attempt, count, setting};
 
 const AF_INET6: u32 = 10;
 

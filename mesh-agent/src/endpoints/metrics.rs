@@ -14,9 +14,6 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use mesh_common::policy::{
-    RULE_MESH_DEFAULT, RULE_NO_POLICY, RULE_NON_MESH, RULE_NOT_ALLOWED, RULE_STRICT_MTLS,
-};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
@@ -32,7 +29,7 @@ use prometheus_client::{
 
 use crate::{
     datapath::maps::{MapFill, PinnedMaps},
-    flows::FlowRecord,
+    flows::FlowMetrics,
     health::HealthWatch,
 };
 
@@ -58,15 +55,7 @@ impl Metrics {
     /// A registry whose scrape-time readings come from `read`.
     pub fn new(options: Options, read: impl Fn() -> Readings + Send + Sync + 'static) -> Self {
         let mut registry = Registry::with_prefix("mesh");
-        let flows = FlowMetrics::default();
-        registry.register(
-            "flow_verdicts",
-            "Verdicts on new connections and flows, by where they were judged (connect, \
-             sendmsg, ingress: the kernel; tunnel-in, tunnel-out: the agent), the source and \
-             destination identities (SPIFFE IDs, world, or the number when no name is known), \
-             the verdict and what decided it",
-            flows.verdicts.clone(),
-        );
+        let flows = FlowMetrics::register(&mut registry);
         let tunnels = TunnelMetrics::default();
         registry.register(
             "tunnel_handshakes",
@@ -128,50 +117,6 @@ impl Metrics {
 
 /// The `Content-Type` of [`Metrics::render`].
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct VerdictLabels {
-    hook: String,
-    src_identity: String,
-    dst_identity: String,
-    verdict: String,
-    reason: &'static str,
-}
-
-/// Verdicts, as the flow hub names them.
-#[derive(Clone, Debug, Default)]
-pub struct FlowMetrics {
-    verdicts: Family<VerdictLabels, Counter>,
-}
-
-impl FlowMetrics {
-    pub fn record(&self, flow: &FlowRecord) {
-        let labels = VerdictLabels {
-            hook: flow.hook.clone(),
-            src_identity: flow.src.identity.clone(),
-            dst_identity: flow.dst.identity.clone(),
-            verdict: flow.verdict.to_ascii_lowercase(),
-            // Tunnel refusals that no rule decided carry rule 0.
-            reason: reason_label((flow.rule != 0).then_some(flow.rule)),
-        };
-        self.verdicts.get_or_create(&labels).inc();
-    }
-}
-
-/// The `reason` label: the reserved rule that decided, `policy` for a rule
-/// of a MeshPolicy, `tunnel` for a tunnel refused for another reason (no
-/// certificate, peer unreachable, refused by the peer).
-pub fn reason_label(rule: Option<u32>) -> &'static str {
-    match rule {
-        None => "tunnel",
-        Some(RULE_MESH_DEFAULT) => "mesh_default",
-        Some(RULE_NON_MESH) => "non_mesh",
-        Some(RULE_NOT_ALLOWED) => "not_allowed",
-        Some(RULE_NO_POLICY) => "no_policy",
-        Some(RULE_STRICT_MTLS) => "strict_mtls",
-        Some(_) => "policy",
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
@@ -463,8 +408,12 @@ fn kernel_counter_help(name: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use mesh_common::policy::{
+        RULE_MESH_DEFAULT, RULE_NO_POLICY, RULE_NON_MESH, RULE_NOT_ALLOWED, RULE_STRICT_MTLS,
+    };
+
     use super::*;
-    use crate::flows::FlowEnd;
+    use crate::flows::{FlowEnd, FlowRecord, reason_label};
 
     const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
     const CART: &str = "spiffe://cluster.local/ns/shop/sa/cart";

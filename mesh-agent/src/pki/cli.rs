@@ -5,6 +5,8 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use anyhow::Context as _;
 use tracing::info;
 
+use crate::{config::LogFormat, signal::ShutdownSignals};
+
 use super::{
     authz::{Authorizer, ConfigDirAuthorizer, PodAuthorizer},
     ca::{Ca, CaHandle},
@@ -127,6 +129,9 @@ pub struct ServeArgs {
     /// are shortened to it.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
     pub max_lifetime: Duration,
+    /// Log format.
+    #[arg(long, default_value = "plain", env = crate::flags::ENV_LOG_FORMAT, value_parser = crate::flags::one_of::<LogFormat>(&LogFormat::NAMES))]
+    pub log_format: LogFormat,
 }
 
 #[derive(Debug, clap::Args)]
@@ -241,7 +246,7 @@ fn request(args: RequestArgs) -> anyhow::Result<()> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    init_logging();
+    crate::telemetry::init_logging(args.log_format);
     let ca = CaHandle::load(&args.ca_dir)?;
     let trust_domain = ca.trust_domain();
     let (authorizer, pods): (Arc<dyn Authorizer>, _) = match &args.config_dir {
@@ -260,6 +265,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
+        let mut signals = ShutdownSignals::install()?;
         if let Some(pods) = pods {
             let client = crate::k8s::client(args.kubeconfig.as_deref()).await?;
             tokio::spawn({
@@ -272,7 +278,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             info!("listing the cluster's pods");
             tokio::select! {
                 () = pods.wait_listed() => {}
-                signal = wait_for_shutdown() => {
+                signal = signals.recv() => {
                     info!(signal, "stopping");
                     return Ok(());
                 }
@@ -289,38 +295,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
         server
             .serve(listener, async {
-                let signal = wait_for_shutdown().await;
+                let signal = signals.recv().await;
                 info!(signal, "stopping");
             })
             .await?;
         anyhow::Ok(())
     })
-}
-
-async fn wait_for_shutdown() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without handlers the default action (exit) applies anyway.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    }
-}
-
-fn init_logging() {
-    use std::io::IsTerminal as _;
-    use tracing_subscriber::{EnvFilter, fmt};
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .try_init();
 }
 
 #[cfg(test)]

@@ -69,14 +69,28 @@ impl Default for MeshSettings {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DefaultAction {
     Allow,
     Deny,
 }
 
+impl std::str::FromStr for DefaultAction {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "allow" => Ok(Self::Allow),
+            "deny" => Ok(Self::Deny),
+            other => Err(format!("unknown default action {other:?} (allow or deny)")),
+        }
+    }
+}
+
 impl DefaultAction {
+    pub const NAMES: [&str; 2] = ["allow", "deny"];
+
     pub fn action(self) -> Action {
         match self {
             DefaultAction::Allow => Action::Allow,
