@@ -3,7 +3,7 @@
 //! The agent's build script embeds the result.
 use anyhow::ensure;
 
-use crate::{cargo, run, setup, workspace_root};
+use crate::{cargo, cargo_tool, run, setup, workspace_root};
 
 pub fn build() -> anyhow::Result<()> {
     let root = workspace_root();
@@ -26,13 +26,9 @@ pub fn build() -> anyhow::Result<()> {
 /// Clippy on the kernel crate, warnings denied: Debian's clippy, the one
 /// that matches the rustc whose `core` the crate builds against.
 pub fn clippy() -> anyhow::Result<()> {
-    ensure!(
-        std::path::Path::new(setup::BPF_CARGO_CLIPPY).exists(),
-        "{} is missing: run `cargo xtask setup` first",
-        setup::BPF_CARGO_CLIPPY
-    );
+    installed(setup::BPF_CARGO_CLIPPY)?;
     let root = workspace_root();
-    let mut cmd = std::process::Command::new(setup::BPF_CARGO_CLIPPY);
+    let mut cmd = cargo_tool(setup::BPF_CARGO_CLIPPY);
     cmd.arg("clippy");
     run(bpf_cargo(cmd)?
         .args(["--release", "--target", "bpfel-unknown-none"])
@@ -44,11 +40,7 @@ pub fn clippy() -> anyhow::Result<()> {
 
 /// A cargo command in the kernel crate with Debian's rustc.
 fn bpf_cargo(mut cmd: std::process::Command) -> anyhow::Result<std::process::Command> {
-    ensure!(
-        std::path::Path::new(setup::BPF_RUSTC).exists(),
-        "{} is missing: run `cargo xtask setup` first",
-        setup::BPF_RUSTC
-    );
+    installed(setup::BPF_RUSTC)?;
     cmd.current_dir(workspace_root().join("mesh-ebpf"))
         .env("RUSTC", setup::BPF_RUSTC)
         // aya-ebpf uses #![feature(asm_experimental_arch)].
@@ -58,4 +50,13 @@ fn bpf_cargo(mut cmd: std::process::Command) -> anyhow::Result<std::process::Com
         .env_remove("RUSTC_WORKSPACE_WRAPPER")
         .env_remove("CARGO_ENCODED_RUSTFLAGS");
     Ok(cmd)
+}
+
+/// Fails, naming the fix, when `setup` has not installed `tool`.
+fn installed(tool: &str) -> anyhow::Result<()> {
+    ensure!(
+        std::path::Path::new(tool).exists(),
+        "{tool} is missing: run `cargo xtask setup` first"
+    );
+    Ok(())
 }

@@ -81,11 +81,17 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Cargo, without the variables `cargo run` gave xtask itself: some build
-/// scripts (ring's) watch them, and seeing xtask's values instead of their
-/// own would rebuild them, and everything above them, on every task.
+/// Cargo, without the variables `cargo run` gave xtask itself.
 pub fn cargo() -> Command {
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cargo_tool(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// `program` (cargo or one of its subcommands), without the variables
+/// `cargo run` gave xtask itself: some build scripts (ring's) watch them,
+/// and seeing xtask's values instead of their own would rebuild them, and
+/// everything above them, on every task.
+pub fn cargo_tool(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(program);
     for (name, _) in std::env::vars_os() {
         let name = name.to_string_lossy();
         if name.starts_with("CARGO_PKG_")
