@@ -8,7 +8,6 @@ use tracing::{error, info};
 use crate::{
     config::Config,
     control::Control,
-    datapath::{Datapath, maps::PinnedMaps, pins::PinDir},
     endpoints::{
         self, Listeners,
         metrics::{self, Metrics},
@@ -18,8 +17,9 @@ use crate::{
     k8s,
     mtls::Mtls,
     signal::ShutdownSignals,
-    state::NodeState,
 };
+use mesh_datapath::{Datapath, maps::PinnedMaps, pins::PinDir};
+use mesh_policy::state::NodeState;
 
 /// Editors and `kubectl`-like tools write a file in several steps; changes
 /// that arrive within this window are applied together.
@@ -77,7 +77,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 log_filter,
             },
         );
-        let _datapath = Datapath::install(&config, &pins)?;
+        let _datapath = Datapath::install(&config.datapath(), &pins)?;
         hub.set_names(NodeState::read(&config.state_dir).unwrap_or_default());
         tokio::spawn(log_failure(
             "flow events",
@@ -161,7 +161,7 @@ async fn follow_config_dir(
                 | AddWatchFlags::IN_CREATE,
         )
         .with_context(|| format!("watching {}", dir.display()))?;
-    let events = crate::datapath::sys::async_owned_fd(inotify.as_fd().try_clone_to_owned()?)?;
+    let events = mesh_datapath::sys::async_owned_fd(inotify.as_fd().try_clone_to_owned()?)?;
     loop {
         match control.reload() {
             Ok(names) => {

@@ -5,19 +5,19 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::{
-    flags::*,
-    policy::{DefaultAction, MeshSettings},
-};
+use crate::flags::*;
+use mesh_policy::{DefaultAction, MeshSettings};
 
 use crate::{
-    agent,
-    config::{CaSource, Config, EndpointsConfig, KubernetesConfig, LogFormat, MtlsConfig},
-    datapath::maps::PinnedMaps,
     explain,
     inspect::{self, Output},
-    state::NodeState,
 };
+use mesh_agent::agent;
+use mesh_agent::config::{
+    CaSource, Config, EndpointsConfig, KubernetesConfig, LogFormat, MtlsConfig,
+};
+use mesh_datapath::maps::PinnedMaps;
+use mesh_policy::state::NodeState;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -64,7 +64,7 @@ pub enum Command {
     Explain(ExplainArgs),
     /// Create, serve and rotate the mesh's certificate authority.
     #[command(subcommand)]
-    Ca(crate::pki::cli::CaCommand),
+    Ca(crate::ca::CaCommand),
     /// Print the CustomResourceDefinitions of the mesh's documents
     /// (MeshPolicy, PeerAuthentication), for `kubectl apply -f -`.
     Crds,
@@ -309,7 +309,7 @@ impl RunArgs {
         let args = self;
         let cgroup = match args.cgroup {
             Some(path) => path,
-            None => crate::cgroup::detect_cgroup2_mount()?,
+            None => mesh_datapath::cgroup::detect_cgroup2_mount()?,
         };
         anyhow::ensure!(
             !(args.kubernetes && args.config_dir.is_some()),
@@ -403,7 +403,7 @@ impl RunArgs {
 /// Runs the command; `status` exits 1 when the node's mesh is not healthy.
 pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Command::Status(args) = &cli.command {
-        let report = crate::endpoints::status::run(&cli.bpffs, &cli.state_dir, args.health_address);
+        let report = crate::status::run(&cli.bpffs, &cli.state_dir, args.health_address);
         print!("{}", report.render(args.output));
         return Ok(if report.healthy {
             ExitCode::SUCCESS
@@ -426,7 +426,7 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
         } => {
             // From the agent's state directory: works without pins, and
             // while the agent is down.
-            print!("{}", crate::pki::inspect::certs(&cli.state_dir, output)?);
+            print!("{}", crate::inspect::certs::certs(&cli.state_dir, output)?);
             Ok(())
         }
         Command::Inspect { output, what } => {
@@ -444,9 +444,9 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             print!("{text}");
             Ok(())
         }
-        Command::Ca(command) => crate::pki::cli::run(command),
+        Command::Ca(command) => crate::ca::run(command),
         Command::Crds => {
-            print!("{}", crate::k8s::crds::crds_yaml()?);
+            print!("{}", mesh_agent::k8s::crds::crds_yaml()?);
             Ok(())
         }
         Command::Flows(args) => explain::flows(

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use serde::Serialize;
 
-use crate::policy::MeshSettings;
+use mesh_policy::MeshSettings;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -57,6 +57,22 @@ pub struct Config {
     /// `None`: plaintext between nodes.
     pub mtls: Option<MtlsConfig>,
     pub endpoints: EndpointsConfig,
+}
+
+impl Config {
+    /// The part the kernel side is given at start-up.
+    pub fn datapath(&self) -> mesh_datapath::DatapathConfig {
+        mesh_datapath::DatapathConfig {
+            cgroup: self.cgroup.clone(),
+            interfaces: self.interfaces.clone(),
+            short_circuit: self.short_circuit,
+            revoke_established: self.revoke_established,
+            max_sockets: self.max_sockets,
+            max_endpoints: self.max_endpoints,
+            max_policy: self.max_policy,
+            max_conntrack: self.max_conntrack,
+        }
+    }
 }
 
 /// Where the agent's HTTP endpoints listen.

@@ -26,14 +26,11 @@ use mesh_common::{
 };
 use tracing::{info, warn};
 
-use crate::{
-    config::Config,
-    datapath::maps::{MapsError, PinnedMaps, PolicyMaps},
-    endpoints::metrics::ReconcileMetrics,
-    netns,
-    policy::{self, Compiled, ConfigError},
-    state::NodeState,
-};
+use crate::{config::Config, endpoints::metrics::ReconcileMetrics};
+use mesh_datapath::maps::{MapsError, PinnedMaps, PolicyMaps};
+use mesh_datapath::netns;
+use mesh_policy::state::NodeState;
+use mesh_policy::{Compiled, ConfigError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
@@ -138,9 +135,9 @@ impl Control {
             .config_dir
             .clone()
             .expect("reload is only called in standalone mode");
-        let docs = policy::load_dir(&dir)?;
-        policy::require_local_netns(&docs, &self.config.mesh.node)?;
-        let compiled = policy::compile(&docs, &self.config.mesh)?;
+        let docs = mesh_policy::load_dir(&dir)?;
+        mesh_policy::require_local_netns(&docs, &self.config.mesh.node)?;
+        let compiled = mesh_policy::compile(&docs, &self.config.mesh)?;
         let local_netns = resolve_netns(&docs, &compiled)?;
         self.apply_compiled(compiled, local_netns, started)
     }
@@ -230,9 +227,9 @@ impl Control {
     }
 
     fn apply(&mut self, desired: MapState) -> Result<Changes, ReloadError> {
-        let policy = policy::diff(&self.applied.policy, &desired.policy);
-        let endpoints = policy::diff(&self.applied.endpoints, &desired.endpoints);
-        let netns = policy::diff(&self.applied.local_netns, &desired.local_netns);
+        let policy = mesh_policy::diff(&self.applied.policy, &desired.policy);
+        let endpoints = mesh_policy::diff(&self.applied.endpoints, &desired.endpoints);
+        let netns = mesh_policy::diff(&self.applied.local_netns, &desired.local_netns);
         let upserted = policy.upserts.len() + endpoints.upserts.len() + netns.upserts.len();
         let deleted = policy.deletes.len() + endpoints.deletes.len() + netns.deletes.len();
         if upserted + deleted == 0 {
@@ -322,7 +319,7 @@ impl Control {
 /// The cookies of the local workloads' network namespaces. A namespace
 /// that cannot be opened refuses the configuration, naming the workload.
 fn resolve_netns(
-    docs: &policy::Documents,
+    docs: &mesh_policy::Documents,
     compiled: &Compiled,
 ) -> Result<BTreeMap<u64, u64>, ReloadError> {
     let mut cookies = BTreeMap::new();

@@ -19,13 +19,11 @@ use mesh_common::policy::{
 };
 use serde::Serialize;
 
-use crate::{
-    datapath::maps::PinnedMaps,
-    flows::{self, FlowRecord, Request},
-    inspect::{Output, json, proto_name},
-    policy::{ip_key, numeric_identity},
-    state::NodeState,
-};
+use crate::inspect::{Output, json, proto_name};
+use mesh_agent::flows::{self, FlowRecord, Request};
+use mesh_datapath::maps::PinnedMaps;
+use mesh_policy::state::NodeState;
+use mesh_policy::{ip_key, numeric_identity};
 
 /// What `explain` is asked: a connection, and how to answer.
 #[derive(Debug, Clone)]

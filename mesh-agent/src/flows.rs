@@ -36,11 +36,9 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use crate::{
-    datapath::sys::{async_ring_buf, read_pod},
-    policy::ip_from_key,
-    state::NodeState,
-};
+use mesh_datapath::sys::{async_ring_buf, read_pod};
+use mesh_policy::ip_from_key;
+use mesh_policy::state::NodeState;
 
 /// How many recent events the agent keeps for `flows` without `--follow`.
 const HISTORY: usize = 4096;

@@ -1,4 +1,6 @@
 //! `mesh-agent inspect …`: what the kernel holds, as a table or JSON.
+pub mod certs;
+
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use mesh_common::{
@@ -7,11 +9,9 @@ use mesh_common::{
 };
 use serde::Serialize;
 
-use crate::{
-    datapath::maps::{MapFill, MapsError, PinnedMaps},
-    state::NodeState,
-    table,
-};
+use crate::table;
+use mesh_datapath::maps::{MapFill, MapsError, PinnedMaps};
+use mesh_policy::state::NodeState;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Output {

@@ -1,29 +1,16 @@
 //! `mesh-agent`: the node agent of the in-kernel service mesh, and the
-//! operator's CLI for inspecting what the kernel is doing.
-#![deny(unsafe_code)]
+//! operator's CLI for inspecting what the kernel is doing. The agent itself
+//! is the library (`lib.rs`); this binary is its command line and the
+//! commands that read the pinned maps and the state directory.
+#![forbid(unsafe_code)]
 
-mod agent;
-mod cgroup;
+mod ca;
 mod cli;
-mod config;
-mod control;
-mod datapath;
-mod endpoints;
 mod explain;
 mod flags;
-mod flows;
-mod health;
 mod inspect;
-mod k8s;
-mod mtls;
-mod netns;
-mod pki;
-pub mod policy;
-mod signal;
-mod state;
+mod status;
 mod table;
-mod telemetry;
-mod tunnel;
 
 use clap::Parser as _;
 

@@ -10,7 +10,9 @@ use tracing::info;
 use tracing_subscriber::{EnvFilter, Registry, reload};
 
 use super::{Reply, Shared, method_not_allowed, not_found, reply, text};
-use crate::{config::Config, health::HealthReport, pki::rotation::CertState, state::NodeState};
+use crate::{config::Config, health::HealthReport};
+use mesh_pki::rotation::CertState;
+use mesh_policy::state::NodeState;
 
 /// The agent's log filter, which `/logging` reads and replaces.
 #[derive(Clone)]
@@ -106,7 +108,7 @@ fn config_dump(shared: &Shared) -> Reply {
         log_filter: shared.log_filter.current(),
         health: shared.health.borrow().clone(),
         applied: &applied,
-        certificates: crate::pki::inspect::read_state(&shared.config.state_dir).ok(),
+        certificates: mesh_pki::rotation::read_state(&shared.config.state_dir).ok(),
     };
     match serde_json::to_vec_pretty(&dump) {
         Ok(mut body) => {

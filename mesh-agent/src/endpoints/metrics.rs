@@ -27,11 +27,8 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use crate::{
-    datapath::maps::{MapFill, PinnedMaps},
-    flows::FlowMetrics,
-    health::HealthWatch,
-};
+use crate::{flows::FlowMetrics, health::HealthWatch};
+use mesh_datapath::maps::{MapFill, PinnedMaps};
 
 /// The registry and the parts the subsystems update. Cheap to clone.
 #[derive(Clone)]
@@ -278,7 +275,7 @@ pub fn node_readings(
             readings.maps = maps.fill().unwrap_or_default();
             readings.policy_generation = maps.policy_generation().ok();
         }
-        if let Ok(state) = crate::pki::inspect::read_state(&state_dir) {
+        if let Ok(state) = mesh_pki::rotation::read_state(&state_dir) {
             let now = SystemTime::now();
             readings.certificates = state
                 .certificates

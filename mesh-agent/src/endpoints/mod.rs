@@ -12,7 +12,6 @@
 //! asking the health endpoint first.
 pub mod admin;
 pub mod metrics;
-pub mod status;
 
 use std::{convert::Infallible, future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 

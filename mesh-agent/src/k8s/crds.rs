@@ -3,7 +3,7 @@
 //! deploy/ by `cargo xtask gen-crds`).
 use kube::CustomResourceExt as _;
 
-use crate::policy::{MeshPolicyResource, PeerAuthenticationResource};
+use mesh_policy::{MeshPolicyResource, PeerAuthenticationResource};
 
 /// Every CRD as one multi-document YAML stream.
 pub fn crds_yaml() -> anyhow::Result<String> {

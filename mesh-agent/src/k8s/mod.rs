@@ -40,9 +40,10 @@ use crate::{
     flows::FlowHub,
     health::Health,
     mtls::Mtls,
-    policy::{
-        self, Condition, Documents, MeshPolicyResource, MeshSettings, PeerAuthenticationResource,
-    },
+};
+use mesh_policy::{
+    self as policy, Condition, Documents, MeshPolicyResource, MeshSettings,
+    PeerAuthenticationResource,
 };
 use mirror::Mirror;
 use translate::{DocumentEntry, PodInfo};
@@ -374,7 +375,10 @@ impl Cluster {
     }
 
     /// Compiles the cluster's state and applies the difference to the maps.
-    fn reconcile(&mut self, control: &mut Control) -> anyhow::Result<crate::state::NodeState> {
+    fn reconcile(
+        &mut self,
+        control: &mut Control,
+    ) -> anyhow::Result<mesh_policy::state::NodeState> {
         let started = Instant::now();
         self.find_local_netns(Path::new(PROC));
         let mut docs = translate::cluster_documents(

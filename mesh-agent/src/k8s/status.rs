@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::translate::ACCEPTED;
-use crate::policy::Condition;
+use mesh_policy::Condition;
 
 pub const LEASE_NAME: &str = "mesh-agent-status";
 const LEASE_DURATION: Duration = Duration::from_secs(15);
@@ -189,7 +189,7 @@ mod tests {
 
     fn wanted(verdict: Result<(), String>, current: Option<Condition>) -> Wanted {
         Wanted {
-            resource: ApiResource::erase::<crate::policy::MeshPolicyResource>(&()),
+            resource: ApiResource::erase::<mesh_policy::MeshPolicyResource>(&()),
             namespace: "shop".into(),
             name: "p".into(),
             generation: 2,

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::DynamicObject;
 
-use crate::policy::{
+use mesh_policy::{
     self, API_VERSION, Condition, ConfigError, Documents, KIND_MESH_NODE, KIND_WORKLOAD, MeshNode,
     MeshNodeSpec, MeshSettings, NodeMeta, ObjectMeta, Origin, Workload, WorkloadSpec,
 };
@@ -164,8 +164,8 @@ pub fn document_entry(object: &DynamicObject, settings: &MeshSettings) -> Option
     let parsed = serde_yaml::to_value(&value)
         .map_err(|e| e.to_string())
         .and_then(|value| {
-            let docs = policy::parse_value(ORIGIN, value).map_err(|e| status_message(&e))?;
-            policy::compile(&docs, settings).map_err(|e| status_message(&e))?;
+            let docs = mesh_policy::parse_value(ORIGIN, value).map_err(|e| status_message(&e))?;
+            mesh_policy::compile(&docs, settings).map_err(|e| status_message(&e))?;
             Ok(docs)
         });
     Some(DocumentEntry {

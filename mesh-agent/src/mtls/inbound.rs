@@ -26,14 +26,14 @@ use super::{
 use crate::{
     endpoints::metrics::{Direction, OpenTunnel, TunnelMetrics},
     flows::{FlowHub, TunnelFlow},
-    pki::{SvidStore, identity_from_sni, peer_identity},
-    policy::numeric_identity,
     tunnel::{
         TunnelSettings,
         server::{ConnectRequest, Refusal, serve},
         splice::Socket,
     },
 };
+use mesh_pki::{SvidStore, identity_from_sni, peer_identity};
+use mesh_policy::numeric_identity;
 
 /// How long a peer may take to finish its TLS handshake.
 const TLS_TIMEOUT: Duration = Duration::from_secs(10);

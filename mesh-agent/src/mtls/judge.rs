@@ -8,10 +8,8 @@ use mesh_common::policy::{
     ENDPOINT_LOCAL, Endpoint, IpKey, PROTO_TCP, PolicyKey, Verdict, decide_for,
 };
 
-use crate::{
-    datapath::maps::{MapsError, PinnedMaps},
-    policy::ip_key,
-};
+use mesh_datapath::maps::{MapsError, PinnedMaps};
+use mesh_policy::ip_key;
 
 /// Read-only handles on the policy maps, opened once.
 pub struct PolicyLookup {

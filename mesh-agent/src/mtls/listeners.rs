@@ -20,7 +20,7 @@ use tokio::{net::TcpStream, task::JoinHandle};
 use tracing::{debug, info, warn};
 
 use super::view::LocalWorkload;
-use crate::netns;
+use mesh_datapath::netns;
 
 /// Where steered connections were going (`TUNNEL_ORIG`), each entry taken
 /// once by the listener that accepts the connection.

@@ -26,13 +26,13 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::{CaSource, Config},
-    datapath::maps::PinnedMaps,
     endpoints::metrics::TunnelMetrics,
     flows::FlowHub,
-    pki::{self, CertManager, SvidStore},
-    state::NodeState,
     tunnel::{TunnelSettings, pool::Pool},
 };
+use mesh_datapath::maps::PinnedMaps;
+use mesh_pki::{self as pki, CertManager, SvidStore};
+use mesh_policy::state::NodeState;
 
 use listeners::{OrigTable, OutboundListeners};
 use view::MeshView;

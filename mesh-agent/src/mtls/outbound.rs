@@ -16,13 +16,13 @@ use super::{listeners::Accepted, view::MeshView};
 use crate::{
     endpoints::metrics::{Direction, TunnelMetrics},
     flows::{FlowHub, TunnelFlow},
-    pki::{SvidStore, sni_for},
-    policy::ip_from_key,
     tunnel::{
         client::OpenError,
         pool::{Pool, PoolError},
     },
 };
+use mesh_pki::{SvidStore, sni_for};
+use mesh_policy::ip_from_key;
 
 /// One pooled HTTP/2 connection per (source identity, destination
 /// identity, peer agent): the client certificate is the source's and the

@@ -7,7 +7,8 @@ use std::{
     path::PathBuf,
 };
 
-use crate::{policy::MtlsMode, state::NodeState};
+use mesh_policy::MtlsMode;
+use mesh_policy::state::NodeState;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
@@ -88,11 +89,11 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{self, MeshSettings};
+    use mesh_policy::MeshSettings;
 
     #[test]
     fn view_knows_owners_nodes_and_local_namespaces() {
-        let docs = policy::parse_str(
+        let docs = mesh_policy::parse_str(
             "t.yaml",
             r#"
 apiVersion: mesh.dev/v1alpha1
@@ -121,7 +122,7 @@ spec: {selector: {serviceAccount: db}, mtls: {mode: STRICT}}
             node: "n1".into(),
             ..Default::default()
         };
-        let compiled = policy::compile(&docs, &settings).unwrap();
+        let compiled = mesh_policy::compile(&docs, &settings).unwrap();
         let view = MeshView::new(&NodeState::from_compiled(&compiled, 1));
         let b = view.peer("10.0.1.1".parse().unwrap()).unwrap();
         assert_eq!(b.node, "n2");

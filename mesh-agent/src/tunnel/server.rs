@@ -22,13 +22,7 @@ use super::{REASON_HEADER, TunnelSettings};
 #[derive(Debug, Clone)]
 pub struct ConnectRequest {
     pub target: SocketAddr,
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "carried as HBONE does; no handler of the agent reads them yet"
-        )
-    )]
+    /// Carried as HBONE does; no handler of the agent reads them yet.
     pub headers: HeaderMap,
 }
 

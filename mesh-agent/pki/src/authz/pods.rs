@@ -29,7 +29,6 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::{Authorizer, refusal};
-use crate::policy;
 
 /// The annotation the API server requires on the mirror pods a node
 /// creates for its static pods.
@@ -63,7 +62,7 @@ pub fn pod_grant(pod: &Pod, trust_domain: &str) -> Option<Grant> {
         .unwrap_or("default");
     Some(Grant {
         node: node.to_owned(),
-        spiffe_id: policy::spiffe_id(
+        spiffe_id: mesh_policy::spiffe_id(
             trust_domain,
             pod.metadata.namespace.as_deref()?,
             service_account,
@@ -234,7 +233,7 @@ impl Authorizer for PodAuthorizer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pki::authz::authorize;
+    use crate::authz::authorize;
 
     const TD: &str = "cluster.local";
 
@@ -248,7 +247,7 @@ mod tests {
     }
 
     fn id(sa: &str) -> String {
-        policy::spiffe_id(TD, "shop", sa)
+        mesh_policy::spiffe_id(TD, "shop", sa)
     }
 
     #[test]

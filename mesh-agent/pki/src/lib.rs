@@ -14,16 +14,15 @@
 //! Every key is ECDSA P-256. A CA rotation cross-signs the new root with
 //! the old one, so nodes that have not yet received the merged bundle keep
 //! accepting the new certificates (see [`ca::Ca::rotate`]).
-
-// The agent wires the store, the certificate manager and `inspect certs` in
-// separately; until then parts of this API have no caller in the binary.
+//!
+//! Used by the agent (workload certificates) and by `mesh-agent ca serve`
+//! (the CA service); knows nothing of the kernel.
+#![forbid(unsafe_code)]
 
 pub mod authz;
 pub mod ca;
 pub mod cert;
-pub mod cli;
 pub mod files;
-pub mod inspect;
 pub mod issuer;
 pub mod rotation;
 pub mod service;
@@ -31,15 +30,15 @@ pub mod spiffe;
 pub mod store;
 pub mod verify;
 
-#[cfg(test)]
-pub(crate) mod testing;
+/// Test CAs, handshakes and temporary directories, for this crate's tests
+/// and the agent's (feature `testing`).
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 use std::sync::{Arc, OnceLock};
 
 use rustls::crypto::CryptoProvider;
 
-// The API the agent and the tunnels use; not all of it has a caller yet.
-#[allow(unused_imports)]
 pub use {
     authz::{AppliedAuthorizer, Authorizer, ConfigDirAuthorizer},
     ca::{Ca, CaError, CaHandle},

@@ -200,7 +200,7 @@ impl Issuer for LocalIssuer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pki::{ca::DEFAULT_CA_LIFETIME, testing::TempDir};
+    use crate::{ca::DEFAULT_CA_LIFETIME, testing::TempDir};
 
     const TD: &str = "cluster.local";
 
@@ -216,7 +216,7 @@ mod tests {
     async fn local_issuer_applies_the_node_rule() {
         let dir = TempDir::new("local-issuer");
         let ca = Ca::init(TD, dir.path(), None, DEFAULT_CA_LIFETIME).unwrap();
-        let cart = crate::policy::spiffe_id(TD, "shop", "cart");
+        let cart = mesh_policy::spiffe_id(TD, "shop", "cart");
         let only_cart = {
             let cart = cart.clone();
             move |node: &str, id: &str| {
@@ -236,7 +236,7 @@ mod tests {
         assert_eq!(svid.spiffe_id, cart);
         let granted = svid.not_after.duration_since(SystemTime::now()).unwrap();
         assert!(granted <= Duration::from_secs(600), "{granted:?}");
-        let other = crate::policy::spiffe_id(TD, "shop", "ledger");
+        let other = mesh_policy::spiffe_id(TD, "shop", "ledger");
         let e = issuer
             .issue(&other, Duration::from_secs(60))
             .await

@@ -7,6 +7,11 @@
 //! load_dir / parse_str ──► Documents ──compile(settings)──► Compiled ──diff──► maps
 //!                              └──────────evaluate (reference)───────┘
 //! ```
+//!
+//! `state` keeps the names behind the kernel's numbers for the operator
+//! commands. Pure logic: no I/O but reading documents and writing
+//! `state.json`, no `unsafe`, nothing of the kernel but mesh-common's types.
+#![forbid(unsafe_code)]
 // `ConfigError` is the documented error type (file, document, kind, name,
 // field, message); it is only ever built on the cold path of a refused
 // configuration, so its size does not matter.
@@ -16,6 +21,7 @@ mod compile;
 mod diff;
 mod documents;
 mod identity;
+pub mod state;
 
 pub use compile::{
     Compiled, DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN, DefaultAction, MeshSettings, RuleInfo,

@@ -17,15 +17,15 @@ use std::{
 
 use serde::Serialize;
 
-use super::metrics::seconds_until;
 use crate::{
-    datapath::maps::{MapFill, PinnedMaps},
-    health::HealthReport,
     inspect::{Output, json},
-    pki::rotation::CertState,
-    state::NodeState,
     table,
 };
+use mesh_agent::endpoints::metrics::seconds_until;
+use mesh_agent::health::HealthReport;
+use mesh_datapath::maps::{MapFill, PinnedMaps};
+use mesh_pki::rotation::CertState;
+use mesh_policy::state::NodeState;
 
 /// How long the health endpoint may take to answer.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -186,8 +186,8 @@ pub fn gather(bpffs: &Path, state_dir: &Path, health_address: SocketAddr) -> Inp
         })
         .map_err(|e| format!("{}: {e}", bpffs.display()));
     let kernel = read_kernel(bpffs).map_err(|e| format!("{:#}", anyhow::Error::from(e)));
-    let certs = (!crate::pki::inspect::no_state(state_dir))
-        .then(|| crate::pki::inspect::read_state(state_dir).map_err(|e| format!("{e:#}")));
+    let certs = (!mesh_pki::rotation::no_state(state_dir))
+        .then(|| mesh_pki::rotation::read_state(state_dir).map_err(|e| format!("{e:#}")));
     let state_generation = NodeState::path(state_dir)
         .exists()
         .then(|| NodeState::read(state_dir).ok().map(|s| s.generation))
@@ -202,7 +202,7 @@ pub fn gather(bpffs: &Path, state_dir: &Path, health_address: SocketAddr) -> Inp
     }
 }
 
-fn read_kernel(bpffs: &Path) -> Result<KernelReadings, crate::datapath::maps::MapsError> {
+fn read_kernel(bpffs: &Path) -> Result<KernelReadings, mesh_datapath::maps::MapsError> {
     let maps = PinnedMaps::open(bpffs)?;
     Ok(KernelReadings {
         counters: maps
@@ -220,7 +220,7 @@ fn pin_dir_holder(bpffs: &Path) -> Option<u32> {
     let meta = std::fs::metadata(bpffs).ok()?;
     let locks = std::fs::read_to_string("/proc/locks").ok()?;
     let dev = meta.dev();
-    crate::datapath::pins::parse_lock_holder(&locks, libc::major(dev), libc::minor(dev), meta.ino())
+    mesh_datapath::pins::parse_lock_holder(&locks, libc::major(dev), libc::minor(dev), meta.ino())
 }
 
 /// `GET /ready` on the health endpoint (an unspecified listen address is
@@ -592,7 +592,7 @@ fn duration(seconds: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pki::{
+    use mesh_pki::{
         cert::rfc3339,
         rotation::{CertificateState, PendingState},
     };

@@ -357,7 +357,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::pki::testing::{TempDir, self_signed};
+    use crate::testing::{TempDir, self_signed};
 
     #[test]
     fn base64_matches_rfc4648() {

@@ -48,7 +48,7 @@ pub fn socket_netns_cookie() -> io::Result<u64> {
         None,
     )
     .map_err(io::Error::from)?;
-    crate::datapath::sys::netns_cookie(sock.as_fd())
+    crate::sys::netns_cookie(sock.as_fd())
 }
 
 #[cfg(test)]

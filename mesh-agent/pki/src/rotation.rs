@@ -15,6 +15,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::{info, warn};
@@ -25,7 +26,7 @@ use super::{
     issuer::Issuer,
     store::{Svid, SvidStore},
 };
-use crate::policy::numeric_identity;
+use mesh_policy::numeric_identity;
 
 /// The longest the manager sleeps: it then looks at the issuer's trust
 /// bundle again, and notices wall-clock jumps.
@@ -357,6 +358,26 @@ pub fn state_path(state_dir: &Path) -> PathBuf {
     state_dir.join(STATE_FILE)
 }
 
+/// The certificate manager's last record, as `inspect certs`, `status`,
+/// the metrics and the admin endpoint show it.
+pub fn read_state(state_dir: &Path) -> anyhow::Result<CertState> {
+    let path = state_path(state_dir);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "{}: no certificate state (has the agent run with mutual TLS?)",
+            path.display()
+        )
+    })?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a certificate state file", path.display()))
+}
+
+/// Whether `read_state` failed because there is no record at all (the
+/// agent has not run with mutual TLS), rather than an unreadable one.
+pub fn no_state(state_dir: &Path) -> bool {
+    !state_path(state_dir).exists()
+}
+
 fn write_state(
     dir: &Path,
     store: &SvidStore,
@@ -424,7 +445,7 @@ mod tests {
     use rustls::pki_types::CertificateDer;
 
     use super::*;
-    use crate::pki::{
+    use crate::{
         ca::{Ca, CaHandle, DEFAULT_CA_LIFETIME},
         issuer::{BoxFuture, IssueError, LocalIssuer},
         testing::{TempDir, TestCa},
@@ -434,7 +455,7 @@ mod tests {
     const TD: &str = "cluster.local";
 
     fn id(sa: &str) -> String {
-        crate::policy::spiffe_id(TD, "shop", sa)
+        mesh_policy::spiffe_id(TD, "shop", sa)
     }
 
     fn start(issuer: impl Issuer + 'static, store: &SvidStore, state_dir: &Path) -> CertManager {

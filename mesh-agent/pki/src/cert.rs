@@ -91,7 +91,7 @@ impl CertInfo {
     pub fn spiffe_id(&self) -> Result<&str, CertError> {
         match self.uris.as_slice() {
             [] => Err(CertError::NoSpiffeId),
-            [uri] if crate::pki::spiffe::parse(uri).is_some() => Ok(uri),
+            [uri] if crate::spiffe::parse(uri).is_some() => Ok(uri),
             [uri] => Err(CertError::NotSpiffe(uri.clone())),
             many => Err(CertError::ManyUris(many.len())),
         }

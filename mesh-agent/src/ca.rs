@@ -5,9 +5,10 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use anyhow::Context as _;
 use tracing::info;
 
-use crate::{config::LogFormat, signal::ShutdownSignals};
+use mesh_agent::config::LogFormat;
+use mesh_agent::signal::ShutdownSignals;
 
-use super::{
+use mesh_pki::{
     authz::{Authorizer, ConfigDirAuthorizer, PodAuthorizer},
     ca::{Ca, CaHandle},
     cert::{CertInfo, rfc3339, spiffe_id_of},
@@ -246,7 +247,7 @@ fn request(args: RequestArgs) -> anyhow::Result<()> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    crate::telemetry::init_logging(args.log_format);
+    mesh_agent::telemetry::init_logging(args.log_format);
     let ca = CaHandle::load(&args.ca_dir)?;
     let trust_domain = ca.trust_domain();
     let (authorizer, pods): (Arc<dyn Authorizer>, _) = match &args.config_dir {
@@ -267,7 +268,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     runtime.block_on(async {
         let mut signals = ShutdownSignals::install()?;
         if let Some(pods) = pods {
-            let client = crate::k8s::client(args.kubeconfig.as_deref()).await?;
+            let client = mesh_agent::k8s::client(args.kubeconfig.as_deref()).await?;
             tokio::spawn({
                 let pods = pods.clone();
                 async move { pods.follow(client).await }
@@ -308,7 +309,7 @@ mod tests {
     use clap::Parser as _;
 
     use super::*;
-    use crate::pki::{ca, files, testing::TempDir};
+    use mesh_pki::{ca, files, testing::TempDir};
 
     #[derive(Debug, clap::Parser)]
     struct Cli {

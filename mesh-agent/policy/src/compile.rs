@@ -985,10 +985,8 @@ impl<'a> Evaluator<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::diff::diff;
-    use crate::policy::documents::{
-        ObjectMeta, Origin, PortEntry, Selector, WorkloadSpec, parse_str,
-    };
+    use crate::diff::diff;
+    use crate::documents::{ObjectMeta, Origin, PortEntry, Selector, WorkloadSpec, parse_str};
     use mesh_common::policy::{PROTO_TCP, PROTO_UDP, decide};
 
     const TD: &str = "cluster.local";
@@ -1676,7 +1674,7 @@ mod tests {
                     // Names out of order on purpose: consideration order is
                     // by name, not by position.
                     metadata: meta(format!("p{}", 9 - i), p.ns, None),
-                    spec: crate::policy::MeshPolicySpec {
+                    spec: crate::MeshPolicySpec {
                         selector: (p.sa.is_some() || p.app.is_some()).then(|| Selector {
                             service_account: p.sa.map(|s| ACCOUNTS[s].to_owned()),
                             match_labels: meta(String::new(), 0, p.app).labels,
@@ -1802,7 +1800,7 @@ mod tests {
 #[cfg(test)]
 mod mtls_mode_tests {
     use super::*;
-    use crate::policy::parse_str;
+    use crate::parse_str;
 
     fn modes(yaml: &str) -> Vec<(String, MtlsMode)> {
         let docs = parse_str("t.yaml", yaml).unwrap();

@@ -379,7 +379,7 @@ impl Ca {
 
     /// A certificate valid exactly from `not_before` to `not_after`, for
     /// tests of expiry.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "testing"))]
     pub(crate) fn issue_with_validity(
         &self,
         spiffe_id: &str,
@@ -733,7 +733,7 @@ fn write_pem(dir: &Path, file: &str, text: &str, mode: Mode) -> Result<(), CaErr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pki::{
+    use crate::{
         cert::CertInfo,
         testing::TempDir,
         verify::{Usage, verify_chain},
@@ -794,7 +794,7 @@ mod tests {
         // Never outlives its root.
         assert!(ca.not_after() <= root.not_after());
         let (chain, _) = ca
-            .issue(&crate::policy::spiffe_id(TD, "shop", "cart"), HOUR)
+            .issue(&mesh_policy::spiffe_id(TD, "shop", "cart"), HOUR)
             .unwrap();
         assert_eq!(chain.len(), 2, "leaf and intermediate");
         verify_chain(root.bundle(), &chain, SystemTime::now(), Usage::Client).unwrap();
@@ -821,7 +821,7 @@ mod tests {
         let dir = TempDir::new("ca-sign");
         let ca = Ca::init(TD, dir.path(), None, DEFAULT_CA_LIFETIME).unwrap();
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-        let cart = crate::policy::spiffe_id(TD, "shop", "cart");
+        let cart = mesh_policy::spiffe_id(TD, "shop", "cart");
         let chain = ca
             .sign(
                 &csr(&key, "spiffe://cluster.local/ns/kube-system/sa/admin"),
@@ -892,7 +892,7 @@ mod tests {
     fn rotation_keeps_old_roots_trusted_until_pruned() {
         let dir = TempDir::new("ca-rotate");
         let old = Ca::init(TD, dir.path(), None, DEFAULT_CA_LIFETIME).unwrap();
-        let cart = crate::policy::spiffe_id(TD, "shop", "cart");
+        let cart = mesh_policy::spiffe_id(TD, "shop", "cart");
         let (old_leaf, _) = old.issue(&cart, HOUR).unwrap();
 
         let new = Ca::rotate(dir.path(), None).unwrap();

@@ -13,7 +13,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{Compiled, RuleInfo, SubjectInfo, WorkloadInfo};
+use crate::{Compiled, RuleInfo, SubjectInfo, WorkloadInfo};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct NodeState {

@@ -19,7 +19,7 @@ use rustls::{
 };
 
 use super::{cert::CertInfo, spiffe};
-use crate::policy::numeric_identity;
+use mesh_policy::numeric_identity;
 
 /// The roots a node trusts, shared by every TLS configuration built from
 /// it and replaceable at any time: a CA rotation reaches new handshakes
@@ -430,7 +430,7 @@ mod tests {
     use std::time::{Duration, SystemTime};
 
     use super::*;
-    use crate::pki::{
+    use crate::{
         spiffe::sni_for,
         store::{client_tls_config, server_tls_config},
         testing::{TestCa, handshake},
@@ -439,7 +439,7 @@ mod tests {
     const TD: &str = "cluster.local";
 
     fn id(sa: &str) -> String {
-        crate::policy::spiffe_id(TD, "shop", sa)
+        mesh_policy::spiffe_id(TD, "shop", sa)
     }
 
     fn sni(spiffe_id: &str) -> ServerName<'static> {

@@ -26,7 +26,7 @@ use std::{
 use tracing::{info, warn};
 
 use super::spiffe;
-use crate::policy::{self, ConfigError};
+use mesh_policy::ConfigError;
 
 mod pods;
 pub use pods::PodAuthorizer;
@@ -82,7 +82,7 @@ pub struct AppliedAuthorizer {
 }
 
 impl AppliedAuthorizer {
-    pub fn update(&self, names: &crate::state::NodeState) {
+    pub fn update(&self, names: &mesh_policy::state::NodeState) {
         let mut hosted: HashMap<String, BTreeSet<String>> = HashMap::new();
         for w in &names.workloads {
             hosted
@@ -196,13 +196,13 @@ impl Authorizer for ConfigDirAuthorizer {
 }
 
 fn load(dir: &Path, trust_domain: &str) -> Result<HashMap<String, BTreeSet<String>>, ConfigError> {
-    let docs = policy::load_dir(dir)?;
+    let docs = mesh_policy::load_dir(dir)?;
     let mut hosted: HashMap<String, BTreeSet<String>> = HashMap::new();
     for w in &docs.workloads {
         hosted
             .entry(w.spec.node.clone())
             .or_default()
-            .insert(policy::spiffe_id(
+            .insert(mesh_policy::spiffe_id(
                 trust_domain,
                 &w.metadata.namespace,
                 &w.spec.service_account,
@@ -234,7 +234,7 @@ fn stamp(dir: &Path) -> Vec<(String, SystemTime, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pki::testing::{TempDir, workload};
+    use crate::testing::{TempDir, workload};
 
     const TD: &str = "cluster.local";
 
@@ -244,8 +244,8 @@ mod tests {
         let file = dir.path().join("workloads.yaml");
         std::fs::write(&file, workload("cart-1", "cart", "node-a", "198.18.0.11")).unwrap();
         let authz = ConfigDirAuthorizer::new(dir.path(), TD).unwrap();
-        let cart = policy::spiffe_id(TD, "shop", "cart");
-        let frontend = policy::spiffe_id(TD, "shop", "frontend");
+        let cart = mesh_policy::spiffe_id(TD, "shop", "cart");
+        let frontend = mesh_policy::spiffe_id(TD, "shop", "frontend");
         authorize(&authz, TD, "node-a", &cart).unwrap();
         let e = authorize(&authz, TD, "node-b", &cart).unwrap_err();
         assert_eq!(

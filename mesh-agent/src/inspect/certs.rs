@@ -4,9 +4,8 @@
 
 use std::{path::Path, time::SystemTime};
 
-use anyhow::Context as _;
+use mesh_pki::rotation::{CertState, read_state};
 
-use super::rotation::{CertState, state_path};
 use crate::{
     inspect::{Output, json},
     table,
@@ -14,26 +13,6 @@ use crate::{
 
 pub fn certs(state_dir: &Path, output: Output) -> anyhow::Result<String> {
     Ok(render(&read_state(state_dir)?, output, SystemTime::now()))
-}
-
-/// The certificate manager's last record, as `inspect certs`, `status`,
-/// the metrics and the admin endpoint show it.
-pub fn read_state(state_dir: &Path) -> anyhow::Result<CertState> {
-    let path = state_path(state_dir);
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "{}: no certificate state (has the agent run with mutual TLS?)",
-            path.display()
-        )
-    })?;
-    serde_json::from_str(&text)
-        .with_context(|| format!("{}: not a certificate state file", path.display()))
-}
-
-/// Whether `read_state` failed because there is no record at all (the
-/// agent has not run with mutual TLS), rather than an unreadable one.
-pub fn no_state(state_dir: &Path) -> bool {
-    !state_path(state_dir).exists()
 }
 
 pub fn render(state: &CertState, output: Output, now: SystemTime) -> String {
@@ -115,7 +94,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::pki::{
+    use mesh_pki::{
         cert::rfc3339,
         rotation::{CertificateState, PendingState, RootState},
     };

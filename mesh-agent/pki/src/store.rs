@@ -31,7 +31,7 @@ use super::{
     spiffe,
     verify::{SpiffeClientVerifier, SpiffeServerVerifier, TrustBundle},
 };
-use crate::policy::numeric_identity;
+use mesh_policy::numeric_identity;
 
 /// ALPN of every mesh connection: HTTP/2 (HBONE tunnels, the CA's gRPC).
 pub const ALPN_H2: &[u8] = b"h2";
@@ -299,12 +299,12 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::pki::testing::{TestCa, handshake};
+    use crate::testing::{TestCa, handshake};
 
     const TD: &str = "cluster.local";
 
     fn id(sa: &str) -> String {
-        crate::policy::spiffe_id(TD, "shop", sa)
+        mesh_policy::spiffe_id(TD, "shop", sa)
     }
 
     #[test]

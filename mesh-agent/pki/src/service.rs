@@ -638,7 +638,7 @@ async fn unary(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pki::{
+    use crate::{
         authz::ConfigDirAuthorizer,
         ca::{Ca, DEFAULT_CA_LIFETIME},
         testing::{TempDir, workload},
@@ -713,7 +713,7 @@ mod tests {
         )
         .await
         .unwrap();
-        let cart = crate::policy::spiffe_id(TD, "shop", "cart");
+        let cart = mesh_policy::spiffe_id(TD, "shop", "cart");
         client.sign(&cart, Duration::from_secs(60)).await.unwrap();
         let ca = Ca::load(&running.dir.path().join("ca")).unwrap();
         let Running {
@@ -747,7 +747,7 @@ mod tests {
         .unwrap();
         assert_eq!(client.node(), "node-a");
 
-        let cart = crate::policy::spiffe_id(TD, "shop", "cart");
+        let cart = mesh_policy::spiffe_id(TD, "shop", "cart");
         let svid = client.sign(&cart, Duration::from_secs(600)).await.unwrap();
         assert_eq!(svid.spiffe_id, cart);
         let granted = svid.not_after.duration_since(SystemTime::now()).unwrap();
@@ -762,7 +762,7 @@ mod tests {
         assert_eq!(client.trust_bundle(), running.ca.bundle());
 
         // Another node's workload: refused, naming node and identity.
-        let ledger = crate::policy::spiffe_id(TD, "shop", "ledger");
+        let ledger = mesh_policy::spiffe_id(TD, "shop", "ledger");
         let e = client
             .sign(&ledger, Duration::from_secs(600))
             .await
@@ -799,7 +799,7 @@ mod tests {
         let (chain, key) = running
             .ca
             .issue(
-                &crate::policy::spiffe_id(TD, "shop", "cart"),
+                &mesh_policy::spiffe_id(TD, "shop", "cart"),
                 Duration::from_secs(600),
             )
             .unwrap();
@@ -863,7 +863,7 @@ mod tests {
         creds.bundle = running.ca.bundle().to_vec();
         // TLS 1.3: the client may finish its handshake before the server
         // refuses it; the refusal then comes with the first call.
-        let cart = crate::policy::spiffe_id(TD, "shop", "cart");
+        let cart = mesh_policy::spiffe_id(TD, "shop", "cart");
         let outcome = match CaClient::connect(&addr, creds, TD).await {
             Ok(client) => client
                 .sign(&cart, Duration::from_secs(60))
@@ -891,7 +891,7 @@ mod tests {
         let client = CaClient::connect(&running.addr.to_string(), credentials, TD)
             .await
             .unwrap();
-        let cart = crate::policy::spiffe_id(TD, "shop", "cart");
+        let cart = mesh_policy::spiffe_id(TD, "shop", "cart");
         let svid = client.sign(&cart, Duration::from_secs(600)).await.unwrap();
         assert_eq!(client.trust_bundle(), rotated.bundle());
         let now = SystemTime::now();

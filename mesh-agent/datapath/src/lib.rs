@@ -1,6 +1,7 @@
-//! The kernel side of the mesh: loads the programs, reuses or creates their
-//! pinned maps, and attaches them so that they keep working when the agent
-//! stops, crashes or is replaced.
+//! The kernel side of the mesh, seen from user space: loads the programs,
+//! reuses or creates their pinned maps, and attaches them so that they keep
+//! working when the agent stops, crashes or is replaced. Every `unsafe` of
+//! the agent lives in this crate (`sys`, and the `Pod` impls of map records).
 //!
 //! Pin directory layout (see docs/architecture.md):
 //! - the maps, by name (`SOCK_HASH`, `POLICY`, …);
@@ -15,8 +16,12 @@
 //! The sk_msg program is attached to `SOCK_HASH` itself, so it lives as long
 //! as that map's pin.
 
+#![deny(unsafe_code)]
+
+pub mod cgroup;
 pub mod maps;
 pub mod migrate;
+pub mod netns;
 pub mod pins;
 pub mod sys;
 
@@ -36,7 +41,6 @@ use aya::{
 use mesh_common::{MAP_LAYOUT_VERSION, SocketKey, map_names};
 use tracing::info;
 
-use crate::{cgroup, config::Config};
 use maps::{MapsError, PinnedMaps};
 use pins::PinDir;
 
@@ -92,6 +96,23 @@ pub enum DatapathError {
 }
 
 /// The loaded and attached data path. Dropping it leaves everything attached.
+/// What the kernel side is told at start-up (a part of the agent's
+/// configuration).
+#[derive(Debug, Clone)]
+pub struct DatapathConfig {
+    /// cgroup v2 directory the socket programs attach to.
+    pub cgroup: PathBuf,
+    /// Interfaces where traffic from other nodes arrives.
+    pub interfaces: Vec<String>,
+    /// `Some` when given on the command line; `None` keeps what is pinned.
+    pub short_circuit: Option<bool>,
+    pub revoke_established: bool,
+    pub max_sockets: u32,
+    pub max_endpoints: u32,
+    pub max_policy: u32,
+    pub max_conntrack: u32,
+}
+
 pub struct Datapath {
     _ebpf: Ebpf,
 }
@@ -99,7 +120,7 @@ pub struct Datapath {
 impl Datapath {
     /// Loads the programs into the kernel, adopting the maps and links
     /// already pinned under `pins` (a restart or upgrade) or creating them.
-    pub fn install(config: &Config, pins: &PinDir) -> Result<Self, DatapathError> {
+    pub fn install(config: &DatapathConfig, pins: &PinDir) -> Result<Self, DatapathError> {
         let dir = pins.path();
         let fresh = !dir.join(map_names::SETTINGS).exists();
         // Refuses pins of a newer agent, and moves aside the maps whose
