@@ -13,6 +13,8 @@
 //!
 //! Any failure before step 5 undoes the steps taken, in reverse; a refused
 //! configuration never reaches the maps at all.
+pub mod metrics;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
@@ -26,11 +28,12 @@ use mesh_common::{
 };
 use tracing::{info, warn};
 
-use crate::{config::Config, endpoints::metrics::ReconcileMetrics};
+use crate::config::Config;
 use mesh_datapath::maps::{MapsError, PinnedMaps, PolicyMaps};
 use mesh_datapath::netns;
 use mesh_policy::state::NodeState;
 use mesh_policy::{Compiled, ConfigError};
+use metrics::ReconcileMetrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
@@ -59,6 +62,20 @@ pub enum ReloadError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl ReloadError {
+    /// Why the change was refused, as `mesh_reconcile_failures_total`'s
+    /// `reason` label names it.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Config(_) => "invalid_config",
+            Self::Capacity { .. } => "capacity",
+            Self::Apply { .. } => "map_update",
+            Self::Maps(_) => "maps",
+            Self::State { .. } => "state_file",
+        }
+    }
 }
 
 impl From<ConfigError> for ReloadError {
@@ -129,6 +146,12 @@ impl Control {
     /// Reads, compiles and applies the configuration directory; returns the
     /// names behind the numbers now in the maps (also written to disk).
     pub fn reload(&mut self) -> Result<NodeState, ReloadError> {
+        let result = self.try_reload();
+        self.count_failure(&result);
+        result
+    }
+
+    fn try_reload(&mut self) -> Result<NodeState, ReloadError> {
         let started = Instant::now();
         let dir = self
             .config
@@ -139,13 +162,39 @@ impl Control {
         mesh_policy::require_local_netns(&docs, &self.config.mesh.node)?;
         let compiled = mesh_policy::compile(&docs, &self.config.mesh)?;
         let local_netns = resolve_netns(&docs, &compiled)?;
-        self.apply_compiled(compiled, local_netns, started)
+        self.try_apply_compiled(compiled, local_netns, started)
     }
 
     /// Applies a compiled configuration whose local network namespaces have
     /// been resolved to cookies; returns the names behind the numbers now
     /// in the maps (also written to disk).
     pub fn apply_compiled(
+        &mut self,
+        compiled: Compiled,
+        local_netns: BTreeMap<u64, u64>,
+        started: Instant,
+    ) -> Result<NodeState, ReloadError> {
+        let result = self.try_apply_compiled(compiled, local_netns, started);
+        self.count_failure(&result);
+        result
+    }
+
+    /// `standalone` or `kubernetes`, as the reconcile metrics name it.
+    fn mode(&self) -> &'static str {
+        if self.config.kubernetes.is_some() {
+            "kubernetes"
+        } else {
+            "standalone"
+        }
+    }
+
+    fn count_failure<T>(&self, result: &Result<T, ReloadError>) {
+        if let Err(error) = result {
+            self.metrics.failed(self.mode(), error.reason());
+        }
+    }
+
+    fn try_apply_compiled(
         &mut self,
         mut compiled: Compiled,
         local_netns: BTreeMap<u64, u64>,
@@ -168,12 +217,7 @@ impl Control {
                 source,
             })?;
         let elapsed = started.elapsed();
-        let mode = if self.config.kubernetes.is_some() {
-            "kubernetes"
-        } else {
-            "standalone"
-        };
-        self.metrics.observe(mode, elapsed);
+        self.metrics.observe(self.mode(), elapsed);
         info!(
             upserted = changes.upserted,
             deleted = changes.deleted,

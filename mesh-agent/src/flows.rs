@@ -340,11 +340,12 @@ pub struct FlowMetrics {
 }
 
 impl FlowMetrics {
-    /// Made and registered (as `mesh_flow_verdicts`) in `registry`.
+    /// Made and registered (`verdicts`) in `registry`, the agent's `flow`
+    /// sub-registry.
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = Self::default();
         registry.register(
-            "flow_verdicts",
+            "verdicts",
             "Verdicts on new connections and flows, by where they were judged (connect, \
              sendmsg, ingress: the kernel; tunnel-in, tunnel-out: the agent), the source and \
              destination identities (SPIFFE IDs, world, or the number when no name is known), \

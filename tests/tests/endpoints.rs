@@ -329,6 +329,13 @@ fn an_invalid_policy_makes_ready_503_and_status_fail() {
         sample(&get(&bed, METRICS, "/metrics").body, "mesh_ready"),
         Some(0.0)
     );
+    // The refusal is counted, by why.
+    let metrics = get(&bed, METRICS, "/metrics").body;
+    let refused = sample(
+        &metrics,
+        "mesh_reconcile_failures_total{mode=\"standalone\",reason=\"invalid_config\"}",
+    );
+    assert!(refused >= Some(1.0), "{metrics}");
 
     let (code, text) = status(&bed, &[]);
     assert_eq!(code, 1, "{text}");

@@ -7,27 +7,19 @@
 //! the state directory (kernel counters, map fill, policy generation,
 //! certificates, readiness), so a scrape always says what the kernel holds
 //! now, also what an earlier agent did.
-use std::{
-    fmt,
-    path::PathBuf,
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
+use std::{fmt, path::PathBuf, sync::Arc, time::SystemTime};
 
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
-    metrics::{
-        MetricType,
-        counter::{ConstCounter, Counter},
-        family::Family,
-        gauge::{ConstGauge, Gauge},
-        histogram::{Histogram, exponential_buckets},
-    },
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
     registry::{Registry, Unit},
 };
 
-use crate::{flows::FlowMetrics, health::HealthWatch};
+use crate::{
+    control::metrics::ReconcileMetrics, flows::FlowMetrics, health::HealthWatch,
+    k8s::metrics::KubernetesMetrics, mtls::metrics::TunnelMetrics,
+};
 use mesh_datapath::maps::{MapFill, PinnedMaps};
 
 /// The registry and the parts the subsystems update. Cheap to clone.
@@ -52,44 +44,16 @@ impl Metrics {
     /// A registry whose scrape-time readings come from `read`.
     pub fn new(options: Options, read: impl Fn() -> Readings + Send + Sync + 'static) -> Self {
         let mut registry = Registry::with_prefix("mesh");
-        let flows = FlowMetrics::register(&mut registry);
-        let tunnels = TunnelMetrics::default();
-        registry.register(
-            "tunnel_handshakes",
-            "Mutual TLS handshakes of tunnels between node agents, by direction and result",
-            tunnels.handshakes.clone(),
-        );
-        registry.register(
-            "tunnels_open",
-            "Tunnels carrying a connection now, by direction",
-            tunnels.open.clone(),
-        );
-        if options.mtls {
-            for direction in [Direction::Inbound, Direction::Outbound] {
-                for ok in [true, false] {
-                    let _ = tunnels
-                        .handshakes
-                        .get_or_create(&HandshakeLabels::new(direction, ok));
-                }
-                let _ = tunnels.open.get_or_create(&DirectionLabels::new(direction));
-            }
-        }
-        let reconcile = ReconcileMetrics::default();
-        registry.register_with_unit(
-            "reconcile_duration",
-            "Time from a change of the policy source to its map diff applied (read or \
-             translate, compile, diff, write), by mode",
-            Unit::Seconds,
-            reconcile.durations.clone(),
-        );
-        let kubernetes = KubernetesMetrics::default();
-        if options.kubernetes {
-            registry.register(
-                "kubernetes_watch_connected",
-                "1 while every watch has listed its kind and the API server answers, else 0",
-                kubernetes.connected.clone(),
-            );
-        }
+        // Each subsystem registers its own metrics; a sub-registry's prefix
+        // is the first word of their names.
+        let flows = FlowMetrics::register(registry.sub_registry_with_prefix("flow"));
+        let tunnels = TunnelMetrics::register(&mut registry, options.mtls);
+        let reconcile = ReconcileMetrics::register(registry.sub_registry_with_prefix("reconcile"));
+        let kubernetes = if options.kubernetes {
+            KubernetesMetrics::register(registry.sub_registry_with_prefix("kubernetes"))
+        } else {
+            KubernetesMetrics::default()
+        };
         registry.register_collector(Box::new(NodeCollector {
             read: Box::new(read),
         }));
@@ -114,133 +78,6 @@ impl Metrics {
 
 /// The `Content-Type` of [`Metrics::render`].
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Direction {
-    /// This agent accepted the tunnel (the destination's node).
-    Inbound,
-    /// This agent opened it for a local workload (the source's node).
-    Outbound,
-}
-
-impl Direction {
-    fn name(self) -> &'static str {
-        match self {
-            Direction::Inbound => "inbound",
-            Direction::Outbound => "outbound",
-        }
-    }
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct DirectionLabels {
-    direction: &'static str,
-}
-
-impl DirectionLabels {
-    fn new(direction: Direction) -> Self {
-        Self {
-            direction: direction.name(),
-        }
-    }
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct HandshakeLabels {
-    direction: &'static str,
-    result: &'static str,
-}
-
-impl HandshakeLabels {
-    fn new(direction: Direction, ok: bool) -> Self {
-        Self {
-            direction: direction.name(),
-            result: if ok { "ok" } else { "failed" },
-        }
-    }
-}
-
-/// Tunnels between node agents.
-#[derive(Clone, Debug, Default)]
-pub struct TunnelMetrics {
-    handshakes: Family<HandshakeLabels, Counter>,
-    open: Family<DirectionLabels, Gauge>,
-}
-
-impl TunnelMetrics {
-    /// A mutual TLS handshake finished, or failed.
-    pub fn handshake(&self, direction: Direction, ok: bool) {
-        self.handshakes
-            .get_or_create(&HandshakeLabels::new(direction, ok))
-            .inc();
-    }
-
-    /// A tunnel carries a connection until the guard is dropped.
-    pub fn open(&self, direction: Direction) -> OpenTunnel {
-        let gauge = self
-            .open
-            .get_or_create(&DirectionLabels::new(direction))
-            .clone();
-        gauge.inc();
-        OpenTunnel(gauge)
-    }
-}
-
-/// Counts one open tunnel while it lives.
-#[derive(Debug)]
-pub struct OpenTunnel(Gauge);
-
-impl Drop for OpenTunnel {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ModeLabels {
-    mode: &'static str,
-}
-
-type Buckets = fn() -> Histogram;
-
-/// How long applying a change of the policy source takes.
-#[derive(Clone, Debug)]
-pub struct ReconcileMetrics {
-    durations: Family<ModeLabels, Histogram, Buckets>,
-}
-
-impl Default for ReconcileMetrics {
-    fn default() -> Self {
-        // 1 ms to 16 s: a small standalone change takes a few ms, a
-        // 10,000-pod cluster's full recompile some 100 ms.
-        Self {
-            durations: Family::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(0.001, 2.0, 15))
-            }),
-        }
-    }
-}
-
-impl ReconcileMetrics {
-    /// `mode`: `standalone` or `kubernetes`.
-    pub fn observe(&self, mode: &'static str, elapsed: Duration) {
-        self.durations
-            .get_or_create(&ModeLabels { mode })
-            .observe(elapsed.as_secs_f64());
-    }
-}
-
-/// The state of the Kubernetes API server's watches.
-#[derive(Clone, Debug, Default)]
-pub struct KubernetesMetrics {
-    connected: Gauge,
-}
-
-impl KubernetesMetrics {
-    pub fn set_connected(&self, connected: bool) {
-        self.connected.set(i64::from(connected));
-    }
-}
 
 /// What a scrape reads from the kernel and the state directory. A part
 /// that cannot be read is left empty, and its metrics are not shown.
@@ -409,8 +246,13 @@ mod tests {
         RULE_MESH_DEFAULT, RULE_NO_POLICY, RULE_NON_MESH, RULE_NOT_ALLOWED, RULE_STRICT_MTLS,
     };
 
+    use std::time::Duration;
+
     use super::*;
-    use crate::flows::{FlowEnd, FlowRecord, reason_label};
+    use crate::{
+        flows::{FlowEnd, FlowRecord, reason_label},
+        mtls::metrics::Direction,
+    };
 
     const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
     const CART: &str = "spiffe://cluster.local/ns/shop/sa/cart";
@@ -480,6 +322,7 @@ mod tests {
         metrics
             .reconcile
             .observe("standalone", Duration::from_millis(3));
+        metrics.reconcile.failed("standalone", "invalid_config");
         metrics.kubernetes.set_connected(true);
 
         let text = metrics.render();
@@ -503,6 +346,8 @@ mod tests {
             "mesh_reconcile_duration_seconds_count{mode=\"standalone\"} 1",
             "mesh_reconcile_duration_seconds_bucket{le=\"0.004\",mode=\"standalone\"} 1",
             "mesh_reconcile_duration_seconds_bucket{le=\"0.002\",mode=\"standalone\"} 0",
+            "# TYPE mesh_reconcile_failures counter",
+            "mesh_reconcile_failures_total{mode=\"standalone\",reason=\"invalid_config\"} 1",
             "mesh_kubernetes_watch_connected 1",
             "mesh_kernel_policy_denied_total 3",
             "mesh_kernel_bytes_redirected_total 1024",

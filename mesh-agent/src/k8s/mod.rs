@@ -14,6 +14,7 @@
 //! cleared, nothing opened), the agent reports not ready, and the watchers
 //! reconnect with backoff; a relist then converges by diff.
 pub mod crds;
+pub mod metrics;
 mod mirror;
 mod podns;
 mod status;
@@ -36,9 +37,9 @@ use tracing::{error, info, warn};
 use crate::{
     config::{Config, KubernetesConfig},
     control::{self, Control},
-    endpoints::metrics::KubernetesMetrics,
     flows::FlowHub,
     health::Health,
+    k8s::metrics::KubernetesMetrics,
     mtls::Mtls,
 };
 use mesh_policy::{

@@ -24,8 +24,8 @@ use super::{
     outbound::connect_marked,
 };
 use crate::{
-    endpoints::metrics::{Direction, OpenTunnel, TunnelMetrics},
     flows::{FlowHub, TunnelFlow},
+    mtls::metrics::{Direction, OpenTunnel, TunnelMetrics},
     tunnel::{
         TunnelSettings,
         server::{ConnectRequest, Refusal, serve},

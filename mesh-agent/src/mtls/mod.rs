@@ -10,6 +10,7 @@
 pub mod inbound;
 pub mod judge;
 pub mod listeners;
+pub mod metrics;
 pub mod outbound;
 pub mod view;
 
@@ -26,8 +27,8 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::{CaSource, Config},
-    endpoints::metrics::TunnelMetrics,
     flows::FlowHub,
+    mtls::metrics::TunnelMetrics,
     tunnel::{TunnelSettings, pool::Pool},
 };
 use mesh_datapath::maps::PinnedMaps;

@@ -14,8 +14,8 @@ use tracing::{Instrument as _, debug, error_span, warn};
 
 use super::{listeners::Accepted, view::MeshView};
 use crate::{
-    endpoints::metrics::{Direction, TunnelMetrics},
     flows::{FlowHub, TunnelFlow},
+    mtls::metrics::{Direction, TunnelMetrics},
     tunnel::{
         client::OpenError,
         pool::{Pool, PoolError},
