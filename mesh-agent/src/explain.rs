@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use mesh_common::policy::{
-    ANY_IDENTITY, ANY_PORT, ENDPOINT_LOCAL, Endpoint, PROTO_TCP, PROTO_UDP, PolicyKey,
+    ANY_IDENTITY, ANY_PORT, ENDPOINT_LOCAL, Endpoint, IpKey, PROTO_TCP, PROTO_UDP, PolicyKey,
     WORLD_IDENTITY, decide_for,
 };
 use serde::Serialize;
@@ -22,8 +22,8 @@ use serde::Serialize;
 use crate::inspect::{Output, json, proto_name};
 use mesh_agent::flows::{self, FlowRecord, Request};
 use mesh_datapath::maps::PinnedMaps;
+use mesh_policy::numeric_identity;
 use mesh_policy::state::NodeState;
-use mesh_policy::{ip_key, numeric_identity};
 
 /// What `explain` is asked: a connection, and how to answer.
 #[derive(Debug, Clone)]
@@ -127,7 +127,7 @@ fn path(
 fn source_identity(maps: &PinnedMaps, from: &str) -> anyhow::Result<u64> {
     if let Ok(ip) = from.parse::<IpAddr>() {
         return Ok(maps
-            .endpoint(&ip_key(ip))?
+            .endpoint(&IpKey::from(ip))?
             .map_or(WORLD_IDENTITY, |e| e.identity));
     }
     if from == "world" {
@@ -153,7 +153,7 @@ fn destinations(
             None => found.push((ep, vec![label])),
         };
     if let Ok(ip) = to.parse::<IpAddr>() {
-        let Some(ep) = maps.endpoint(&ip_key(ip))? else {
+        let Some(ep) = maps.endpoint(&IpKey::from(ip))? else {
             bail!(
                 "{to} is not a mesh workload's address on this node's maps: MeshPolicy does \
                  not govern connections to it"
@@ -169,7 +169,7 @@ fn destinations(
         let id = numeric_identity(to);
         for w in names.workloads.iter().filter(|w| w.identity == id) {
             if let Some(ip) = w.ips.first()
-                && let Some(ep) = maps.endpoint(&ip_key(*ip))?
+                && let Some(ep) = maps.endpoint(&IpKey::from(*ip))?
             {
                 add(ep, format!("{}/{}", w.namespace, w.name));
             }

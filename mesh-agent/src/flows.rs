@@ -37,7 +37,6 @@ use tokio::{
 use tracing::{debug, warn};
 
 use mesh_datapath::sys::{async_ring_buf, read_pod};
-use mesh_policy::ip_from_key;
 use mesh_policy::state::NodeState;
 
 /// How many recent events the agent keeps for `flows` without `--follow`.
@@ -74,7 +73,8 @@ pub struct FlowRecord {
 impl FlowRecord {
     pub fn from_event(ev: &FlowEvent, names: &NodeState, boot_offset: f64) -> Self {
         let end = |identity: u64, ip: &[u32; 4], port: u16| {
-            let ip = (*ip != [0; 4]).then(|| ip_from_key(&mesh_common::policy::IpKey { ip: *ip }));
+            let ip = (*ip != [0; 4])
+                .then(|| std::net::IpAddr::from(mesh_common::policy::IpKey { ip: *ip }));
             FlowEnd {
                 identity: names.identity_name(identity),
                 id: identity.to_string(),

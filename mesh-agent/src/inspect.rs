@@ -1,7 +1,7 @@
 //! `mesh-agent inspect …`: what the kernel holds, as a table or JSON.
 pub mod certs;
 
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 
 use mesh_common::{
     Counter, SOCKET_STACK_ONLY, SocketInfo, SocketKey,
@@ -33,19 +33,6 @@ pub struct SocketRow {
     pub path: &'static str,
 }
 
-/// A kernel address (network-byte-order words, IPv4 mapped) as an IP address.
-pub fn kernel_ip(words: [u32; 4]) -> IpAddr {
-    let mut bytes = [0u8; 16];
-    for (chunk, word) in bytes.chunks_exact_mut(4).zip(words) {
-        chunk.copy_from_slice(&word.to_ne_bytes());
-    }
-    let v6 = Ipv6Addr::from(bytes);
-    match v6.to_ipv4_mapped() {
-        Some(v4) => IpAddr::V4(v4),
-        None => IpAddr::V6(v6),
-    }
-}
-
 fn monotonic_ns() -> u64 {
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .expect("CLOCK_MONOTONIC is always available");
@@ -56,8 +43,8 @@ pub fn socket_rows(entries: &[(SocketKey, SocketInfo)], now_ns: u64) -> Vec<Sock
     let mut rows: Vec<SocketRow> = entries
         .iter()
         .map(|(key, info)| SocketRow {
-            local: SocketAddr::new(kernel_ip(key.local_ip), key.local_port),
-            remote: SocketAddr::new(kernel_ip(key.remote_ip), key.remote_port),
+            local: key.local(),
+            remote: key.remote(),
             netns_cookie: (key.netns != 0).then_some(key.netns),
             cookie: info.cookie,
             age_seconds: now_ns.saturating_sub(info.established_ns) as f64 / 1e9,
@@ -172,7 +159,7 @@ pub fn endpoints(
         .endpoints()?
         .into_iter()
         .map(|(key, ep)| EndpointRow {
-            ip: kernel_ip(key.ip),
+            ip: IpAddr::from(key),
             identity: names.identity_name(ep.identity),
             id: ep.identity.to_string(),
             subject: format!("{:016x}", ep.subject),
@@ -352,8 +339,8 @@ pub fn conntrack(
         .map(|(k, st)| {
             let outbound = st.flags & FLOW_OUTBOUND != 0;
             ConntrackRow {
-                src: SocketAddr::new(kernel_ip(k.src_ip), k.src_port),
-                dst: SocketAddr::new(kernel_ip(k.dst_ip), k.dst_port),
+                src: k.src(),
+                dst: k.dst(),
                 src_identity: flow_identity(names, st.src_identity),
                 dst_identity: flow_identity(names, st.dst_identity),
                 proto: proto_name(k.proto),
@@ -434,16 +421,6 @@ mod tests {
             _pad: 0,
             netns: 0,
         }
-    }
-
-    #[test]
-    fn decodes_kernel_addresses() {
-        assert_eq!(
-            kernel_ip(ipv4_mapped(u32::from_ne_bytes([198, 18, 0, 1]))).to_string(),
-            "198.18.0.1"
-        );
-        let v6: [u32; 4] = [u32::from_be(0xfd00_0000), 0, 0, u32::from_be(2)];
-        assert_eq!(kernel_ip(v6).to_string(), "fd00::2");
     }
 
     #[test]

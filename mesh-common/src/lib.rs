@@ -9,6 +9,8 @@
 #![deny(unsafe_code)]
 
 pub mod policy;
+#[cfg(feature = "user")]
+mod user;
 
 /// Names of the maps, as they appear in the object file and under the pin directory.
 pub mod map_names {

@@ -35,9 +35,7 @@ use super::documents::{
     ConfigError, Documents, FromEntry, KIND_MESH_POLICY, KIND_WORKLOAD, MeshPolicy, MtlsMode,
     PeerAuthentication, PolicyAction, Protocol, Rule, Selector, Workload,
 };
-use super::identity::{
-    IdentityPattern, hash32, hash64, ip_from_key, ip_key, numeric_identity, spiffe_id,
-};
+use super::identity::{IdentityPattern, hash32, hash64, numeric_identity, spiffe_id};
 
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_ROOT_NAMESPACE: &str = "mesh-system";
@@ -646,7 +644,7 @@ pub fn compile(docs: &Documents, settings: &MeshSettings) -> Result<Compiled, Co
         }
         for ip in &w.spec.ips {
             out.endpoints.insert(
-                ip_key(*ip),
+                IpKey::from(*ip),
                 Endpoint {
                     identity: k.identity,
                     subject,
@@ -680,7 +678,7 @@ pub fn compile(docs: &Documents, settings: &MeshSettings) -> Result<Compiled, Co
                 .spec
                 .ips
                 .iter()
-                .map(|ip| ip_from_key(&ip_key(*ip)))
+                .map(|ip| IpAddr::from(IpKey::from(*ip)))
                 .collect(),
             node: w.spec.node.clone(),
             local: k.local,
@@ -1427,12 +1425,12 @@ mod tests {
             m.compiled.local_netns,
             BTreeMap::from([(PathBuf::from("/run/netns/local"), local.identity)])
         );
-        let ep = m.compiled.endpoints[&ip_key("fd00::20".parse().unwrap())];
+        let ep = m.compiled.endpoints[&IpKey::from("fd00::20".parse::<IpAddr>().unwrap())];
         assert_eq!(
             (ep.identity, ep.subject, ep.flags),
             (local.identity, local.subject, ENDPOINT_LOCAL)
         );
-        let remote = m.compiled.endpoints[&ip_key("198.18.0.1".parse().unwrap())];
+        let remote = m.compiled.endpoints[&IpKey::from("198.18.0.1".parse::<IpAddr>().unwrap())];
         assert_eq!(remote.flags, 0);
         assert_eq!(m.compiled.endpoints.len(), 9);
         assert_eq!(m.compiled.identities[&WORLD_IDENTITY], "world");
@@ -1858,8 +1856,9 @@ mod mtls_mode_tests {
         );
         let docs = parse_str("t.yaml", &yaml).unwrap();
         let c = compile(&docs, &MeshSettings::default()).unwrap();
-        let strict =
-            |ip: &str| c.endpoints[&ip_key(ip.parse().unwrap())].flags & ENDPOINT_STRICT != 0;
+        let strict = |ip: &str| {
+            c.endpoints[&IpKey::from(ip.parse::<IpAddr>().unwrap())].flags & ENDPOINT_STRICT != 0
+        };
         assert!(strict("10.0.0.1") && !strict("10.0.0.2") && strict("10.0.0.3"));
     }
 

@@ -5,13 +5,15 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::IpAddr;
+
+use mesh_common::policy::IpKey;
 use std::path::{Path, PathBuf};
 
 use kube::CustomResource;
 use serde::{Deserialize, Deserializer};
 use serde_yaml::Value;
 
-use super::identity::{IdentityPattern, ip_key, is_dns_label, is_dns_subdomain};
+use super::identity::{IdentityPattern, is_dns_label, is_dns_subdomain};
 
 /// The only `apiVersion` this build reads.
 pub const API_VERSION: &str = "mesh.dev/v1alpha1";
@@ -840,7 +842,7 @@ fn validate_workload(w: &Workload) -> Result<(), FieldError> {
         }
         if let Some(j) = w.spec.ips[..i]
             .iter()
-            .position(|other| ip_key(*other) == ip_key(*ip))
+            .position(|other| IpKey::from(*other) == IpKey::from(*ip))
         {
             return Err((
                 format!("spec.ips[{i}]"),
@@ -991,7 +993,7 @@ fn check_duplicates(docs: &Documents) -> Result<(), ConfigError> {
     let mut ips: HashMap<_, &Workload> = HashMap::new();
     for w in &docs.workloads {
         for (i, ip) in w.spec.ips.iter().enumerate() {
-            if let Some(first) = ips.insert(ip_key(*ip), w) {
+            if let Some(first) = ips.insert(IpKey::from(*ip), w) {
                 return Err(ConfigError::at(
                     &w.origin,
                     KIND_WORKLOAD,

@@ -1,10 +1,7 @@
 //! Workload identities: SPIFFE IDs, the 64-bit numbers the kernel sees,
-//! identity patterns of `from` entries, and the kernel's address keys.
+//! and identity patterns of `from` entries.
 
-use std::net::{IpAddr, Ipv6Addr};
-
-use mesh_common::ipv4_mapped;
-use mesh_common::policy::{FIRST_WORKLOAD_IDENTITY, IpKey};
+use mesh_common::policy::FIRST_WORKLOAD_IDENTITY;
 use sha2::{Digest, Sha256};
 
 /// `spiffe://<trust_domain>/ns/<namespace>/sa/<service_account>`.
@@ -38,33 +35,6 @@ pub(crate) fn hash32(bytes: &[u8]) -> u32 {
     let mut first = [0u8; 4];
     first.copy_from_slice(&digest[..4]);
     u32::from_be_bytes(first)
-}
-
-/// The `ENDPOINTS` key of an address: IPv4 as `::ffff:a.b.c.d`, every word
-/// in network byte order, as the kernel stores addresses.
-pub fn ip_key(ip: IpAddr) -> IpKey {
-    match ip {
-        IpAddr::V4(v4) => IpKey {
-            ip: ipv4_mapped(u32::from_ne_bytes(v4.octets())),
-        },
-        IpAddr::V6(v6) => {
-            let octets = v6.octets();
-            let mut ip = [0u32; 4];
-            for (word, chunk) in ip.iter_mut().zip(octets.chunks_exact(4)) {
-                *word = u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
-            }
-            IpKey { ip }
-        }
-    }
-}
-
-/// The inverse of [`ip_key`]; IPv4-mapped addresses come back as IPv4.
-pub fn ip_from_key(key: &IpKey) -> IpAddr {
-    let mut octets = [0u8; 16];
-    for (chunk, word) in octets.chunks_exact_mut(4).zip(key.ip) {
-        chunk.copy_from_slice(&word.to_ne_bytes());
-    }
-    Ipv6Addr::from(octets).to_canonical()
 }
 
 /// Whether `s` is a DNS-1123 label: at most 63 lowercase alphanumerics or
@@ -229,7 +199,6 @@ impl IdentityPattern {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::Ipv4Addr;
 
     #[test]
     fn spiffe_id_format() {
@@ -260,33 +229,6 @@ mod tests {
             expected
         };
         assert_eq!(numeric_identity(&id), expected);
-    }
-
-    #[test]
-    fn ip_keys_round_trip() {
-        let v4: IpAddr = Ipv4Addr::new(198, 18, 0, 11).into();
-        let key = ip_key(v4);
-        assert_eq!(
-            key.ip,
-            [
-                0,
-                0,
-                u32::from_ne_bytes([0, 0, 0xff, 0xff]),
-                u32::from_ne_bytes([198, 18, 0, 11])
-            ]
-        );
-        assert_eq!(ip_from_key(&key), v4);
-
-        let v6: IpAddr = "fd00::11".parse().unwrap();
-        let key = ip_key(v6);
-        assert_eq!(key.ip[0], u32::from_ne_bytes([0xfd, 0, 0, 0]));
-        assert_eq!(key.ip[3], u32::from_ne_bytes([0, 0, 0, 0x11]));
-        assert_eq!(ip_from_key(&key), v6);
-
-        // The IPv4-mapped spelling is the same address.
-        let mapped: IpAddr = "::ffff:198.18.0.11".parse().unwrap();
-        assert_eq!(ip_key(mapped), ip_key(v4));
-        assert_eq!(ip_from_key(&ip_key(mapped)), v4);
     }
 
     #[test]

@@ -35,4 +35,4 @@ pub use documents::{
     PeerAuthenticationResource, PeerAuthenticationSpec, PolicyAction, PortEntry, Protocol, Rule,
     Selector, Workload, WorkloadSpec, load_dir, parse_str, parse_value,
 };
-pub use identity::{IdentityPattern, ip_from_key, ip_key, numeric_identity, spiffe_id};
+pub use identity::{IdentityPattern, numeric_identity, spiffe_id};

@@ -9,7 +9,6 @@ use mesh_common::policy::{
 };
 
 use mesh_datapath::maps::{MapsError, PinnedMaps};
-use mesh_policy::ip_key;
 
 /// Read-only handles on the policy maps, opened once.
 pub struct PolicyLookup {
@@ -42,7 +41,7 @@ impl PolicyLookup {
         src_identity: u64,
         target: SocketAddr,
     ) -> Result<(Endpoint, Verdict), Refused> {
-        let dst = match self.endpoints.get(&ip_key(target.ip()), 0) {
+        let dst = match self.endpoints.get(&IpKey::from(target.ip()), 0) {
             Ok(e) if e.flags & ENDPOINT_LOCAL != 0 => e,
             _ => return Err(Refused::NotLocal),
         };

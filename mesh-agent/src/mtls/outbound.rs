@@ -22,7 +22,6 @@ use crate::{
     },
 };
 use mesh_pki::{SvidStore, sni_for};
-use mesh_policy::ip_from_key;
 
 /// One pooled HTTP/2 connection per (source identity, destination
 /// identity, peer agent): the client certificate is the source's and the
@@ -53,7 +52,7 @@ impl Outbound {
     }
 
     async fn carry(&self, a: Accepted) {
-        let dst = SocketAddr::new(ip_from_key(&IpKey { ip: a.orig.ip }), a.orig.port);
+        let dst = SocketAddr::new(IpKey { ip: a.orig.ip }.into(), a.orig.port);
         let src = &a.source;
         let refuse = |stream: TcpStream, dst_identity: u64, reason: String| {
             // An abortive close: the application sees a reset, never a
