@@ -3,6 +3,7 @@
 mod demo;
 mod ebpf;
 mod image;
+mod modules;
 mod previous;
 mod setup;
 
@@ -159,9 +160,11 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Formatting and lints of every crate, the kernel crate included (it has
-/// a workspace of its own, built by another rustc), warnings denied.
+/// No circle among each crate's modules; formatting and lints of every
+/// crate, the kernel crate included (it has a workspace of its own, built by
+/// another rustc), warnings denied.
 fn check_style() -> anyhow::Result<()> {
+    modules::check(&workspace_root())?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     let ebpf_manifest = workspace_root().join("mesh-ebpf/Cargo.toml");
     run(cargo()
