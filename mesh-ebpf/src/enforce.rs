@@ -25,16 +25,17 @@ use mesh_common::{
     Counter, Setting, ipv4_mapped,
     policy::{
         Action, ENDPOINT_LOCAL, Endpoint, FLOW_OUTBOUND, FlowEvent, FlowKey, FlowState, Hook,
-        IpKey, PROTO_TCP, PROTO_UDP, UdpPeerKey, Verdict, WORLD_IDENTITY, decide_for,
+        PROTO_TCP, PROTO_UDP, UdpPeerKey, Verdict, WORLD_IDENTITY, decide_for,
     },
 };
 
 use crate::{
-    CONNTRACK, ENDPOINTS, FLOWS, LOCAL_NETNS, POLICY, UDP_PEERS,
     attempt::Attempt,
-    count,
+    maps::{
+        CONNTRACK, FLOWS, LOCAL_NETNS, UDP_PEERS, count, endpoint, identity_of_address, lookup,
+        policy_entry, policy_generation, setting,
+    },
     packet::{self, Parsed},
-    policy_generation, setting,
     tunnel::{is_agent_socket, remember_redirect, steer_to_agent4, steer_to_agent6, tunnel_port},
 };
 
@@ -42,21 +43,18 @@ use crate::{
 const SOCK_ADDR_ALLOW: i32 = 1;
 const SOCK_ADDR_DENY: i32 = 0;
 
-/// The workload (or nothing) that owns `ip`.
-#[inline(always)]
-pub(crate) fn endpoint(ip: &[u32; 4]) -> Option<Endpoint> {
-    // SAFETY: map values are plain data, read and copied at once.
-    unsafe { ENDPOINTS.get(IpKey { ip: *ip }) }.copied()
-}
-
 /// The verdict for `a` towards the workload `dst`, reported as a flow
 /// event. `plaintext`: see `decide_for`.
 #[inline(always)]
 fn judge(a: &Attempt, dst: &Endpoint, plaintext: bool) -> Verdict {
-    let verdict = decide_for(dst, a.src_identity, a.dst_port, a.proto, plaintext, |k| {
-        // SAFETY: as in `endpoint`.
-        unsafe { POLICY.get(k) }.copied()
-    });
+    let verdict = decide_for(
+        dst,
+        a.src_identity,
+        a.dst_port,
+        a.proto,
+        plaintext,
+        policy_entry,
+    );
     count(
         match verdict.action() {
             Action::Allow => Counter::PolicyAllowed,
@@ -92,25 +90,13 @@ fn report(a: &Attempt, dst_identity: u64, verdict: Verdict) {
     entry.submit(0);
 }
 
-#[inline(always)]
-fn identity_of_address(ip: &[u32; 4]) -> u64 {
-    match endpoint(ip) {
-        Some(e) => e.identity,
-        None => WORLD_IDENTITY,
-    }
-}
-
 /// The identity of the local workload whose network namespace the calling
 /// socket lives in; `world` for anything else in the mesh's cgroup.
 #[inline(always)]
 fn identity_of_caller(ctx: &SockAddrContext) -> u64 {
     // SAFETY: the helper only reads the context it is given.
     let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    // SAFETY: as in `endpoint`.
-    match unsafe { LOCAL_NETNS.get(cookie) } {
-        Some(id) => *id,
-        None => WORLD_IDENTITY,
-    }
+    lookup(&LOCAL_NETNS, &cookie).unwrap_or(WORLD_IDENTITY)
 }
 
 /// The local port the calling socket is bound to (0: not bound yet).
@@ -158,8 +144,7 @@ fn judge_sock_addr(ctx: &SockAddrContext, dst_ip: [u32; 4], hook: Hook) -> Outco
     if (proto != PROTO_TCP && proto != PROTO_UDP) || is_agent_socket(ctx) {
         return Outcome::Allow;
     }
-    // SAFETY: as in `endpoint`.
-    if hook == Hook::Sendmsg && unsafe { UDP_PEERS.get(udp_peer(ctx, dst_ip)) }.is_some() {
+    if hook == Hook::Sendmsg && lookup(&UDP_PEERS, &udp_peer(ctx, dst_ip)).is_some() {
         return Outcome::Allow; // a reply to a datagram this socket received
     }
     let Some(dst) = endpoint(&dst_ip) else {
@@ -304,22 +289,18 @@ fn ingress_passes(key: &FlowKey, syn: bool) -> bool {
     if !is_local_endpoint(&key.dst_ip) {
         return true;
     }
-    // SAFETY: as in `endpoint`.
-    if let Some(st) = unsafe { CONNTRACK.get(key.reversed()) }
+    if let Some(st) = lookup(&CONNTRACK, &key.reversed())
         && st.flags & FLOW_OUTBOUND != 0
     {
         return true; // a reply to a flow this node opened
     }
     let generation = policy_generation();
     // A SYN is a new connection even if an old one used the same ports.
-    if !syn {
-        // SAFETY: as in `endpoint`.
-        if let Some(st) = unsafe { CONNTRACK.get(key) } {
-            let current = st.generation == generation;
-            let kept = st.verdict.action().passes() && setting(Setting::RevokeEstablished) == 0;
-            if st.flags & FLOW_OUTBOUND == 0 && (current || kept) {
-                return st.verdict.action().passes();
-            }
+    if !syn && let Some(st) = lookup(&CONNTRACK, key) {
+        let current = st.generation == generation;
+        let kept = st.verdict.action().passes() && setting(Setting::RevokeEstablished) == 0;
+        if st.flags & FLOW_OUTBOUND == 0 && (current || kept) {
+            return st.verdict.action().passes();
         }
     }
     let attempt = Attempt {
@@ -365,9 +346,7 @@ fn record_outbound(key: &FlowKey) {
         Some(e) if e.flags & ENDPOINT_LOCAL != 0 => e,
         _ => return,
     };
-    // SAFETY: as in `endpoint`.
-    if unsafe { CONNTRACK.get(key) }.is_some() || unsafe { CONNTRACK.get(key.reversed()) }.is_some()
-    {
+    if lookup(&CONNTRACK, key).is_some() || lookup(&CONNTRACK, &key.reversed()).is_some() {
         return; // already known, or a reply of an inbound flow
     }
     let state = FlowState {

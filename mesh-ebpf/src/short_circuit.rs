@@ -20,10 +20,13 @@ use aya_ebpf::{
 };
 use mesh_common::{
     Counter, RawTuple, SOCKET_ACTIVE, SOCKET_STACK_ONLY, SocketInfo, SocketKey,
-    policy::{IpKey, PROTO_TCP, WORLD_IDENTITY, decide},
+    policy::{PROTO_TCP, decide},
 };
 
-use crate::{ENDPOINTS, POLICY, SOCK_HASH, SOCKETS, count, policy_generation, short_circuit_on};
+use crate::maps::{
+    SOCK_HASH, SOCKETS, count, endpoint, identity_of_address, policy_entry, policy_generation,
+    short_circuit_on,
+};
 
 #[sock_ops]
 pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
@@ -62,21 +65,13 @@ fn connection_allowed(key: &SocketKey, active: bool) -> bool {
     } else {
         (key.remote_ip, key.local_ip, key.local_port)
     };
-    // SAFETY: map values are plain data, read and copied at once.
-    let Some(server) = (unsafe { ENDPOINTS.get(IpKey { ip: server_ip }) }).copied() else {
+    let Some(server) = endpoint(&server_ip) else {
         return true;
     };
-    // SAFETY: as above.
-    let client = match unsafe { ENDPOINTS.get(IpKey { ip: client_ip }) } {
-        Some(e) => e.identity,
-        None => WORLD_IDENTITY,
-    };
-    decide(server.subject, client, server_port, PROTO_TCP, |k| {
-        // SAFETY: as above.
-        unsafe { POLICY.get(k) }.copied()
-    })
-    .action()
-    .passes()
+    let client = identity_of_address(&client_ip);
+    decide(server.subject, client, server_port, PROTO_TCP, policy_entry)
+        .action()
+        .passes()
 }
 
 fn track_established(ctx: &SockOpsContext, side: u32) {

@@ -17,13 +17,14 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext},
 };
 use mesh_common::{
-    AGENT_SOCKET_MARK, Counter, Setting,
+    AF_INET6, AGENT_SOCKET_MARK, Counter, Setting,
     policy::{Endpoint, OrigDst, TunnelKey},
 };
 
-use crate::{REDIRECTS, TUNNEL_ORIG, attempt::Attempt, count, setting};
-
-const AF_INET6: u32 = 10;
+use crate::{
+    attempt::Attempt,
+    maps::{REDIRECTS, TUNNEL_ORIG, count, lookup, setting},
+};
 
 /// The agent's outbound listener port, or 0 when mTLS is off.
 #[inline(always)]
@@ -96,8 +97,7 @@ pub(crate) fn steer_to_agent6(ctx: &SockAddrContext) {
 pub(crate) fn publish_for_agent(ctx: &SockOpsContext) {
     // SAFETY: helpers that only read the context they are given.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: map values are plain data, read and copied at once.
-    let Some(orig) = (unsafe { REDIRECTS.get(cookie) }).copied() else {
+    let Some(orig) = lookup(&REDIRECTS, &cookie) else {
         return;
     };
     let key = TunnelKey {
@@ -114,8 +114,7 @@ pub(crate) fn publish_for_agent(ctx: &SockOpsContext) {
 /// so the application never sees the agent.
 #[cgroup_sock_addr(getpeername4)]
 pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
-    // SAFETY: as in `publish_for_agent`.
-    if let Some(orig) = unsafe { REDIRECTS.get(socket_cookie(&ctx)) } {
+    if let Some(orig) = lookup(&REDIRECTS, &socket_cookie(&ctx)) {
         // SAFETY: getpeername4 may write the address it returns.
         unsafe {
             (*ctx.sock_addr).user_ip4 = orig.ip[3];
@@ -127,9 +126,7 @@ pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
-    // SAFETY: as in `publish_for_agent`.
-    if let Some(orig) = unsafe { REDIRECTS.get(socket_cookie(&ctx)) } {
-        let orig = *orig;
+    if let Some(orig) = lookup(&REDIRECTS, &socket_cookie(&ctx)) {
         // SAFETY: as in `steer_to_agent6`.
         unsafe {
             let sa = ctx.sock_addr;
