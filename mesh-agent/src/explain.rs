@@ -14,8 +14,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use mesh_common::policy::{
-    ANY_IDENTITY, ANY_PORT, ENDPOINT_LOCAL, Endpoint, IpKey, PROTO_TCP, PROTO_UDP, PolicyKey,
-    WORLD_IDENTITY, decide_for,
+    ANY_IDENTITY, ANY_PORT, ConnectionPath, Endpoint, IpKey, PROTO_TCP, PROTO_UDP, PolicyKey,
+    WORLD_IDENTITY, connection_path, decide_for,
 };
 use serde::Serialize;
 
@@ -85,9 +85,9 @@ pub struct Explanation {
 }
 
 /// How a connection from `src` to `dst` travels, as this node sees it, and
-/// whether its source is unproven (plaintext, which STRICT refuses): the
-/// same reasoning as the connect hook (mesh-ebpf enforce.rs) and the tc
-/// program.
+/// whether its source is unproven (plaintext, which STRICT refuses):
+/// `connection_path`, the function the connect hook (mesh-ebpf enforce.rs)
+/// calls, so the two cannot disagree.
 fn path(
     names: &NodeState,
     src: u64,
@@ -95,32 +95,24 @@ fn path(
     proto: u8,
     mtls: bool,
 ) -> (&'static str, bool) {
-    let workload = |local: bool| {
-        names
-            .workloads
-            .iter()
-            .any(|w| w.identity == src && w.local == local)
+    let src_on_node = names.workloads.iter().any(|w| w.identity == src && w.local);
+    let path = connection_path(dst, src, src_on_node, proto, mtls);
+    let text = match path {
+        ConnectionPath::NotWorkload => "not a workload: plaintext, known by its address",
+        ConnectionPath::SameNode => {
+            "same node: the kernel knows the source by its network namespace"
+        }
+        ConnectionPath::Tunnel => {
+            "mTLS tunnel (HBONE): the destination's node checks the source's verified certificate identity against these same entries"
+        }
+        ConnectionPath::PlaintextFromOtherNode => {
+            "plaintext from another node: known only by its address"
+        }
+        ConnectionPath::PlaintextBetweenNodes => {
+            "plaintext between nodes: the destination's node knows the source only by its address"
+        }
     };
-    let tunnels = mtls && proto == PROTO_TCP;
-    match (dst.flags & ENDPOINT_LOCAL != 0, src) {
-        (_, WORLD_IDENTITY) => ("not a workload: plaintext, known by its address", true),
-        (true, _) if workload(true) => (
-            "same node: the kernel knows the source by its network namespace",
-            false,
-        ),
-        (true, _) | (false, _) if tunnels => (
-            "mTLS tunnel (HBONE): the destination's node checks the source's verified certificate identity against these same entries",
-            false,
-        ),
-        (true, _) => (
-            "plaintext from another node: known only by its address",
-            true,
-        ),
-        (false, _) => (
-            "plaintext between nodes: the destination's node knows the source only by its address",
-            true,
-        ),
-    }
+    (text, path.plaintext())
 }
 
 /// The source identity for `--from`.

@@ -213,6 +213,70 @@ pub fn decide_for(
     decide(dst.subject, src_identity, port, proto, lookup)
 }
 
+/// How a connection to a mesh workload travels, and so who proves its
+/// source: what [`connection_path`] answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectionPath {
+    /// The source is not a workload (`world`): plaintext, known by its address.
+    NotWorkload,
+    /// Source and destination on the same node: the kernel knows the source
+    /// by its network namespace.
+    SameNode,
+    /// Steered to the node agent and carried over mutual TLS: the
+    /// destination's node checks the certificate's identity.
+    Tunnel,
+    /// From a workload of another node to a workload of this one, without
+    /// a tunnel: known only by its address.
+    PlaintextFromOtherNode,
+    /// To a workload of another node, without a tunnel: the destination's
+    /// node knows the source only by its address.
+    PlaintextBetweenNodes,
+}
+
+impl ConnectionPath {
+    /// Whether the source's identity is unproven, which a STRICT
+    /// destination refuses: the `plaintext` of [`decide_for`].
+    #[inline(always)]
+    pub const fn plaintext(self) -> bool {
+        match self {
+            Self::SameNode | Self::Tunnel => false,
+            Self::NotWorkload | Self::PlaintextFromOtherNode | Self::PlaintextBetweenNodes => true,
+        }
+    }
+}
+
+/// How a connection from `src_identity` to the workload `dst` travels, as
+/// the node judging it sees it. The connect hook steers to the agent
+/// exactly the connections this calls [`ConnectionPath::Tunnel`], and
+/// `mesh-agent explain` shows the same answer, so they cannot disagree.
+///
+/// - `src_on_node`: the source is a workload of this node (always, at the
+///   connect hook: it knows the caller by its network namespace).
+/// - `tunnels`: the source's node steers this connection to its agent:
+///   mutual TLS is on (`Setting::TunnelPort` is not 0) and the connection is
+///   being opened by `connect(2)` (only TCP is tunnelled; `proto` decides).
+#[inline(always)]
+pub fn connection_path(
+    dst: &Endpoint,
+    src_identity: u64,
+    src_on_node: bool,
+    proto: u8,
+    tunnels: bool,
+) -> ConnectionPath {
+    let dst_on_node = dst.flags & ENDPOINT_LOCAL != 0;
+    if src_identity == WORLD_IDENTITY {
+        ConnectionPath::NotWorkload
+    } else if dst_on_node && src_on_node {
+        ConnectionPath::SameNode
+    } else if tunnels && proto == PROTO_TCP {
+        ConnectionPath::Tunnel
+    } else if dst_on_node {
+        ConnectionPath::PlaintextFromOtherNode
+    } else {
+        ConnectionPath::PlaintextBetweenNodes
+    }
+}
+
 /// Value of `REDIRECTS` and `TUNNEL_ORIG`: where a connection steered to
 /// the node agent was going, and who opened it.
 #[repr(C)]
@@ -448,6 +512,81 @@ mod tests {
             .action(),
             Action::Deny
         );
+    }
+
+    fn endpoint(flags: u32) -> Endpoint {
+        Endpoint {
+            identity: 200,
+            subject: 7,
+            flags,
+            _pad: 0,
+        }
+    }
+
+    #[test]
+    fn connection_paths() {
+        use ConnectionPath::*;
+        let here = endpoint(ENDPOINT_LOCAL);
+        let there = endpoint(0);
+        // (destination, source identity, source on this node, proto, tunnels) -> path
+        let cases = [
+            // world is plaintext wherever it goes, tunnels or not
+            (here, WORLD_IDENTITY, false, PROTO_TCP, true, NotWorkload),
+            (there, WORLD_IDENTITY, true, PROTO_TCP, true, NotWorkload),
+            (here, WORLD_IDENTITY, true, PROTO_UDP, false, NotWorkload),
+            // same node never goes through a tunnel
+            (here, 100, true, PROTO_TCP, true, SameNode),
+            (here, 100, true, PROTO_UDP, false, SameNode),
+            // between nodes: TCP is tunnelled when mTLS is on
+            (there, 100, true, PROTO_TCP, true, Tunnel),
+            (here, 100, false, PROTO_TCP, true, Tunnel),
+            (there, 100, false, PROTO_TCP, true, Tunnel),
+            // UDP, or mTLS off (or not a connect), goes in plaintext
+            (there, 100, true, PROTO_UDP, true, PlaintextBetweenNodes),
+            (there, 100, true, PROTO_TCP, false, PlaintextBetweenNodes),
+            (here, 100, false, PROTO_UDP, true, PlaintextFromOtherNode),
+            (here, 100, false, PROTO_TCP, false, PlaintextFromOtherNode),
+        ];
+        for (dst, src, on_node, proto, tunnels, want) in cases {
+            assert_eq!(
+                connection_path(&dst, src, on_node, proto, tunnels),
+                want,
+                "dst flags {}, src {src}, on node {on_node}, proto {proto}, tunnels {tunnels}",
+                dst.flags
+            );
+        }
+    }
+
+    #[test]
+    fn only_proven_sources_are_not_plaintext() {
+        use ConnectionPath::*;
+        assert!(!SameNode.plaintext());
+        assert!(!Tunnel.plaintext());
+        assert!(NotWorkload.plaintext());
+        assert!(PlaintextFromOtherNode.plaintext());
+        assert!(PlaintextBetweenNodes.plaintext());
+    }
+
+    #[test]
+    fn strict_refuses_exactly_the_plaintext_paths() {
+        let strict = endpoint(ENDPOINT_LOCAL | ENDPOINT_STRICT);
+        let allow = Verdict::new(Action::Allow, 20);
+        for (src, on_node, tunnels) in [
+            (WORLD_IDENTITY, true, true),
+            (100, true, false),
+            (100, false, true),
+            (100, false, false),
+        ] {
+            let path = connection_path(&strict, src, on_node, PROTO_TCP, tunnels);
+            let v = decide_for(&strict, src, 80, PROTO_TCP, path.plaintext(), |_| {
+                Some(allow)
+            });
+            if path.plaintext() {
+                assert_eq!(v, Verdict::new(Action::Deny, RULE_STRICT_MTLS), "{path:?}");
+            } else {
+                assert_eq!(v, allow, "{path:?}");
+            }
+        }
     }
 
     #[test]

@@ -24,8 +24,9 @@ use aya_ebpf::{
 use mesh_common::{
     Counter, Setting, ipv4_mapped,
     policy::{
-        Action, ENDPOINT_LOCAL, Endpoint, FLOW_OUTBOUND, FlowEvent, FlowKey, FlowState, Hook,
-        PROTO_TCP, PROTO_UDP, UdpPeerKey, Verdict, WORLD_IDENTITY, decide_for,
+        Action, ConnectionPath, ENDPOINT_LOCAL, Endpoint, FLOW_OUTBOUND, FlowEvent, FlowKey,
+        FlowState, Hook, PROTO_TCP, PROTO_UDP, UdpPeerKey, Verdict, WORLD_IDENTITY,
+        connection_path, decide_for,
     },
 };
 
@@ -160,24 +161,19 @@ fn judge_sock_addr(ctx: &SockAddrContext, dst_ip: [u32; 4], hook: Hook) -> Outco
         proto,
         hook,
     };
-    let from_workload = attempt.src_identity != WORLD_IDENTITY;
-    // Workloads of another node are reached through a tunnel when mutual
-    // TLS is on; anything else that leaves the node is plaintext, and so is
-    // a local call from a process that is not a workload.
-    let tunnelled = dst.flags & ENDPOINT_LOCAL == 0
-        && proto == PROTO_TCP
-        && hook == Hook::Connect
-        && from_workload
-        && tunnel_port() != 0;
-    let plaintext = if dst.flags & ENDPOINT_LOCAL != 0 {
-        !from_workload
-    } else {
-        !tunnelled
-    };
-    let verdict = judge(&attempt, &dst, plaintext);
+    // The caller is on this node (known by its network namespace); only
+    // connect(2) can be steered to the agent, and only when mTLS is on.
+    let path = connection_path(
+        &dst,
+        attempt.src_identity,
+        true,
+        proto,
+        hook == Hook::Connect && tunnel_port() != 0,
+    );
+    let verdict = judge(&attempt, &dst, path.plaintext());
     if !verdict.action().passes() {
         Outcome::Deny
-    } else if tunnelled {
+    } else if path == ConnectionPath::Tunnel {
         remember_redirect(ctx, &attempt, &dst);
         Outcome::Tunnel
     } else {
