@@ -12,28 +12,10 @@ use anyhow::Context as _;
 
 use crate::{
     process::{Placement, Spawned},
-    topology::{TestBed, sibling_binary},
+    topology::TestBed,
 };
 
-pub fn agent_bin() -> std::path::PathBuf {
-    sibling_binary("mesh-agent", "MESH_AGENT_BIN")
-}
-
-/// The agent of the previous map layout (`cargo xtask previous-agent`),
-/// which the upgrade tests start from.
-pub fn previous_agent_bin() -> anyhow::Result<std::path::PathBuf> {
-    let bin = match std::env::var_os("MESH_PREVIOUS_AGENT_BIN") {
-        Some(path) => path.into(),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/previous-agent/mesh-agent"),
-    };
-    anyhow::ensure!(
-        bin.is_file(),
-        "the upgrade tests need the agent of the previous map layout at {}: \
-         `cargo xtask test` builds it, or `cargo xtask previous-agent`",
-        bin.display()
-    );
-    Ok(bin)
-}
+pub use crate::binaries::{agent_bin, previous_agent_bin};
 
 pub struct Agent {
     process: Spawned,

@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod apiserver;
+pub mod binaries;
 pub mod bpffs;
 pub mod capture;
 pub mod cgroup;

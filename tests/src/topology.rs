@@ -21,29 +21,7 @@ use crate::{
     unique_name,
 };
 
-/// Path of a binary built next to the running one (the test binaries live
-/// in `target/<profile>/deps`, the tools in `target/<profile>`).
-pub fn sibling_binary(name: &str, env_override: &str) -> std::path::PathBuf {
-    if let Some(path) = std::env::var_os(env_override) {
-        return path.into();
-    }
-    let exe = std::env::current_exe().expect("current exe");
-    let mut dir = exe.parent().expect("exe dir").to_path_buf();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    let path = dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} is not built; run the tests with `cargo xtask test` (or set {env_override})",
-        path.display()
-    );
-    path
-}
-
-pub fn pod_tool() -> std::path::PathBuf {
-    sibling_binary("mesh-pod", "MESH_POD_BIN")
-}
+pub use crate::binaries::{pod_tool, sibling_binary};
 
 pub struct Pod {
     pub name: String,
@@ -297,7 +275,7 @@ impl TestBed {
     /// test's files; its directory.
     pub fn mesh_ca(&self, trust_domain: &str) -> anyhow::Result<std::path::PathBuf> {
         let ca = self.files.path().join("ca");
-        let out = Command::new(crate::agent::agent_bin())
+        let out = Command::new(crate::binaries::agent_bin())
             .args(["ca", "init", "--trust-domain", trust_domain, "--out"])
             .arg(&ca)
             .output()?;
