@@ -142,7 +142,11 @@ fn judge_sock_addr(ctx: &SockAddrContext, dst_ip: [u32; 4], hook: Hook) -> Outco
     // SAFETY: the kernel's context for this call.
     let sa = unsafe { &*ctx.sock_addr };
     let proto = sa.protocol as u8;
-    if (proto != PROTO_TCP && proto != PROTO_UDP) || is_agent_socket(ctx) {
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Outcome::Allow;
+    }
+    let src_identity = identity_of_caller(ctx);
+    if is_agent_socket(ctx, src_identity) {
         return Outcome::Allow;
     }
     if hook == Hook::Sendmsg && lookup(&UDP_PEERS, &udp_peer(ctx, dst_ip)).is_some() {
@@ -152,7 +156,7 @@ fn judge_sock_addr(ctx: &SockAddrContext, dst_ip: [u32; 4], hook: Hook) -> Outco
         return Outcome::Allow; // not a mesh workload: policy does not govern it
     };
     let attempt = Attempt {
-        src_identity: identity_of_caller(ctx),
+        src_identity,
         src_ip: [0; 4],
         src_port: 0,
         dst_ip,

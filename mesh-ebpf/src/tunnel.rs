@@ -18,7 +18,7 @@ use aya_ebpf::{
 };
 use mesh_common::{
     AF_INET6, AGENT_SOCKET_MARK, Counter, Setting,
-    policy::{Endpoint, OrigDst, TunnelKey},
+    policy::{Endpoint, OrigDst, TunnelKey, WORLD_IDENTITY},
 };
 
 use crate::{
@@ -32,9 +32,17 @@ pub(crate) fn tunnel_port() -> u16 {
     setting(Setting::TunnelPort) as u16
 }
 
-/// Whether the calling socket is one of the node agent's own (`SO_MARK`).
+/// Whether the calling socket is one of the node agent's own: it carries
+/// the agent's `SO_MARK` and lives outside every workload's network
+/// namespace (`src_identity` is the caller's, from `LOCAL_NETNS`). The mark
+/// alone proves nothing: since Linux 5.17 any process with CAP_NET_RAW, which
+/// pods get by default, can set it; the agent's sockets never live in a
+/// workload's namespace (its in-pod listeners accept, they never connect).
 #[inline(always)]
-pub(crate) fn is_agent_socket(ctx: &SockAddrContext) -> bool {
+pub(crate) fn is_agent_socket(ctx: &SockAddrContext, src_identity: u64) -> bool {
+    if src_identity != WORLD_IDENTITY {
+        return false;
+    }
     // SAFETY: the kernel's context for this call; `sk` is checked for null
     // before its u32 field is read.
     unsafe {

@@ -386,6 +386,54 @@ fn deny_wins_over_allow_and_an_allow_makes_its_workloads_default_deny() {
     );
 }
 
+/// The agent marks its own sockets (`AGENT_SOCKET_MARK`) so that the
+/// connect hooks let its tunnels through. Since Linux 5.17 any process with
+/// CAP_NET_RAW (granted to pods by default) can set a mark: a workload that
+/// borrows the agent's must still be judged.
+#[test]
+fn a_workload_that_sets_the_agents_socket_mark_is_still_judged() {
+    let (bed, _servers) = bed_with("agentmark", 1, &TRIO);
+    let _agent = Agent::start_node(&bed, 0, &[]).unwrap();
+    let only_frontend = policy(
+        "shop",
+        "cart-frontend-only",
+        "  selector:\n    matchLabels: {app: cart}\n  rules:\n  - from:\n    - identity: spiffe://cluster.local/ns/shop/sa/frontend\n",
+    );
+    bed.write_config("cart.yaml", &only_frontend).unwrap();
+    let to_cart: Vec<String> = [(false, false), (false, true), (true, false), (true, true)]
+        .into_iter()
+        .map(|(udp, v6)| target(&bed, 2, 8080, udp, v6))
+        .collect();
+    wait_until(&bed, 1, &to_cart[0], "eperm");
+
+    let mark = format!("{:#x}", mesh_common::AGENT_SOCKET_MARK);
+    let list = to_cart.join(",");
+    let args = [
+        "probe",
+        "--targets",
+        &list,
+        "--timeout-ms",
+        "1000",
+        "--mark",
+        &mark,
+    ];
+    let marked = bed.client(1, true, &args, T).unwrap();
+    for target in &to_cart {
+        assert_eq!(
+            marked["results"][target], "eperm",
+            "robot with the agent's mark: {marked}"
+        );
+    }
+    // The mark takes nothing away from an allowed workload.
+    let marked = bed.client(0, true, &args, T).unwrap();
+    for target in &to_cart {
+        assert_eq!(
+            marked["results"][target], "connected",
+            "frontend with the agent's mark: {marked}"
+        );
+    }
+}
+
 /// Probes until `target` gives `want` (a reload is asynchronous).
 fn wait_until(bed: &TestBed, pod: usize, target: &str, want: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);

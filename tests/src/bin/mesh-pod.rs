@@ -48,6 +48,10 @@ enum Cmd {
         /// SIGTERM) and report how often each result came up, per target.
         #[arg(long)]
         repeat_ms: Option<u64>,
+        /// Set this `SO_MARK` on every probing socket before it connects
+        /// (decimal or 0x…), as an attacker with CAP_NET_RAW can.
+        #[arg(long, value_parser = parse_mark)]
+        mark: Option<u32>,
     },
     /// Probe one target every `interval_ms` until the result differs from
     /// the first one; report both and the CLOCK_MONOTONIC time of the change.
@@ -206,15 +210,18 @@ fn main() {
             targets,
             timeout_ms,
             repeat_ms: None,
-        } => probe_all(&targets, Duration::from_millis(timeout_ms)),
+            mark,
+        } => probe_all(&targets, Duration::from_millis(timeout_ms), mark),
         Cmd::Probe {
             targets,
             timeout_ms,
             repeat_ms: Some(ms),
+            mark,
         } => probe_repeatedly(
             &targets,
             Duration::from_millis(timeout_ms),
             Duration::from_millis(ms),
+            mark,
         ),
         Cmd::WaitChange {
             target,
@@ -741,7 +748,55 @@ fn classify(e: &std::io::Error) -> String {
     }
 }
 
-fn probe(target: &str, timeout: Duration) -> anyhow::Result<String> {
+fn parse_mark(s: &str) -> Result<u32, String> {
+    match s.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    }
+    .map_err(|e| format!("{s:?} is not a socket mark: {e}"))
+}
+
+/// A TCP connection to `addr`, its socket marked first when asked.
+fn connect_tcp(
+    addr: SocketAddr,
+    timeout: Duration,
+    mark: Option<u32>,
+) -> std::io::Result<TcpStream> {
+    use nix::sys::{
+        socket::{
+            AddressFamily, SockFlag, SockType, SockaddrStorage, connect, setsockopt, socket,
+            sockopt,
+        },
+        time::TimeVal,
+    };
+    let Some(mark) = mark else {
+        return TcpStream::connect_timeout(&addr, timeout);
+    };
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    setsockopt(&fd, sockopt::Mark, &mark)?;
+    // A blocking connect gives up after SO_SNDTIMEO, with EINPROGRESS.
+    let micros = timeout.as_micros() as i64;
+    setsockopt(
+        &fd,
+        sockopt::SendTimeout,
+        &TimeVal::new(micros / 1_000_000, micros % 1_000_000),
+    )?;
+    match connect(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrStorage::from(addr),
+    ) {
+        Ok(()) => Ok(TcpStream::from(fd)),
+        Err(nix::errno::Errno::EINPROGRESS) => Err(ErrorKind::TimedOut.into()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn probe(target: &str, timeout: Duration, mark: Option<u32>) -> anyhow::Result<String> {
     let (proto, addr) = target
         .split_once(':')
         .with_context(|| format!("target {target:?} is not tcp:ADDR or udp:ADDR"))?;
@@ -751,7 +806,7 @@ fn probe(target: &str, timeout: Duration) -> anyhow::Result<String> {
     const PAYLOAD: &[u8] = b"mesh-probe";
     Ok(match proto {
         "tcp" => {
-            let mut conn = match TcpStream::connect_timeout(&addr, timeout) {
+            let mut conn = match connect_tcp(addr, timeout, mark) {
                 Ok(c) => c,
                 Err(e) => return Ok(classify(&e)),
             };
@@ -771,6 +826,9 @@ fn probe(target: &str, timeout: Duration) -> anyhow::Result<String> {
                 "[::]:0".parse()?
             };
             let sock = std::net::UdpSocket::bind(local)?;
+            if let Some(mark) = mark {
+                nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::Mark, &mark)?;
+            }
             if let Err(e) = sock.connect(addr) {
                 return Ok(classify(&e));
             }
@@ -789,10 +847,14 @@ fn probe(target: &str, timeout: Duration) -> anyhow::Result<String> {
     })
 }
 
-fn probe_all(targets: &[String], timeout: Duration) -> anyhow::Result<serde_json::Value> {
+fn probe_all(
+    targets: &[String],
+    timeout: Duration,
+    mark: Option<u32>,
+) -> anyhow::Result<serde_json::Value> {
     let mut results = serde_json::Map::new();
     for target in targets {
-        results.insert(target.clone(), json!(probe(target, timeout)?));
+        results.insert(target.clone(), json!(probe(target, timeout, mark)?));
     }
     Ok(json!({ "ok": true, "results": results }))
 }
@@ -801,6 +863,7 @@ fn probe_repeatedly(
     targets: &[String],
     timeout: Duration,
     duration: Duration,
+    mark: Option<u32>,
 ) -> anyhow::Result<serde_json::Value> {
     let mut counts: std::collections::BTreeMap<&str, std::collections::BTreeMap<String, u64>> =
         Default::default();
@@ -809,7 +872,7 @@ fn probe_repeatedly(
     std::io::stdout().flush()?;
     while Instant::now() < deadline && !stop_requested() {
         for target in targets {
-            let result = probe(target, timeout)?;
+            let result = probe(target, timeout, mark)?;
             *counts.entry(target).or_default().entry(result).or_default() += 1;
         }
     }
@@ -827,7 +890,7 @@ fn wait_change(
     timeout: Duration,
     give_up: Duration,
 ) -> anyhow::Result<serde_json::Value> {
-    let first = probe(target, timeout)?;
+    let first = probe(target, timeout, None)?;
     println!("first {first}");
     std::io::stdout().flush()?;
     let deadline = Instant::now() + give_up;
@@ -835,7 +898,7 @@ fn wait_change(
     loop {
         std::thread::sleep(interval);
         let started = monotonic_ns();
-        let now = probe(target, timeout)?;
+        let now = probe(target, timeout, None)?;
         probes += 1;
         if now != first {
             return Ok(json!({
