@@ -77,7 +77,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 log_filter,
             },
         );
-        let _datapath = Datapath::install(&config.datapath(), &pins)?;
+        let _datapath = Datapath::install(&config.datapath, &pins)?;
         hub.set_names(NodeState::read(&config.state_dir).unwrap_or_default());
         tokio::spawn(log_failure(
             "flow events",

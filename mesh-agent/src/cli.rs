@@ -16,7 +16,7 @@ use mesh_agent::agent;
 use mesh_agent::config::{
     CaSource, Config, EndpointsConfig, KubernetesConfig, LogFormat, MtlsConfig,
 };
-use mesh_datapath::maps::PinnedMaps;
+use mesh_datapath::{DatapathConfig, maps::PinnedMaps};
 use mesh_policy::state::NodeState;
 
 #[derive(Debug, Parser)]
@@ -368,7 +368,16 @@ impl RunArgs {
             mtls,
             bpffs,
             state_dir,
-            cgroup,
+            datapath: DatapathConfig {
+                cgroup,
+                interfaces: args.interfaces,
+                short_circuit: args.short_circuit.map(|s| s == OnOff::On),
+                revoke_established: args.established == Established::Revoke,
+                max_sockets: args.max_sockets,
+                max_endpoints: args.max_endpoints,
+                max_policy: args.max_policy,
+                max_conntrack: args.max_conntrack,
+            },
             kubernetes: args.kubernetes.then(|| KubernetesConfig {
                 kubeconfig: args.kubeconfig,
                 lease_namespace: args
@@ -376,7 +385,6 @@ impl RunArgs {
                     .unwrap_or_else(|| args.root_namespace.clone()),
             }),
             config_dir: args.config_dir,
-            interfaces: args.interfaces,
             mesh: MeshSettings {
                 trust_domain: args.trust_domain,
                 node,
@@ -384,12 +392,6 @@ impl RunArgs {
                 default_action: args.default_policy,
                 non_mesh_action: args.non_mesh,
             },
-            short_circuit: args.short_circuit.map(|s| s == OnOff::On),
-            revoke_established: args.established == Established::Revoke,
-            max_sockets: args.max_sockets,
-            max_endpoints: args.max_endpoints,
-            max_policy: args.max_policy,
-            max_conntrack: args.max_conntrack,
             log_format: args.log_format,
             endpoints: EndpointsConfig {
                 admin: args.admin_address,
@@ -606,7 +608,7 @@ mod tests {
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.mesh.default_action, DefaultAction::Deny);
         assert_eq!(c.mesh.non_mesh_action, DefaultAction::Allow);
-        assert!(c.revoke_established);
+        assert!(c.datapath.revoke_established);
         let error = refused(&["--log-format", "xml"]);
         assert!(error.contains("possible values: plain, json"), "{error}");
     }

@@ -36,43 +36,20 @@ pub struct Config {
     pub bpffs: PathBuf,
     /// The agent's socket and the names behind the maps' numbers.
     pub state_dir: PathBuf,
-    /// cgroup v2 directory the socket programs attach to.
-    pub cgroup: PathBuf,
+    /// What the kernel side is given (cgroup, interfaces, map sizes…);
+    /// shown flat in `/config_dump`.
+    #[serde(flatten)]
+    pub datapath: mesh_datapath::DatapathConfig,
     /// Standalone mode: the directory of Workload and MeshPolicy documents.
     pub config_dir: Option<PathBuf>,
     /// Kubernetes mode: where the API server is.
     pub kubernetes: Option<KubernetesConfig>,
-    /// Interfaces where traffic from other nodes arrives.
-    pub interfaces: Vec<String>,
     #[serde(serialize_with = "serialize_mesh")]
     pub mesh: MeshSettings,
-    /// `Some` when given on the command line; `None` keeps what is pinned.
-    pub short_circuit: Option<bool>,
-    pub revoke_established: bool,
-    pub max_sockets: u32,
-    pub max_endpoints: u32,
-    pub max_policy: u32,
-    pub max_conntrack: u32,
     pub log_format: LogFormat,
     /// `None`: plaintext between nodes.
     pub mtls: Option<MtlsConfig>,
     pub endpoints: EndpointsConfig,
-}
-
-impl Config {
-    /// The part the kernel side is given at start-up.
-    pub fn datapath(&self) -> mesh_datapath::DatapathConfig {
-        mesh_datapath::DatapathConfig {
-            cgroup: self.cgroup.clone(),
-            interfaces: self.interfaces.clone(),
-            short_circuit: self.short_circuit,
-            revoke_established: self.revoke_established,
-            max_sockets: self.max_sockets,
-            max_endpoints: self.max_endpoints,
-            max_policy: self.max_policy,
-            max_conntrack: self.max_conntrack,
-        }
-    }
 }
 
 /// Where the agent's HTTP endpoints listen.

@@ -98,7 +98,7 @@ pub enum DatapathError {
 /// The loaded and attached data path. Dropping it leaves everything attached.
 /// What the kernel side is told at start-up (a part of the agent's
 /// configuration).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct DatapathConfig {
     /// cgroup v2 directory the socket programs attach to.
     pub cgroup: PathBuf,
