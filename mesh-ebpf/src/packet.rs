@@ -18,12 +18,18 @@ const PROTO_ICMPV6: u8 = 58;
 const TCP_FLAGS_OFFSET: usize = 13;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
+const TCP_HLEN: u32 = 20;
+const UDP_HLEN: u32 = 8;
+/// IPv4 flags and fragment offset: more fragments follow; the offset.
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET: u16 = 0x1fff;
 
 pub enum Parsed {
     /// A TCP or UDP packet (the first fragment, for IPv4).
     Flow { key: FlowKey, syn: bool },
     /// An IP packet this program cannot see the ports of (other protocols,
-    /// IPv6 extension headers): only its destination is known.
+    /// IPv6 extension headers, an IPv4 first fragment cut inside its TCP or
+    /// UDP header): only its destination is known.
     Opaque { dst_ip: [u32; 4] },
     /// Not IP, ICMP, or a non-first IPv4 fragment (which carries no ports
     /// and is useless without the first one): never ours to judge.
@@ -55,11 +61,26 @@ fn try_parse(ctx: &TcContext) -> Result<Parsed, ()> {
             let proto: u8 = load(ctx, ETH_HLEN + 9)?;
             let src: u32 = load(ctx, ETH_HLEN + 12)?;
             let dst: u32 = load(ctx, ETH_HLEN + 16)?;
-            if proto == PROTO_ICMP || frag & 0x1fff != 0 {
+            if proto == PROTO_ICMP || frag & IP_OFFSET != 0 {
                 return Ok(Parsed::Ignore);
             }
             let ihl = ((ver_ihl & 0x0f) as usize) * 4;
-            (ipv4_mapped(src), ipv4_mapped(dst), proto, ETH_HLEN + ihl)
+            let l4 = ETH_HLEN + ihl;
+            // A first fragment too short for the whole TCP or UDP header
+            // hides what the reassembled packet is (RFC 1858's tiny
+            // fragment: the flags of a SYN in the second fragment). No
+            // stack sends one; judge it by its destination alone.
+            let l4_header = match proto {
+                PROTO_TCP => TCP_HLEN,
+                PROTO_UDP => UDP_HLEN,
+                _ => 0,
+            };
+            if frag & IP_MF != 0 && ctx.len() < l4 as u32 + l4_header {
+                return Ok(Parsed::Opaque {
+                    dst_ip: ipv4_mapped(dst),
+                });
+            }
+            (ipv4_mapped(src), ipv4_mapped(dst), proto, l4)
         }
         ETH_P_IPV6 => {
             let proto: u8 = load(ctx, ETH_HLEN + 6)?;

@@ -356,8 +356,8 @@ fn first_fragment_with_the_whole_tcp_header_is_judged() {
 fn non_first_fragment_passes() {
     let ingress = Ingress::load("ingress-later-fragment");
     // Offset 8 bytes, last fragment: no ports in it. Useless without its
-    // first fragment, which is judged (see the tiny-fragment test below
-    // for the one first fragment that is not yet).
+    // first fragment, which is judged (a tiny first fragment included, see
+    // below).
     let rest = [0xcd; 12];
     assert_eq!(
         ingress.verdict(&ipv4(DENIED4, SERVER4, 1, &rest)),
@@ -371,15 +371,18 @@ fn non_first_fragment_passes() {
 }
 
 #[test]
-#[ignore = "bypass: tiny first fragment passes; issue 15"]
-fn tiny_first_fragment_of_a_denied_syn_is_dropped() {
+fn tiny_first_fragment_of_a_syn_is_dropped() {
     let ingress = Ingress::load("ingress-tiny-fragment");
     // A denied client's SYN split so that the first fragment carries only
     // the first 8 bytes of the TCP header (ports, sequence number) and the
     // flags come in the next one: reassembled, it is a SYN to the server.
-    // Today the program cannot read the flags, passes the fragment on, and
-    // the non-first fragment passes too (verdict TC_ACT_OK).
+    // The program cannot read the flags of such a fragment; the later
+    // fragment passes (it has no ports), so the first must not.
     let tiny = ipv4(DENIED4, SERVER4, IP_MF, &syn()[..8]);
+    assert_eq!(ingress.verdict(&tiny), TC_ACT_SHOT);
+    // No stack sends one, so an allowed client loses nothing real: a tiny
+    // first fragment to a workload is dropped whoever sends it.
+    let tiny = ipv4(ALLOWED4, SERVER4, IP_MF, &syn()[..8]);
     assert_eq!(ingress.verdict(&tiny), TC_ACT_SHOT);
 }
 
