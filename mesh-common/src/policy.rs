@@ -22,6 +22,9 @@ pub const ANY_PORT: u16 = 0;
 /// IP protocol numbers, as in the IP header.
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+/// ICMP and ICMPv6: not governed by policy (errors, ping sockets).
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
 
 /// Key of `ENDPOINTS`: an IPv6 or IPv4-mapped address, network byte order.
 #[repr(C)]

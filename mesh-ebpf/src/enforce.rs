@@ -25,8 +25,8 @@ use mesh_common::{
     Counter, Setting, ipv4_mapped,
     policy::{
         Action, ConnectionPath, ENDPOINT_LOCAL, Endpoint, FLOW_OUTBOUND, FlowEvent, FlowKey,
-        FlowState, Hook, PROTO_TCP, PROTO_UDP, UdpPeerKey, Verdict, WORLD_IDENTITY,
-        connection_path, decide_for,
+        FlowState, Hook, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, UdpPeerKey, Verdict,
+        WORLD_IDENTITY, connection_path, decide_for,
     },
 };
 
@@ -143,7 +143,16 @@ fn judge_sock_addr(ctx: &SockAddrContext, dst_ip: [u32; 4], hook: Hook) -> Outco
     let sa = unsafe { &*ctx.sock_addr };
     let proto = sa.protocol as u8;
     if proto != PROTO_TCP && proto != PROTO_UDP {
-        return Outcome::Allow;
+        // Workloads are reached over TCP and UDP, the protocols policy
+        // names: any other transport (UDP-Lite, SCTP) to a mesh workload is
+        // refused, as the destination node's tc program drops it. Ping
+        // sockets pass, as ICMP does at tc.
+        let governed = proto != PROTO_ICMP && proto != PROTO_ICMPV6 && endpoint(&dst_ip).is_some();
+        return if governed {
+            Outcome::Deny
+        } else {
+            Outcome::Allow
+        };
     }
     let src_identity = identity_of_caller(ctx);
     if is_agent_socket(ctx, src_identity) {

@@ -5,15 +5,13 @@
 use aya_ebpf::programs::TcContext;
 use mesh_common::{
     ipv4_mapped,
-    policy::{FlowKey, PROTO_TCP, PROTO_UDP},
+    policy::{FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP},
 };
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPV6_HLEN: usize = 40;
-const PROTO_ICMP: u8 = 1;
-const PROTO_ICMPV6: u8 = 58;
 /// TCP flags byte: SYN set, ACK clear is the first packet of a connection.
 const TCP_FLAGS_OFFSET: usize = 13;
 const TCP_SYN: u8 = 0x02;

@@ -434,6 +434,83 @@ fn a_workload_that_sets_the_agents_socket_mark_is_still_judged() {
     }
 }
 
+/// Workloads are reached over TCP and UDP, the protocols policy speaks of.
+/// Any other protocol the connect and sendmsg hooks see (UDP-Lite here;
+/// SCTP, when the kernel has it) is refused towards a mesh workload, as the
+/// destination node's tc program already drops it: a denied workload must
+/// not get through on a protocol no rule can name.
+///
+/// The UDP-Lite echo server runs in cart's pod but outside the mesh's
+/// cgroup, so its answers are not judged: a probe that gets its echo back
+/// has reached the pod.
+fn udplite_bed(test: &str) -> (TestBed, Vec<Spawned>) {
+    let (bed, mut servers) = bed_with(test, 1, &TRIO);
+    let mut lite = bed
+        .outsider(2, &["serve", "--proto", "udplite", "--listen", "[::]:7070"])
+        .unwrap();
+    wait_for_line(&mut lite, "listening").unwrap();
+    servers.push(lite);
+    (bed, servers)
+}
+
+fn only_frontend_reaches_cart(bed: &TestBed) {
+    let only_frontend = policy(
+        "shop",
+        "cart-frontend-only",
+        "  selector:\n    matchLabels: {app: cart}\n  rules:\n  - from:\n    - identity: spiffe://cluster.local/ns/shop/sa/frontend\n",
+    );
+    bed.write_config("cart.yaml", &only_frontend).unwrap();
+    wait_until(bed, 1, &target(bed, 2, 8080, false, false), "eperm");
+}
+
+fn udplite_targets(bed: &TestBed, kind: &str) -> Vec<String> {
+    [false, true]
+        .into_iter()
+        .map(|v6| format!("{kind}:{}", bed.pods[2].addr(v6, 7070)))
+        .collect()
+}
+
+#[test]
+fn other_transport_protocols_do_not_reach_mesh_workloads() {
+    let (bed, _servers) = udplite_bed("udplite");
+    let _agent = Agent::start_node(&bed, 0, &[]).unwrap();
+    only_frontend_reaches_cart(&bed);
+    let to_cart = udplite_targets(&bed, "udplite-sendto");
+    // robot (denied), then frontend (allowed TCP and UDP).
+    for pod in [1, 0] {
+        let results = probe(&bed, pod, true, &to_cart, 1000);
+        for target in &to_cart {
+            assert_eq!(results[target], "eperm", "pod {pod}: {results:?}");
+        }
+    }
+    // Outside the mesh (no hook), the server is there and answers: the
+    // refusals above are the mesh's.
+    let results = probe(&bed, 1, false, &to_cart, 1000);
+    for target in &to_cart {
+        assert_eq!(
+            results[target], "connected",
+            "outside the mesh: {results:?}"
+        );
+    }
+}
+
+/// A connected UDP-Lite socket meets no sock_addr hook: the kernel's
+/// UDP-Lite has no pre-connect hook, and a connected socket's sendmsg runs
+/// none. Closing it needs another hook (a cgroup sock_create refusal in
+/// workloads' namespaces, or a check where packets reach local workloads).
+#[test]
+#[ignore = "bypass: connected UDP-Lite meets no sock_addr hook; issue 15"]
+fn a_connected_udplite_socket_does_not_reach_a_denied_workload() {
+    let (bed, _servers) = udplite_bed("udplite-connected");
+    let _agent = Agent::start_node(&bed, 0, &[]).unwrap();
+    only_frontend_reaches_cart(&bed);
+    let to_cart = udplite_targets(&bed, "udplite");
+    let results = probe(&bed, 1, true, &to_cart, 1000);
+    for target in &to_cart {
+        assert_eq!(results[target], "eperm", "robot: {results:?}");
+    }
+}
+
 /// Probes until `target` gives `want` (a reload is asynchronous).
 fn wait_until(bed: &TestBed, pod: usize, target: &str, want: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);

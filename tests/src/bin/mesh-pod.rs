@@ -141,6 +141,9 @@ enum Cmd {
 enum Proto {
     Tcp,
     Udp,
+    /// UDP-Lite (RFC 3828, IP protocol 136): datagrams like UDP's, which
+    /// the mesh governs like any protocol it cannot read the ports of.
+    Udplite,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -199,7 +202,12 @@ fn main() {
             listen,
             proto: Proto::Udp,
             ..
-        } => udp_echo(listen).map(|()| json!({})),
+        } => udp_echo(listen, false).map(|()| json!({})),
+        Cmd::Serve {
+            listen,
+            proto: Proto::Udplite,
+            ..
+        } => udp_echo(listen, true).map(|()| json!({})),
         Cmd::Serve {
             listen,
             mode,
@@ -725,9 +733,45 @@ fn flood(to: SocketAddr, bytes: usize) -> anyhow::Result<serde_json::Value> {
     )
 }
 
-fn udp_echo(listen: SocketAddr) -> anyhow::Result<()> {
-    let sock = std::net::UdpSocket::bind(listen).with_context(|| format!("binding {listen}"))?;
-    println!("listening on udp {}", sock.local_addr()?);
+/// A UDP-Lite socket of `addr`'s family, as a `UdpSocket` (the datagram
+/// calls are the same; std cannot open one).
+fn udplite_socket(addr: &SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use std::os::fd::FromRawFd as _;
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: socket(2) takes no pointers; a non-negative result is a new
+    // descriptor that nothing else owns.
+    let fd = unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_UDPLITE,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by socket(2) and is owned by no one else.
+    Ok(unsafe { std::net::UdpSocket::from_raw_fd(fd) })
+}
+
+fn udp_echo(listen: SocketAddr, lite: bool) -> anyhow::Result<()> {
+    let sock = if lite {
+        let sock = udplite_socket(&listen)?;
+        nix::sys::socket::bind(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            &nix::sys::socket::SockaddrStorage::from(listen),
+        )
+        .with_context(|| format!("binding udplite {listen}"))?;
+        sock
+    } else {
+        std::net::UdpSocket::bind(listen).with_context(|| format!("binding {listen}"))?
+    };
+    let name = if lite { "udplite" } else { "udp" };
+    println!("listening on {name} {}", sock.local_addr()?);
     std::io::stdout().flush()?;
     let mut buf = vec![0u8; 65536];
     loop {
@@ -797,9 +841,9 @@ fn connect_tcp(
 }
 
 fn probe(target: &str, timeout: Duration, mark: Option<u32>) -> anyhow::Result<String> {
-    let (proto, addr) = target
-        .split_once(':')
-        .with_context(|| format!("target {target:?} is not tcp:ADDR or udp:ADDR"))?;
+    let (proto, addr) = target.split_once(':').with_context(|| {
+        format!("target {target:?} is not tcp:ADDR, udp:ADDR, udplite:ADDR or udplite-sendto:ADDR")
+    })?;
     let addr: SocketAddr = addr
         .parse()
         .with_context(|| format!("bad address in {target:?}"))?;
@@ -819,21 +863,32 @@ fn probe(target: &str, timeout: Duration, mark: Option<u32>) -> anyhow::Result<S
                 Err(e) => classify(&e),
             }
         }
-        "udp" => {
+        "udp" | "udplite" | "udplite-sendto" => {
             let local: SocketAddr = if addr.is_ipv4() {
                 "0.0.0.0:0".parse()?
             } else {
                 "[::]:0".parse()?
             };
-            let sock = std::net::UdpSocket::bind(local)?;
+            let sock = if proto.starts_with("udplite") {
+                udplite_socket(&addr)?
+            } else {
+                std::net::UdpSocket::bind(local)?
+            };
             if let Some(mark) = mark {
                 nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::Mark, &mark)?;
             }
-            if let Err(e) = sock.connect(addr) {
-                return Ok(classify(&e));
-            }
             sock.set_read_timeout(Some(timeout))?;
-            if let Err(e) = sock.send(PAYLOAD) {
+            // `udplite-sendto`: every datagram names its destination (an
+            // unconnected socket); the others connect first.
+            let sent = if proto == "udplite-sendto" {
+                sock.send_to(PAYLOAD, addr)
+            } else {
+                if let Err(e) = sock.connect(addr) {
+                    return Ok(classify(&e));
+                }
+                sock.send(PAYLOAD)
+            };
+            if let Err(e) = sent {
                 return Ok(classify(&e));
             }
             let mut back = [0u8; 64];
