@@ -39,8 +39,8 @@ const MAP_FILL_WARN: f64 = 0.9;
 const CERT_LEFT_WARN: f64 = 0.25;
 
 /// The cgroup hooks whose links the agent pins as `<hook>_cgroup_<id>`
-/// (datapath.rs attaches them all).
-const CGROUP_HOOKS: [&str; 9] = [
+/// (mesh-datapath attaches them all).
+const CGROUP_HOOKS: [&str; 10] = [
     "sockops",
     "connect4",
     "connect6",
@@ -50,6 +50,7 @@ const CGROUP_HOOKS: [&str; 9] = [
     "recvmsg6",
     "getpeername4",
     "getpeername6",
+    "sock_create",
 ];
 
 /// What the agent said, or did not.
@@ -702,7 +703,7 @@ mod tests {
         assert!(text.contains("CHECK"), "{text}");
         assert_eq!(
             state_of(&report, "programs").1,
-            "9 cgroup hooks on cgroup 4242; tc on eth0"
+            "10 cgroup hooks on cgroup 4242; tc on eth0"
         );
         assert_eq!(
             state_of(&report, "maps").1,

@@ -18,8 +18,8 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_ANY, TC_ACT_OK, TC_ACT_SHOT},
     helpers::{bpf_get_netns_cookie, bpf_ktime_get_ns},
-    macros::{cgroup_sock_addr, classifier},
-    programs::{SockAddrContext, TcContext},
+    macros::{cgroup_sock, cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, SockContext, TcContext},
 };
 use mesh_common::{
     Counter, Setting, ipv4_mapped,
@@ -191,6 +191,37 @@ fn judge_sock_addr(ctx: &SockAddrContext, dst_ip: [u32; 4], hook: Hook) -> Outco
         Outcome::Tunnel
     } else {
         Outcome::Allow
+    }
+}
+
+/// `SOCK_RAW` in `bpf_sock.type`.
+const SOCK_RAW: u32 = 3;
+/// What a cgroup sock program returns: the socket is created, or refused.
+const SOCK_CREATE_ALLOW: i32 = 1;
+const SOCK_CREATE_DENY: i32 = 0;
+
+/// `socket(2)` inside a workload's network namespace creates only the
+/// transports the connect and sendmsg hooks can judge (TCP, UDP), ping
+/// sockets, and raw sockets (a question of their own). A connected
+/// UDP-Lite socket, for one, meets no sock_addr hook at all: the kernel's
+/// UDP-Lite has no pre-connect hook, and a connected socket's sendmsg runs
+/// none. Refused with EPERM; outside workloads nothing changes.
+#[cgroup_sock(sock_create)]
+pub fn mesh_sock_create(ctx: SockContext) -> i32 {
+    // SAFETY: the kernel's context for this call; both fields are u32.
+    let (sock_type, protocol) = unsafe { ((*ctx.sock).type_, (*ctx.sock).protocol) };
+    let judged = [PROTO_TCP, PROTO_UDP, PROTO_ICMP, PROTO_ICMPV6]
+        .into_iter()
+        .any(|p| u32::from(p) == protocol);
+    if judged || sock_type == SOCK_RAW {
+        return SOCK_CREATE_ALLOW;
+    }
+    // SAFETY: the helper only reads the context it is given.
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if lookup(&LOCAL_NETNS, &cookie).is_some() {
+        SOCK_CREATE_DENY
+    } else {
+        SOCK_CREATE_ALLOW
     }
 }
 

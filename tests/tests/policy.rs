@@ -496,10 +496,9 @@ fn other_transport_protocols_do_not_reach_mesh_workloads() {
 
 /// A connected UDP-Lite socket meets no sock_addr hook: the kernel's
 /// UDP-Lite has no pre-connect hook, and a connected socket's sendmsg runs
-/// none. Closing it needs another hook (a cgroup sock_create refusal in
-/// workloads' namespaces, or a check where packets reach local workloads).
+/// none. The sock_create program refuses the socket itself in workloads'
+/// namespaces.
 #[test]
-#[ignore = "bypass: connected UDP-Lite meets no sock_addr hook; issue 15"]
 fn a_connected_udplite_socket_does_not_reach_a_denied_workload() {
     let (bed, _servers) = udplite_bed("udplite-connected");
     let _agent = Agent::start_node(&bed, 0, &[]).unwrap();

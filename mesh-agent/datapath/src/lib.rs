@@ -5,7 +5,8 @@
 //!
 //! Pin directory layout (see docs/architecture.md):
 //! - the maps, by name (`SOCK_HASH`, `POLICY`, …);
-//! - `sockops_cgroup_<id>`, `connect4_cgroup_<id>`, …: the cgroup links;
+//! - `sockops_cgroup_<id>`, `connect4_cgroup_<id>`, `sock_create_cgroup_<id>`,
+//!   …: the cgroup links;
 //! - `tc_ingress_<ifname>`, `tc_egress_<ifname>`: the TCX links of the
 //!   node's interfaces.
 //!
@@ -34,8 +35,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, SockHash},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, SkMsg, SockOps, TcAttachType,
-        links::FdLink, tc::TcAttachOptions,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, LinkOrder, SchedClassifier, SkMsg, SockOps,
+        TcAttachType, links::FdLink, tc::TcAttachOptions,
     },
 };
 use mesh_common::{MAP_LAYOUT_VERSION, SocketKey, map_names};
@@ -61,6 +62,9 @@ const SOCK_ADDR_PROGRAMS: [(&str, &str); 8] = [
     ("mesh_getpeername4", "getpeername4"),
     ("mesh_getpeername6", "getpeername6"),
 ];
+/// Refuses, in workloads' network namespaces, sockets of transports the
+/// sock_addr programs cannot judge.
+const SOCK_CREATE_PROGRAM: &str = "mesh_sock_create";
 const TC_PROGRAMS: [(&str, &str, TcAttachType); 2] = [
     ("mesh_ingress", "ingress", TcAttachType::Ingress),
     ("mesh_egress", "egress", TcAttachType::Egress),
@@ -171,6 +175,8 @@ impl Datapath {
             let pin = dir.join(format!("{hook}_cgroup_{cgroup_id}"));
             attach_sock_addr(&mut ebpf, program, &cgroup, &pin)?;
         }
+        let pin = dir.join(format!("sock_create_cgroup_{cgroup_id}"));
+        attach_sock_create(&mut ebpf, &cgroup, &pin)?;
         for interface in &config.interfaces {
             for (program, direction, attach_type) in TC_PROGRAMS {
                 let pin = dir.join(format!("tc_{direction}_{interface}"));
@@ -268,6 +274,28 @@ fn attach_sock_addr(
     let program: &mut CgroupSockAddr = ebpf
         .program_mut(name)
         .expect("the object defines the sock_addr programs")
+        .try_into()
+        .map_err(program_err(name))?;
+    program.load().map_err(program_err(name))?;
+    let prog_fd = dup_program_fd(program.fd().map_err(program_err(name))?.as_fd())?;
+    attach_pinned(link_pin, prog_fd.as_fd(), || {
+        let id = program
+            .attach(cgroup, CgroupAttachMode::Single)
+            .map_err(program_err(name))?;
+        let link = program.take_link(id).map_err(program_err(name))?;
+        FdLink::try_from(link).map_err(not_a_bpf_link)
+    })
+}
+
+fn attach_sock_create(
+    ebpf: &mut Ebpf,
+    cgroup: &std::fs::File,
+    link_pin: &Path,
+) -> Result<(), DatapathError> {
+    let name = SOCK_CREATE_PROGRAM;
+    let program: &mut CgroupSock = ebpf
+        .program_mut(name)
+        .expect("the object defines the sock_create program")
         .try_into()
         .map_err(program_err(name))?;
     program.load().map_err(program_err(name))?;

@@ -870,7 +870,10 @@ fn probe(target: &str, timeout: Duration, mark: Option<u32>) -> anyhow::Result<S
                 "[::]:0".parse()?
             };
             let sock = if proto.starts_with("udplite") {
-                udplite_socket(&addr)?
+                match udplite_socket(&addr) {
+                    Ok(sock) => sock,
+                    Err(e) => return Ok(classify(&e)),
+                }
             } else {
                 std::net::UdpSocket::bind(local)?
             };
