@@ -33,8 +33,8 @@ use mesh_common::{
 use crate::{
     attempt::Attempt,
     maps::{
-        CONNTRACK, FLOWS, LOCAL_NETNS, UDP_PEERS, count, endpoint, identity_of_address, lookup,
-        policy_entry, policy_generation, setting,
+        CONNTRACK, FLOWS, UDP_PEERS, count, endpoint, identity_of_address, identity_of_caller,
+        lookup, policy_entry, policy_generation, setting,
     },
     packet::{self, Parsed},
     tunnel::{is_agent_socket, remember_redirect, steer_to_agent4, steer_to_agent6, tunnel_port},
@@ -91,15 +91,6 @@ fn report(a: &Attempt, dst_identity: u64, verdict: Verdict) {
     entry.submit(0);
 }
 
-/// The identity of the local workload whose network namespace the calling
-/// socket lives in; `world` for anything else in the mesh's cgroup.
-#[inline(always)]
-fn identity_of_caller(ctx: &SockAddrContext) -> u64 {
-    // SAFETY: the helper only reads the context it is given.
-    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    lookup(&LOCAL_NETNS, &cookie).unwrap_or(WORLD_IDENTITY)
-}
-
 /// The local port the calling socket is bound to (0: not bound yet).
 #[inline(always)]
 fn bound_port(ctx: &SockAddrContext) -> u16 {
@@ -143,19 +134,17 @@ fn judge_sock_addr(ctx: &SockAddrContext, dst_ip: [u32; 4], hook: Hook) -> Outco
     let sa = unsafe { &*ctx.sock_addr };
     let proto = sa.protocol as u8;
     if proto != PROTO_TCP && proto != PROTO_UDP {
-        // Workloads are reached over TCP and UDP, the protocols policy
-        // names: any other transport (UDP-Lite, SCTP) to a mesh workload is
-        // refused, as the destination node's tc program drops it. Ping
+        // Any other transport (UDP-Lite, SCTP) to a mesh workload is
+        // refused, as the destination node's tc program drops it; ping
         // sockets pass, as ICMP does at tc.
-        let governed = proto != PROTO_ICMP && proto != PROTO_ICMPV6 && endpoint(&dst_ip).is_some();
-        return if governed {
+        let refused = !workload_transport(proto) && endpoint(&dst_ip).is_some();
+        return if refused {
             Outcome::Deny
         } else {
             Outcome::Allow
         };
     }
-    let src_identity = identity_of_caller(ctx);
-    if is_agent_socket(ctx, src_identity) {
+    if is_agent_socket(ctx) {
         return Outcome::Allow;
     }
     if hook == Hook::Sendmsg && lookup(&UDP_PEERS, &udp_peer(ctx, dst_ip)).is_some() {
@@ -165,7 +154,7 @@ fn judge_sock_addr(ctx: &SockAddrContext, dst_ip: [u32; 4], hook: Hook) -> Outco
         return Outcome::Allow; // not a mesh workload: policy does not govern it
     };
     let attempt = Attempt {
-        src_identity,
+        src_identity: identity_of_caller(ctx),
         src_ip: [0; 4],
         src_port: 0,
         dst_ip,
@@ -194,6 +183,13 @@ fn judge_sock_addr(ctx: &SockAddrContext, dst_ip: [u32; 4], hook: Hook) -> Outco
     }
 }
 
+/// Whether workloads may use the transport `proto`: TCP and UDP, the
+/// protocols policy names, and ICMP, which it does not govern.
+#[inline(always)]
+fn workload_transport(proto: u8) -> bool {
+    matches!(proto, PROTO_TCP | PROTO_UDP | PROTO_ICMP | PROTO_ICMPV6)
+}
+
 /// `SOCK_RAW` in `bpf_sock.type`.
 const SOCK_RAW: u32 = 3;
 /// What a cgroup sock program returns: the socket is created, or refused.
@@ -201,27 +197,20 @@ const SOCK_CREATE_ALLOW: i32 = 1;
 const SOCK_CREATE_DENY: i32 = 0;
 
 /// `socket(2)` inside a workload's network namespace creates only the
-/// transports the connect and sendmsg hooks can judge (TCP, UDP), ping
-/// sockets, and raw sockets (a question of their own). A connected
-/// UDP-Lite socket, for one, meets no sock_addr hook at all: the kernel's
-/// UDP-Lite has no pre-connect hook, and a connected socket's sendmsg runs
-/// none. Refused with EPERM; outside workloads nothing changes.
+/// transports workloads may use, and raw sockets (a question of their
+/// own). A connected UDP-Lite socket, for one, meets no sock_addr hook at
+/// all: the kernel's UDP-Lite has no pre-connect hook, and a connected
+/// socket's sendmsg runs none. Refused with EPERM; outside workloads
+/// nothing changes.
 #[cgroup_sock(sock_create)]
 pub fn mesh_sock_create(ctx: SockContext) -> i32 {
     // SAFETY: the kernel's context for this call; both fields are u32.
     let (sock_type, protocol) = unsafe { ((*ctx.sock).type_, (*ctx.sock).protocol) };
-    let judged = [PROTO_TCP, PROTO_UDP, PROTO_ICMP, PROTO_ICMPV6]
-        .into_iter()
-        .any(|p| u32::from(p) == protocol);
-    if judged || sock_type == SOCK_RAW {
-        return SOCK_CREATE_ALLOW;
-    }
-    // SAFETY: the helper only reads the context it is given.
-    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    if lookup(&LOCAL_NETNS, &cookie).is_some() {
-        SOCK_CREATE_DENY
-    } else {
+    let allowed = u8::try_from(protocol).is_ok_and(workload_transport);
+    if allowed || sock_type == SOCK_RAW || identity_of_caller(&ctx) == WORLD_IDENTITY {
         SOCK_CREATE_ALLOW
+    } else {
+        SOCK_CREATE_DENY
     }
 }
 

@@ -4,6 +4,8 @@
 //! the endpoint owning an address, policy entries, settings and counters.
 
 use aya_ebpf::{
+    EbpfContext,
+    helpers::bpf_get_netns_cookie,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
@@ -144,4 +146,13 @@ pub(crate) fn short_circuit_on() -> bool {
 #[inline(always)]
 pub(crate) fn policy_generation() -> u32 {
     setting(Setting::PolicyGeneration)
+}
+
+/// The identity of the local workload whose network namespace the calling
+/// socket lives in; `world` for anything else in the mesh's cgroup.
+#[inline(always)]
+pub(crate) fn identity_of_caller(ctx: &impl EbpfContext) -> u64 {
+    // SAFETY: the helper only reads the context it is given.
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    lookup(&LOCAL_NETNS, &cookie).unwrap_or(WORLD_IDENTITY)
 }

@@ -23,7 +23,7 @@ use mesh_common::{
 
 use crate::{
     attempt::Attempt,
-    maps::{REDIRECTS, TUNNEL_ORIG, count, lookup, setting},
+    maps::{REDIRECTS, TUNNEL_ORIG, count, identity_of_caller, lookup, setting},
 };
 
 /// The agent's outbound listener port, or 0 when mTLS is off.
@@ -34,21 +34,20 @@ pub(crate) fn tunnel_port() -> u16 {
 
 /// Whether the calling socket is one of the node agent's own: it carries
 /// the agent's `SO_MARK` and lives outside every workload's network
-/// namespace (`src_identity` is the caller's, from `LOCAL_NETNS`). The mark
-/// alone proves nothing: since Linux 5.17 any process with CAP_NET_RAW, which
-/// pods get by default, can set it; the agent's sockets never live in a
-/// workload's namespace (its in-pod listeners accept, they never connect).
+/// namespace. The mark alone proves nothing: since Linux 5.17 any process
+/// with CAP_NET_RAW, which pods get by default, can set it; the agent's
+/// sockets never live in a workload's namespace (its in-pod listeners
+/// accept, they never connect). The mark is read first, so unmarked
+/// sockets pay no namespace lookup here.
 #[inline(always)]
-pub(crate) fn is_agent_socket(ctx: &SockAddrContext, src_identity: u64) -> bool {
-    if src_identity != WORLD_IDENTITY {
-        return false;
-    }
+pub(crate) fn is_agent_socket(ctx: &SockAddrContext) -> bool {
     // SAFETY: the kernel's context for this call; `sk` is checked for null
     // before its u32 field is read.
-    unsafe {
+    let marked = unsafe {
         let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
         !sk.is_null() && core::ptr::read_volatile(&raw const (*sk).mark) == AGENT_SOCKET_MARK
-    }
+    };
+    marked && identity_of_caller(ctx) == WORLD_IDENTITY
 }
 
 #[inline(always)]
