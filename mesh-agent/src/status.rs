@@ -23,6 +23,7 @@ use crate::{
 };
 use mesh_agent::endpoints::metrics::seconds_until;
 use mesh_agent::health::HealthReport;
+use mesh_datapath::CGROUP_HOOKS;
 use mesh_datapath::maps::{MapFill, PinnedMaps};
 use mesh_pki::rotation::CertState;
 use mesh_policy::state::NodeState;
@@ -37,21 +38,6 @@ const MAP_FILL_WARN: f64 = 0.9;
 /// A certificate with less than this fraction of its lifetime left is
 /// expiring soon (renewal is due at half of it).
 const CERT_LEFT_WARN: f64 = 0.25;
-
-/// The cgroup hooks whose links the agent pins as `<hook>_cgroup_<id>`
-/// (mesh-datapath attaches them all).
-const CGROUP_HOOKS: [&str; 10] = [
-    "sockops",
-    "connect4",
-    "connect6",
-    "sendmsg4",
-    "sendmsg6",
-    "recvmsg4",
-    "recvmsg6",
-    "getpeername4",
-    "getpeername6",
-    "sock_create",
-];
 
 /// What the agent said, or did not.
 #[derive(Debug, Clone)]

@@ -48,23 +48,46 @@ use pins::PinDir;
 /// The programs' object, built by `cargo xtask build-ebpf` (see build.rs).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
 
-const SOCKOPS_PROGRAM: &str = "mesh_sockops";
 const MSG_PROGRAM: &str = "mesh_msg_redirect";
 const SOCKOPS_LINK_PREFIX: &str = "sockops_cgroup_";
-/// The connect-time policy programs, by the name of their cgroup hook.
-const SOCK_ADDR_PROGRAMS: [(&str, &str); 8] = [
-    ("mesh_connect4", "connect4"),
-    ("mesh_connect6", "connect6"),
-    ("mesh_sendmsg4", "sendmsg4"),
-    ("mesh_sendmsg6", "sendmsg6"),
-    ("mesh_recvmsg4", "recvmsg4"),
-    ("mesh_recvmsg6", "recvmsg6"),
-    ("mesh_getpeername4", "getpeername4"),
-    ("mesh_getpeername6", "getpeername6"),
+
+/// What aya calls a cgroup program: it has a type per kind.
+#[derive(Clone, Copy)]
+enum CgroupKind {
+    SockOps,
+    SockAddr,
+    Sock,
+}
+
+/// Every program linked to the cgroup, in attach order (sockops first: the
+/// sockhash's sk_msg program is attached before it), with its hook, which
+/// names its pin `<hook>_cgroup_<id>`: the connect-time policy programs,
+/// and `sock_create`, which refuses in workloads' network namespaces the
+/// sockets of transports the sock_addr programs cannot judge.
+const CGROUP_PROGRAMS: [(&str, &str, CgroupKind); 10] = [
+    ("mesh_sockops", "sockops", CgroupKind::SockOps),
+    ("mesh_connect4", "connect4", CgroupKind::SockAddr),
+    ("mesh_connect6", "connect6", CgroupKind::SockAddr),
+    ("mesh_sendmsg4", "sendmsg4", CgroupKind::SockAddr),
+    ("mesh_sendmsg6", "sendmsg6", CgroupKind::SockAddr),
+    ("mesh_recvmsg4", "recvmsg4", CgroupKind::SockAddr),
+    ("mesh_recvmsg6", "recvmsg6", CgroupKind::SockAddr),
+    ("mesh_getpeername4", "getpeername4", CgroupKind::SockAddr),
+    ("mesh_getpeername6", "getpeername6", CgroupKind::SockAddr),
+    ("mesh_sock_create", "sock_create", CgroupKind::Sock),
 ];
-/// Refuses, in workloads' network namespaces, sockets of transports the
-/// sock_addr programs cannot judge.
-const SOCK_CREATE_PROGRAM: &str = "mesh_sock_create";
+
+/// The hooks of [`CGROUP_PROGRAMS`], whose links `status` looks for.
+pub const CGROUP_HOOKS: [&str; CGROUP_PROGRAMS.len()] = {
+    let mut hooks = [""; CGROUP_PROGRAMS.len()];
+    let mut i = 0;
+    while i < hooks.len() {
+        hooks[i] = CGROUP_PROGRAMS[i].1;
+        i += 1;
+    }
+    hooks
+};
+
 const TC_PROGRAMS: [(&str, &str, TcAttachType); 2] = [
     ("mesh_ingress", "ingress", TcAttachType::Ingress),
     ("mesh_egress", "egress", TcAttachType::Egress),
@@ -170,13 +193,10 @@ impl Datapath {
         // sk_msg program attached to the map at that moment, so the program
         // must be there before the first socket is.
         attach_msg_redirect(&mut ebpf)?;
-        attach_sockops(&mut ebpf, &cgroup, &link_pin)?;
-        for (program, hook) in SOCK_ADDR_PROGRAMS {
+        for (program, hook, kind) in CGROUP_PROGRAMS {
             let pin = dir.join(format!("{hook}_cgroup_{cgroup_id}"));
-            attach_sock_addr(&mut ebpf, program, &cgroup, &pin)?;
+            attach_cgroup(&mut ebpf, program, kind, &cgroup, &pin)?;
         }
-        let pin = dir.join(format!("sock_create_cgroup_{cgroup_id}"));
-        attach_sock_create(&mut ebpf, &cgroup, &pin)?;
         for interface in &config.interfaces {
             for (program, direction, attach_type) in TC_PROGRAMS {
                 let pin = dir.join(format!("tc_{direction}_{interface}"));
@@ -239,74 +259,40 @@ fn attach_msg_redirect(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
     Ok(())
 }
 
-fn attach_sockops(
-    ebpf: &mut Ebpf,
-    cgroup: &std::fs::File,
-    link_pin: &Path,
-) -> Result<(), DatapathError> {
-    let program: &mut SockOps = ebpf
-        .program_mut(SOCKOPS_PROGRAM)
-        .expect("the object defines the sockops program")
-        .try_into()
-        .map_err(program_err(SOCKOPS_PROGRAM))?;
-    program.load().map_err(program_err(SOCKOPS_PROGRAM))?;
-    let prog_fd = dup_program_fd(program.fd().map_err(program_err(SOCKOPS_PROGRAM))?.as_fd())?;
-    attach_pinned(link_pin, prog_fd.as_fd(), || {
-        // With a bpf_link the kernel always lets other programs share the
-        // cgroup (it refuses the ALLOW_MULTI flag there), so other tools'
-        // sockops programs keep working beside ours.
-        let id = program
-            .attach(cgroup, CgroupAttachMode::Single)
-            .map_err(program_err(SOCKOPS_PROGRAM))?;
-        let link = program
-            .take_link(id)
-            .map_err(program_err(SOCKOPS_PROGRAM))?;
-        FdLink::try_from(link).map_err(not_a_bpf_link)
-    })
-}
-
-fn attach_sock_addr(
+fn attach_cgroup(
     ebpf: &mut Ebpf,
     name: &'static str,
+    kind: CgroupKind,
     cgroup: &std::fs::File,
     link_pin: &Path,
 ) -> Result<(), DatapathError> {
-    let program: &mut CgroupSockAddr = ebpf
-        .program_mut(name)
-        .expect("the object defines the sock_addr programs")
-        .try_into()
-        .map_err(program_err(name))?;
-    program.load().map_err(program_err(name))?;
-    let prog_fd = dup_program_fd(program.fd().map_err(program_err(name))?.as_fd())?;
-    attach_pinned(link_pin, prog_fd.as_fd(), || {
-        let id = program
-            .attach(cgroup, CgroupAttachMode::Single)
-            .map_err(program_err(name))?;
-        let link = program.take_link(id).map_err(program_err(name))?;
-        FdLink::try_from(link).map_err(not_a_bpf_link)
-    })
-}
-
-fn attach_sock_create(
-    ebpf: &mut Ebpf,
-    cgroup: &std::fs::File,
-    link_pin: &Path,
-) -> Result<(), DatapathError> {
-    let name = SOCK_CREATE_PROGRAM;
-    let program: &mut CgroupSock = ebpf
-        .program_mut(name)
-        .expect("the object defines the sock_create program")
-        .try_into()
-        .map_err(program_err(name))?;
-    program.load().map_err(program_err(name))?;
-    let prog_fd = dup_program_fd(program.fd().map_err(program_err(name))?.as_fd())?;
-    attach_pinned(link_pin, prog_fd.as_fd(), || {
-        let id = program
-            .attach(cgroup, CgroupAttachMode::Single)
-            .map_err(program_err(name))?;
-        let link = program.take_link(id).map_err(program_err(name))?;
-        FdLink::try_from(link).map_err(not_a_bpf_link)
-    })
+    // The same steps for each kind; aya gives their types no common trait.
+    macro_rules! link {
+        ($program:ty) => {{
+            let program: &mut $program = ebpf
+                .program_mut(name)
+                .expect("the object defines every cgroup program")
+                .try_into()
+                .map_err(program_err(name))?;
+            program.load().map_err(program_err(name))?;
+            let prog_fd = dup_program_fd(program.fd().map_err(program_err(name))?.as_fd())?;
+            attach_pinned(link_pin, prog_fd.as_fd(), || {
+                // With a bpf_link the kernel always lets other programs
+                // share the cgroup (it refuses the ALLOW_MULTI flag there),
+                // so other tools' programs keep working beside ours.
+                let id = program
+                    .attach(cgroup, CgroupAttachMode::Single)
+                    .map_err(program_err(name))?;
+                let link = program.take_link(id).map_err(program_err(name))?;
+                FdLink::try_from(link).map_err(not_a_bpf_link)
+            })
+        }};
+    }
+    match kind {
+        CgroupKind::SockOps => link!(SockOps),
+        CgroupKind::SockAddr => link!(CgroupSockAddr),
+        CgroupKind::Sock => link!(CgroupSock),
+    }
 }
 
 fn attach_tc(
