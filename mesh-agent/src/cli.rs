@@ -285,6 +285,8 @@ pub enum InspectWhat {
     Policy,
     /// Flows seen by the tc programs, with their verdicts.
     Conntrack,
+    /// Service addresses the kernel translates, and each one's backends.
+    Services,
     /// This node's workload certificates: identity, serial, expiry, renewal.
     Certs,
 }
@@ -441,6 +443,7 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
                 InspectWhat::Identities => inspect::identities(&maps, &names, output)?,
                 InspectWhat::Policy => inspect::policy(&maps, &names, output)?,
                 InspectWhat::Conntrack => inspect::conntrack(&maps, &names, output)?,
+                InspectWhat::Services => inspect::services(&maps, &names, output)?,
                 InspectWhat::Certs => unreachable!("handled above"),
             };
             print!("{text}");

@@ -7,11 +7,16 @@
 //!
 //! 1. policy entries added or changed (new subjects are not referenced yet);
 //! 2. endpoints and namespaces added or changed (switching to new subjects);
-//! 3. endpoints and namespaces removed;
-//! 4. policy entries removed;
-//! 5. the policy generation bumped, so cached verdicts are checked again.
+//! 3. Service backend slots added (a new revision beside the live one),
+//!    Service entries added or switched to their new revision, Service
+//!    entries removed, old slots removed: a Service only ever points at
+//!    backends whose endpoints are already known, so a backend is never
+//!    judged as "not a mesh workload";
+//! 4. endpoints and namespaces removed;
+//! 5. policy entries removed;
+//! 6. the policy generation bumped, so cached verdicts are checked again.
 //!
-//! Any failure before step 5 undoes the steps taken, in reverse; a refused
+//! Any failure before step 6 undoes the steps taken, in reverse; a refused
 //! configuration never reaches the maps at all.
 pub mod metrics;
 
@@ -25,6 +30,7 @@ use aya::maps::{HashMap, MapData};
 use mesh_common::{
     map_names,
     policy::{Endpoint, IpKey, PolicyKey, Verdict},
+    service::{BackendKey, ServiceEntry, ServiceKey, SockAddr},
 };
 use tracing::{info, warn};
 
@@ -32,7 +38,7 @@ use crate::config::Config;
 use mesh_datapath::maps::{MapsError, PinnedMaps, PolicyMaps};
 use mesh_datapath::netns;
 use mesh_policy::state::NodeState;
-use mesh_policy::{Compiled, ConfigError};
+use mesh_policy::{Compiled, ConfigError, ServiceTables};
 use metrics::ReconcileMetrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +97,7 @@ pub struct MapState {
     pub endpoints: BTreeMap<IpKey, Endpoint>,
     pub local_netns: BTreeMap<u64, u64>,
     pub policy: BTreeMap<PolicyKey, Verdict>,
+    pub services: ServiceTables,
 }
 
 /// What one reload changed.
@@ -115,6 +122,8 @@ struct Capacity {
     endpoints: u32,
     local_netns: u32,
     policy: u32,
+    services: u32,
+    service_backends: u32,
 }
 
 impl Control {
@@ -126,11 +135,17 @@ impl Control {
             endpoints: pins.endpoints()?.into_iter().collect(),
             local_netns: pins.local_netns()?.into_iter().collect(),
             policy: pins.policy()?.into_iter().collect(),
+            services: ServiceTables {
+                services: pins.services()?.into_iter().collect(),
+                backends: pins.service_backends()?.into_iter().collect(),
+            },
         };
         let capacity = Capacity {
             endpoints: pins.max_entries(map_names::ENDPOINTS)?,
             local_netns: pins.max_entries(map_names::LOCAL_NETNS)?,
             policy: pins.max_entries(map_names::POLICY)?,
+            services: pins.max_entries(map_names::SERVICES)?,
+            service_backends: pins.max_entries(map_names::SERVICE_BACKENDS)?,
         };
         let maps = pins.policy_maps()?;
         Ok(Self {
@@ -205,6 +220,10 @@ impl Control {
             // The maps' entries move out; the names stay for NodeState.
             endpoints: std::mem::take(&mut compiled.endpoints),
             policy: std::mem::take(&mut compiled.policy),
+            services: mesh_policy::service_tables(
+                &self.applied.services,
+                &std::mem::take(&mut compiled.service_slots),
+            ),
         };
         self.check_capacity(&desired)?;
         let policy_entries = desired.policy.len();
@@ -256,6 +275,18 @@ impl Control {
                 self.capacity.policy,
                 "--max-policy",
             ),
+            (
+                map_names::SERVICES,
+                union(&self.applied.services.services, &desired.services.services),
+                self.capacity.services,
+                "the Service limit",
+            ),
+            (
+                map_names::SERVICE_BACKENDS,
+                union(&self.applied.services.backends, &desired.services.backends),
+                self.capacity.service_backends,
+                "the Service backend limit",
+            ),
         ];
         for (map, needed, max, flag) in checks {
             if needed > max as usize {
@@ -274,8 +305,20 @@ impl Control {
         let policy = mesh_policy::diff(&self.applied.policy, &desired.policy);
         let endpoints = mesh_policy::diff(&self.applied.endpoints, &desired.endpoints);
         let netns = mesh_policy::diff(&self.applied.local_netns, &desired.local_netns);
-        let upserted = policy.upserts.len() + endpoints.upserts.len() + netns.upserts.len();
-        let deleted = policy.deletes.len() + endpoints.deletes.len() + netns.deletes.len();
+        let services =
+            mesh_policy::diff(&self.applied.services.services, &desired.services.services);
+        let backends =
+            mesh_policy::diff(&self.applied.services.backends, &desired.services.backends);
+        let upserted = policy.upserts.len()
+            + endpoints.upserts.len()
+            + netns.upserts.len()
+            + services.upserts.len()
+            + backends.upserts.len();
+        let deleted = policy.deletes.len()
+            + endpoints.deletes.len()
+            + netns.deletes.len()
+            + services.deletes.len()
+            + backends.deletes.len();
         if upserted + deleted == 0 {
             return Ok(Changes {
                 generation: self.pins.policy_generation()?,
@@ -315,6 +358,44 @@ impl Control {
                     *k,
                     *v,
                     map_names::LOCAL_NETNS,
+                )?;
+            }
+            for (k, v) in &backends.upserts {
+                put(
+                    &mut m.service_backends,
+                    &mut undo.service_backends,
+                    &old.services.backends,
+                    *k,
+                    *v,
+                    map_names::SERVICE_BACKENDS,
+                )?;
+            }
+            for (k, v) in &services.upserts {
+                put(
+                    &mut m.services,
+                    &mut undo.services,
+                    &old.services.services,
+                    *k,
+                    *v,
+                    map_names::SERVICES,
+                )?;
+            }
+            for k in &services.deletes {
+                remove(
+                    &mut m.services,
+                    &mut undo.services,
+                    &old.services.services,
+                    *k,
+                    map_names::SERVICES,
+                )?;
+            }
+            for k in &backends.deletes {
+                remove(
+                    &mut m.service_backends,
+                    &mut undo.service_backends,
+                    &old.services.backends,
+                    *k,
+                    map_names::SERVICE_BACKENDS,
                 )?;
             }
             for k in &netns.deletes {
@@ -419,11 +500,17 @@ struct Undo {
     endpoints: Vec<(IpKey, Option<Endpoint>)>,
     local_netns: Vec<(u64, Option<u64>)>,
     policy: Vec<(PolicyKey, Option<Verdict>)>,
+    services: Vec<(ServiceKey, Option<ServiceEntry>)>,
+    service_backends: Vec<(BackendKey, Option<SockAddr>)>,
 }
 
 impl Undo {
     fn roll_back(self, maps: &mut PolicyMaps) {
-        // Reverse of the apply order.
+        // Services first: until they are back, none may point at a backend
+        // whose endpoint the restores below remove again. Then the reverse
+        // of the apply order.
+        restore(&mut maps.services, self.services);
+        restore(&mut maps.service_backends, self.service_backends);
         restore(&mut maps.policy, self.policy);
         restore(&mut maps.endpoints, self.endpoints);
         restore(&mut maps.local_netns, self.local_netns);

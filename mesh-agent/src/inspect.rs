@@ -446,3 +446,146 @@ mod tests {
         assert_eq!(rows[0].netns_cookie, None);
     }
 }
+
+/// One Service address as the kernel translates it, with the names behind
+/// it (from state.json).
+#[derive(Debug, Serialize)]
+pub struct ServiceRow {
+    pub address: SocketAddr,
+    pub protocol: &'static str,
+    /// `namespace/name`, or `-` when state.json does not know the entry.
+    pub service: String,
+    pub port_name: Option<String>,
+    /// The live revision of the backend set.
+    pub revision: u16,
+    pub backends: Vec<BackendRow>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackendRow {
+    pub address: SocketAddr,
+    /// Slots of the backend set it holds: its weight.
+    pub slots: u32,
+    /// Share of new connections it gets, in percent.
+    pub share: f64,
+    pub workload: Option<String>,
+    pub node: Option<String>,
+    pub identity: Option<String>,
+}
+
+pub fn service_rows(
+    services: &[(
+        mesh_common::service::ServiceKey,
+        mesh_common::service::ServiceEntry,
+    )],
+    backends: &[(
+        mesh_common::service::BackendKey,
+        mesh_common::service::SockAddr,
+    )],
+    names: &NodeState,
+) -> Vec<ServiceRow> {
+    use std::collections::BTreeMap;
+    let socket = |ip: [u32; 4], port: u16| {
+        let ip = IpAddr::from(mesh_common::policy::IpKey { ip });
+        SocketAddr::new(ip, port)
+    };
+    let mut rows: Vec<ServiceRow> = services
+        .iter()
+        .map(|(key, entry)| {
+            let address = socket(key.ip, key.port);
+            let protocol = proto_name(key.proto);
+            let info = names.services.iter().find(|s| {
+                s.address == address.ip()
+                    && s.port == key.port
+                    && s.protocol.eq_ignore_ascii_case(protocol)
+            });
+            let mut slots: BTreeMap<SocketAddr, u32> = BTreeMap::new();
+            for (k, b) in backends {
+                if k.service == *key && k.revision == entry.revision && k.slot < entry.slots {
+                    *slots.entry(socket(b.ip, b.port)).or_default() += 1;
+                }
+            }
+            let total = f64::from(entry.slots.max(1));
+            let backends = slots
+                .into_iter()
+                .map(|(address, n)| {
+                    let known = info.and_then(|s| {
+                        s.backends
+                            .iter()
+                            .find(|b| b.address == address.ip() && b.port == address.port())
+                    });
+                    BackendRow {
+                        address,
+                        slots: n,
+                        share: f64::from(n) * 100.0 / total,
+                        workload: known.map(|b| b.workload.clone()),
+                        node: known.map(|b| b.node.clone()),
+                        identity: known.map(|b| names.identity_name(b.identity)),
+                    }
+                })
+                .collect();
+            ServiceRow {
+                address,
+                protocol,
+                service: info.map_or("-".into(), |s| s.key()),
+                port_name: info.and_then(|s| s.port_name.clone()),
+                revision: entry.revision,
+                backends,
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| (&a.service, a.address).cmp(&(&b.service, b.address)));
+    rows
+}
+
+pub fn services(maps: &PinnedMaps, names: &NodeState, output: Output) -> Result<String, MapsError> {
+    let rows = service_rows(&maps.services()?, &maps.service_backends()?, names);
+    Ok(match output {
+        Output::Json => json(&rows),
+        Output::Table => {
+            let mut cells = Vec::new();
+            for r in &rows {
+                let service = match &r.port_name {
+                    Some(port) => format!("{} ({port})", r.service),
+                    None => r.service.clone(),
+                };
+                let address = format!("{}/{}", r.address, r.protocol);
+                if r.backends.is_empty() {
+                    cells.push(vec![
+                        address.clone(),
+                        service.clone(),
+                        "(none: connections refused)".into(),
+                        "-".into(),
+                        "-".into(),
+                        "-".into(),
+                        "-".into(),
+                    ]);
+                }
+                for b in &r.backends {
+                    cells.push(vec![
+                        address.clone(),
+                        service.clone(),
+                        b.address.to_string(),
+                        format!("{:.1}%", b.share),
+                        b.workload.clone().unwrap_or_else(|| "-".into()),
+                        b.node.clone().unwrap_or_else(|| "-".into()),
+                        b.identity.clone().unwrap_or_else(|| "-".into()),
+                    ]);
+                }
+            }
+            table::render(
+                &[
+                    "SERVICE ADDRESS",
+                    "SERVICE",
+                    "BACKEND",
+                    "SHARE",
+                    "WORKLOAD",
+                    "NODE",
+                    "IDENTITY",
+                ],
+                &cells,
+                "No entries found.",
+            )
+        }
+    })
+}

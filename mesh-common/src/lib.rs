@@ -9,6 +9,7 @@
 #![deny(unsafe_code)]
 
 pub mod policy;
+pub mod service;
 #[cfg(feature = "user")]
 mod user;
 
@@ -40,6 +41,16 @@ pub mod map_names {
     /// [`crate::policy::TunnelKey`] → [`crate::policy::OrigDst`] (LRU): the
     /// same, keyed as the agent sees the accepted connection.
     pub const TUNNEL_ORIG: &str = "TUNNEL_ORIG";
+    /// [`crate::service::ServiceKey`] → [`crate::service::ServiceEntry`]:
+    /// the Service addresses the connect hooks translate.
+    pub const SERVICES: &str = "SERVICES";
+    /// [`crate::service::BackendKey`] → [`crate::service::SockAddr`]: the
+    /// backend in each slot of each Service's live backend set.
+    pub const SERVICE_BACKENDS: &str = "SERVICE_BACKENDS";
+    /// [`crate::service::ServicePeerKey`] → [`crate::service::SockAddr`]
+    /// (LRU): the Service address a socket dialled, for `getpeername(2)` and
+    /// the source of UDP replies.
+    pub const SERVICE_PEERS: &str = "SERVICE_PEERS";
 }
 
 /// Default capacity of the socket maps: the number of TCP sockets of the
@@ -198,10 +209,15 @@ pub enum Counter {
     ConntrackFailed = 11,
     /// Connections steered to the node agent for mutual TLS.
     TunnelRedirected = 12,
+    /// Connections and datagrams to a Service address translated to one of
+    /// its backends.
+    ServiceTranslated = 13,
+    /// Connections refused because their Service had no backend.
+    ServiceNoBackend = 14,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 13] = [
+    pub const ALL: [Counter; 15] = [
         Counter::SocketsTracked,
         Counter::SocketsTrackFailed,
         Counter::SocketsClosed,
@@ -215,6 +231,8 @@ impl Counter {
         Counter::FlowEventsLost,
         Counter::ConntrackFailed,
         Counter::TunnelRedirected,
+        Counter::ServiceTranslated,
+        Counter::ServiceNoBackend,
     ];
 
     /// The counter's name in `inspect stats` and metrics.
@@ -233,6 +251,8 @@ impl Counter {
             Counter::FlowEventsLost => "flow_events_lost",
             Counter::ConntrackFailed => "conntrack_failed",
             Counter::TunnelRedirected => "tunnel_redirected",
+            Counter::ServiceTranslated => "service_translated",
+            Counter::ServiceNoBackend => "service_no_backend",
         }
     }
 }
@@ -311,6 +331,11 @@ mod pod {
         super::policy::UdpPeerKey,
         super::policy::OrigDst,
         super::policy::TunnelKey,
+        super::service::ServiceKey,
+        super::service::ServiceEntry,
+        super::service::BackendKey,
+        super::service::SockAddr,
+        super::service::ServicePeerKey,
     );
 }
 

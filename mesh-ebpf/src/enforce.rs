@@ -17,17 +17,18 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_ANY, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_get_netns_cookie, bpf_ktime_get_ns},
+    helpers::{bpf_get_netns_cookie, bpf_ktime_get_ns, generated::bpf_set_retval},
     macros::{cgroup_sock, cgroup_sock_addr, classifier},
     programs::{SockAddrContext, SockContext, TcContext},
 };
 use mesh_common::{
-    Counter, Setting, ipv4_mapped,
+    Counter, Setting,
     policy::{
         Action, ConnectionPath, ENDPOINT_LOCAL, Endpoint, FLOW_OUTBOUND, FlowEvent, FlowKey,
         FlowState, Hook, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, UdpPeerKey, Verdict,
         WORLD_IDENTITY, connection_path, decide_for,
     },
+    service::SockAddr,
 };
 
 use crate::{
@@ -37,8 +38,13 @@ use crate::{
         lookup, policy_entry, policy_generation, setting,
     },
     packet::{self, Parsed},
-    tunnel::{is_agent_socket, remember_redirect, steer_to_agent4, steer_to_agent6, tunnel_port},
+    service::{self, Destination},
+    sock_addr::{self, Family},
+    tunnel::{agent_listener, is_agent_socket, remember_redirect, tunnel_port},
 };
+
+/// `ECONNREFUSED`, as `bpf_set_retval` wants it (negated).
+const ECONNREFUSED: i32 = 111;
 
 /// sock_addr programs: 1 lets the call proceed, 0 fails it with EPERM.
 const SOCK_ADDR_ALLOW: i32 = 1;
@@ -126,57 +132,90 @@ enum Outcome {
     /// Allowed, and steered to the node agent, which carries it to the
     /// destination's node over mutual TLS.
     Tunnel,
+    /// A Service with no backend: ECONNREFUSED.
+    Refused,
+}
+
+/// Connect and sendmsg: the Service address (if it is one) is translated
+/// to a backend first, then the call is judged against the destination
+/// workload's policy and, for a workload on another node, steered to the
+/// agent.
+#[inline(always)]
+fn on_sock_addr(ctx: &SockAddrContext, family: Family, hook: Hook) -> i32 {
+    let outcome = judge_sock_addr(ctx, family, hook);
+    match outcome {
+        Outcome::Allow => SOCK_ADDR_ALLOW,
+        Outcome::Deny => SOCK_ADDR_DENY,
+        Outcome::Tunnel => {
+            let agent = SockAddr::new(agent_listener(family), tunnel_port());
+            sock_addr::write(ctx, family, &agent);
+            SOCK_ADDR_ALLOW
+        }
+        Outcome::Refused => {
+            // SAFETY: sets the error the refused call returns.
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+            SOCK_ADDR_DENY
+        }
+    }
 }
 
 #[inline(always)]
-fn judge_sock_addr(ctx: &SockAddrContext, dst_ip: [u32; 4], hook: Hook) -> Outcome {
+fn judge_sock_addr(ctx: &SockAddrContext, family: Family, hook: Hook) -> Outcome {
     // SAFETY: the kernel's context for this call.
-    let sa = unsafe { &*ctx.sock_addr };
-    let proto = sa.protocol as u8;
+    let proto = unsafe { (*ctx.sock_addr).protocol } as u8;
+    let mut dst = sock_addr::read(ctx, family);
     if proto != PROTO_TCP && proto != PROTO_UDP {
         // Any other transport (UDP-Lite, SCTP) to a mesh workload is
         // refused, as the destination node's tc program drops it; ping
         // sockets pass, as ICMP does at tc.
-        let refused = !workload_transport(proto) && endpoint(&dst_ip).is_some();
+        let refused = !workload_transport(proto) && endpoint(&dst.ip).is_some();
         return if refused {
             Outcome::Deny
         } else {
             Outcome::Allow
         };
     }
+    match service::resolve(&dst, proto) {
+        Destination::Direct => {}
+        Destination::NoBackend => return Outcome::Refused,
+        Destination::Backend(backend) => {
+            service::remember_service_peer(ctx, &backend, &dst);
+            sock_addr::write(ctx, family, &backend);
+            dst = backend;
+        }
+    }
     if is_agent_socket(ctx) {
         return Outcome::Allow;
     }
-    if hook == Hook::Sendmsg && lookup(&UDP_PEERS, &udp_peer(ctx, dst_ip)).is_some() {
+    if hook == Hook::Sendmsg && lookup(&UDP_PEERS, &udp_peer(ctx, dst.ip)).is_some() {
         return Outcome::Allow; // a reply to a datagram this socket received
     }
-    let Some(dst) = endpoint(&dst_ip) else {
+    let Some(dst_endpoint) = endpoint(&dst.ip) else {
         return Outcome::Allow; // not a mesh workload: policy does not govern it
     };
     let attempt = Attempt {
         src_identity: identity_of_caller(ctx),
         src_ip: [0; 4],
         src_port: 0,
-        dst_ip,
-        // The port is in network byte order in the low 16 bits.
-        dst_port: u16::from_be(sa.user_port as u16),
+        dst_ip: dst.ip,
+        dst_port: dst.port,
         proto,
         hook,
     };
     // The caller is on this node (known by its network namespace); only
     // connect(2) can be steered to the agent, and only when mTLS is on.
     let path = connection_path(
-        &dst,
+        &dst_endpoint,
         attempt.src_identity,
         true,
         proto,
         hook == Hook::Connect && tunnel_port() != 0,
     );
-    let verdict = judge(&attempt, &dst, path.plaintext());
+    let verdict = judge(&attempt, &dst_endpoint, path.plaintext());
     if !verdict.action().passes() {
         Outcome::Deny
     } else if path == ConnectionPath::Tunnel {
-        remember_redirect(ctx, &attempt, &dst);
+        remember_redirect(ctx, &attempt, &dst_endpoint);
         Outcome::Tunnel
     } else {
         Outcome::Allow
@@ -214,86 +253,51 @@ pub fn mesh_sock_create(ctx: SockContext) -> i32 {
     }
 }
 
-#[inline(always)]
-fn verdict(outcome: Outcome) -> i32 {
-    match outcome {
-        Outcome::Deny => SOCK_ADDR_DENY,
-        Outcome::Allow | Outcome::Tunnel => SOCK_ADDR_ALLOW,
-    }
-}
-
 #[cgroup_sock_addr(connect4)]
 pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
-    // SAFETY: the kernel's context for this call.
-    let dst = ipv4_mapped(unsafe { (*ctx.sock_addr).user_ip4 });
-    let outcome = judge_sock_addr(&ctx, dst, Hook::Connect);
-    if let Outcome::Tunnel = outcome {
-        steer_to_agent4(&ctx);
-    }
-    verdict(outcome)
-}
-
-/// `user_ip6`, one 32-bit load per word: the verifier only allows aligned
-/// word loads from the context, never a copy of the whole array.
-#[inline(always)]
-pub(crate) fn user_ip6(ctx: &SockAddrContext) -> [u32; 4] {
-    // SAFETY: the kernel's context for this call; each field is a u32.
-    unsafe {
-        let sa = ctx.sock_addr;
-        [
-            core::ptr::read_volatile(&raw const (*sa).user_ip6[0]),
-            core::ptr::read_volatile(&raw const (*sa).user_ip6[1]),
-            core::ptr::read_volatile(&raw const (*sa).user_ip6[2]),
-            core::ptr::read_volatile(&raw const (*sa).user_ip6[3]),
-        ]
-    }
+    on_sock_addr(&ctx, Family::V4, Hook::Connect)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
-    let dst = user_ip6(&ctx);
-    let outcome = judge_sock_addr(&ctx, dst, Hook::Connect);
-    if let Outcome::Tunnel = outcome {
-        steer_to_agent6(&ctx);
-    }
-    verdict(outcome)
+    on_sock_addr(&ctx, Family::V6, Hook::Connect)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn mesh_sendmsg4(ctx: SockAddrContext) -> i32 {
-    // SAFETY: the kernel's context for this call.
-    let dst = ipv4_mapped(unsafe { (*ctx.sock_addr).user_ip4 });
-    verdict(judge_sock_addr(&ctx, dst, Hook::Sendmsg))
+    on_sock_addr(&ctx, Family::V4, Hook::Sendmsg)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn mesh_sendmsg6(ctx: SockAddrContext) -> i32 {
-    let dst = user_ip6(&ctx);
-    verdict(judge_sock_addr(&ctx, dst, Hook::Sendmsg))
+    on_sock_addr(&ctx, Family::V6, Hook::Sendmsg)
 }
 
-/// Remembers who sent the datagram being received, so that the socket may
-/// answer (see `UDP_PEERS`). Never refuses anything.
+/// A datagram being received: its sender is remembered so that the socket
+/// may answer (see `UDP_PEERS`), and a backend answering a Service address
+/// the socket sent to is shown as that address: resolvers drop answers
+/// from any address but the one they asked. Never refuses anything.
 #[inline(always)]
-fn remember_udp_peer(ctx: &SockAddrContext, remote_ip: [u32; 4]) -> i32 {
+fn on_recvmsg(ctx: &SockAddrContext, family: Family) -> i32 {
     // SAFETY: the kernel's context for this call.
     if unsafe { (*ctx.sock_addr).protocol } as u8 == PROTO_UDP {
-        let _ = UDP_PEERS.insert(udp_peer(ctx, remote_ip), 1, BPF_ANY as u64);
+        let src = sock_addr::read(ctx, family);
+        let _ = UDP_PEERS.insert(udp_peer(ctx, src.ip), 1, BPF_ANY as u64);
+        if let Some(service) = service::dialled_service(ctx, &src) {
+            sock_addr::write(ctx, family, &service);
+        }
     }
     SOCK_ADDR_ALLOW
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn mesh_recvmsg4(ctx: SockAddrContext) -> i32 {
-    // SAFETY: the kernel's context for this call.
-    let src = ipv4_mapped(unsafe { (*ctx.sock_addr).user_ip4 });
-    remember_udp_peer(&ctx, src)
+    on_recvmsg(&ctx, Family::V4)
 }
 
 #[cgroup_sock_addr(recvmsg6)]
 pub fn mesh_recvmsg6(ctx: SockAddrContext) -> i32 {
-    let src = user_ip6(&ctx);
-    remember_udp_peer(&ctx, src)
+    on_recvmsg(&ctx, Family::V6)
 }
 
 #[inline(always)]

@@ -10,6 +10,10 @@
 //!   established TCP sockets of allowed connections in `SOCK_HASH`;
 //!   `mesh_msg_redirect` hands each message straight to the local peer.
 //!
+//! - Services (`service`): a connect or sendmsg to a Service address goes
+//!   to one of its backends, chosen before policy, so the verdict and the
+//!   path are the backend's; getpeername and UDP replies show the Service
+//!   address.
 //! - mTLS between nodes (`tunnel`): allowed connections to workloads of other
 //!   nodes are steered to the node agent; `mesh_getpeername4/6` keep the
 //!   original destination visible to the application.
@@ -25,7 +29,9 @@ mod attempt;
 mod enforce;
 mod maps;
 mod packet;
+mod service;
 mod short_circuit;
+mod sock_addr;
 mod tunnel;
 
 #[cfg(not(test))]

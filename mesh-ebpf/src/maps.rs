@@ -17,6 +17,10 @@ use mesh_common::{
         DEFAULT_MAX_REDIRECTS, Endpoint, FLOWS_RING_BYTES, FlowKey, FlowState, IpKey, OrigDst,
         PolicyKey, TunnelKey, UdpPeerKey, Verdict, WORLD_IDENTITY,
     },
+    service::{
+        BackendKey, DEFAULT_MAX_SERVICE_BACKENDS, DEFAULT_MAX_SERVICE_PEERS, DEFAULT_MAX_SERVICES,
+        ServiceEntry, ServiceKey, ServicePeerKey, SockAddr,
+    },
 };
 
 #[map]
@@ -55,6 +59,18 @@ pub(crate) static REDIRECTS: LruHashMap<u64, OrigDst> =
 #[map]
 pub(crate) static TUNNEL_ORIG: LruHashMap<TunnelKey, OrigDst> =
     LruHashMap::pinned(DEFAULT_MAX_REDIRECTS, 0);
+
+#[map]
+pub(crate) static SERVICES: HashMap<ServiceKey, ServiceEntry> =
+    HashMap::pinned(DEFAULT_MAX_SERVICES, 0);
+
+#[map]
+pub(crate) static SERVICE_BACKENDS: HashMap<BackendKey, SockAddr> =
+    HashMap::pinned(DEFAULT_MAX_SERVICE_BACKENDS, 0);
+
+#[map]
+pub(crate) static SERVICE_PEERS: LruHashMap<ServicePeerKey, SockAddr> =
+    LruHashMap::pinned(DEFAULT_MAX_SERVICE_PEERS, 0);
 
 #[map]
 pub(crate) static FLOWS: RingBuf = RingBuf::pinned(FLOWS_RING_BYTES, 0);

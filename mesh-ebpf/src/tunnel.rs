@@ -17,13 +17,16 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext},
 };
 use mesh_common::{
-    AF_INET6, AGENT_SOCKET_MARK, Counter, Setting,
+    AF_INET6, AGENT_SOCKET_MARK, Counter, Setting, ipv4_mapped,
     policy::{Endpoint, OrigDst, TunnelKey, WORLD_IDENTITY},
+    service::SockAddr,
 };
 
 use crate::{
     attempt::Attempt,
     maps::{REDIRECTS, TUNNEL_ORIG, count, identity_of_caller, lookup, setting},
+    service::dialled_service,
+    sock_addr::{self, Family},
 };
 
 /// The agent's outbound listener port, or 0 when mTLS is off.
@@ -72,28 +75,13 @@ pub(crate) fn remember_redirect(ctx: &SockAddrContext, a: &Attempt, dst: &Endpoi
     count(Counter::TunnelRedirected, 1);
 }
 
-/// Rewrites an IPv4 connect to the agent's listener on 127.0.0.1.
+/// The agent's outbound listener inside the workload's namespace:
+/// 127.0.0.1 for an IPv4 socket, ::1 for an IPv6 one.
 #[inline(always)]
-pub(crate) fn steer_to_agent4(ctx: &SockAddrContext) {
-    // SAFETY: the kernel's context for this call; connect4 may write the
-    // destination address and port.
-    unsafe {
-        (*ctx.sock_addr).user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
-        (*ctx.sock_addr).user_port = u32::from(tunnel_port().to_be());
-    }
-}
-
-/// Rewrites an IPv6 connect to the agent's listener on ::1.
-#[inline(always)]
-pub(crate) fn steer_to_agent6(ctx: &SockAddrContext) {
-    // SAFETY: as above; one aligned u32 store per word, as the verifier wants.
-    unsafe {
-        let sa = ctx.sock_addr;
-        core::ptr::write_volatile(&raw mut (*sa).user_ip6[0], 0);
-        core::ptr::write_volatile(&raw mut (*sa).user_ip6[1], 0);
-        core::ptr::write_volatile(&raw mut (*sa).user_ip6[2], 0);
-        core::ptr::write_volatile(&raw mut (*sa).user_ip6[3], u32::from_ne_bytes([0, 0, 0, 1]));
-        (*sa).user_port = u32::from(tunnel_port().to_be());
+pub(crate) fn agent_listener(family: Family) -> [u32; 4] {
+    match family {
+        Family::V4 => ipv4_mapped(u32::from_ne_bytes([127, 0, 0, 1])),
+        Family::V6 => [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])],
     }
 }
 
@@ -117,32 +105,33 @@ pub(crate) fn publish_for_agent(ctx: &SockOpsContext) {
     let _ = TUNNEL_ORIG.insert(key, orig, BPF_ANY as u64);
 }
 
-/// `getpeername(2)` of a steered socket answers the original destination,
-/// so the application never sees the agent.
-#[cgroup_sock_addr(getpeername4)]
-pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
-    if let Some(orig) = lookup(&REDIRECTS, &socket_cookie(&ctx)) {
-        // SAFETY: getpeername4 may write the address it returns.
-        unsafe {
-            (*ctx.sock_addr).user_ip4 = orig.ip[3];
-            (*ctx.sock_addr).user_port = u32::from(orig.port.to_be());
-        }
+/// `getpeername(2)` answers what the application dialled: for a socket
+/// steered to the agent, the original destination, and for one sent to a
+/// Service's backend, the Service address.
+#[inline(always)]
+fn answer_peer(ctx: &SockAddrContext, family: Family) -> i32 {
+    let mut peer = sock_addr::read(ctx, family);
+    let mut rewritten = false;
+    if let Some(orig) = lookup(&REDIRECTS, &socket_cookie(ctx)) {
+        peer = SockAddr::new(orig.ip, orig.port);
+        rewritten = true;
+    }
+    if let Some(service) = dialled_service(ctx, &peer) {
+        peer = service;
+        rewritten = true;
+    }
+    if rewritten {
+        sock_addr::write(ctx, family, &peer);
     }
     1
 }
 
+#[cgroup_sock_addr(getpeername4)]
+pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
+    answer_peer(&ctx, Family::V4)
+}
+
 #[cgroup_sock_addr(getpeername6)]
 pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
-    if let Some(orig) = lookup(&REDIRECTS, &socket_cookie(&ctx)) {
-        // SAFETY: as in `steer_to_agent6`.
-        unsafe {
-            let sa = ctx.sock_addr;
-            core::ptr::write_volatile(&raw mut (*sa).user_ip6[0], orig.ip[0]);
-            core::ptr::write_volatile(&raw mut (*sa).user_ip6[1], orig.ip[1]);
-            core::ptr::write_volatile(&raw mut (*sa).user_ip6[2], orig.ip[2]);
-            core::ptr::write_volatile(&raw mut (*sa).user_ip6[3], orig.ip[3]);
-            (*sa).user_port = u32::from(orig.port.to_be());
-        }
-    }
-    1
+    answer_peer(&ctx, Family::V6)
 }

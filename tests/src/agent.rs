@@ -298,6 +298,15 @@ pub fn cli(pins: &Path, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
+/// The operator CLI for `node` of `bed`: its pins and its state directory
+/// (where the names behind the kernel's numbers are).
+pub fn node_cli(bed: &TestBed, node: usize, args: &[&str]) -> anyhow::Result<String> {
+    let state = bed.state_dir(node).display().to_string();
+    let mut all = vec!["--state-dir", &state];
+    all.extend_from_slice(args);
+    cli(&bed.pin_dir(node), &all)
+}
+
 /// `inspect stats -o json`.
 pub fn stats(pins: &Path) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::from_str(&cli(

@@ -116,29 +116,9 @@ fn policy(namespace: &str, name: &str, spec: &str) -> String {
     )
 }
 
-fn pins(bed: &TestBed, node: usize) -> Vec<String> {
-    vec![
-        "--bpffs".into(),
-        bed.pin_dir(node).display().to_string(),
-        "--state-dir".into(),
-        bed.state_dir(node).display().to_string(),
-    ]
-}
-
 /// `mesh-agent --bpffs … --state-dir … args…` for `node`, stdout.
 fn cli(bed: &TestBed, node: usize, args: &[&str]) -> String {
-    let mut all = pins(bed, node);
-    all.extend(args.iter().map(|s| s.to_string()));
-    let out = std::process::Command::new(agent::agent_bin())
-        .args(&all)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "mesh-agent {all:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    agent::node_cli(bed, node, args).unwrap()
 }
 
 fn cli_json(bed: &TestBed, node: usize, args: &[&str]) -> Value {

@@ -36,6 +36,7 @@ use super::documents::{
     PeerAuthentication, PolicyAction, Protocol, Rule, Selector, Workload,
 };
 use super::identity::{IdentityPattern, hash32, hash64, numeric_identity, spiffe_id};
+use super::services::{ServiceInfo, ServiceSlots, compile_services};
 
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_ROOT_NAMESPACE: &str = "mesh-system";
@@ -125,6 +126,10 @@ pub struct Compiled {
     pub workloads: Vec<WorkloadInfo>,
     /// Node name → the addresses its agent's tunnels are reached at.
     pub nodes: BTreeMap<String, Vec<IpAddr>>,
+    /// Every Service address → its backends in slot order.
+    pub service_slots: ServiceSlots,
+    /// The names behind the Service entries, sorted by namespace and name.
+    pub services: Vec<ServiceInfo>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq)]
@@ -693,6 +698,15 @@ pub fn compile(docs: &Documents, settings: &MeshSettings) -> Result<Compiled, Co
         .iter()
         .map(|n| (n.metadata.name.clone(), n.spec.addresses.clone()))
         .collect();
+    let identity_of = |w: &Workload| {
+        numeric_identity(&spiffe_id(
+            td,
+            &w.metadata.namespace,
+            &w.spec.service_account,
+        ))
+    };
+    (out.service_slots, out.services) =
+        compile_services(&docs.services, &docs.workloads, identity_of, &settings.node)?;
     Ok(out)
 }
 
@@ -1658,6 +1672,7 @@ mod tests {
                         service_account: ACCOUNTS[w.sa].into(),
                         ips: vec![IpAddr::from([10, 0, 0, i as u8 + 1])],
                         node: if w.local { "node-a" } else { "node-b" }.into(),
+                        ports: None,
                         netns: Some(PathBuf::from(format!("/run/netns/w{i}"))),
                     },
                     origin: origin(i + 1),

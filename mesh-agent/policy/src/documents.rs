@@ -14,6 +14,10 @@ use serde::{Deserialize, Deserializer};
 use serde_yaml::Value;
 
 use super::identity::{IdentityPattern, is_dns_label, is_dns_subdomain};
+use super::services::{
+    KIND_SERVICE, SERVICE_API_VERSION, Service, WorkloadPort, validate_service,
+    validate_workload_ports,
+};
 
 /// The only `apiVersion` this build reads.
 pub const API_VERSION: &str = "mesh.dev/v1alpha1";
@@ -144,6 +148,9 @@ pub struct WorkloadSpec {
     /// Required for workloads on the agent's node (checked by the compiler).
     #[serde(default)]
     pub netns: Option<PathBuf>,
+    /// Named ports, which Services' `targetPort` can refer to.
+    #[serde(default)]
+    pub ports: Option<Vec<WorkloadPort>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -455,7 +462,7 @@ where
 }
 
 /// A port, read wide enough to say what is wrong with 70000 or -1.
-fn port_number<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u16, D::Error> {
+pub(crate) fn port_number<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u16, D::Error> {
     struct PortVisitor;
 
     impl PortVisitor {
@@ -535,6 +542,7 @@ pub struct Documents {
     pub policies: Vec<MeshPolicy>,
     pub peer_authentications: Vec<PeerAuthentication>,
     pub nodes: Vec<MeshNode>,
+    pub services: Vec<Service>,
 }
 
 impl Documents {
@@ -543,6 +551,7 @@ impl Documents {
         self.policies.extend(other.policies);
         self.peer_authentications.extend(other.peer_authentications);
         self.nodes.extend(other.nodes);
+        self.services.extend(other.services);
     }
 
     /// An error at the `spec.netns` of the (first) workload whose network
@@ -682,27 +691,31 @@ fn parse_document(
         };
         return Err(error(Some("kind".into()), message.into()));
     };
-    if !KINDS.contains(&kind_str) {
+    let expected_version = if kind_str == KIND_SERVICE {
+        SERVICE_API_VERSION
+    } else if KINDS.contains(&kind_str) {
+        API_VERSION
+    } else {
         return Err(error(
             Some("kind".into()),
             format!(
-                "unknown kind {kind_str:?} (expected one of {})",
+                "unknown kind {kind_str:?} (expected one of {}, {KIND_SERVICE})",
                 KINDS.join(", ")
             ),
         ));
-    }
+    };
     match str_at(&value, &["apiVersion"]) {
-        Some(v) if v == API_VERSION => {}
+        Some(v) if v == expected_version => {}
         Some(v) => {
             return Err(error(
                 Some("apiVersion".into()),
-                format!("unknown apiVersion {v:?} (expected {API_VERSION})"),
+                format!("unknown apiVersion {v:?} (expected {expected_version})"),
             ));
         }
         None => {
             return Err(error(
                 Some("apiVersion".into()),
-                format!("missing (expected {API_VERSION})"),
+                format!("missing (expected {expected_version})"),
             ));
         }
     }
@@ -715,7 +728,14 @@ fn parse_document(
         let field = (!path.is_empty() && path != ".").then_some(path);
         error(field, e.into_inner().to_string())
     };
-    if kind_str == KIND_WORKLOAD {
+    if kind_str == KIND_SERVICE {
+        let mut s: Service = serde_path_to_error::deserialize(value).map_err(serde_error)?;
+        s.origin = origin;
+        validate_service(&s).map_err(|(field, msg)| {
+            ConfigError::at(&s.origin, KIND_SERVICE, &s.object_meta(), field, msg)
+        })?;
+        docs.services.push(s);
+    } else if kind_str == KIND_WORKLOAD {
         let mut w: Workload = serde_path_to_error::deserialize(value).map_err(serde_error)?;
         w.origin = origin;
         validate_workload(&w).map_err(|(field, msg)| {
@@ -753,7 +773,7 @@ fn parse_document(
     Ok(())
 }
 
-type FieldError = (String, String);
+pub(crate) type FieldError = (String, String);
 
 fn validate_meta(meta: &ObjectMeta) -> Result<(), FieldError> {
     if !is_dns_subdomain(&meta.name) {
@@ -867,7 +887,7 @@ fn validate_workload(w: &Workload) -> Result<(), FieldError> {
             format!("{} is not an absolute path", netns.display()),
         ));
     }
-    Ok(())
+    validate_workload_ports(w.spec.ports.as_deref().unwrap_or_default())
 }
 
 fn validate_policy(p: &MeshPolicy) -> Result<(), FieldError> {
@@ -970,6 +990,22 @@ fn check_duplicates(docs: &Documents) -> Result<(), ConfigError> {
                 format!(
                     "duplicate {kind} {}/{}: first defined in {first}",
                     meta.namespace, meta.name
+                ),
+            ));
+        }
+    }
+    let mut services: HashMap<(&str, &str), &Origin> = HashMap::new();
+    for svc in &docs.services {
+        let key = (svc.metadata.namespace.as_str(), svc.metadata.name.as_str());
+        if let Some(first) = services.insert(key, &svc.origin) {
+            return Err(ConfigError::at(
+                &svc.origin,
+                KIND_SERVICE,
+                &svc.object_meta(),
+                "metadata.name",
+                format!(
+                    "duplicate {KIND_SERVICE} {}: first defined in {first}",
+                    svc.key()
                 ),
             ));
         }

@@ -21,6 +21,7 @@ mod compile;
 mod diff;
 mod documents;
 mod identity;
+pub mod services;
 pub mod state;
 
 pub use compile::{
@@ -36,3 +37,4 @@ pub use documents::{
     Selector, Workload, WorkloadSpec, load_dir, parse_str, parse_value,
 };
 pub use identity::{IdentityPattern, numeric_identity, spiffe_id};
+pub use services::{ServiceInfo, ServiceSlots, ServiceTables, service_tables};

@@ -13,7 +13,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Compiled, RuleInfo, SubjectInfo, WorkloadInfo};
+use crate::{Compiled, RuleInfo, ServiceInfo, SubjectInfo, WorkloadInfo};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct NodeState {
@@ -28,6 +28,9 @@ pub struct NodeState {
     /// Node name → tunnel addresses of its agent.
     #[serde(default)]
     pub nodes: BTreeMap<String, Vec<std::net::IpAddr>>,
+    /// Every Service address and its backends.
+    #[serde(default)]
+    pub services: Vec<ServiceInfo>,
 }
 
 impl NodeState {
@@ -47,6 +50,7 @@ impl NodeState {
                 .collect(),
             workloads: compiled.workloads.clone(),
             nodes: compiled.nodes.clone(),
+            services: compiled.services.clone(),
         }
     }
 

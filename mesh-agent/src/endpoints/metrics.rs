@@ -235,6 +235,8 @@ fn kernel_counter_help(name: &str) -> String {
         "flow_events_lost" => "Verdicts not reported because the flow ring buffer was full",
         "conntrack_failed" => "Flows that could not be recorded in CONNTRACK",
         "tunnel_redirected" => "Connections steered to the node agent for mutual TLS",
+        "service_translated" => "Connections and datagrams to a Service translated to a backend",
+        "service_no_backend" => "Connections refused because their Service had no backend",
         _ => return format!("Kernel counter {name} (COUNTERS map, summed over CPUs)."),
     };
     format!("{what} (kernel counter, summed over CPUs).")

@@ -267,6 +267,8 @@ pub fn cluster_documents(
                 netns: (pod.node == this_node)
                     .then(|| netns.get(&pod.uid).cloned())
                     .flatten(),
+                // Kubernetes Services arrive with their EndpointSlices.
+                ports: None,
             },
             origin: origin.clone(),
         });

@@ -121,6 +121,13 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         repeat: usize,
     },
+    /// Connect `count` times to a `whoami` server and count the answers.
+    Tally {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: usize,
+    },
     /// Connect and report the addresses the socket sees: the peer
     /// (`getpeername(2)`) and the local end.
     Peername {
@@ -156,6 +163,9 @@ enum Mode {
     Sink,
     /// Leave the first bytes unread for hold_ms, then sink with a checksum.
     Hold,
+    /// Answer each connection with the address it reached (the server's
+    /// own end) and close: which backend a Service picked.
+    Whoami,
 }
 
 /// Set by SIGTERM in the commands that run for a while (repeated probes, a
@@ -259,6 +269,7 @@ fn main() {
         Cmd::Stream { to, bytes, chunk } => stream(to, bytes, chunk),
         Cmd::Flood { to, bytes } => flood(to, bytes),
         Cmd::Say { to, text, repeat } => say(to, &text, repeat),
+        Cmd::Tally { to, count } => tally(to, count),
         Cmd::Peername { to } => connect(to).and_then(|c| {
             Ok(json!({ "ok": true, "peer": c.peer_addr()?.to_string(), "local": c.local_addr()?.to_string() }))
         }),
@@ -375,6 +386,7 @@ fn serve(listen: SocketAddr, mode: Mode, hold: Duration) -> anyhow::Result<()> {
                 Mode::SpliceEcho => splice_echo(conn),
                 Mode::Sink => sink(conn, Duration::ZERO),
                 Mode::Hold => sink(conn, hold),
+                Mode::Whoami => whoami(conn),
             };
             if let Err(e) = result {
                 eprintln!("connection: {e:#}");
@@ -382,6 +394,36 @@ fn serve(listen: SocketAddr, mode: Mode, hold: Duration) -> anyhow::Result<()> {
         });
     }
     Ok(())
+}
+
+fn whoami(conn: TcpStream) -> anyhow::Result<()> {
+    // A dual-stack listener sees IPv4 clients at mapped addresses.
+    let local = conn.local_addr()?;
+    let local = SocketAddr::new(local.ip().to_canonical(), local.port());
+    write_all(&conn, local.to_string().as_bytes())?;
+    conn.shutdown(Shutdown::Write)?;
+    Ok(())
+}
+
+/// `count` connections to a `whoami` server (a Service address): how many
+/// each backend answered, and how the others failed.
+fn tally(to: SocketAddr, count: usize) -> anyhow::Result<serde_json::Value> {
+    let mut answers: std::collections::BTreeMap<String, u64> = Default::default();
+    for _ in 0..count {
+        let answer = match TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
+            Ok(mut conn) => {
+                conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+                let mut text = String::new();
+                match conn.read_to_string(&mut text) {
+                    Ok(_) => text,
+                    Err(e) => classify(&e),
+                }
+            }
+            Err(e) => classify(&e),
+        };
+        *answers.entry(answer).or_default() += 1;
+    }
+    Ok(json!({ "ok": true, "answers": answers }))
 }
 
 fn echo(conn: TcpStream) -> anyhow::Result<()> {
@@ -842,7 +884,7 @@ fn connect_tcp(
 
 fn probe(target: &str, timeout: Duration, mark: Option<u32>) -> anyhow::Result<String> {
     let (proto, addr) = target.split_once(':').with_context(|| {
-        format!("target {target:?} is not tcp:ADDR, udp:ADDR, udplite:ADDR or udplite-sendto:ADDR")
+        format!("target {target:?} is not tcp:ADDR, udp:ADDR, udp-sendto:ADDR, udplite:ADDR or udplite-sendto:ADDR")
     })?;
     let addr: SocketAddr = addr
         .parse()
@@ -897,6 +939,27 @@ fn probe(target: &str, timeout: Duration, mark: Option<u32>) -> anyhow::Result<S
             let mut back = [0u8; 64];
             match sock.recv(&mut back) {
                 Ok(n) if &back[..n] == PAYLOAD => "connected".into(),
+                Ok(_) => "corrupted".into(),
+                Err(e) => classify(&e),
+            }
+        }
+        "udp-sendto" => {
+            // As a resolver asks: an unconnected socket, and an answer
+            // accepted only from the address asked.
+            let local: SocketAddr = if addr.is_ipv4() {
+                "0.0.0.0:0".parse()?
+            } else {
+                "[::]:0".parse()?
+            };
+            let sock = std::net::UdpSocket::bind(local)?;
+            sock.set_read_timeout(Some(timeout))?;
+            if let Err(e) = sock.send_to(PAYLOAD, addr) {
+                return Ok(classify(&e));
+            }
+            let mut back = [0u8; 64];
+            match sock.recv_from(&mut back) {
+                Ok((_, from)) if from != addr => format!("answered from {from}"),
+                Ok((n, _)) if &back[..n] == PAYLOAD => "connected".into(),
                 Ok(_) => "corrupted".into(),
                 Err(e) => classify(&e),
             }

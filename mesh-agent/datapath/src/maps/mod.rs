@@ -9,6 +9,7 @@ mod counters;
 mod endpoints;
 mod flows;
 mod policy;
+mod services;
 mod settings;
 mod sockets;
 mod tunnel;
@@ -19,6 +20,7 @@ use aya::maps::{HashMap, Map, MapData, MapInfo, MapType};
 use mesh_common::{
     map_names,
     policy::{Endpoint, IpKey, PolicyKey, Verdict},
+    service::{BackendKey, ServiceEntry, ServiceKey, SockAddr},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -75,7 +77,7 @@ const fn layout<K, V>(map_type: MapType) -> MapLayout {
 
 /// The maps this agent's kernel programs use, with their layouts, from the
 /// module of each.
-pub const EXPECTED_MAPS: [(&str, MapLayout); 12] = [
+pub const EXPECTED_MAPS: [(&str, MapLayout); 15] = [
     sockets::SOCK_HASH,
     sockets::SOCKETS,
     counters::COUNTERS,
@@ -87,6 +89,9 @@ pub const EXPECTED_MAPS: [(&str, MapLayout); 12] = [
     conntrack::UDP_PEERS,
     tunnel::REDIRECTS,
     tunnel::TUNNEL_ORIG,
+    services::SERVICES,
+    services::SERVICE_BACKENDS,
+    services::SERVICE_PEERS,
     flows::FLOWS,
 ];
 
@@ -165,6 +170,8 @@ impl PinnedMaps {
             endpoints: self.hash(map_names::ENDPOINTS)?,
             local_netns: self.hash(map_names::LOCAL_NETNS)?,
             policy: self.hash(map_names::POLICY)?,
+            services: self.hash(map_names::SERVICES)?,
+            service_backends: self.hash(map_names::SERVICE_BACKENDS)?,
         })
     }
 
@@ -177,6 +184,8 @@ impl PinnedMaps {
             (map_names::LOCAL_NETNS, self.local_netns()?.len()),
             (map_names::POLICY, self.policy()?.len()),
             (map_names::CONNTRACK, self.conntrack()?.len()),
+            (map_names::SERVICES, self.services()?.len()),
+            (map_names::SERVICE_BACKENDS, self.service_backends()?.len()),
         ];
         counts
             .into_iter()
@@ -205,4 +214,6 @@ pub struct PolicyMaps {
     pub endpoints: HashMap<MapData, IpKey, Endpoint>,
     pub local_netns: HashMap<MapData, u64, u64>,
     pub policy: HashMap<MapData, PolicyKey, Verdict>,
+    pub services: HashMap<MapData, ServiceKey, ServiceEntry>,
+    pub service_backends: HashMap<MapData, BackendKey, SockAddr>,
 }

@@ -1,0 +1,92 @@
+//! Services in the kernel: a connect or sendmsg to a Service address
+//! (`SERVICES`) goes to one of its backends, chosen here, before policy and
+//! steering see it; so the verdict and the path (same node, or mutual TLS)
+//! are the backend's, and kube-proxy never sees the Service address. The
+//! socket remembers what it dialled (`SERVICE_PEERS`), which getpeername
+//! and the source of UDP replies answer, as the application expects.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::BPF_ANY,
+    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie},
+    programs::SockAddrContext,
+};
+use mesh_common::{
+    Counter,
+    service::{BackendKey, ServiceKey, ServicePeerKey, SockAddr, pick_slot},
+};
+
+use crate::maps::{SERVICE_BACKENDS, SERVICE_PEERS, SERVICES, count, lookup};
+
+/// What a destination is, for the Service tables.
+pub(crate) enum Destination {
+    /// Not a Service address: it stays as dialled.
+    Direct,
+    /// A Service address; this backend was chosen.
+    Backend(SockAddr),
+    /// A Service address with no usable backend: refused with
+    /// ECONNREFUSED, as kube-proxy's REJECT rule does.
+    NoBackend,
+}
+
+/// Looks `dst` up among the Services and picks a backend: random over the
+/// slots of the live revision (weights are slots).
+#[inline(always)]
+pub(crate) fn resolve(dst: &SockAddr, proto: u8) -> Destination {
+    let service = ServiceKey::new(dst.ip, dst.port, proto);
+    // SAFETY: the helper takes no arguments.
+    let random = unsafe { bpf_get_prandom_u32() };
+    // The agent switches a Service to a new revision and then deletes the
+    // old one's slots: a connect that read the old entry just before may
+    // find its slot gone, and reads the entry once more.
+    for _ in 0..2 {
+        let Some(entry) = lookup(&SERVICES, &service) else {
+            return Destination::Direct;
+        };
+        if entry.slots == 0 {
+            count(Counter::ServiceNoBackend, 1);
+            return Destination::NoBackend;
+        }
+        let slot = BackendKey {
+            service,
+            revision: entry.revision,
+            slot: pick_slot(random, entry.slots),
+        };
+        if let Some(backend) = lookup(&SERVICE_BACKENDS, &slot) {
+            count(Counter::ServiceTranslated, 1);
+            return Destination::Backend(backend);
+        }
+    }
+    count(Counter::ServiceNoBackend, 1);
+    Destination::NoBackend
+}
+
+#[inline(always)]
+fn socket_cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: the helper only reads the context it is given.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// Records that the calling socket dialled `service` and was sent to
+/// `backend`.
+#[inline(always)]
+pub(crate) fn remember_service_peer(ctx: &SockAddrContext, backend: &SockAddr, service: &SockAddr) {
+    let key = ServicePeerKey {
+        cookie: socket_cookie(ctx),
+        backend: *backend,
+    };
+    // If this fails, getpeername answers the backend: the connection
+    // itself is unaffected.
+    let _ = SERVICE_PEERS.insert(&key, service, BPF_ANY as u64);
+}
+
+/// The Service address the calling socket dialled to reach `peer`, if it
+/// reached `peer` through one.
+#[inline(always)]
+pub(crate) fn dialled_service(ctx: &SockAddrContext, peer: &SockAddr) -> Option<SockAddr> {
+    let key = ServicePeerKey {
+        cookie: socket_cookie(ctx),
+        backend: *peer,
+    };
+    lookup(&SERVICE_PEERS, &key)
+}

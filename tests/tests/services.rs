@@ -1,0 +1,335 @@
+//! Services on the real kernel: clients dial a Service address and the
+//! connect and sendmsg hooks send them to a backend before policy is
+//! decided, so the backend's policy and the mutual TLS between nodes hold
+//! whatever address the client dialled. Two nodes, real processes, a
+//! capture of the wire between the nodes.
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+
+use mesh_tests::{
+    agent::{self, Agent},
+    capture::{self, Capture},
+    process::Spawned,
+    topology::{TestBed, wait_for_line},
+};
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(120);
+const TD: &str = "cluster.local";
+/// `whoami` (TCP) and UDP echo in the backends.
+const WHOAMI: u16 = 8080;
+const ECHO: u16 = 9090;
+const DNS: u16 = 5353;
+
+const WEB: usize = 0;
+const ROBOT: usize = 1;
+const DB_A: usize = 2;
+const DB_B: usize = 3;
+/// On node 1, selected by no policy: the capture's plaintext control goes
+/// there.
+const OTHER: usize = 4;
+
+/// `web` and `robot` on node 0; `db` has a backend on each node. Only
+/// `web` may reach `db`.
+const DOCS: &str = r#"
+apiVersion: mesh.dev/v1alpha1
+kind: MeshPolicy
+metadata: {name: db-from-web, namespace: shop}
+spec:
+  selector: {serviceAccount: db}
+  action: ALLOW
+  rules:
+  - from: [{identity: "spiffe://cluster.local/ns/shop/sa/web"}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10, "fd00:96::10"]
+  selector: {app: db}
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: echo, port: 90, targetPort: 9090}
+  - {name: dns, port: 53, targetPort: 5353, protocol: UDP}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db-b, namespace: shop}
+spec:
+  clusterIP: 10.96.0.12
+  clusterIPs: [10.96.0.12, "fd00:96::12"]
+  selector: {app: db, zone: b}
+  ports: [{name: echo, port: 90, targetPort: 9090}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: nobody, namespace: shop}
+spec:
+  clusterIP: 10.96.0.11
+  selector: {app: nobody}
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: dns, port: 53, targetPort: 5353, protocol: UDP}
+"#;
+
+struct Mesh {
+    bed: TestBed,
+    _servers: Vec<Spawned>,
+    agents: Vec<Agent>,
+    ca: Option<PathBuf>,
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for (n, a) in self.agents.iter().enumerate() {
+                eprintln!("--- agent of node {n} ---\n{}", a.log());
+            }
+        }
+    }
+}
+
+impl Mesh {
+    /// The bed, the backends' servers and the documents; agents started
+    /// with mutual TLS when `mtls`.
+    fn new(test: &str, mtls: bool) -> Mesh {
+        let mut bed = TestBed::new(test).unwrap();
+        bed.add_node().unwrap();
+        bed.connect_nodes().unwrap();
+        let pods: [(usize, &str, &[(&str, &str)]); 5] = [
+            (0, "web", &[("app", "web")]),
+            (0, "robot", &[("app", "robot")]),
+            (0, "db", &[("app", "db"), ("zone", "a")]),
+            (1, "db", &[("app", "db"), ("zone", "b")]),
+            (1, "other", &[("app", "other")]),
+        ];
+        let mut servers = Vec::new();
+        for (i, (node, sa, labels)) in pods.iter().enumerate() {
+            bed.add_pod(*node).unwrap();
+            bed.register_workload(i, "shop", sa, labels).unwrap();
+            if i < DB_A {
+                continue;
+            }
+            let at = |port: u16| format!("[::]:{port}");
+            servers.push(
+                bed.server(i, true, at(WHOAMI).parse().unwrap(), "whoami")
+                    .unwrap(),
+            );
+            servers.push(
+                bed.server(i, true, at(ECHO).parse().unwrap(), "echo")
+                    .unwrap(),
+            );
+            let mut udp = bed
+                .workload(i, &["serve", "--proto", "udp", "--listen", &at(DNS)])
+                .unwrap();
+            wait_for_line(&mut udp, "listening").unwrap();
+            servers.push(udp);
+        }
+        bed.write_mesh_nodes().unwrap();
+        bed.write_config("services.yaml", DOCS).unwrap();
+        let ca = mtls.then(|| bed.mesh_ca(TD).unwrap());
+        let mut mesh = Mesh {
+            bed,
+            _servers: servers,
+            agents: Vec::new(),
+            ca,
+        };
+        mesh.agents = (0..2).map(|n| mesh.start_agent(n)).collect();
+        mesh
+    }
+
+    fn start_agent(&self, node: usize) -> Agent {
+        let ca = self.ca.as_ref().map(|p| p.display().to_string());
+        let args: Vec<&str> = match &ca {
+            Some(ca) => vec!["--ca-dir", ca],
+            None => vec![],
+        };
+        Agent::start_node(&self.bed, node, &args).unwrap()
+    }
+
+    fn client(&self, pod: usize, args: &[&str]) -> Value {
+        self.bed.client(pod, true, args, T).unwrap()
+    }
+
+    fn probe(&self, pod: usize, target: &str) -> String {
+        self.bed.probe(pod, true, target, 2000).unwrap()
+    }
+
+    /// How many of `count` connections to `service` each backend answered.
+    fn tally(&self, pod: usize, service: &str, count: usize) -> BTreeMap<String, u64> {
+        let report = self.client(
+            pod,
+            &["tally", "--to", service, "--count", &count.to_string()],
+        );
+        serde_json::from_value(report["answers"].clone()).unwrap()
+    }
+
+    fn backend(&self, pod: usize, v6: bool, port: u16) -> String {
+        self.bed.pods[pod].addr(v6, port).to_string()
+    }
+}
+
+#[test]
+fn clients_reach_a_service_by_its_address_and_the_backends_policy_decides() {
+    let m = Mesh::new("svc-basic", false);
+    for (service, v6) in [("10.96.0.10:80", false), ("[fd00:96::10]:80", true)] {
+        // Both backends, one per node, take new connections; every
+        // answer comes from one of them.
+        let answers = m.tally(WEB, service, 200);
+        let a = m.backend(DB_A, v6, WHOAMI);
+        let b = m.backend(DB_B, v6, WHOAMI);
+        assert_eq!(
+            answers.keys().cloned().collect::<Vec<_>>(),
+            {
+                let mut both = vec![a.clone(), b.clone()];
+                both.sort();
+                both
+            },
+            "{service}: {answers:?}"
+        );
+        assert!(answers[&a] >= 40 && answers[&b] >= 40, "{answers:?}");
+
+        // The application sees the address it dialled.
+        let report = m.client(WEB, &["peername", "--to", service]);
+        assert_eq!(report["peer"].as_str().unwrap(), service, "{report}");
+
+        // The Service address is no way around db's policy.
+        let denied = m.probe(ROBOT, &format!("tcp:{service}"));
+        assert_eq!(denied, "eperm", "robot reached db through {service}");
+    }
+    // Bytes intact through the Service address, both families.
+    for service in ["10.96.0.10:90", "[fd00:96::10]:90"] {
+        m.client(
+            WEB,
+            &["transfer", "--to", service, "--sizes", "1,65537,1048576"],
+        );
+    }
+    // UDP: a resolver-style client (unconnected, answers accepted only from
+    // the address it asked) and a connected one; robot is refused.
+    for dns in ["10.96.0.10:53", "[fd00:96::10]:53"] {
+        for _ in 0..10 {
+            assert_eq!(m.probe(WEB, &format!("udp-sendto:{dns}")), "connected");
+            assert_eq!(m.probe(WEB, &format!("udp:{dns}")), "connected");
+        }
+        assert_eq!(m.probe(ROBOT, &format!("udp-sendto:{dns}")), "eperm");
+        assert_eq!(m.probe(ROBOT, &format!("udp:{dns}")), "eperm");
+    }
+
+    // The operator sees each Service address and its backends by name.
+    let pins = m.bed.pin_dir(0);
+    let out = agent::node_cli(&m.bed, 0, &["inspect", "services", "-o", "json"]).unwrap();
+    let rows: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let row = rows
+        .iter()
+        .find(|r| r["address"] == "10.96.0.10:80" && r["protocol"] == "tcp")
+        .unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(row["service"], "shop/db");
+    let workloads: Vec<&str> = row["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["workload"].as_str().unwrap())
+        .collect();
+    assert_eq!(workloads, ["shop/pod-2", "shop/pod-3"], "{out}");
+    assert!(agent::counter(&pins, "service_translated").unwrap() >= 400);
+}
+
+#[test]
+fn a_service_without_backends_refuses_at_once_and_serves_once_it_has_one() {
+    let m = Mesh::new("svc-empty", false);
+    // ECONNREFUSED, as kube-proxy's REJECT: not EPERM, not a timeout.
+    assert_eq!(m.probe(WEB, "tcp:10.96.0.11:80"), "refused");
+    assert_eq!(m.probe(WEB, "udp-sendto:10.96.0.11:53"), "refused");
+    assert!(agent::counter(&m.bed.pin_dir(0), "service_no_backend").unwrap() >= 2);
+
+    // A backend appears: db-b gains the label the Service selects.
+    let docs = DOCS.replace("selector: {app: nobody}", "selector: {zone: b}");
+    m.bed.write_config("services.yaml", &docs).unwrap();
+    m.agents[0].wait_log("policy applied", 2, T).unwrap();
+    let answers = m.tally(WEB, "10.96.0.11:80", 20);
+    let b = m.backend(DB_B, false, WHOAMI);
+    assert_eq!(answers, BTreeMap::from([(b, 20)]));
+    assert_eq!(m.probe(WEB, "udp-sendto:10.96.0.11:53"), "connected");
+}
+
+fn is_tunnel_end(end: &(std::net::IpAddr, u16)) -> bool {
+    match end.0 {
+        std::net::IpAddr::V4(v4) => v4.octets()[..3] == [198, 19, 255],
+        std::net::IpAddr::V6(v6) => v6.segments()[..4] == [0xfd00, 0xffff, 0, 0],
+    }
+}
+
+/// A known plaintext through the Service whose only backend is on the
+/// other node, and a control from outside the mesh; what the capture of the
+/// node link saw.
+fn secret_crosses_in_tls(m: &Mesh, secret: &str) {
+    let wire = Capture::start(m.bed.fabric().unwrap(), "n1").unwrap();
+    for service in ["10.96.0.12:90", "[fd00:96::12]:90"] {
+        m.client(
+            WEB,
+            &["say", "--to", service, "--text", secret, "--repeat", "200"],
+        );
+    }
+    const CONTROL: &str = "PLAINTEXT-CONTROL-MARKER-9d41";
+    let other = m.backend(OTHER, false, ECHO);
+    m.bed
+        .client(
+            WEB,
+            false,
+            &["say", "--to", &other, "--text", CONTROL, "--repeat", "50"],
+            T,
+        )
+        .unwrap();
+    let frames = wire.stop().unwrap();
+    assert!(
+        capture::contains(&frames, CONTROL.as_bytes()),
+        "the capture missed the plaintext control: it cannot prove anything"
+    );
+    assert!(
+        !capture::contains(&frames, secret.as_bytes()),
+        "a Service client's plaintext crossed the node link"
+    );
+    let tunnel: Vec<_> = capture::segments(&frames)
+        .into_iter()
+        .filter(|s| is_tunnel_end(&s.src) || is_tunnel_end(&s.dst))
+        .collect();
+    let carried: usize = tunnel
+        .iter()
+        .filter(|s| s.proto == 6 && (s.src.1 == 15008 || s.dst.1 == 15008))
+        .map(|s| s.payload.len())
+        .sum();
+    // 2 × 200 markers each way went through the tunnel port.
+    assert!(
+        carried > 4 * 200 * secret.len(),
+        "only {carried} bytes crossed in tunnels"
+    );
+    // A tunnel opened during the capture is TLS from its first byte (one
+    // opened before it, and pooled, has no SYN in the capture).
+    let opened: Vec<_> = tunnel
+        .iter()
+        .filter(|s| s.syn)
+        .map(|s| (s.src, s.dst))
+        .collect();
+    let fresh: Vec<_> = tunnel
+        .into_iter()
+        .filter(|s| opened.contains(&(s.src, s.dst)) || opened.contains(&(s.dst, s.src)))
+        .collect();
+    for ((src, dst), bytes) in &capture::tcp_streams(&fresh).unwrap() {
+        capture::tls_records(bytes).unwrap_or_else(|e| panic!("{src:?} → {dst:?} is not TLS: {e}"));
+    }
+}
+
+#[test]
+fn a_backend_on_another_node_is_reached_in_mutual_tls_permissive_and_strict() {
+    let m = Mesh::new("svc-mtls", true);
+    secret_crosses_in_tls(&m, "SERVICE-SECRET-PERMISSIVE-4b7e");
+
+    let strict = "apiVersion: mesh.dev/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: db-strict, namespace: shop}\nspec:\n  selector: {serviceAccount: db}\n  mtls: {mode: STRICT}\n";
+    m.bed.write_config("strict.yaml", strict).unwrap();
+    for agent in &m.agents {
+        agent.wait_log("policy applied", 2, T).unwrap();
+    }
+    secret_crosses_in_tls(&m, "SERVICE-SECRET-STRICT-0c2d");
+    // And policy is still the backend's, across the tunnel too.
+    assert_eq!(m.probe(ROBOT, "tcp:10.96.0.12:90"), "eperm");
+}
