@@ -211,6 +211,14 @@ pub struct RunArgs {
     #[arg(long, default_value_t = mesh_common::policy::DEFAULT_MAX_CONNTRACK, env = ENV_MAX_CONNTRACK)]
     pub max_conntrack: u32,
 
+    /// The cluster's Service ranges (kube-apiserver's
+    /// --service-cluster-ip-range), comma-separated: a connection to an
+    /// address in them that is no Service the mesh knows yet is refused
+    /// with ECONNREFUSED instead of reaching a backend unjudged through
+    /// kube-proxy (docs/services.md).
+    #[arg(long, value_delimiter = ',', env = ENV_SERVICE_CIDR)]
+    pub service_cidr: Vec<mesh_datapath::maps::ServiceCidr>,
+
     /// Log format.
     #[arg(long, default_value = "plain", env = ENV_LOG_FORMAT, value_parser = one_of::<LogFormat>(&LogFormat::NAMES))]
     pub log_format: LogFormat,
@@ -379,6 +387,7 @@ impl RunArgs {
                 max_endpoints: args.max_endpoints,
                 max_policy: args.max_policy,
                 max_conntrack: args.max_conntrack,
+                service_cidrs: args.service_cidr,
             },
             kubernetes: args.kubernetes.then(|| KubernetesConfig {
                 kubeconfig: args.kubeconfig,

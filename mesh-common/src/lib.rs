@@ -51,6 +51,9 @@ pub mod map_names {
     /// (LRU): the Service address a socket dialled, for `getpeername(2)` and
     /// the source of UDP replies.
     pub const SERVICE_PEERS: &str = "SERVICE_PEERS";
+    /// LPM trie of IPv6 (IPv4-mapped) prefixes → 1: the cluster's Service
+    /// ranges, where an address that is no known Service is refused.
+    pub const SERVICE_RANGES: &str = "SERVICE_RANGES";
 }
 
 /// Default capacity of the socket maps: the number of TCP sockets of the
@@ -214,10 +217,13 @@ pub enum Counter {
     ServiceTranslated = 13,
     /// Connections refused because their Service had no backend.
     ServiceNoBackend = 14,
+    /// Connections refused because they dialled an address of the Service
+    /// range (`--service-cidr`) that is no Service the mesh knows (yet).
+    ServiceUnknown = 15,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 15] = [
+    pub const ALL: [Counter; 16] = [
         Counter::SocketsTracked,
         Counter::SocketsTrackFailed,
         Counter::SocketsClosed,
@@ -233,6 +239,7 @@ impl Counter {
         Counter::TunnelRedirected,
         Counter::ServiceTranslated,
         Counter::ServiceNoBackend,
+        Counter::ServiceUnknown,
     ];
 
     /// The counter's name in `inspect stats` and metrics.
@@ -253,6 +260,7 @@ impl Counter {
             Counter::TunnelRedirected => "tunnel_redirected",
             Counter::ServiceTranslated => "service_translated",
             Counter::ServiceNoBackend => "service_no_backend",
+            Counter::ServiceUnknown => "service_unknown",
         }
     }
 }

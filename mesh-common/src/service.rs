@@ -107,6 +107,10 @@ pub const MAX_SLOTS: u16 = 4_096;
 /// Slots over which weighted backends are apportioned: 0.1% resolution.
 pub const WEIGHTED_SLOTS: u16 = 1_000;
 
+/// Capacity of `SERVICE_RANGES`: the Service ranges of a cluster (one or
+/// two per family in practice).
+pub const MAX_SERVICE_RANGES: u32 = 16;
+
 /// Default capacities (`mesh-agent run` flags).
 pub const DEFAULT_MAX_SERVICES: u32 = 16_384;
 pub const DEFAULT_MAX_SERVICE_BACKENDS: u32 = 65_536;

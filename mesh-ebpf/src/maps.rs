@@ -7,7 +7,7 @@ use aya_ebpf::{
     EbpfContext,
     helpers::bpf_get_netns_cookie,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use mesh_common::{
     Counter, DEFAULT_MAX_SOCKETS, MAX_COUNTERS, MAX_SETTINGS, SHORT_CIRCUIT_ON, Setting,
@@ -19,7 +19,7 @@ use mesh_common::{
     },
     service::{
         BackendKey, DEFAULT_MAX_SERVICE_BACKENDS, DEFAULT_MAX_SERVICE_PEERS, DEFAULT_MAX_SERVICES,
-        ServiceEntry, ServiceKey, ServicePeerKey, SockAddr,
+        MAX_SERVICE_RANGES, ServiceEntry, ServiceKey, ServicePeerKey, SockAddr,
     },
 };
 
@@ -71,6 +71,9 @@ pub(crate) static SERVICE_BACKENDS: HashMap<BackendKey, SockAddr> =
 #[map]
 pub(crate) static SERVICE_PEERS: LruHashMap<ServicePeerKey, SockAddr> =
     LruHashMap::pinned(DEFAULT_MAX_SERVICE_PEERS, 0);
+
+#[map]
+pub(crate) static SERVICE_RANGES: LpmTrie<[u32; 4], u32> = LpmTrie::pinned(MAX_SERVICE_RANGES, 0);
 
 #[map]
 pub(crate) static FLOWS: RingBuf = RingBuf::pinned(FLOWS_RING_BYTES, 0);

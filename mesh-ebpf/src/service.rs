@@ -9,6 +9,7 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::BPF_ANY,
     helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie},
+    maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
 use mesh_common::{
@@ -16,7 +17,7 @@ use mesh_common::{
     service::{BackendKey, ServiceKey, ServicePeerKey, SockAddr, pick_slot},
 };
 
-use crate::maps::{SERVICE_BACKENDS, SERVICE_PEERS, SERVICES, count, lookup};
+use crate::maps::{SERVICE_BACKENDS, SERVICE_PEERS, SERVICE_RANGES, SERVICES, count, lookup};
 
 /// What a destination is, for the Service tables.
 pub(crate) enum Destination {
@@ -24,9 +25,20 @@ pub(crate) enum Destination {
     Direct,
     /// A Service address; this backend was chosen.
     Backend(SockAddr),
-    /// A Service address with no usable backend: refused with
+    /// A Service address with no usable backend, or an address of the
+    /// Service range that is no Service the mesh knows yet: refused with
     /// ECONNREFUSED, as kube-proxy's REJECT rule does.
     NoBackend,
+}
+
+/// Whether `ip` lies in the cluster's Service range (`--service-cidr`).
+/// Such an address that is no known Service may be one kube-proxy already
+/// translates (a Service created a moment ago, a lagging watch): let
+/// through, it would reach its backend unjudged, or in plaintext across
+/// nodes. Refused instead, until the mesh knows it.
+#[inline(always)]
+fn in_service_range(ip: &[u32; 4]) -> bool {
+    SERVICE_RANGES.get(Key::new(128, *ip)).is_some()
 }
 
 /// Looks `dst` up among the Services and picks a backend: random over the
@@ -41,6 +53,10 @@ pub(crate) fn resolve(dst: &SockAddr, proto: u8) -> Destination {
     // find its slot gone, and reads the entry once more.
     for _ in 0..2 {
         let Some(entry) = lookup(&SERVICES, &service) else {
+            if in_service_range(&dst.ip) {
+                count(Counter::ServiceUnknown, 1);
+                return Destination::NoBackend;
+            }
             return Destination::Direct;
         };
         if entry.slots == 0 {

@@ -8,6 +8,7 @@ use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 use mesh_tests::{
     agent::{self, Agent},
     capture::{self, Capture},
+    kube_proxy::{self, ServicePort},
     process::Spawned,
     topology::{TestBed, wait_for_line},
 };
@@ -91,8 +92,12 @@ impl Drop for Mesh {
 
 impl Mesh {
     /// The bed, the backends' servers and the documents; agents started
-    /// with mutual TLS when `mtls`.
+    /// with mutual TLS when `mtls`, and with `agent_args`.
     fn new(test: &str, mtls: bool) -> Mesh {
+        Self::with_args(test, mtls, &[])
+    }
+
+    fn with_args(test: &str, mtls: bool, agent_args: &[&str]) -> Mesh {
         let mut bed = TestBed::new(test).unwrap();
         bed.add_node().unwrap();
         bed.connect_nodes().unwrap();
@@ -134,17 +139,35 @@ impl Mesh {
             agents: Vec::new(),
             ca,
         };
-        mesh.agents = (0..2).map(|n| mesh.start_agent(n)).collect();
+        mesh.agents = (0..2).map(|n| mesh.start_agent(n, agent_args)).collect();
         mesh
     }
 
-    fn start_agent(&self, node: usize) -> Agent {
+    fn start_agent(&self, node: usize, extra: &[&str]) -> Agent {
         let ca = self.ca.as_ref().map(|p| p.display().to_string());
-        let args: Vec<&str> = match &ca {
+        let mut args: Vec<&str> = match &ca {
             Some(ca) => vec!["--ca-dir", ca],
             None => vec![],
         };
+        args.extend_from_slice(extra);
         Agent::start_node(&self.bed, node, &args).unwrap()
+    }
+
+    /// kube-proxy's rules in node `node`'s namespace: `address` DNATed to
+    /// the `port` of `pods`.
+    fn kube_proxy(&self, node: usize, address: &str, pods: &[(usize, u16)]) {
+        let address: std::net::SocketAddr = address.parse().unwrap();
+        let endpoints = pods
+            .iter()
+            .map(|&(pod, port)| self.bed.pods[pod].addr(address.is_ipv6(), port))
+            .collect();
+        let port = ServicePort {
+            name: format!("shop/{address}"),
+            address,
+            protocol: "tcp",
+            endpoints,
+        };
+        kube_proxy::install(&self.bed.nodes[node].netns, &[port]).unwrap();
     }
 
     fn client(&self, pod: usize, args: &[&str]) -> Value {
@@ -172,6 +195,12 @@ impl Mesh {
 #[test]
 fn clients_reach_a_service_by_its_address_and_the_backends_policy_decides() {
     let m = Mesh::new("svc-basic", false);
+    // kube-proxy knows the same Service, with one endpoint only: were it to
+    // see the Service address, every answer would come from db-a. The mesh
+    // translates first, so it never does.
+    for address in ["10.96.0.10:80", "[fd00:96::10]:80"] {
+        m.kube_proxy(0, address, &[(DB_A, WHOAMI)]);
+    }
     for (service, v6) in [("10.96.0.10:80", false), ("[fd00:96::10]:80", true)] {
         // Both backends, one per node, take new connections; every
         // answer comes from one of them.
@@ -332,4 +361,56 @@ fn a_backend_on_another_node_is_reached_in_mutual_tls_permissive_and_strict() {
     secret_crosses_in_tls(&m, "SERVICE-SECRET-STRICT-0c2d");
     // And policy is still the backend's, across the tunnel too.
     assert_eq!(m.probe(ROBOT, "tcp:10.96.0.12:90"), "eperm");
+}
+
+#[test]
+fn an_address_only_kube_proxy_knows_is_refused_inside_the_service_range() {
+    let m = Mesh::with_args(
+        "svc-lag",
+        true,
+        &["--service-cidr", "10.96.0.0/16,fd00:96::/112"],
+    );
+    // Services the mesh has not heard of yet (created a moment ago, or its
+    // watch lags), which kube-proxy already translates: one to db on this
+    // node, one to a workload on the other node.
+    for (address, backend) in [
+        ("10.96.0.20:80", (DB_A, ECHO)),
+        ("[fd00:96::20]:80", (DB_A, ECHO)),
+        ("10.96.0.21:90", (OTHER, ECHO)),
+        ("[fd00:96::21]:90", (OTHER, ECHO)),
+    ] {
+        m.kube_proxy(0, address, &[backend]);
+        // kube-proxy's rules work: a process of the pod outside the mesh
+        // gets through them (the attack the mesh must stop).
+        let outside = m
+            .bed
+            .probe(ROBOT, false, &format!("tcp:{address}"), 2000)
+            .unwrap();
+        assert_eq!(
+            outside, "connected",
+            "{address}: kube-proxy's DNAT does not work here"
+        );
+        // A mesh workload gets ECONNREFUSED: robot never reaches db past
+        // its policy, and web never crosses the node link in plaintext.
+        assert_eq!(
+            m.probe(ROBOT, &format!("tcp:{address}")),
+            "refused",
+            "{address}"
+        );
+        assert_eq!(
+            m.probe(WEB, &format!("tcp:{address}")),
+            "refused",
+            "{address}"
+        );
+    }
+    assert!(agent::counter(&m.bed.pin_dir(0), "service_unknown").unwrap() >= 8);
+
+    // Once the mesh knows the Service, it serves it, with db's policy.
+    let known = "\n---\napiVersion: v1\nkind: Service\nmetadata: {name: late, namespace: shop}\nspec:\n  clusterIP: 10.96.0.20\n  selector: {app: db, zone: a}\n  ports: [{name: echo, port: 80, targetPort: 9090}]\n";
+    m.bed
+        .write_config("services.yaml", &format!("{DOCS}{known}"))
+        .unwrap();
+    m.agents[0].wait_log("policy applied", 2, T).unwrap();
+    assert_eq!(m.probe(WEB, "tcp:10.96.0.20:80"), "connected");
+    assert_eq!(m.probe(ROBOT, "tcp:10.96.0.20:80"), "eperm");
 }

@@ -138,6 +138,9 @@ pub struct DatapathConfig {
     pub max_endpoints: u32,
     pub max_policy: u32,
     pub max_conntrack: u32,
+    /// The cluster's Service ranges: an address in them that is no known
+    /// Service is refused (docs/services.md).
+    pub service_cidrs: Vec<maps::ServiceCidr>,
 }
 
 pub struct Datapath {
@@ -188,6 +191,7 @@ impl Datapath {
             (None, false) => {}
         }
         maps.set_revoke_established(config.revoke_established)?;
+        maps.set_service_ranges(&config.service_cidrs)?;
 
         // sk_msg before sockops: a socket added to the sockhash runs the
         // sk_msg program attached to the map at that moment, so the program

@@ -237,6 +237,9 @@ fn kernel_counter_help(name: &str) -> String {
         "tunnel_redirected" => "Connections steered to the node agent for mutual TLS",
         "service_translated" => "Connections and datagrams to a Service translated to a backend",
         "service_no_backend" => "Connections refused because their Service had no backend",
+        "service_unknown" => {
+            "Connections refused: an address of the Service range that is no known Service"
+        }
         _ => return format!("Kernel counter {name} (COUNTERS map, summed over CPUs)."),
     };
     format!("{what} (kernel counter, summed over CPUs).")

@@ -14,6 +14,8 @@ mod settings;
 mod sockets;
 mod tunnel;
 
+pub use services::ServiceCidr;
+
 use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, Map, MapData, MapInfo, MapType};
@@ -77,7 +79,7 @@ const fn layout<K, V>(map_type: MapType) -> MapLayout {
 
 /// The maps this agent's kernel programs use, with their layouts, from the
 /// module of each.
-pub const EXPECTED_MAPS: [(&str, MapLayout); 15] = [
+pub const EXPECTED_MAPS: [(&str, MapLayout); 16] = [
     sockets::SOCK_HASH,
     sockets::SOCKETS,
     counters::COUNTERS,
@@ -92,6 +94,7 @@ pub const EXPECTED_MAPS: [(&str, MapLayout); 15] = [
     services::SERVICES,
     services::SERVICE_BACKENDS,
     services::SERVICE_PEERS,
+    services::SERVICE_RANGES,
     flows::FLOWS,
 ];
 
