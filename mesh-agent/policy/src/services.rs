@@ -590,7 +590,7 @@ pub(crate) fn compile_services(
                     ));
                 }
                 backends.sort();
-                backend_infos.sort_by(|a, b| (a.address, a.port).cmp(&(b.address, b.port)));
+                backend_infos.sort_by_key(|b| (b.address, b.port));
                 slots.insert(key, backends);
                 infos.push(ServiceInfo {
                     namespace: s.metadata.namespace.clone(),
