@@ -60,7 +60,9 @@ spec:
   clusterIP: 10.96.0.12
   clusterIPs: [10.96.0.12, "fd00:96::12"]
   selector: {app: db, zone: b}
-  ports: [{name: echo, port: 90, targetPort: 9090}]
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: echo, port: 90, targetPort: 9090}
 ---
 apiVersion: v1
 kind: Service
@@ -68,7 +70,9 @@ metadata: {name: db-a, namespace: shop}
 spec:
   clusterIP: 10.96.0.13
   selector: {app: db, zone: a}
-  ports: [{name: echo, port: 90, targetPort: 9090}]
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: echo, port: 90, targetPort: 9090}
 ---
 apiVersion: v1
 kind: Service
@@ -566,4 +570,34 @@ fn backend_sets_change_whole_under_load_and_outlive_the_agent() {
     );
     // The restarted agent adopted the maps as they were.
     assert_eq!(revisions(&m, 0), before);
+}
+
+#[test]
+fn a_traffic_split_sends_each_backend_its_weight() {
+    let m = Mesh::new("svc-split", false);
+    let split = "apiVersion: mesh.dev/v1alpha1\nkind: TrafficSplit\nmetadata: {name: db-canary, namespace: shop}\nspec:\n  service: db\n  backends:\n  - {service: db-a, weight: 90}\n  - {service: db-b, weight: 10}\n";
+    m.bed.write_config("split.yaml", split).unwrap();
+    // The root Service's slots are now the split's: 1,000 of them.
+    let deadline = std::time::Instant::now() + T;
+    while !services(&m, 0).iter().any(|r| {
+        r["service"] == "shop/db"
+            && r["address"] == "10.96.0.10:80"
+            && r["backends"][0]["slots"] == 900
+    }) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the split was never applied"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let answers = m.tally(WEB, "10.96.0.10:80", 10_000);
+    let canary = m.backend(DB_B, false, WHOAMI);
+    let stable = m.backend(DB_A, false, WHOAMI);
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    let share = answers[&canary] as f64 / 10_000.0 * 100.0;
+    assert!(
+        (8.0..=12.0).contains(&share),
+        "canary took {share:.2}%: {answers:?}"
+    );
+    assert_eq!(answers[&canary] + answers[&stable], 10_000);
 }

@@ -705,8 +705,13 @@ pub fn compile(docs: &Documents, settings: &MeshSettings) -> Result<Compiled, Co
             &w.spec.service_account,
         ))
     };
-    (out.service_slots, out.services) =
-        compile_services(&docs.services, &docs.workloads, identity_of, &settings.node)?;
+    (out.service_slots, out.services) = compile_services(
+        &docs.services,
+        &docs.traffic_splits,
+        &docs.workloads,
+        identity_of,
+        &settings.node,
+    )?;
     Ok(out)
 }
 

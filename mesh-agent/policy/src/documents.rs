@@ -15,8 +15,8 @@ use serde_yaml::Value;
 
 use super::identity::{IdentityPattern, is_dns_label, is_dns_subdomain};
 use super::services::{
-    KIND_SERVICE, SERVICE_API_VERSION, Service, WorkloadPort, validate_service,
-    validate_workload_ports,
+    KIND_SERVICE, KIND_TRAFFIC_SPLIT, SERVICE_API_VERSION, Service, TrafficSplit, WorkloadPort,
+    validate_service, validate_traffic_split, validate_workload_ports,
 };
 
 /// The only `apiVersion` this build reads.
@@ -25,11 +25,12 @@ pub const KIND_WORKLOAD: &str = "Workload";
 pub const KIND_MESH_POLICY: &str = "MeshPolicy";
 pub const KIND_PEER_AUTHENTICATION: &str = "PeerAuthentication";
 pub const KIND_MESH_NODE: &str = "MeshNode";
-const KINDS: [&str; 4] = [
+const KINDS: [&str; 5] = [
     KIND_WORKLOAD,
     KIND_MESH_POLICY,
     KIND_PEER_AUTHENTICATION,
     KIND_MESH_NODE,
+    KIND_TRAFFIC_SPLIT,
 ];
 
 /// A configuration that is refused, and where.
@@ -543,6 +544,7 @@ pub struct Documents {
     pub peer_authentications: Vec<PeerAuthentication>,
     pub nodes: Vec<MeshNode>,
     pub services: Vec<Service>,
+    pub traffic_splits: Vec<TrafficSplit>,
 }
 
 impl Documents {
@@ -552,6 +554,7 @@ impl Documents {
         self.peer_authentications.extend(other.peer_authentications);
         self.nodes.extend(other.nodes);
         self.services.extend(other.services);
+        self.traffic_splits.extend(other.traffic_splits);
     }
 
     /// An error at the `spec.netns` of the (first) workload whose network
@@ -728,7 +731,16 @@ fn parse_document(
         let field = (!path.is_empty() && path != ".").then_some(path);
         error(field, e.into_inner().to_string())
     };
-    if kind_str == KIND_SERVICE {
+    if kind_str == KIND_TRAFFIC_SPLIT {
+        let mut t: TrafficSplit = serde_path_to_error::deserialize(value).map_err(serde_error)?;
+        t.origin = origin;
+        validate_meta(&t.metadata)
+            .and_then(|()| validate_traffic_split(&t))
+            .map_err(|(field, msg)| {
+                ConfigError::at(&t.origin, KIND_TRAFFIC_SPLIT, &t.metadata, field, msg)
+            })?;
+        docs.traffic_splits.push(t);
+    } else if kind_str == KIND_SERVICE {
         let mut s: Service = serde_path_to_error::deserialize(value).map_err(serde_error)?;
         s.origin = origin;
         validate_service(&s).map_err(|(field, msg)| {
@@ -978,6 +990,11 @@ fn check_duplicates(docs: &Documents) -> Result<(), ConfigError> {
             docs.peer_authentications
                 .iter()
                 .map(|p| (KIND_PEER_AUTHENTICATION, &p.metadata, &p.origin)),
+        )
+        .chain(
+            docs.traffic_splits
+                .iter()
+                .map(|t| (KIND_TRAFFIC_SPLIT, &t.metadata, &t.origin)),
         );
     for (kind, meta, origin) in all {
         let key = (kind, meta.namespace.as_str(), meta.name.as_str());

@@ -200,6 +200,127 @@ pub struct WorkloadPort {
     pub protocol: Protocol,
 }
 
+pub const KIND_TRAFFIC_SPLIT: &str = "TrafficSplit";
+
+/// Weighted backends for a Service, as SMI's `TrafficSplit` writes them:
+/// clients keep dialling `spec.service`, and its new connections go to the
+/// backends of `spec.backends[].service` (Services of the same namespace
+/// that select subsets, say `version: v1` and `version: v2`) in proportion
+/// to their weights.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TrafficSplit {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    pub spec: TrafficSplitSpec,
+    #[serde(skip)]
+    pub origin: Origin,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TrafficSplitSpec {
+    /// The Service clients dial (the root, or apex, Service).
+    pub service: String,
+    pub backends: Vec<SplitBackend>,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SplitBackend {
+    /// A Service of the same namespace; its backends take this share.
+    pub service: String,
+    /// Relative weight; 0 takes no new connections.
+    pub weight: u32,
+}
+
+impl TrafficSplit {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.metadata.namespace, self.metadata.name)
+    }
+
+    fn error(&self, field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError::at(
+            &self.origin,
+            KIND_TRAFFIC_SPLIT,
+            &self.metadata,
+            field,
+            message,
+        )
+    }
+}
+
+/// The checks a TrafficSplit needs nothing else for.
+pub(crate) fn validate_traffic_split(t: &TrafficSplit) -> Result<(), FieldError> {
+    if !is_dns_label(&t.spec.service) {
+        return Err((
+            "spec.service".into(),
+            format!("{:?} is not a Service name", t.spec.service),
+        ));
+    }
+    if t.spec.backends.is_empty() {
+        return Err((
+            "spec.backends".into(),
+            "at least one backend is required".into(),
+        ));
+    }
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (i, b) in t.spec.backends.iter().enumerate() {
+        if !is_dns_label(&b.service) {
+            return Err((
+                format!("spec.backends[{i}].service"),
+                format!("{:?} is not a Service name", b.service),
+            ));
+        }
+        if b.service == t.spec.service {
+            return Err((
+                format!("spec.backends[{i}].service"),
+                "the root Service cannot be one of its own backends".into(),
+            ));
+        }
+        if let Some(j) = seen.insert(&b.service, i) {
+            return Err((
+                format!("spec.backends[{i}].service"),
+                format!("{:?} is already spec.backends[{j}]", b.service),
+            ));
+        }
+        if b.weight > 1_000_000 {
+            return Err((
+                format!("spec.backends[{i}].weight"),
+                format!("{} is more than 1000000", b.weight),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Slots for backends of weights `weights` among `slots` slots, by largest
+/// remainder (Hamilton's method): each gets its exact share rounded down,
+/// and the slots left over go to the largest remainders (earlier backends
+/// first on ties). Zero weights get no slot; all zero: no slots at all.
+pub fn apportion(weights: &[f64], slots: u16) -> Vec<u16> {
+    let total: f64 = weights.iter().sum();
+    if total <= 0.0 {
+        return vec![0; weights.len()];
+    }
+    let exact: Vec<f64> = weights
+        .iter()
+        .map(|w| w / total * f64::from(slots))
+        .collect();
+    let mut out: Vec<u16> = exact.iter().map(|e| e.floor() as u16).collect();
+    let given: u16 = out.iter().sum();
+    let mut order: Vec<usize> = (0..weights.len()).filter(|&i| weights[i] > 0.0).collect();
+    order.sort_by(|&a, &b| {
+        let (ra, rb) = (exact[a] - exact[a].floor(), exact[b] - exact[b].floor());
+        rb.total_cmp(&ra).then(a.cmp(&b))
+    });
+    for &i in order.iter().cycle().take(usize::from(slots - given)) {
+        out[i] += 1;
+    }
+    out
+}
+
 impl Service {
     pub fn key(&self) -> String {
         format!("{}/{}", self.metadata.namespace, self.metadata.name)
@@ -499,6 +620,7 @@ pub type ServiceSlots = BTreeMap<ServiceKey, Vec<SockAddr>>;
 /// agent's node (for `internalTrafficPolicy: Local`).
 pub(crate) fn compile_services(
     services: &[Service],
+    splits: &[TrafficSplit],
     workloads: &[Workload],
     identity_of: impl Fn(&Workload) -> u64,
     node: &str,
@@ -605,6 +727,7 @@ pub(crate) fn compile_services(
             }
         }
     }
+    apply_splits(services, splits, &mut slots, &mut infos)?;
     infos.sort_by(|a, b| {
         (&a.namespace, &a.name, a.address, a.port, &a.protocol).cmp(&(
             &b.namespace,
@@ -615,6 +738,103 @@ pub(crate) fn compile_services(
         ))
     });
     Ok((slots, infos))
+}
+
+/// Replaces the backends of each split root Service by its backend
+/// Services' backends, weighted: for each address and port of the root,
+/// the port of the same name (or, unnamed, the same number) of each
+/// backend Service. A backend Service without backends gives its share to
+/// the others (it has nothing to serve it with).
+fn apply_splits(
+    services: &[Service],
+    splits: &[TrafficSplit],
+    slots: &mut ServiceSlots,
+    infos: &mut [ServiceInfo],
+) -> Result<(), ConfigError> {
+    let find = |ns: &str, name: &str| {
+        services
+            .iter()
+            .find(|s| s.metadata.namespace == ns && s.metadata.name == name)
+    };
+    let mut roots: HashMap<(&str, &str), &TrafficSplit> = HashMap::new();
+    for split in splits {
+        let ns = split.metadata.namespace.as_str();
+        if find(ns, &split.spec.service).is_none() {
+            return Err(split.error(
+                "spec.service",
+                format!("no Service {ns}/{}", split.spec.service),
+            ));
+        }
+        for (i, b) in split.spec.backends.iter().enumerate() {
+            if find(ns, &b.service).is_none() {
+                return Err(split.error(
+                    format!("spec.backends[{i}].service"),
+                    format!("no Service {ns}/{}", b.service),
+                ));
+            }
+        }
+        if let Some(first) = roots.insert((ns, split.spec.service.as_str()), split) {
+            return Err(split.error(
+                "spec.service",
+                format!(
+                    "Service {ns}/{} is already split by {} ({})",
+                    split.spec.service,
+                    first.key(),
+                    first.origin
+                ),
+            ));
+        }
+    }
+    // Each root address and port, and what its backend Services offer.
+    let snapshot: Vec<ServiceInfo> = infos.to_vec();
+    for info in infos.iter_mut() {
+        let Some(split) = roots.get(&(info.namespace.as_str(), info.name.as_str())) else {
+            continue;
+        };
+        let mut weights = Vec::new();
+        let mut members: Vec<BackendInfo> = Vec::new();
+        for b in &split.spec.backends {
+            let offered = snapshot.iter().find(|o| {
+                o.namespace == info.namespace
+                    && o.name == b.service
+                    && o.protocol == info.protocol
+                    && o.address.is_ipv4() == info.address.is_ipv4()
+                    && match &info.port_name {
+                        Some(name) => o.port_name.as_deref() == Some(name),
+                        None => o.port == info.port,
+                    }
+            });
+            let Some(offered) = offered.filter(|o| !o.backends.is_empty()) else {
+                continue;
+            };
+            let each = f64::from(b.weight) / offered.backends.len() as f64;
+            for backend in &offered.backends {
+                weights.push(each);
+                members.push(backend.clone());
+            }
+        }
+        let counts = apportion(&weights, mesh_common::service::WEIGHTED_SLOTS);
+        let proto = match info.protocol.as_str() {
+            "UDP" => Protocol::Udp,
+            _ => Protocol::Tcp,
+        };
+        let key = ServiceKey::new(IpKey::from(info.address).ip, info.port, proto.number());
+        let mut expanded = Vec::new();
+        info.backends.clear();
+        for (member, count) in members.into_iter().zip(counts) {
+            if count == 0 {
+                continue;
+            }
+            let addr = SockAddr::new(IpKey::from(member.address).ip, member.port);
+            expanded.extend(std::iter::repeat_n(addr, usize::from(count)));
+            info.backends.push(BackendInfo {
+                weight: u32::from(count),
+                ..member
+            });
+        }
+        slots.insert(key, expanded);
+    }
+    Ok(())
 }
 
 /// The port a Workload serves a Service port on, if it serves it at all.
@@ -782,7 +1002,14 @@ spec: {serviceAccount: web, ips: [10.0.0.3], node: node-a}
 
     fn compile_with(service: &str, node: &str) -> Result<Vec<ServiceInfo>, ConfigError> {
         let docs = parse_str("test.yaml", &format!("{WORKLOADS}---\n{service}"))?;
-        compile_services(&docs.services, &docs.workloads, |_| 7, node).map(|(_, infos)| infos)
+        compile_services(
+            &docs.services,
+            &docs.traffic_splits,
+            &docs.workloads,
+            |_| 7,
+            node,
+        )
+        .map(|(_, infos)| infos)
     }
 
     #[test]
@@ -938,6 +1165,118 @@ spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}
         let err = compile_with(two, "node-a").unwrap_err();
         assert_eq!(err.name.as_deref(), Some("shop/b"));
         assert!(err.message.contains("already Service shop/a"), "{err}");
+    }
+
+    #[test]
+    fn apportion_is_exact_to_a_slot() {
+        assert_eq!(apportion(&[90.0, 10.0], 1000), vec![900, 100]);
+        assert_eq!(apportion(&[1.0, 1.0, 1.0], 1000), vec![334, 333, 333]);
+        assert_eq!(apportion(&[45.0, 45.0, 10.0], 1000), vec![450, 450, 100]);
+        assert_eq!(apportion(&[0.0, 5.0], 1000), vec![0, 1000]);
+        assert_eq!(apportion(&[0.0, 0.0], 1000), vec![0, 0]);
+        let odd = apportion(&[1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 2.0], 1000);
+        assert_eq!(odd.iter().sum::<u16>(), 1000);
+    }
+
+    const SPLIT: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec: {clusterIP: 10.96.0.10, selector: {app: db}, ports: [{name: sql, port: 5432, targetPort: sql}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db-0, namespace: shop}
+spec: {clusterIP: 10.96.0.11, selector: {app: db, zone: a}, ports: [{name: sql, port: 5432, targetPort: sql}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db-1, namespace: shop}
+spec: {clusterIP: 10.96.0.12, selector: {app: db, zone: b}, ports: [{name: sql, port: 5432, targetPort: sql}]}
+---
+apiVersion: mesh.dev/v1alpha1
+kind: TrafficSplit
+metadata: {name: canary, namespace: shop}
+spec:
+  service: db
+  backends: [{service: db-0, weight: 90}, {service: db-1, weight: 10}]
+"#;
+
+    #[test]
+    fn a_split_weights_the_root_services_slots() {
+        let workloads = WORKLOADS
+            .replace(
+                "labels: {app: db}}
+spec:
+  serviceAccount: db
+  ips: [10.0.0.1",
+                "labels: {app: db, zone: a}}
+spec:
+  serviceAccount: db
+  ips: [10.0.0.1",
+            )
+            .replace(
+                "labels: {app: db}}
+spec:
+  serviceAccount: db
+  ips: [10.0.0.2",
+                "labels: {app: db, zone: b}}
+spec:
+  serviceAccount: db
+  ips: [10.0.0.2",
+            );
+        let docs = parse_str(
+            "t.yaml",
+            &format!(
+                "{workloads}---
+{SPLIT}"
+            ),
+        )
+        .unwrap();
+        let (slots, infos) = compile_services(
+            &docs.services,
+            &docs.traffic_splits,
+            &docs.workloads,
+            |_| 7,
+            "n",
+        )
+        .unwrap();
+        let root = ServiceKey::new(
+            IpKey::from(IpAddr::from([10, 96, 0, 10])).ip,
+            5432,
+            mesh_common::policy::PROTO_TCP,
+        );
+        let set = &slots[&root];
+        assert_eq!(set.len(), 1000);
+        let to_a = set.iter().filter(|b| **b == addr(1, 5432)).count();
+        let to_b = set.iter().filter(|b| **b == addr(2, 6432)).count();
+        assert_eq!((to_a, to_b), (900, 100));
+        let info = infos.iter().find(|i| i.name == "db").unwrap();
+        let weights: Vec<u32> = info.backends.iter().map(|b| b.weight).collect();
+        assert_eq!(weights, vec![900, 100]);
+    }
+
+    #[test]
+    fn a_split_must_name_services_that_exist() {
+        let bad = SPLIT.replace("{service: db-1, weight: 10}", "{service: db-9, weight: 10}");
+        let err = parse_str("t.yaml", &bad)
+            .and_then(|d| {
+                compile_services(&d.services, &d.traffic_splits, &d.workloads, |_| 7, "n")
+            })
+            .unwrap_err();
+        assert_eq!(
+            err.field.as_deref(),
+            Some("spec.backends[1].service"),
+            "{err}"
+        );
+        assert_eq!(err.kind.as_deref(), Some(KIND_TRAFFIC_SPLIT));
+        let itself = SPLIT.replace("{service: db-1, weight: 10}", "{service: db, weight: 10}");
+        let err = parse_str("t.yaml", &itself).unwrap_err();
+        assert_eq!(
+            err.field.as_deref(),
+            Some("spec.backends[1].service"),
+            "{err}"
+        );
     }
 
     #[test]
