@@ -7,11 +7,12 @@
 //!
 //! 1. policy entries added or changed (new subjects are not referenced yet);
 //! 2. endpoints and namespaces added or changed (switching to new subjects);
-//! 3. Service backend slots added (a new revision beside the live one),
-//!    Service entries added or switched to their new revision, Service
-//!    entries removed, old slots removed: a Service only ever points at
-//!    backends whose endpoints are already known, so a backend is never
-//!    judged as "not a mesh workload";
+//! 3. Service backend slots added (a new revision beside the live one) and
+//!    members of sticky Services added, Service entries added or switched
+//!    to their new revision, Service
+//!    entries removed, old slots and members removed: a Service only ever
+//!    points at backends whose endpoints are already known, so a backend
+//!    is never judged as "not a mesh workload";
 //! 4. endpoints and namespaces removed;
 //! 5. policy entries removed;
 //! 6. the policy generation bumped, so cached verdicts are checked again.
@@ -30,7 +31,7 @@ use aya::maps::{HashMap, MapData};
 use mesh_common::{
     map_names,
     policy::{Endpoint, IpKey, PolicyKey, Verdict},
-    service::{BackendKey, ServiceEntry, ServiceKey, SockAddr},
+    service::{BackendKey, MemberKey, ServiceEntry, ServiceKey, SockAddr},
 };
 use tracing::{info, warn};
 
@@ -138,6 +139,7 @@ impl Control {
             services: ServiceTables {
                 services: pins.services()?.into_iter().collect(),
                 backends: pins.service_backends()?.into_iter().collect(),
+                members: pins.service_members()?.into_iter().collect(),
             },
         };
         let capacity = Capacity {
@@ -287,6 +289,12 @@ impl Control {
                 self.capacity.service_backends,
                 "the Service backend limit",
             ),
+            (
+                map_names::SERVICE_MEMBERS,
+                union(&self.applied.services.members, &desired.services.members),
+                self.capacity.service_backends,
+                "the Service backend limit",
+            ),
         ];
         for (map, needed, max, flag) in checks {
             if needed > max as usize {
@@ -309,16 +317,19 @@ impl Control {
             mesh_policy::diff(&self.applied.services.services, &desired.services.services);
         let backends =
             mesh_policy::diff(&self.applied.services.backends, &desired.services.backends);
+        let members = mesh_policy::diff(&self.applied.services.members, &desired.services.members);
         let upserted = policy.upserts.len()
             + endpoints.upserts.len()
             + netns.upserts.len()
             + services.upserts.len()
-            + backends.upserts.len();
+            + backends.upserts.len()
+            + members.upserts.len();
         let deleted = policy.deletes.len()
             + endpoints.deletes.len()
             + netns.deletes.len()
             + services.deletes.len()
-            + backends.deletes.len();
+            + backends.deletes.len()
+            + members.deletes.len();
         if upserted + deleted == 0 {
             return Ok(Changes {
                 generation: self.pins.policy_generation()?,
@@ -370,6 +381,16 @@ impl Control {
                     map_names::SERVICE_BACKENDS,
                 )?;
             }
+            for (k, v) in &members.upserts {
+                put(
+                    &mut m.service_members,
+                    &mut undo.service_members,
+                    &old.services.members,
+                    *k,
+                    *v,
+                    map_names::SERVICE_MEMBERS,
+                )?;
+            }
             for (k, v) in &services.upserts {
                 put(
                     &mut m.services,
@@ -396,6 +417,15 @@ impl Control {
                     &old.services.backends,
                     *k,
                     map_names::SERVICE_BACKENDS,
+                )?;
+            }
+            for k in &members.deletes {
+                remove(
+                    &mut m.service_members,
+                    &mut undo.service_members,
+                    &old.services.members,
+                    *k,
+                    map_names::SERVICE_MEMBERS,
                 )?;
             }
             for k in &netns.deletes {
@@ -502,6 +532,7 @@ struct Undo {
     policy: Vec<(PolicyKey, Option<Verdict>)>,
     services: Vec<(ServiceKey, Option<ServiceEntry>)>,
     service_backends: Vec<(BackendKey, Option<SockAddr>)>,
+    service_members: Vec<(MemberKey, Option<u32>)>,
 }
 
 impl Undo {
@@ -511,6 +542,7 @@ impl Undo {
         // of the apply order.
         restore(&mut maps.services, self.services);
         restore(&mut maps.service_backends, self.service_backends);
+        restore(&mut maps.service_members, self.service_members);
         restore(&mut maps.policy, self.policy);
         restore(&mut maps.endpoints, self.endpoints);
         restore(&mut maps.local_netns, self.local_netns);

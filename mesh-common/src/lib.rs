@@ -54,6 +54,12 @@ pub mod map_names {
     /// LPM trie of IPv6 (IPv4-mapped) prefixes → 1: the cluster's Service
     /// ranges, where an address that is no known Service is refused.
     pub const SERVICE_RANGES: &str = "SERVICE_RANGES";
+    /// [`crate::service::AffinityKey`] → [`crate::service::Affinity`] (LRU):
+    /// each client's backend, for Services with ClientIP session affinity.
+    pub const SERVICE_AFFINITY: &str = "SERVICE_AFFINITY";
+    /// [`crate::service::MemberKey`] → 1: the backends of Services with
+    /// session affinity, so a remembered backend that left is not used.
+    pub const SERVICE_MEMBERS: &str = "SERVICE_MEMBERS";
 }
 
 /// Default capacity of the socket maps: the number of TCP sockets of the
@@ -344,6 +350,9 @@ mod pod {
         super::service::BackendKey,
         super::service::SockAddr,
         super::service::ServicePeerKey,
+        super::service::AffinityKey,
+        super::service::Affinity,
+        super::service::MemberKey,
     );
 }
 

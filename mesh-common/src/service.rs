@@ -89,6 +89,37 @@ pub struct ServicePeerKey {
     pub backend: SockAddr,
 }
 
+/// Key of `SERVICE_AFFINITY`: one client (by network namespace, the
+/// mesh's "client IP": a pod's every address lives in it) of one Service
+/// with `sessionAffinity: ClientIP`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub service: ServiceKey,
+    pub _pad: u32,
+    pub netns: u64,
+}
+
+/// Value of `SERVICE_AFFINITY`: the client's backend and when it last
+/// opened a connection to it (CLOCK_MONOTONIC ns).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Affinity {
+    pub backend: SockAddr,
+    pub last_used_ns: u64,
+}
+
+/// Key of `SERVICE_MEMBERS`: a backend of a Service with session affinity,
+/// whichever slots it holds. A client's remembered backend is used only
+/// while it is still a member: affinity moves when the backend goes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MemberKey {
+    pub service: ServiceKey,
+    pub _pad: u32,
+    pub backend: SockAddr,
+}
+
 /// Whether `proto` can be a Service's: what Kubernetes' kube-proxy
 /// translates too (SCTP is refused by the documents).
 pub const fn service_protocol(proto: u8) -> bool {
@@ -106,6 +137,12 @@ pub const fn pick_slot(random: u32, slots: u16) -> u16 {
 pub const MAX_SLOTS: u16 = 4_096;
 /// Slots over which weighted backends are apportioned: 0.1% resolution.
 pub const WEIGHTED_SLOTS: u16 = 1_000;
+
+/// Capacity of `SERVICE_AFFINITY`: clients holding a backend (LRU).
+pub const DEFAULT_MAX_AFFINITY: u32 = 65_536;
+
+/// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds`.
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 
 /// Capacity of `SERVICE_RANGES`: the Service ranges of a cluster (one or
 /// two per family in practice).
@@ -136,6 +173,12 @@ mod tests {
         assert_eq!(offset_of!(SockAddr, port), 16);
         assert_eq!(size_of::<ServicePeerKey>(), 32);
         assert_eq!(offset_of!(ServicePeerKey, backend), 8);
+        assert_eq!(size_of::<AffinityKey>(), 32);
+        assert_eq!(offset_of!(AffinityKey, netns), 24);
+        assert_eq!(size_of::<Affinity>(), 32);
+        assert_eq!(offset_of!(Affinity, last_used_ns), 24);
+        assert_eq!(size_of::<MemberKey>(), 48);
+        assert_eq!(offset_of!(MemberKey, backend), 24);
     }
 
     #[test]

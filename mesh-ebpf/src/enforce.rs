@@ -175,7 +175,7 @@ fn judge_sock_addr(ctx: &SockAddrContext, family: Family, hook: Hook) -> Outcome
             Outcome::Allow
         };
     }
-    match service::resolve(&dst, proto) {
+    match service::resolve(ctx, &dst, proto) {
         Destination::Direct => {}
         Destination::NoBackend => return Outcome::Refused,
         Destination::Backend(backend) => {

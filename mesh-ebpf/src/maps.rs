@@ -18,8 +18,9 @@ use mesh_common::{
         PolicyKey, TunnelKey, UdpPeerKey, Verdict, WORLD_IDENTITY,
     },
     service::{
-        BackendKey, DEFAULT_MAX_SERVICE_BACKENDS, DEFAULT_MAX_SERVICE_PEERS, DEFAULT_MAX_SERVICES,
-        MAX_SERVICE_RANGES, ServiceEntry, ServiceKey, ServicePeerKey, SockAddr,
+        Affinity, AffinityKey, BackendKey, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_SERVICE_BACKENDS,
+        DEFAULT_MAX_SERVICE_PEERS, DEFAULT_MAX_SERVICES, MAX_SERVICE_RANGES, MemberKey,
+        ServiceEntry, ServiceKey, ServicePeerKey, SockAddr,
     },
 };
 
@@ -71,6 +72,14 @@ pub(crate) static SERVICE_BACKENDS: HashMap<BackendKey, SockAddr> =
 #[map]
 pub(crate) static SERVICE_PEERS: LruHashMap<ServicePeerKey, SockAddr> =
     LruHashMap::pinned(DEFAULT_MAX_SERVICE_PEERS, 0);
+
+#[map]
+pub(crate) static SERVICE_AFFINITY: LruHashMap<AffinityKey, Affinity> =
+    LruHashMap::pinned(DEFAULT_MAX_AFFINITY, 0);
+
+#[map]
+pub(crate) static SERVICE_MEMBERS: HashMap<MemberKey, u32> =
+    HashMap::pinned(DEFAULT_MAX_SERVICE_BACKENDS, 0);
 
 #[map]
 pub(crate) static SERVICE_RANGES: LpmTrie<[u32; 4], u32> = LpmTrie::pinned(MAX_SERVICE_RANGES, 0);

@@ -8,16 +8,22 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::BPF_ANY,
-    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
     maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
 use mesh_common::{
     Counter,
-    service::{BackendKey, ServiceKey, ServicePeerKey, SockAddr, pick_slot},
+    service::{
+        Affinity, AffinityKey, BackendKey, MemberKey, ServiceEntry, ServiceKey, ServicePeerKey,
+        SockAddr, pick_slot,
+    },
 };
 
-use crate::maps::{SERVICE_BACKENDS, SERVICE_PEERS, SERVICE_RANGES, SERVICES, count, lookup};
+use crate::maps::{
+    SERVICE_AFFINITY, SERVICE_BACKENDS, SERVICE_MEMBERS, SERVICE_PEERS, SERVICE_RANGES, SERVICES,
+    count, lookup,
+};
 
 /// What a destination is, for the Service tables.
 pub(crate) enum Destination {
@@ -41,10 +47,11 @@ fn in_service_range(ip: &[u32; 4]) -> bool {
     SERVICE_RANGES.get(Key::new(128, *ip)).is_some()
 }
 
-/// Looks `dst` up among the Services and picks a backend: random over the
-/// slots of the live revision (weights are slots).
+/// Looks `dst` up among the Services and picks a backend: the client's
+/// own under session affinity, else random over the slots of the live
+/// revision (weights are slots).
 #[inline(always)]
-pub(crate) fn resolve(dst: &SockAddr, proto: u8) -> Destination {
+pub(crate) fn resolve(ctx: &SockAddrContext, dst: &SockAddr, proto: u8) -> Destination {
     let service = ServiceKey::new(dst.ip, dst.port, proto);
     // SAFETY: the helper takes no arguments.
     let random = unsafe { bpf_get_prandom_u32() };
@@ -63,18 +70,79 @@ pub(crate) fn resolve(dst: &SockAddr, proto: u8) -> Destination {
             count(Counter::ServiceNoBackend, 1);
             return Destination::NoBackend;
         }
+        if entry.affinity_timeout_s != 0
+            && let Some(backend) = affine_backend(ctx, &service, &entry)
+        {
+            count(Counter::ServiceTranslated, 1);
+            return Destination::Backend(backend);
+        }
         let slot = BackendKey {
             service,
             revision: entry.revision,
             slot: pick_slot(random, entry.slots),
         };
         if let Some(backend) = lookup(&SERVICE_BACKENDS, &slot) {
+            if entry.affinity_timeout_s != 0 {
+                remember_affinity(ctx, &service, &backend);
+            }
             count(Counter::ServiceTranslated, 1);
             return Destination::Backend(backend);
         }
     }
     count(Counter::ServiceNoBackend, 1);
     Destination::NoBackend
+}
+
+#[inline(always)]
+fn affinity_key(ctx: &SockAddrContext, service: &ServiceKey) -> AffinityKey {
+    AffinityKey {
+        service: *service,
+        _pad: 0,
+        // SAFETY: the helper only reads the context it is given.
+        netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+    }
+}
+
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: reads the clock.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// The backend this client used last, if that was within the Service's
+/// affinity timeout and the backend is still one of the Service's.
+#[inline(always)]
+fn affine_backend(
+    ctx: &SockAddrContext,
+    service: &ServiceKey,
+    entry: &ServiceEntry,
+) -> Option<SockAddr> {
+    let key = affinity_key(ctx, service);
+    let held = lookup(&SERVICE_AFFINITY, &key)?;
+    let now = now_ns();
+    let timeout_ns = u64::from(entry.affinity_timeout_s) * 1_000_000_000;
+    if now.saturating_sub(held.last_used_ns) > timeout_ns {
+        return None;
+    }
+    let member = MemberKey {
+        service: *service,
+        _pad: 0,
+        backend: held.backend,
+    };
+    lookup(&SERVICE_MEMBERS, &member)?;
+    remember_affinity(ctx, service, &held.backend);
+    Some(held.backend)
+}
+
+#[inline(always)]
+fn remember_affinity(ctx: &SockAddrContext, service: &ServiceKey, backend: &SockAddr) {
+    let held = Affinity {
+        backend: *backend,
+        last_used_ns: now_ns(),
+    };
+    // If this fails, the next connect picks afresh: affinity is lost, no
+    // connection is.
+    let _ = SERVICE_AFFINITY.insert(&affinity_key(ctx, service), &held, BPF_ANY as u64);
 }
 
 #[inline(always)]

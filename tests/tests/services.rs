@@ -76,6 +76,16 @@ spec:
 ---
 apiVersion: v1
 kind: Service
+metadata: {name: sticky, namespace: shop}
+spec:
+  clusterIP: 10.96.0.14
+  selector: {app: db}
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
 metadata: {name: nobody, namespace: shop}
 spec:
   clusterIP: 10.96.0.11
@@ -600,4 +610,28 @@ fn a_traffic_split_sends_each_backend_its_weight() {
         "canary took {share:.2}%: {answers:?}"
     );
     assert_eq!(answers[&canary] + answers[&stable], 10_000);
+}
+
+#[test]
+fn session_affinity_keeps_a_client_on_its_backend_until_the_backend_goes() {
+    let m = Mesh::new("svc-sticky", false);
+    let first = m.tally(WEB, "10.96.0.14:80", 50);
+    assert_eq!(first.len(), 1, "not sticky: {first:?}");
+    let (held, _) = first.into_iter().next().unwrap();
+    // Only the other backend stays in the Service.
+    let (zone, other) = if held == m.backend(DB_A, false, WHOAMI) {
+        ("b", m.backend(DB_B, false, WHOAMI))
+    } else {
+        ("a", m.backend(DB_A, false, WHOAMI))
+    };
+    let docs = DOCS.replace(
+        "  clusterIP: 10.96.0.14\n  selector: {app: db}",
+        &format!("  clusterIP: 10.96.0.14\n  selector: {{app: db, zone: {zone}}}"),
+    );
+    m.bed.write_config("services.yaml", &docs).unwrap();
+    wait_backends(&m, 0, "10.96.0.14:80", 1);
+    assert_eq!(
+        m.tally(WEB, "10.96.0.14:80", 20),
+        BTreeMap::from([(other, 20)])
+    );
 }

@@ -16,7 +16,10 @@ use std::net::IpAddr;
 
 use mesh_common::{
     policy::IpKey,
-    service::{BackendKey, MAX_SLOTS, ServiceEntry, ServiceKey, SockAddr},
+    service::{
+        BackendKey, DEFAULT_AFFINITY_TIMEOUT_S, MAX_SLOTS, MemberKey, ServiceEntry, ServiceKey,
+        SockAddr,
+    },
 };
 use serde::{Deserialize, de::IgnoredAny};
 
@@ -91,7 +94,7 @@ pub struct ServiceSpec {
     #[serde(default)]
     pub session_affinity: SessionAffinity,
     #[serde(default)]
-    pub session_affinity_config: Option<IgnoredAny>,
+    pub session_affinity_config: Option<SessionAffinityConfig>,
     #[serde(default)]
     pub internal_traffic_policy: TrafficPolicy,
     /// Only the node-port and load-balancer paths, which stay with
@@ -137,6 +140,37 @@ pub enum SessionAffinity {
     None,
     #[serde(rename = "ClientIP")]
     ClientIp,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SessionAffinityConfig {
+    #[serde(default, rename = "clientIP")]
+    pub client_ip: Option<ClientIpConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ClientIpConfig {
+    #[serde(default)]
+    pub timeout_seconds: Option<i64>,
+}
+
+impl ServiceSpec {
+    /// Seconds a client keeps its backend; 0 without session affinity.
+    /// Checked by [`validate_service`].
+    pub fn affinity_timeout_s(&self) -> u32 {
+        match self.session_affinity {
+            SessionAffinity::None => 0,
+            SessionAffinity::ClientIp => self
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .and_then(|t| u32::try_from(t).ok())
+                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S),
+        }
+    }
 }
 
 /// `internalTrafficPolicy`: `Local` sends a node's clients only to the
@@ -407,10 +441,17 @@ pub(crate) fn validate_service(s: &Service) -> Result<(), FieldError> {
             "not supported yet: leave externalIPs to kube-proxy (docs/services.md)".into(),
         ));
     }
-    if spec.session_affinity == SessionAffinity::ClientIp {
+    if let Some(t) = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds)
+        && !(1..=86_400).contains(&t)
+    {
+        // Kubernetes' own bounds.
         return Err((
-            "spec.sessionAffinity".into(),
-            "ClientIP is not supported yet (docs/services.md)".into(),
+            "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into(),
+            format!("{t} is not between 1 and 86400"),
         ));
     }
     check_cluster_ips(spec)?;
@@ -601,6 +642,9 @@ pub struct ServiceInfo {
     /// `TCP` or `UDP`.
     pub protocol: String,
     pub internal_traffic_policy: TrafficPolicy,
+    /// ClientIP session affinity: seconds a client keeps its backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_affinity_timeout_s: Option<u32>,
     pub backends: Vec<BackendInfo>,
 }
 
@@ -611,9 +655,17 @@ impl ServiceInfo {
     }
 }
 
-/// The backend slots of every Service address: what `SERVICE_BACKENDS`
-/// should hold for it, in slot order.
-pub type ServiceSlots = BTreeMap<ServiceKey, Vec<SockAddr>>;
+/// What one Service address should translate to.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServiceBackends {
+    /// What `SERVICE_BACKENDS` should hold for it, in slot order.
+    pub slots: Vec<SockAddr>,
+    /// ClientIP session affinity: seconds; 0: none.
+    pub affinity_timeout_s: u32,
+}
+
+/// Every Service address → its backends.
+pub type ServiceSlots = BTreeMap<ServiceKey, ServiceBackends>;
 
 /// Compiles the Services into their slots and the names behind them.
 /// `identity_of` gives a Workload's numeric identity; `node` is this
@@ -713,7 +765,13 @@ pub(crate) fn compile_services(
                 }
                 backends.sort();
                 backend_infos.sort_by_key(|b| (b.address, b.port));
-                slots.insert(key, backends);
+                slots.insert(
+                    key,
+                    ServiceBackends {
+                        slots: backends,
+                        affinity_timeout_s: s.spec.affinity_timeout_s(),
+                    },
+                );
                 infos.push(ServiceInfo {
                     namespace: s.metadata.namespace.clone(),
                     name: s.metadata.name.clone(),
@@ -722,6 +780,8 @@ pub(crate) fn compile_services(
                     port: port.port,
                     protocol: protocol.name().into(),
                     internal_traffic_policy: s.spec.internal_traffic_policy,
+                    session_affinity_timeout_s: Some(s.spec.affinity_timeout_s())
+                        .filter(|t| *t != 0),
                     backends: backend_infos,
                 });
             }
@@ -832,7 +892,14 @@ fn apply_splits(
                 ..member
             });
         }
-        slots.insert(key, expanded);
+        let affinity_timeout_s = slots.get(&key).map_or(0, |b| b.affinity_timeout_s);
+        slots.insert(
+            key,
+            ServiceBackends {
+                slots: expanded,
+                affinity_timeout_s,
+            },
+        );
     }
     Ok(())
 }
@@ -852,22 +919,25 @@ fn target_port(port: &ServicePort, protocol: Protocol, w: &Workload) -> Option<u
     }
 }
 
-/// What `SERVICES` and `SERVICE_BACKENDS` hold.
+/// What `SERVICES`, `SERVICE_BACKENDS` and `SERVICE_MEMBERS` hold.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ServiceTables {
     pub services: BTreeMap<ServiceKey, ServiceEntry>,
     pub backends: BTreeMap<BackendKey, SockAddr>,
+    /// The backends of Services with session affinity.
+    pub members: BTreeMap<MemberKey, u32>,
 }
 
 /// The tables that serve `desired`, given what the maps hold now. A
 /// Service whose slots are unchanged keeps its revision and entries; one
 /// whose slots changed gets the next revision, so that the new slots are
 /// written beside the live ones and the entry switches to them in one
-/// update (the caller writes backends before services and deletes in the
-/// reverse order: `diff` of the two tables gives exactly that).
+/// update (the caller writes backends and members before services and
+/// deletes in the reverse order: `diff` of each table gives exactly that).
 pub fn service_tables(applied: &ServiceTables, desired: &ServiceSlots) -> ServiceTables {
     let mut out = ServiceTables::default();
-    for (service, slots) in desired {
+    for (service, wanted) in desired {
+        let slots = &wanted.slots;
         let live = applied.services.get(service);
         let unchanged = live.is_some_and(|entry| {
             usize::from(entry.slots) == slots.len()
@@ -889,7 +959,7 @@ pub fn service_tables(applied: &ServiceTables, desired: &ServiceSlots) -> Servic
             ServiceEntry {
                 revision,
                 slots: slots.len() as u16,
-                affinity_timeout_s: 0,
+                affinity_timeout_s: wanted.affinity_timeout_s,
             },
         );
         for (slot, backend) in slots.iter().enumerate() {
@@ -899,6 +969,14 @@ pub fn service_tables(applied: &ServiceTables, desired: &ServiceSlots) -> Servic
                 slot: slot as u16,
             };
             out.backends.insert(key, *backend);
+            if wanted.affinity_timeout_s != 0 {
+                let member = MemberKey {
+                    service: *service,
+                    _pad: 0,
+                    backend: *backend,
+                };
+                out.members.insert(member, 1);
+            }
         }
     }
     out
@@ -913,6 +991,29 @@ mod tests {
         SockAddr::new(IpKey::from(IpAddr::from([10, 0, 0, last])).ip, port)
     }
 
+    fn set(slots: Vec<SockAddr>) -> ServiceBackends {
+        ServiceBackends {
+            slots,
+            affinity_timeout_s: 0,
+        }
+    }
+
+    #[test]
+    fn affinity_services_list_their_members_once() {
+        let sticky = ServiceBackends {
+            slots: vec![addr(1, 80), addr(1, 80), addr(2, 80)],
+            affinity_timeout_s: 30,
+        };
+        let t = service_tables(
+            &ServiceTables::default(),
+            &BTreeMap::from([(key(), sticky)]),
+        );
+        assert_eq!(t.services[&key()].affinity_timeout_s, 30);
+        assert_eq!(t.members.len(), 2);
+        let plain = service_tables(&t, &BTreeMap::from([(key(), set(vec![addr(1, 80)]))]));
+        assert!(plain.members.is_empty());
+    }
+
     fn key() -> ServiceKey {
         ServiceKey::new(
             IpKey::from(IpAddr::from([10, 96, 0, 10])).ip,
@@ -925,7 +1026,7 @@ mod tests {
     fn an_unchanged_service_keeps_its_revision_and_a_changed_one_moves_on() {
         let first = service_tables(
             &ServiceTables::default(),
-            &BTreeMap::from([(key(), vec![addr(1, 8080), addr(2, 8080)])]),
+            &BTreeMap::from([(key(), set(vec![addr(1, 8080), addr(2, 8080)]))]),
         );
         assert_eq!(first.services[&key()].revision, 0);
         assert_eq!(first.services[&key()].slots, 2);
@@ -933,11 +1034,11 @@ mod tests {
 
         let same = service_tables(
             &first,
-            &BTreeMap::from([(key(), vec![addr(1, 8080), addr(2, 8080)])]),
+            &BTreeMap::from([(key(), set(vec![addr(1, 8080), addr(2, 8080)]))]),
         );
         assert_eq!(same, first);
 
-        let scaled = service_tables(&first, &BTreeMap::from([(key(), vec![addr(3, 8080)])]));
+        let scaled = service_tables(&first, &BTreeMap::from([(key(), set(vec![addr(3, 8080)]))]));
         let entry = scaled.services[&key()];
         assert_eq!((entry.revision, entry.slots), (1, 1));
         // Only the new revision's slots are wanted: the diff deletes the
@@ -954,7 +1055,7 @@ mod tests {
         assert_eq!(diff_backends.upserts.len(), 1);
         assert_eq!(diff_backends.deletes.len(), 2);
 
-        let empty = service_tables(&scaled, &BTreeMap::from([(key(), vec![])]));
+        let empty = service_tables(&scaled, &BTreeMap::from([(key(), set(vec![]))]));
         assert_eq!(empty.services[&key()].slots, 0);
         assert!(empty.backends.is_empty());
         assert!(service_tables(&empty, &BTreeMap::new()).services.is_empty());
@@ -971,7 +1072,7 @@ mod tests {
                 affinity_timeout_s: 0,
             },
         );
-        let next = service_tables(&applied, &BTreeMap::from([(key(), vec![addr(1, 1)])]));
+        let next = service_tables(&applied, &BTreeMap::from([(key(), set(vec![addr(1, 1)]))]));
         assert_eq!(next.services[&key()].revision, 0);
     }
 
@@ -1080,8 +1181,8 @@ spec: {clusterIP: 10.96.0.10, selector: {app: db}, internalTrafficPolicy: Local,
     fn refusals_name_the_field() {
         let cases = [
             (
-                "spec: {clusterIP: 10.96.0.10, sessionAffinity: ClientIP, ports: [{port: 80}]}",
-                "spec.sessionAffinity",
+                "spec: {clusterIP: 10.96.0.10, sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}, ports: [{port: 80}]}",
+                "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
             ),
             (
                 "spec: {clusterIP: 10.96.0.10, externalIPs: [1.2.3.4], ports: [{port: 80}]}",
@@ -1246,7 +1347,7 @@ spec:
             5432,
             mesh_common::policy::PROTO_TCP,
         );
-        let set = &slots[&root];
+        let set = &slots[&root].slots;
         assert_eq!(set.len(), 1000);
         let to_a = set.iter().filter(|b| **b == addr(1, 5432)).count();
         let to_b = set.iter().filter(|b| **b == addr(2, 6432)).count();

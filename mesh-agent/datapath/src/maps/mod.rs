@@ -22,7 +22,7 @@ use aya::maps::{HashMap, Map, MapData, MapInfo, MapType};
 use mesh_common::{
     map_names,
     policy::{Endpoint, IpKey, PolicyKey, Verdict},
-    service::{BackendKey, ServiceEntry, ServiceKey, SockAddr},
+    service::{BackendKey, MemberKey, ServiceEntry, ServiceKey, SockAddr},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +79,7 @@ const fn layout<K, V>(map_type: MapType) -> MapLayout {
 
 /// The maps this agent's kernel programs use, with their layouts, from the
 /// module of each.
-pub const EXPECTED_MAPS: [(&str, MapLayout); 16] = [
+pub const EXPECTED_MAPS: [(&str, MapLayout); 18] = [
     sockets::SOCK_HASH,
     sockets::SOCKETS,
     counters::COUNTERS,
@@ -95,6 +95,8 @@ pub const EXPECTED_MAPS: [(&str, MapLayout); 16] = [
     services::SERVICE_BACKENDS,
     services::SERVICE_PEERS,
     services::SERVICE_RANGES,
+    services::SERVICE_AFFINITY,
+    services::SERVICE_MEMBERS,
     flows::FLOWS,
 ];
 
@@ -175,6 +177,7 @@ impl PinnedMaps {
             policy: self.hash(map_names::POLICY)?,
             services: self.hash(map_names::SERVICES)?,
             service_backends: self.hash(map_names::SERVICE_BACKENDS)?,
+            service_members: self.hash(map_names::SERVICE_MEMBERS)?,
         })
     }
 
@@ -219,4 +222,5 @@ pub struct PolicyMaps {
     pub policy: HashMap<MapData, PolicyKey, Verdict>,
     pub services: HashMap<MapData, ServiceKey, ServiceEntry>,
     pub service_backends: HashMap<MapData, BackendKey, SockAddr>,
+    pub service_members: HashMap<MapData, MemberKey, u32>,
 }

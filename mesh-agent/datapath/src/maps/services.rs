@@ -12,7 +12,10 @@ use aya::maps::{
 use mesh_common::{
     map_names,
     policy::IpKey,
-    service::{BackendKey, ServiceEntry, ServiceKey, ServicePeerKey, SockAddr},
+    service::{
+        Affinity, AffinityKey, BackendKey, MemberKey, ServiceEntry, ServiceKey, ServicePeerKey,
+        SockAddr,
+    },
 };
 
 use super::{MapLayout, MapsError, PinnedMaps, layout};
@@ -30,7 +33,21 @@ pub const SERVICE_PEERS: (&str, MapLayout) = (
     layout::<ServicePeerKey, SockAddr>(MapType::LruHash),
 );
 
+pub const SERVICE_AFFINITY: (&str, MapLayout) = (
+    map_names::SERVICE_AFFINITY,
+    layout::<AffinityKey, Affinity>(MapType::LruHash),
+);
+pub const SERVICE_MEMBERS: (&str, MapLayout) = (
+    map_names::SERVICE_MEMBERS,
+    layout::<MemberKey, u32>(MapType::Hash),
+);
+
 impl PinnedMaps {
+    /// The backends of Services with session affinity.
+    pub fn service_members(&self) -> Result<Vec<(MemberKey, u32)>, MapsError> {
+        self.entries(map_names::SERVICE_MEMBERS)
+    }
+
     /// Every Service address the kernel translates.
     pub fn services(&self) -> Result<Vec<(ServiceKey, ServiceEntry)>, MapsError> {
         self.entries(map_names::SERVICES)
