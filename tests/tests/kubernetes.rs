@@ -679,3 +679,142 @@ fn mutual_tls_between_nodes_from_pods_nodes_and_peer_authentication_objects() {
     );
     assert_rbac(&cluster);
 }
+
+/// `mesh-pod probe` of `target` from `pod`, until it answers `want`.
+fn wait_probe_target(bed: &TestBed, pod: usize, target: &str, want: &str) {
+    let started = Instant::now();
+    loop {
+        let got = bed.probe(pod, true, target, 1000).unwrap();
+        if got == want {
+            return;
+        }
+        assert!(
+            started.elapsed() < CONVERGE,
+            "pod {pod} → {target}: {got}, expected {want}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// An EndpointSlice of Service `cart` with one endpoint, `pod` of `bed`.
+fn cart_slice(bed: &TestBed, v6: bool, conditions: Value) -> String {
+    let pod = &bed.pods[CART];
+    let (family, address) = if v6 {
+        ("IPv6", pod.ip6.to_string())
+    } else {
+        ("IPv4", pod.ip4.to_string())
+    };
+    let object = json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": format!("cart-{}", family.to_lowercase()),
+            "namespace": "shop",
+            "labels": {"kubernetes.io/service-name": "cart"},
+        },
+        "addressType": family,
+        "ports": [{"name": "http", "port": PORT, "protocol": "TCP"}],
+        "endpoints": [{
+            "addresses": [address],
+            "conditions": conditions,
+            "nodeName": bed.nodes[0].name(),
+        }],
+    });
+    serde_json::to_string(&object).unwrap()
+}
+
+#[test]
+fn services_and_endpoint_slices_are_translated_with_kube_proxys_conventions() {
+    let (bed, _servers) = bed("k8s-svc", 3);
+    let (cluster, _robot) = cart_frontend_robot(&bed);
+    cluster
+        .apply_yaml(&policy_yaml("shop", "cart", CART_ALLOW_FRONTEND))
+        .unwrap();
+    let service = json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "cart", "namespace": "shop"},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": "10.96.0.50",
+            "clusterIPs": ["10.96.0.50", "fd00:96::50"],
+            "ipFamilies": ["IPv4", "IPv6"],
+            "selector": {"app": "cart"},
+            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+            "sessionAffinity": "None",
+        },
+    });
+    cluster.apply_yaml(&service.to_string()).unwrap();
+    let ready = json!({"ready": true, "serving": true, "terminating": false});
+    for v6 in [false, true] {
+        cluster
+            .apply_yaml(&cart_slice(&bed, v6, ready.clone()))
+            .unwrap();
+    }
+    // A Service of another proxy: left alone, as kube-proxy leaves it.
+    let foreign = json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "other", "namespace": "shop",
+                      "labels": {"service.kubernetes.io/service-proxy-name": "other-proxy"}},
+        "spec": {"clusterIP": "10.97.0.51", "ports": [{"port": 80}]},
+    });
+    cluster.apply_yaml(&foreign.to_string()).unwrap();
+    let agent = Agent::start_node_kubernetes(
+        &bed,
+        0,
+        &cluster.kubeconfig,
+        &["--service-cidr", "10.96.0.0/16,fd00:96::/112"],
+    )
+    .unwrap();
+    for vip in ["10.96.0.50:80", "[fd00:96::50]:80"] {
+        let target = format!("tcp:{vip}");
+        wait_probe_target(&bed, FRONTEND, &target, "connected");
+        // The backend's policy decides, whatever address was dialled.
+        assert_eq!(bed.probe(ROBOT, true, &target, 1000).unwrap(), "eperm");
+    }
+    let out = agent::node_cli(&bed, 0, &["inspect", "services", "-o", "json"]).unwrap();
+    assert!(
+        out.contains("shop/cart") && !out.contains("10.97.0.51"),
+        "{out}"
+    );
+
+    // The endpoint stops serving: none is usable, and the connect is
+    // refused at once…
+    let gone = json!({"ready": false, "serving": false, "terminating": true});
+    cluster.apply_yaml(&cart_slice(&bed, false, gone)).unwrap();
+    wait_probe_target(&bed, FRONTEND, "tcp:10.96.0.50:80", "refused");
+    // …while an endpoint that is terminating but still serving takes
+    // connections when no endpoint is ready (KEP-1669).
+    let terminating = json!({"ready": false, "serving": true, "terminating": true});
+    cluster
+        .apply_yaml(&cart_slice(&bed, false, terminating))
+        .unwrap();
+    wait_probe_target(&bed, FRONTEND, "tcp:10.96.0.50:80", "connected");
+    let gone = json!({"ready": false, "serving": false, "terminating": true});
+    cluster.apply_yaml(&cart_slice(&bed, false, gone)).unwrap();
+    wait_probe_target(&bed, FRONTEND, "tcp:10.96.0.50:80", "refused");
+
+    // A relist after 410 Gone and an outage clear nothing: the IPv6 slice,
+    // untouched, keeps serving throughout, and a change made while the
+    // agent could not see it arrives.
+    cluster.api.stop_serving();
+    cluster
+        .apply_yaml(&cart_slice(&bed, false, ready.clone()))
+        .unwrap();
+    cluster.api.compact();
+    assert_eq!(
+        bed.probe(FRONTEND, true, "tcp:[fd00:96::50]:80", 1000)
+            .unwrap(),
+        "connected"
+    );
+    cluster.api.resume_serving();
+    wait_probe_target(&bed, FRONTEND, "tcp:10.96.0.50:80", "connected");
+    assert_eq!(
+        bed.probe(FRONTEND, true, "tcp:[fd00:96::50]:80", 1000)
+            .unwrap(),
+        "connected"
+    );
+    assert_rbac(&cluster);
+    drop(agent);
+}

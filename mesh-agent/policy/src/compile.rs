@@ -708,6 +708,7 @@ pub fn compile(docs: &Documents, settings: &MeshSettings) -> Result<Compiled, Co
     (out.service_slots, out.services) = compile_services(
         &docs.services,
         &docs.traffic_splits,
+        docs.endpoint_slices.as_deref(),
         &docs.workloads,
         identity_of,
         &settings.node,

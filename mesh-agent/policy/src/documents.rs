@@ -14,9 +14,11 @@ use serde::{Deserialize, Deserializer};
 use serde_yaml::Value;
 
 use super::identity::{IdentityPattern, is_dns_label, is_dns_subdomain};
-use super::services::{
-    KIND_SERVICE, KIND_TRAFFIC_SPLIT, SERVICE_API_VERSION, Service, TrafficSplit, WorkloadPort,
-    validate_service, validate_traffic_split, validate_workload_ports,
+pub mod service;
+
+use service::{
+    EndpointSliceDoc, KIND_SERVICE, KIND_TRAFFIC_SPLIT, SERVICE_API_VERSION, Service, TrafficSplit,
+    WorkloadPort, validate_service, validate_traffic_split, validate_workload_ports,
 };
 
 /// The only `apiVersion` this build reads.
@@ -545,6 +547,9 @@ pub struct Documents {
     pub nodes: Vec<MeshNode>,
     pub services: Vec<Service>,
     pub traffic_splits: Vec<TrafficSplit>,
+    /// Kubernetes mode: Services' backends come from these, not from
+    /// their selectors (`None`: standalone, selectors).
+    pub endpoint_slices: Option<Vec<EndpointSliceDoc>>,
 }
 
 impl Documents {

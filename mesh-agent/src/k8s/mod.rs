@@ -2,7 +2,8 @@
 //! resources, all read through the API server's list/watch.
 //!
 //! ```text
-//! watchers (Pods, Namespaces, Nodes, MeshPolicies, PeerAuthentications)
+//! watchers (Pods, Namespaces, Nodes, MeshPolicies, PeerAuthentications,
+//!           Services, EndpointSlices)
 //!   └─► mirrors (what the agent keeps of each object; relists swap whole)
 //!         └─► documents (translate) ─► compile ─► map diff (Control)
 //!                                         └─► statuses (lease holder writes them)
@@ -27,7 +28,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use futures::{StreamExt as _, stream::BoxStream};
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Resource, ResourceExt as _};
@@ -68,6 +70,8 @@ enum Change {
     Node(Box<WatchResult<Node>>),
     Policy(Box<WatchResult<DynamicObject>>),
     PeerAuthentication(Box<WatchResult<DynamicObject>>),
+    Service(Box<WatchResult<Service>>),
+    EndpointSlice(Box<WatchResult<EndpointSlice>>),
 }
 
 type WatchResult<K> = Result<watcher::Event<K>, watcher::Error>;
@@ -124,6 +128,12 @@ pub async fn follow_cluster(
         ))
         .map(|e| Change::PeerAuthentication(Box::new(e)))
         .boxed(),
+        watch_all(Api::<Service>::all(client.clone()))
+            .map(|e| Change::Service(Box::new(e)))
+            .boxed(),
+        watch_all(Api::<EndpointSlice>::all(client.clone()))
+            .map(|e| Change::EndpointSlice(Box::new(e)))
+            .boxed(),
     ]);
 
     let (statuses, wanted) = watch::channel(Vec::new());
@@ -291,6 +301,8 @@ struct Cluster {
     nodes: Mirror<Vec<IpAddr>>,
     policies: Mirror<DocumentEntry>,
     peer_authentications: Mirror<DocumentEntry>,
+    services: Mirror<mesh_policy::services::Service>,
+    endpoint_slices: Mirror<mesh_policy::services::EndpointSliceDoc>,
     /// The `Accepted` condition each document's status has now (apart:
     /// the agent's own status writes come back as events, and must not
     /// make it compile the cluster again).
@@ -315,6 +327,8 @@ impl Cluster {
             nodes: Mirror::default(),
             policies: Mirror::default(),
             peer_authentications: Mirror::default(),
+            services: Mirror::default(),
+            endpoint_slices: Mirror::default(),
             policy_statuses: Mirror::default(),
             peer_authentication_statuses: Mirror::default(),
             last_valid_policies: BTreeMap::new(),
@@ -330,6 +344,8 @@ impl Cluster {
             && self.nodes.synced()
             && self.policies.synced()
             && self.peer_authentications.synced()
+            && self.services.synced()
+            && self.endpoint_slices.synced()
     }
 
     /// What a watch event changed: the state the maps are compiled from,
@@ -352,6 +368,12 @@ impl Cluster {
                 translate::namespace_opted_out,
             )),
             Change::Node(e) => state(self.nodes.apply((*e)?, key, translate::node_addresses)),
+            Change::Service(e) => state(self.services.apply((*e)?, key, translate::service)),
+            Change::EndpointSlice(e) => state(self.endpoint_slices.apply(
+                (*e)?,
+                key,
+                translate::endpoint_slice,
+            )),
             Change::Policy(e) => {
                 let e = (*e)?;
                 Changed {
@@ -396,6 +418,8 @@ impl Cluster {
         );
         docs.policies = policies.policies;
         docs.peer_authentications = peer_auths.peer_authentications;
+        docs.services = self.services.objects().values().cloned().collect();
+        docs.endpoint_slices = Some(self.endpoint_slices.objects().values().cloned().collect());
         let compiled = policy::compile(&docs, &self.settings)?;
         control::drop_elsewhere(docs);
         let (cookies, gone) = control::resolve_netns_available(&compiled);

@@ -9,12 +9,20 @@
 //! - A Node is a `MeshNode`: its InternalIP addresses (ExternalIP if none).
 //! - `MeshPolicy` and `PeerAuthentication` objects go through the very
 //!   parser and checks a file's documents go through.
+//! - A Service is the same `v1/Service` document a directory takes, with
+//!   kube-proxy's conventions: Services of another proxy
+//!   (`service.kubernetes.io/service-proxy-name`), headless and
+//!   ExternalName ones are left to others; SCTP ports and externalIPs are
+//!   left to kube-proxy. Its backends come from its EndpointSlices.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service as KubeService};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::DynamicObject;
+use mesh_policy::services::{EndpointSliceDoc, Service, SliceEndpoint, SlicePort};
+use tracing::warn;
 
 use mesh_policy::{
     self, API_VERSION, Condition, ConfigError, Documents, KIND_MESH_NODE, KIND_WORKLOAD, MeshNode,
@@ -292,6 +300,135 @@ pub fn cluster_documents(
         })
         .collect();
     docs
+}
+
+/// Services carrying this label belong to another proxy (kube-proxy skips
+/// them too).
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// The label tying an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The Service document a Service object is, if the mesh translates it.
+pub fn service(svc: &KubeService) -> Option<Service> {
+    let meta = &svc.metadata;
+    let spec = svc.spec.as_ref()?;
+    let labels = meta.labels.clone().unwrap_or_default();
+    let headless = spec
+        .cluster_ip
+        .as_deref()
+        .is_none_or(|ip| ip == "None" || ip.is_empty());
+    if labels.contains_key(SERVICE_PROXY_NAME_LABEL)
+        || headless
+        || spec.type_.as_deref() == Some("ExternalName")
+    {
+        return None;
+    }
+    let ports: Vec<serde_json::Value> = spec
+        .ports
+        .iter()
+        .flatten()
+        .filter(|p| p.protocol.as_deref() != Some("SCTP"))
+        .map(|p| {
+            // The target port is resolved per EndpointSlice: what the
+            // slices say, not needed here.
+            serde_json::json!({
+                "name": p.name,
+                "port": p.port,
+                "protocol": p.protocol.as_deref().unwrap_or("TCP"),
+            })
+        })
+        .collect();
+    if ports.is_empty() {
+        return None;
+    }
+    let value = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": meta.name,
+            "namespace": meta.namespace,
+            "labels": labels,
+        },
+        "spec": {
+            "type": spec.type_.as_deref().unwrap_or("ClusterIP"),
+            "clusterIP": spec.cluster_ip,
+            "clusterIPs": spec.cluster_ips,
+            "ports": ports,
+            "sessionAffinity": spec.session_affinity.as_deref().unwrap_or("None"),
+            "sessionAffinityConfig": spec.session_affinity_config.as_ref().map(|c| {
+                serde_json::json!({"clientIP": {"timeoutSeconds": c.client_ip.as_ref().and_then(|c| c.timeout_seconds)}})
+            }),
+            "internalTrafficPolicy": spec.internal_traffic_policy.as_deref().unwrap_or("Cluster"),
+            "publishNotReadyAddresses": spec.publish_not_ready_addresses,
+        },
+    });
+    let parsed = serde_yaml::to_value(&value)
+        .map_err(|e| e.to_string())
+        .and_then(|v| mesh_policy::parse_value(ORIGIN, v).map_err(|e| e.to_string()));
+    match parsed {
+        Ok(mut docs) => docs.services.pop(),
+        Err(e) => {
+            // The API server accepted it; the mesh leaves it to kube-proxy.
+            warn!(service = %object_key(meta.namespace.as_deref(), meta.name.as_deref().unwrap_or("")), error = %e,
+                  "Service not translated by the mesh");
+            None
+        }
+    }
+}
+
+/// What the agent keeps of an EndpointSlice (IPv4 and IPv6 ones; FQDN
+/// slices have no address to translate to).
+pub fn endpoint_slice(slice: &EndpointSlice) -> Option<EndpointSliceDoc> {
+    let meta = &slice.metadata;
+    let ipv6 = match slice.address_type.as_str() {
+        "IPv4" => false,
+        "IPv6" => true,
+        _ => return None,
+    };
+    let service = meta.labels.as_ref()?.get(SERVICE_NAME_LABEL)?.clone();
+    let ports = slice
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| {
+            let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
+                "TCP" => mesh_policy::Protocol::Tcp,
+                "UDP" => mesh_policy::Protocol::Udp,
+                _ => return None,
+            };
+            Some(SlicePort {
+                // The Service's only port may be unnamed: "" or absent.
+                name: p.name.clone().filter(|n| !n.is_empty()),
+                port: u16::try_from(p.port?).ok().filter(|p| *p != 0)?,
+                protocol,
+            })
+        })
+        .collect();
+    let endpoints = slice
+        .endpoints
+        .iter()
+        .flatten()
+        .map(|e| {
+            let conditions = e.conditions.as_ref();
+            // Unset `ready` means ready; unset `serving` follows `ready`.
+            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+            SliceEndpoint {
+                addresses: e.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
+                ready,
+                serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
+                terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+                node: e.node_name.clone(),
+            }
+        })
+        .collect();
+    Some(EndpointSliceDoc {
+        namespace: meta.namespace.clone()?,
+        name: meta.name.clone()?,
+        service,
+        ipv6,
+        ports,
+        endpoints,
+    })
 }
 
 #[cfg(test)]
