@@ -105,11 +105,14 @@ pub struct ExplainArgs {
     /// Source: an IP address or a SPIFFE ID.
     #[arg(long)]
     pub from: String,
-    /// Destination: an IP address or a SPIFFE ID.
+    /// Destination: an IP address, a SPIFFE ID, or a Service as
+    /// `namespace/name:port` (every backend is explained).
     #[arg(long)]
     pub to: String,
+    /// The destination port (for a Service, its port number or name when
+    /// `--to` does not say it).
     #[arg(long)]
-    pub port: u16,
+    pub port: Option<u16>,
     #[arg(long, value_enum, default_value_t = crate::explain::Proto::Tcp)]
     pub proto: crate::explain::Proto,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]

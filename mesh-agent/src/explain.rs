@@ -30,9 +30,10 @@ use mesh_policy::state::NodeState;
 pub struct Query {
     /// An IP address or a SPIFFE ID.
     pub from: String,
-    /// An IP address or a SPIFFE ID.
+    /// An IP address, a SPIFFE ID, or a Service: `namespace/name:port`.
     pub to: String,
-    pub port: u16,
+    /// Required unless `to` is a Service with its port.
+    pub port: Option<u16>,
     pub proto: Proto,
     pub output: Output,
 }
@@ -82,6 +83,25 @@ pub struct Explanation {
     /// How the connection travels, and so who proves the source: the
     /// kernel on this node, mutual TLS, or nobody (plaintext).
     pub path: &'static str,
+    /// For a Service: `namespace/name` and the address:port dialled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// For a Service: the backend this answer is for, and its share of new
+    /// connections (percent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub share: Option<f64>,
+}
+
+/// A Service named as `namespace/name:port` (the port number of the
+/// Service, or its name), if `to` names one.
+fn service_target(to: &str) -> Option<(&str, &str)> {
+    if to.starts_with("spiffe://") || to.parse::<IpAddr>().is_ok() {
+        return None;
+    }
+    let (service, port) = to.rsplit_once(':').unwrap_or((to, ""));
+    service.contains('/').then_some((service, port))
 }
 
 /// How a connection from `src` to `dst` travels, as this node sees it, and
@@ -170,9 +190,139 @@ fn destinations(
             bail!("no workload with identity {to} is in this node's maps");
         }
     } else {
-        bail!("--to {to:?} is neither an IP address nor a SPIFFE ID (spiffe://…)");
+        bail!(
+            "--to {to:?} is neither an IP address, a SPIFFE ID (spiffe://…) nor a Service (namespace/name:port)"
+        );
     }
     Ok(found)
+}
+
+/// The kernel's answer for `src` connecting to the workload `dst`.
+fn explain_one(
+    maps: &PinnedMaps,
+    names: &NodeState,
+    src: u64,
+    (dst, workloads): (Endpoint, Vec<String>),
+    port: u16,
+    proto: u8,
+    mtls: bool,
+) -> anyhow::Result<Explanation> {
+    let (path, plaintext) = path(names, src, &dst, proto, mtls);
+    let failure = RefCell::new(None);
+    let matched = RefCell::new(None);
+    let verdict = decide_for(&dst, src, port, proto, plaintext, |key| {
+        match maps.policy_entry(key) {
+            Ok(Some(v)) => {
+                *matched.borrow_mut() = Some(*key);
+                Some(v)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                failure.borrow_mut().get_or_insert(e);
+                None
+            }
+        }
+    });
+    if let Some(e) = failure.into_inner() {
+        return Err(e).context("reading the policy map");
+    }
+    let rule = names.rules.get(&verdict.rule);
+    Ok(Explanation {
+        source: names.identity_name(src),
+        source_id: src.to_string(),
+        destination: names.identity_name(dst.identity),
+        destination_id: dst.identity.to_string(),
+        workloads,
+        subject: format!("{:016x}", dst.subject),
+        port,
+        proto: proto_name(proto),
+        verdict: verdict.action().name(),
+        rule: verdict.rule,
+        reason: names.rule_name(verdict.rule),
+        file: rule.and_then(|r| r.file.clone()),
+        matched_entry: matched.into_inner().map(|k: PolicyKey| {
+            let s = if k.src_identity == ANY_IDENTITY {
+                "any source"
+            } else {
+                "source"
+            };
+            let p = if k.port == ANY_PORT {
+                "any port"
+            } else {
+                "port"
+            };
+            format!("{s}+{p}")
+        }),
+        path,
+        service: None,
+        backend: None,
+        share: None,
+    })
+}
+
+/// One answer per backend of the Service `service` (`namespace/name`) on
+/// `port` (number or name), as the kernel translates it now.
+fn explain_service(
+    maps: &PinnedMaps,
+    names: &NodeState,
+    src: u64,
+    (service, port): (&str, &str),
+    proto: u8,
+    mtls: bool,
+) -> anyhow::Result<Vec<Explanation>> {
+    let rows = crate::inspect::service_rows(&maps.services()?, &maps.service_backends()?, names);
+    let rows: Vec<_> = rows
+        .iter()
+        .filter(|r| r.service == service && r.protocol == proto_name(proto))
+        .filter(|r| {
+            port.is_empty()
+                || r.address.port().to_string() == port
+                || r.port_name.as_deref() == Some(port)
+        })
+        .collect();
+    if rows.is_empty() {
+        bail!(
+            "no Service {service}{} ({}) in this node's maps (`mesh-agent inspect services` lists them)",
+            if port.is_empty() {
+                String::new()
+            } else {
+                format!(" port {port}")
+            },
+            proto_name(proto)
+        );
+    }
+    let mut answers = Vec::new();
+    for row in rows {
+        for b in &row.backends {
+            let Some(ep) = maps.endpoint(&IpKey::from(b.address.ip()))? else {
+                bail!(
+                    "backend {} of {service} is not a mesh workload: MeshPolicy does not govern it",
+                    b.address
+                );
+            };
+            let label = b.workload.clone().unwrap_or_else(|| b.address.to_string());
+            let mut answer = explain_one(
+                maps,
+                names,
+                src,
+                (ep, vec![label]),
+                b.address.port(),
+                proto,
+                mtls,
+            )?;
+            answer.service = Some(format!("{service} {}", row.address));
+            answer.backend = Some(b.address.to_string());
+            answer.share = Some(b.share);
+            answers.push(answer);
+        }
+        if row.backends.is_empty() {
+            bail!(
+                "{service} {} has no backend: connections are refused (ECONNREFUSED)",
+                row.address
+            );
+        }
+    }
+    Ok(answers)
 }
 
 pub fn explain(maps: &PinnedMaps, names: &NodeState, args: &Query) -> anyhow::Result<String> {
@@ -180,65 +330,38 @@ pub fn explain(maps: &PinnedMaps, names: &NodeState, args: &Query) -> anyhow::Re
         Proto::Tcp => PROTO_TCP,
         Proto::Udp => PROTO_UDP,
     };
-    anyhow::ensure!(args.port != 0, "--port must be 1-65535");
     let src = source_identity(maps, &args.from)?;
-    let tunnel_port = maps.tunnel_port()?;
-    let mut answers = Vec::new();
-    for (dst, workloads) in destinations(maps, names, &args.to)? {
-        let (path, plaintext) = path(names, src, &dst, proto, tunnel_port != 0);
-        let failure = RefCell::new(None);
-        let matched = RefCell::new(None);
-        let verdict = decide_for(&dst, src, args.port, proto, plaintext, |key| {
-            match maps.policy_entry(key) {
-                Ok(Some(v)) => {
-                    *matched.borrow_mut() = Some(*key);
-                    Some(v)
-                }
-                Ok(None) => None,
-                Err(e) => {
-                    failure.borrow_mut().get_or_insert(e);
-                    None
-                }
-            }
-        });
-        if let Some(e) = failure.into_inner() {
-            return Err(e).context("reading the policy map");
+    let mtls = maps.tunnel_port()? != 0;
+    let answers = match service_target(&args.to) {
+        Some((service, port)) => {
+            let port = match (port, args.port) {
+                ("", Some(p)) => p.to_string(),
+                (port, _) => port.to_string(),
+            };
+            explain_service(maps, names, src, (service, &port), proto, mtls)?
         }
-        let rule = names.rules.get(&verdict.rule);
-        answers.push(Explanation {
-            source: names.identity_name(src),
-            source_id: src.to_string(),
-            destination: names.identity_name(dst.identity),
-            destination_id: dst.identity.to_string(),
-            workloads,
-            subject: format!("{:016x}", dst.subject),
-            port: args.port,
-            proto: proto_name(proto),
-            verdict: verdict.action().name(),
-            rule: verdict.rule,
-            reason: names.rule_name(verdict.rule),
-            file: rule.and_then(|r| r.file.clone()),
-            matched_entry: matched.into_inner().map(|k: PolicyKey| {
-                let s = if k.src_identity == ANY_IDENTITY {
-                    "any source"
-                } else {
-                    "source"
-                };
-                let p = if k.port == ANY_PORT {
-                    "any port"
-                } else {
-                    "port"
-                };
-                format!("{s}+{p}")
-            }),
-            path,
-        });
-    }
+        None => {
+            let port = args.port.filter(|p| *p != 0).context(
+                "--port (1-65535) is required unless --to names a Service with its port",
+            )?;
+            destinations(maps, names, &args.to)?
+                .into_iter()
+                .map(|dst| explain_one(maps, names, src, dst, port, proto, mtls))
+                .collect::<anyhow::Result<_>>()?
+        }
+    };
     Ok(match args.output {
         Output::Json => json(&answers),
         Output::Table => {
             let mut text = String::new();
             for a in &answers {
+                if let (Some(service), Some(backend), Some(share)) =
+                    (&a.service, &a.backend, a.share)
+                {
+                    text += &format!(
+                        "via Service {service} -> backend {backend} ({share:.1}% of new connections)\n  "
+                    );
+                }
                 text += &format!(
                     "{verdict}: {src} -> {dst} ({workloads}) port {port}/{proto}\n  decided by: {reason}{file}\n  kernel entry: {entry}\n  path: {path}\n",
                     verdict = a.verdict,

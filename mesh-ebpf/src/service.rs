@@ -142,7 +142,7 @@ fn remember_affinity(ctx: &SockAddrContext, service: &ServiceKey, backend: &Sock
     };
     // If this fails, the next connect picks afresh: affinity is lost, no
     // connection is.
-    let _ = SERVICE_AFFINITY.insert(&affinity_key(ctx, service), &held, BPF_ANY as u64);
+    let _ = SERVICE_AFFINITY.insert(affinity_key(ctx, service), held, BPF_ANY as u64);
 }
 
 #[inline(always)]
@@ -161,7 +161,7 @@ pub(crate) fn remember_service_peer(ctx: &SockAddrContext, backend: &SockAddr, s
     };
     // If this fails, getpeername answers the backend: the connection
     // itself is unaffected.
-    let _ = SERVICE_PEERS.insert(&key, service, BPF_ANY as u64);
+    let _ = SERVICE_PEERS.insert(key, service, BPF_ANY as u64);
 }
 
 /// The Service address the calling socket dialled to reach `peer`, if it

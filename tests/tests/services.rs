@@ -284,6 +284,45 @@ fn clients_reach_a_service_by_its_address_and_the_backends_policy_decides() {
         .collect();
     assert_eq!(workloads, ["shop/pod-2", "shop/pod-3"], "{out}");
     assert!(agent::counter(&pins, "service_translated").unwrap() >= 400);
+
+    // explain names every backend, with the kernel's verdict and path.
+    let explain = |pod: usize| -> Vec<Value> {
+        let from = m.bed.pods[pod].ip4.to_string();
+        let out = agent::node_cli(
+            &m.bed,
+            0,
+            &[
+                "explain",
+                "--from",
+                &from,
+                "--to",
+                "shop/db:http",
+                "-o",
+                "json",
+            ],
+        )
+        .unwrap();
+        serde_json::from_str(&out).unwrap()
+    };
+    let web = explain(WEB);
+    let backends: Vec<&str> = web.iter().map(|a| a["backend"].as_str().unwrap()).collect();
+    // Both families' addresses of the Service, each with both backends.
+    let expected: Vec<String> = [false, true]
+        .into_iter()
+        .flat_map(|v6| [m.backend(DB_A, v6, WHOAMI), m.backend(DB_B, v6, WHOAMI)])
+        .collect();
+    assert_eq!(backends, expected, "{web:?}");
+    assert!(
+        web.iter()
+            .all(|a| a["verdict"] == "ALLOW" && a["share"] == 50.0),
+        "{web:?}"
+    );
+    assert!(
+        web[0]["path"].as_str().unwrap().starts_with("same node"),
+        "{web:?}"
+    );
+    let robot = explain(ROBOT);
+    assert!(robot.iter().all(|a| a["verdict"] == "DENY"), "{robot:?}");
 }
 
 #[test]

@@ -3,8 +3,9 @@
 //! namespaces, one agent per node in standalone mode, a policy, connections
 //! that succeed and connections that are refused, mutual TLS between the
 //! nodes (and a capture of the wire proving it carries only TLS), the flows
-//! that say why, and the same-node short-circuit carrying an allowed
-//! connection.
+//! that say why, a Service (its address translated in the kernel before
+//! policy, a canary split), and the same-node short-circuit carrying an
+//! allowed connection.
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -19,6 +20,44 @@ const FRONTEND: usize = 0;
 const CART: usize = 1;
 const LEDGER: usize = 2;
 const ROBOT: usize = 3;
+const CART_V2: usize = 4;
+
+const SERVICES: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: cart, namespace: shop}
+spec:
+  clusterIP: 10.96.0.20
+  selector: {app: cart}
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: who, port: 81, targetPort: 8081}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cart-v1, namespace: shop}
+spec:
+  clusterIP: 10.96.0.21
+  selector: {app: cart, version: v1}
+  ports: [{name: http, port: 80, targetPort: 8080}, {name: who, port: 81, targetPort: 8081}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cart-v2, namespace: shop}
+spec:
+  clusterIP: 10.96.0.22
+  selector: {app: cart, version: v2}
+  ports: [{name: http, port: 80, targetPort: 8080}, {name: who, port: 81, targetPort: 8081}]
+---
+apiVersion: mesh.dev/v1alpha1
+kind: TrafficSplit
+metadata: {name: cart-canary, namespace: shop}
+spec:
+  service: cart
+  backends:
+  - {service: cart-v1, weight: 90}
+  - {service: cart-v2, weight: 10}
+";
 
 const POLICY: &str = "\
 apiVersion: mesh.dev/v1alpha1
@@ -34,6 +73,7 @@ spec:
     - identity: spiffe://cluster.local/ns/shop/sa/frontend
     ports:
     - port: 8080
+    - port: 8081
 ---
 apiVersion: mesh.dev/v1alpha1
 kind: MeshPolicy
@@ -73,22 +113,25 @@ pub fn run() -> anyhow::Result<()> {
     let mut bed = TestBed::new("demo")?;
     bed.add_node()?;
     bed.connect_nodes()?;
-    let workloads = [
-        (0, "shop", "frontend"),
-        (0, "shop", "cart"),
-        (1, "bank", "ledger"),
-        (1, "shop", "robot"),
+    type Labels = &'static [(&'static str, &'static str)];
+    let workloads: [(usize, &str, &str, Labels); 5] = [
+        (0, "shop", "frontend", &[("app", "frontend")]),
+        (0, "shop", "cart", &[("app", "cart"), ("version", "v1")]),
+        (1, "bank", "ledger", &[("app", "ledger")]),
+        (1, "shop", "robot", &[("app", "robot")]),
+        (1, "shop", "cart", &[("app", "cart"), ("version", "v2")]),
     ];
     println!(
-        "\n== Two nodes, four workloads (Workload documents in {})",
+        "\n== Two nodes, five workloads (Workload documents in {})",
         bed.config_dir().display()
     );
     let mut servers = Vec::new();
-    for (i, (node, ns, sa)) in workloads.iter().enumerate() {
+    for (i, (node, ns, sa, labels)) in workloads.iter().enumerate() {
         bed.add_pod(*node)?;
-        bed.register_workload(i, ns, sa, &[("app", sa)])?;
+        bed.register_workload(i, ns, sa, labels)?;
         let listen = "[::]:8080";
         servers.push(bed.server(i, true, listen.parse()?, "echo")?);
+        servers.push(bed.server(i, true, "[::]:8081".parse()?, "whoami")?);
         let mut udp = bed.workload(i, &["serve", "--proto", "udp", "--listen", listen])?;
         wait_for_line(&mut udp, "listening")?;
         servers.push(udp);
@@ -105,6 +148,9 @@ pub fn run() -> anyhow::Result<()> {
     bed.write_config("policies.yaml", POLICY)?;
 
     bed.write_config("nodes.yaml", NODES)?;
+    println!("\n== Services (services.yaml): cart, and a 90/10 canary split of it");
+    print_indented(SERVICES);
+    bed.write_config("services.yaml", SERVICES)?;
     let ca = bed.files.path().join("ca");
     let ca_dir = ca.display().to_string();
     cli(
@@ -138,6 +184,8 @@ pub fn run() -> anyhow::Result<()> {
                 &ca_dir,
                 "--svid-lifetime",
                 "1h",
+                "--service-cidr",
+                "10.96.0.0/16",
             ],
         )?;
         println!("   node-{node}: agent pid {}", agent.pid());
@@ -224,6 +272,52 @@ pub fn run() -> anyhow::Result<()> {
             report["results"][&target].as_str().unwrap_or("?")
         );
     }
+
+    println!("\n== Through the Service address (translated in the kernel, before policy):");
+    for (from, target, what) in [
+        (
+            FRONTEND,
+            "tcp:10.96.0.20:80",
+            "frontend -> cart's Service: a backend that allows frontend",
+        ),
+        (
+            ROBOT,
+            "tcp:10.96.0.20:80",
+            "robot -> cart's Service: the backend's policy still decides",
+        ),
+        (
+            FRONTEND,
+            "tcp:10.96.0.29:80",
+            "frontend -> an address of the Service range no Service has",
+        ),
+    ] {
+        let report = bed.client(from, true, &["probe", "--targets", target], T)?;
+        println!(
+            "   {:<10} {what}",
+            report["results"][target].as_str().unwrap_or("?")
+        );
+    }
+    let report = bed.client(
+        FRONTEND,
+        true,
+        &["tally", "--to", "10.96.0.20:81", "--count", "1000"],
+        T,
+    )?;
+    let v1 = bed.pods[CART].addr(false, 8081).to_string();
+    let v2 = bed.pods[CART_V2].addr(false, 8081).to_string();
+    println!(
+        "   1000 connections to the canary split: cart v1 (node-0) {}, cart v2 (node-1, in mTLS) {}",
+        report["answers"][&v1], report["answers"][&v2]
+    );
+    println!("\n== mesh-agent inspect services (node-0):");
+    print_indented(&cli(&bed, 0, &["inspect", "services"])?);
+    println!("\n== mesh-agent explain --from <frontend> --to shop/cart:80 (node-0):");
+    let frontend = bed.pods[FRONTEND].ip4.to_string();
+    print_indented(&cli(
+        &bed,
+        0,
+        &["explain", "--from", &frontend, "--to", "shop/cart:80"],
+    )?);
 
     println!("\n== mesh-agent inspect certs (node-0): the workloads' certificates");
     print_indented(&cli(&bed, 0, &["inspect", "certs"])?);
