@@ -49,7 +49,8 @@ enum Task {
     GenCrds,
     /// Benchmarks, run against a baseline in the same run.
     Bench {
-        /// Which benchmark: same-node, policy, cross-node or control-plane.
+        /// Which benchmark: same-node, policy, cross-node, control-plane or
+        /// services.
         which: String,
         /// Extra arguments for the benchmark (e.g. `--rounds 5`; see
         /// `target/release/mesh-bench <which> --help`).
@@ -216,7 +217,13 @@ fn parse_test_result(line: &str) -> Option<(u64, u64)> {
 }
 
 /// The benchmarks `bench` knows (subcommands of `mesh-bench`).
-const BENCHMARKS: &[&str] = &["same-node", "policy", "cross-node", "control-plane"];
+const BENCHMARKS: &[&str] = &[
+    "same-node",
+    "policy",
+    "cross-node",
+    "control-plane",
+    "services",
+];
 
 fn bench(which: &str, args: &[String]) -> anyhow::Result<()> {
     ensure!(

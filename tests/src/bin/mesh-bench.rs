@@ -1,4 +1,4 @@
-//! `mesh-bench same-node|policy|cross-node|control-plane` (run them with
+//! `mesh-bench same-node|policy|cross-node|control-plane|services` (run them with
 //! `cargo xtask bench …`):
 //!
 //! - `same-node`: plain TCP between two pods against the same pods with the
@@ -14,6 +14,9 @@
 //!   holding 10,000 pods and 1,000 MeshPolicies: initial sync, memory and
 //!   event-to-map latency, next to the same state read from files
 //!   (standalone mode).
+//! - `services`: new connections per second through a Service address with
+//!   10, 1,000 and 10,000 Services, the mesh's translation against
+//!   kube-proxy's iptables rules and against no translation.
 /// When the run started, for the progress lines' timestamps.
 static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
 
@@ -36,6 +39,8 @@ macro_rules! progress {
 mod control_plane;
 #[path = "mesh-bench/cross_node.rs"]
 mod cross_node;
+#[path = "mesh-bench/services.rs"]
+mod services;
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -71,6 +76,8 @@ enum Bench {
     CrossNode(cross_node::CrossNode),
     /// Kubernetes mode at scale (sync, memory, event latency) vs standalone.
     ControlPlane(control_plane::ControlPlane),
+    /// New connections through a Service address: the mesh vs kube-proxy.
+    Services(services::Services),
 }
 
 #[derive(Args)]
@@ -109,6 +116,7 @@ fn main() -> anyhow::Result<()> {
         Bench::Policy(args) => policy(args, &cli.out),
         Bench::CrossNode(args) => cross_node::run(args, &cli.out),
         Bench::ControlPlane(args) => control_plane::run(args, &cli.out),
+        Bench::Services(args) => services::run(args, &cli.out),
     }
 }
 

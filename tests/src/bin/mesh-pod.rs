@@ -648,18 +648,34 @@ fn transfer_many(
 
 fn short(to: SocketAddr, count: usize) -> anyhow::Result<serde_json::Value> {
     let start = Instant::now();
+    // Each connection's time, connect to echo: what a client waits.
+    let mut micros = Vec::with_capacity(count);
     for i in 0..count {
+        let began = Instant::now();
         let conn = connect(to)?;
         let byte = [i as u8];
         write_all(&conn, &byte)?;
         let mut back = [0u8; 1];
         read_exact(&conn, &mut back).with_context(|| format!("connection {i}: no echo"))?;
         ensure!(back == byte, "connection {i}: echo differs");
+        micros.push(began.elapsed().as_secs_f64() * 1e6);
     }
     let seconds = start.elapsed().as_secs_f64();
-    Ok(
-        json!({ "ok": true, "connections": count, "seconds": seconds, "per_second": count as f64 / seconds }),
-    )
+    micros.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        micros
+            .get(((micros.len() as f64 * q) as usize).min(micros.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    Ok(json!({
+        "ok": true,
+        "connections": count,
+        "seconds": seconds,
+        "per_second": count as f64 / seconds,
+        "p50_us": at(0.50),
+        "p99_us": at(0.99),
+    }))
 }
 
 fn pingpong(
