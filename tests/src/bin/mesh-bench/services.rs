@@ -32,7 +32,7 @@ pub struct Services {
 
 const SERVER_PORT: u16 = 8080;
 const SERVICE_PORT: u16 = 80;
-const VARIANTS: [&str; 3] = ["none", "iptables", "mesh"];
+const VARIANTS: [&str; 4] = ["none", "iptables", "mesh", "mesh-direct"];
 
 /// The address of Service `i` (0-based): 10.96.0.0/16 holds 65,534.
 fn service_ip(i: usize) -> String {
@@ -79,14 +79,10 @@ fn measure(
     Ok((get("per_second")?, get("p50_us")?, get("p99_us")?))
 }
 
-/// kube-proxy's nat rules for `n` Services in the node's namespace,
-/// replacing the previous set (its chains are flushed and deleted first).
+/// kube-proxy's nat rules for `n` Services in the node's namespace; how
+/// long `iptables-restore` took (ms).
 fn install_kube_proxy(bed: &TestBed, n: usize, backend: SocketAddr) -> anyhow::Result<f64> {
     let ns = &bed.nodes[0].netns;
-    // Start from an empty nat table: kube-proxy's own chains come back
-    // with the new set (`iptables -t nat -F` then `-X` removes them).
-    ns.exec("iptables", &["-t", "nat", "-F"])?;
-    ns.exec("iptables", &["-t", "nat", "-X"])?;
     let ports: Vec<ServicePort> = (0..n)
         .map(|i| ServicePort {
             name: format!("bench/svc-{i}:"),
@@ -110,59 +106,34 @@ pub fn run(cli: &Services, out: &Path) -> anyhow::Result<()> {
     let run_started = Instant::now();
     let latency = hold_cpu_dma_latency();
 
-    // The mesh: the agent on node 0, client and server in its cgroup; the
-    // same client outside the cgroup dials the server's own address for
-    // "none" (no program sees it, and this bed never holds a nat rule).
-    let mesh_bed = two_pod_bed("svc-mesh")?;
-    mesh_bed.register_workload(0, "bench", "client", &[])?;
-    mesh_bed.register_workload(1, "bench", "server", &[("app", "server")])?;
-    let server = mesh_bed.pods[1].addr(false, SERVER_PORT);
-    let _mesh_server = mesh_bed.server(1, true, server, "echo")?;
-    let agent = Agent::start_node(&mesh_bed, 0, &[])?;
-    let pins = mesh_bed.pin_dir(0);
-
-    // kube-proxy: a bed of its own, where no agent ever ran; its rules in
-    // the node's namespace, where pods' packets to a Service address are
-    // routed (PREROUTING).
-    let ipt_bed = two_pod_bed("svc-ipt")?;
-    let ipt_server = ipt_bed.pods[1].addr(false, SERVER_PORT);
-    let _ipt_server = ipt_bed.server(1, false, ipt_server, "echo")?;
-
-    let mut samples: Vec<Value> = Vec::new();
-    let mut sizes: Vec<Value> = Vec::new();
+    // One pair of beds per number of Services, all alive at once, so that
+    // every round measures every size and variant in turn and the
+    // machine's drift spreads over all of them alike.
+    let mut setups = Vec::new();
     for &n in &cli.services {
-        progress!("{n} Services: applying");
-        let applied = apply_mesh(&mesh_bed, &agent, &documents(n))?;
-        let stats = agent::stats(&pins)?;
-        let services = stats["maps"]["SERVICES"]["entries"].as_u64().unwrap_or(0);
-        ensure!(
-            services == n as u64,
-            "SERVICES holds {services} entries for {n} Services"
-        );
-        let restore_ms = install_kube_proxy(&ipt_bed, n, ipt_server)?;
-        // The measured Service is the last one: kube-proxy's KUBE-SERVICES
-        // chain is walked in order, the mesh's map is not.
-        let vip: SocketAddr = format!("{}:{SERVICE_PORT}", service_ip(n - 1)).parse()?;
-        progress!(
-            "{n} Services: mesh applied in {:.1} ms, iptables-restore in {restore_ms:.0} ms",
-            applied.elapsed_ms
-        );
-
-        let warm = (cli.connections / 10).max(1);
-        measure(&mesh_bed, false, server, warm)?;
-        measure(&ipt_bed, false, vip, warm)?;
-        measure(&mesh_bed, true, vip, warm)?;
-        let translated_before = agent::counter(&pins, "service_translated")?;
-        for round in 0..cli.rounds {
+        progress!("{n} Services: setting up");
+        setups.push(Setup::new(n)?);
+    }
+    let mut samples: Vec<Value> = Vec::new();
+    let warm = (cli.connections / 10).max(1);
+    for setup in &setups {
+        for variant in VARIANTS {
+            setup.measure(variant, warm)?;
+        }
+    }
+    let translated_before: Vec<u64> = setups
+        .iter()
+        .map(|s| agent::counter(&s.mesh_bed.pin_dir(0), "service_translated"))
+        .collect::<anyhow::Result<_>>()?;
+    for round in 0..cli.rounds {
+        for (i, setup) in setups.iter().enumerate() {
             for k in 0..VARIANTS.len() {
-                let variant = VARIANTS[(round + k) % VARIANTS.len()];
-                let (per_second, p50, p99) = match variant {
-                    "none" => measure(&mesh_bed, false, server, cli.connections)?,
-                    "iptables" => measure(&ipt_bed, false, vip, cli.connections)?,
-                    _ => measure(&mesh_bed, true, vip, cli.connections)?,
-                };
+                // Rotate the order every round and size.
+                let variant = VARIANTS[(round + i + k) % VARIANTS.len()];
+                let (per_second, p50, p99) = setup.measure(variant, cli.connections)?;
+                let n = setup.services;
                 progress!(
-                    "{n} Services, round {round} {variant:8}: {per_second:.0} conn/s, p50 {p50:.0} µs, p99 {p99:.0} µs"
+                    "{n} Services, round {round} {variant:11}: {per_second:.0} conn/s, p50 {p50:.0} µs, p99 {p99:.0} µs"
                 );
                 samples.push(json!({
                     "services": n, "round": round, "variant": variant,
@@ -170,27 +141,24 @@ pub fn run(cli: &Services, out: &Path) -> anyhow::Result<()> {
                 }));
             }
         }
+    }
+    let mut sizes: Vec<Value> = Vec::new();
+    for (setup, before) in setups.iter().zip(translated_before) {
         // Every measured mesh connection was translated in the kernel.
         let measured = (cli.rounds * cli.connections) as u64;
-        let translated = agent::counter(&pins, "service_translated")? - translated_before;
+        let translated =
+            agent::counter(&setup.mesh_bed.pin_dir(0), "service_translated")? - before;
         ensure!(
             translated >= measured,
             "the mesh translated {translated} of {measured} connections"
         );
         sizes.push(json!({
-            "services": n,
-            "mesh_apply_ms": applied.elapsed_ms,
-            "mesh_apply_wall_ms": applied.wall_ms,
-            "iptables_restore_ms": restore_ms,
+            "services": setup.services,
+            "mesh_apply_ms": setup.mesh_apply_ms,
+            "iptables_restore_ms": setup.restore_ms,
             "translated_during_rounds": translated,
         }));
     }
-    ipt_bed.nodes[0]
-        .netns
-        .exec("iptables", &["-t", "nat", "-F"])?;
-    ipt_bed.nodes[0]
-        .netns
-        .exec("iptables", &["-t", "nat", "-X"])?;
 
     let med = |n: usize, variant: &str, key: &str| {
         median(
@@ -203,11 +171,12 @@ pub fn run(cli: &Services, out: &Path) -> anyhow::Result<()> {
     };
     let first = cli.services[0];
     let mut table = format!(
-        "{:<9} {:<12} {:<15} {:<12} {:<13} {:<14} {:<22} {:<22} {}\n",
+        "{:<9} {:<12} {:<15} {:<12} {:<12} {:<13} {:<14} {:<22} {:<22} {}\n",
         "SERVICES",
         "NONE conn/s",
         "KUBE-PROXY c/s",
         "MESH conn/s",
+        "MESH DIRECT",
         "MESH/IPTABLES",
         format!("MESH vs {first}"),
         "p50 none/ipt/mesh µs",
@@ -231,10 +200,11 @@ pub fn run(cli: &Services, out: &Path) -> anyhow::Result<()> {
             med(n, "iptables", "p99_us"),
             med(n, "mesh", "p99_us"),
         ];
+        let direct = med(n, "mesh-direct", "per_second");
         let mesh_rel = mesh / med(first, "mesh", "per_second");
         let ipt_rel = ipt / med(first, "iptables", "per_second");
         table += &format!(
-            "{n:<9} {none:<12.0} {ipt:<15.0} {mesh:<12.0} {:<13} {:<14} {:<22} {:<22} {}\n",
+            "{n:<9} {none:<12.0} {ipt:<15.0} {mesh:<12.0} {direct:<12.0} {:<13} {:<14} {:<22} {:<22} {}\n",
             times(mesh / ipt),
             times(mesh_rel),
             format!("{:.0}/{:.0}/{:.0}", p50[0], p50[1], p50[2]),
@@ -246,7 +216,9 @@ pub fn run(cli: &Services, out: &Path) -> anyhow::Result<()> {
             "none_per_second": none,
             "iptables_per_second": ipt,
             "mesh_per_second": mesh,
+            "mesh_direct_per_second": direct,
             "mesh_over_iptables": mesh / ipt,
+            "mesh_over_mesh_direct": mesh / direct,
             "mesh_vs_first": mesh_rel,
             "iptables_vs_first": ipt_rel,
             "p50_us": { "none": p50[0], "iptables": p50[1], "mesh": p50[2] },
@@ -264,6 +236,7 @@ pub fn run(cli: &Services, out: &Path) -> anyhow::Result<()> {
             "none": "the client dials the server pod's address, outside the mesh's cgroup, no nat rule anywhere",
             "iptables": "a separate bed: kube-proxy's iptables-mode rules for every Service in the node's nat table; the client dials the last Service's address",
             "mesh": "client and server in the mesh's cgroup; the client dials the last Service's address, translated by the connect hook",
+            "mesh-direct": "the same mesh client dialling the server pod's own address: the mesh's per-connection work (policy, flow events, socket tracking) without the translation",
         },
         "sizes": sizes,
         "medians": medians,
@@ -284,6 +257,81 @@ pub fn run(cli: &Services, out: &Path) -> anyhow::Result<()> {
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("writing {}", path.display()))?;
     println!("\ntotal {total:.0} s\nJSON: {}", path.display());
-    drop(agent);
+    drop(setups);
     Ok(())
+}
+
+/// The beds of one number of Services: the mesh's (an agent holding `n`
+/// Services) and kube-proxy's (its rules for `n` Services).
+struct Setup {
+    services: usize,
+    mesh_bed: TestBed,
+    ipt_bed: TestBed,
+    _servers: Vec<mesh_tests::process::Spawned>,
+    _agent: Agent,
+    server: SocketAddr,
+    ipt_vip: SocketAddr,
+    vip: SocketAddr,
+    mesh_apply_ms: f64,
+    restore_ms: f64,
+}
+
+impl Setup {
+    fn new(n: usize) -> anyhow::Result<Self> {
+        // The mesh: the agent on node 0, client and server in its cgroup;
+        // the same client outside the cgroup dials the server's own
+        // address for "none" (no program sees it, no nat rule anywhere).
+        let mesh_bed = two_pod_bed(&format!("svc-m{n}"))?;
+        mesh_bed.register_workload(0, "bench", "client", &[])?;
+        mesh_bed.register_workload(1, "bench", "server", &[("app", "server")])?;
+        let server = mesh_bed.pods[1].addr(false, SERVER_PORT);
+        let mesh_server = mesh_bed.server(1, true, server, "echo")?;
+        let agent = Agent::start_node(&mesh_bed, 0, &[])?;
+        let applied = apply_mesh(&mesh_bed, &agent, &documents(n))?;
+        let stats = agent::stats(&mesh_bed.pin_dir(0))?;
+        let entries = stats["maps"]["SERVICES"]["entries"].as_u64().unwrap_or(0);
+        ensure!(
+            entries == n as u64,
+            "SERVICES holds {entries} entries for {n} Services"
+        );
+        // kube-proxy: a bed of its own, where no agent ever ran; its rules
+        // in the node's namespace, where pods' packets to a Service
+        // address are routed (PREROUTING), and forwarding on, as on every
+        // Kubernetes node.
+        let ipt_bed = two_pod_bed(&format!("svc-i{n}"))?;
+        ipt_bed.nodes[0]
+            .netns
+            .exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        let ipt_server = ipt_bed.pods[1].addr(false, SERVER_PORT);
+        let plain_server = ipt_bed.server(1, false, ipt_server, "echo")?;
+        let restore_ms = install_kube_proxy(&ipt_bed, n, ipt_server)?;
+        // The measured Service is the last one: kube-proxy's KUBE-SERVICES
+        // chain is walked in order, the mesh's map is not.
+        let vip: SocketAddr = format!("{}:{SERVICE_PORT}", service_ip(n - 1)).parse()?;
+        progress!(
+            "{n} Services: mesh applied in {:.1} ms, iptables-restore in {restore_ms:.0} ms",
+            applied.elapsed_ms
+        );
+        Ok(Self {
+            services: n,
+            mesh_bed,
+            ipt_bed,
+            _servers: vec![mesh_server, plain_server],
+            _agent: agent,
+            server,
+            ipt_vip: vip,
+            vip,
+            mesh_apply_ms: applied.elapsed_ms,
+            restore_ms,
+        })
+    }
+
+    fn measure(&self, variant: &str, connections: usize) -> anyhow::Result<(f64, f64, f64)> {
+        match variant {
+            "none" => measure(&self.mesh_bed, false, self.server, connections),
+            "iptables" => measure(&self.ipt_bed, false, self.ipt_vip, connections),
+            "mesh" => measure(&self.mesh_bed, true, self.vip, connections),
+            _ => measure(&self.mesh_bed, true, self.server, connections),
+        }
+    }
 }
