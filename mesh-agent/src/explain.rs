@@ -442,7 +442,11 @@ pub fn flows(state_dir: &Path, args: FlowsQuery) -> anyhow::Result<()> {
                     record.verdict,
                     record.hook,
                     end(&record.src),
-                    end(&record.dst),
+                    match &record.service {
+                        // The backend the kernel chose for the Service.
+                        Some(service) => format!("{service} -> {}", end(&record.dst)),
+                        None => end(&record.dst),
+                    },
                     record.dst.port.map_or("*".into(), |p| p.to_string()),
                     record.proto,
                     record.reason

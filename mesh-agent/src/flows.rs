@@ -68,6 +68,27 @@ pub struct FlowRecord {
     /// on the destination node, the destination's on the source node).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtls: Option<String>,
+    /// The Service the client dialled, when `dst` is the backend the
+    /// kernel chose for it: `namespace/name`, or its address when no name
+    /// is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+}
+
+/// The Service whose address `ip:port/proto` is, by name when `names` knows
+/// it.
+fn service_name(names: &NodeState, ip: &[u32; 4], port: u16, proto: &str) -> String {
+    let address = std::net::SocketAddr::new(
+        std::net::IpAddr::from(mesh_common::policy::IpKey { ip: *ip }),
+        port,
+    );
+    names
+        .services
+        .iter()
+        .find(|s| {
+            s.address == address.ip() && s.port == port && s.protocol.eq_ignore_ascii_case(proto)
+        })
+        .map_or_else(|| address.to_string(), |s| s.key())
 }
 
 impl FlowRecord {
@@ -96,6 +117,10 @@ impl FlowRecord {
             rule: ev.verdict.rule,
             reason: names.rule_name(ev.verdict.rule),
             mtls: None,
+            service: (ev.service_port != 0).then(|| {
+                let proto = if ev.proto == PROTO_UDP { "udp" } else { "tcp" };
+                service_name(names, &ev.service_ip, ev.service_port, proto)
+            }),
         }
     }
 }
@@ -200,6 +225,7 @@ impl FlowHub {
                 (None, None) => String::new(),
             },
             mtls: flow.mtls,
+            service: None,
         };
         drop(names);
         self.publish(record);
@@ -337,6 +363,13 @@ struct VerdictLabels {
 #[derive(Clone, Debug, Default)]
 pub struct FlowMetrics {
     verdicts: Family<VerdictLabels, Counter>,
+    service_verdicts: Family<ServiceVerdictLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceVerdictLabels {
+    service: String,
+    verdict: String,
 }
 
 impl FlowMetrics {
@@ -352,6 +385,12 @@ impl FlowMetrics {
              the verdict and what decided it",
             metrics.verdicts.clone(),
         );
+        registry.register(
+            "service_verdicts",
+            "Verdicts on new connections and datagrams a client sent to a Service address, \
+             by Service (namespace/name, or the address when no name is known) and verdict",
+            metrics.service_verdicts.clone(),
+        );
         metrics
     }
 
@@ -365,6 +404,13 @@ impl FlowMetrics {
             reason: reason_label((flow.rule != 0).then_some(flow.rule)),
         };
         self.verdicts.get_or_create(&labels).inc();
+        if let Some(service) = &flow.service {
+            let labels = ServiceVerdictLabels {
+                service: service.clone(),
+                verdict: flow.verdict.to_ascii_lowercase(),
+            };
+            self.service_verdicts.get_or_create(&labels).inc();
+        }
     }
 }
 

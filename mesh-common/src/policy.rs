@@ -425,6 +425,12 @@ pub struct FlowEvent {
     pub hook: u8,
     pub _pad: [u8; 2],
     pub verdict: Verdict,
+    /// The Service address the client dialled, when the connect or sendmsg
+    /// hook translated it to `dst_ip:dst_port` (zero otherwise).
+    pub service_ip: [u32; 4],
+    /// Host byte order; 0 when no Service was dialled.
+    pub service_port: u16,
+    pub _pad2: [u16; 3],
 }
 
 /// Capacity of `FLOWS` in bytes (a power of two, as the kernel requires).
@@ -461,7 +467,9 @@ mod tests {
         assert_eq!(size_of::<FlowState>(), 32);
         assert_eq!(size_of::<UdpPeerKey>(), 32);
         assert_eq!(offset_of!(UdpPeerKey, local_port), 24);
-        assert_eq!(size_of::<FlowEvent>(), 72);
+        assert_eq!(size_of::<FlowEvent>(), 96);
+        assert_eq!(offset_of!(FlowEvent, service_ip), 72);
+        assert_eq!(offset_of!(FlowEvent, service_port), 88);
         assert_eq!(size_of::<OrigDst>(), 40);
         assert_eq!(offset_of!(OrigDst, port), 16);
         assert_eq!(offset_of!(OrigDst, src_identity), 24);

@@ -1,6 +1,6 @@
 //! What the policy programs judge, shared by `enforce` (which judges it)
 //! and `tunnel` (which records where a steered connection was going).
-use mesh_common::policy::Hook;
+use mesh_common::{policy::Hook, service::SockAddr};
 
 /// What is being judged: one connection or flow, as far as it is known.
 pub(crate) struct Attempt {
@@ -11,4 +11,7 @@ pub(crate) struct Attempt {
     pub(crate) dst_port: u16,
     pub(crate) proto: u8,
     pub(crate) hook: Hook,
+    /// The Service address dialled, when `dst` is the backend it was
+    /// translated to (all zero otherwise).
+    pub(crate) service: SockAddr,
 }

@@ -93,6 +93,9 @@ fn report(a: &Attempt, dst_identity: u64, verdict: Verdict) {
         hook: a.hook as u8,
         _pad: [0; 2],
         verdict,
+        service_ip: a.service.ip,
+        service_port: a.service.port,
+        _pad2: [0; 3],
     });
     entry.submit(0);
 }
@@ -164,6 +167,7 @@ fn judge_sock_addr(ctx: &SockAddrContext, family: Family, hook: Hook) -> Outcome
     // SAFETY: the kernel's context for this call.
     let proto = unsafe { (*ctx.sock_addr).protocol } as u8;
     let mut dst = sock_addr::read(ctx, family);
+    let mut service = SockAddr::new([0; 4], 0);
     if proto != PROTO_TCP && proto != PROTO_UDP {
         // Any other transport (UDP-Lite, SCTP) to a mesh workload is
         // refused, as the destination node's tc program drops it; ping
@@ -181,6 +185,7 @@ fn judge_sock_addr(ctx: &SockAddrContext, family: Family, hook: Hook) -> Outcome
         Destination::Backend(backend) => {
             service::remember_service_peer(ctx, &backend, &dst);
             sock_addr::write(ctx, family, &backend);
+            service = dst;
             dst = backend;
         }
     }
@@ -201,6 +206,7 @@ fn judge_sock_addr(ctx: &SockAddrContext, family: Family, hook: Hook) -> Outcome
         dst_port: dst.port,
         proto,
         hook,
+        service,
     };
     // The caller is on this node (known by its network namespace); only
     // connect(2) can be steered to the agent, and only when mTLS is on.
@@ -344,6 +350,7 @@ fn ingress_passes(key: &FlowKey, syn: bool) -> bool {
         dst_port: key.dst_port,
         proto: key.proto,
         hook: Hook::Ingress,
+        service: SockAddr::new([0; 4], 0),
     };
     let Some(dst) = endpoint(&key.dst_ip) else {
         return true;

@@ -307,6 +307,23 @@ pub fn node_cli(bed: &TestBed, node: usize, args: &[&str]) -> anyhow::Result<Str
     cli(&bed.pin_dir(node), &all)
 }
 
+/// The body of `GET /metrics` from the agent of `node` (its default
+/// metrics address, 0.0.0.0:15020, in the node's namespace).
+pub fn scrape_metrics(bed: &TestBed, node: usize) -> anyhow::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let response = bed.nodes[node].netns.run_in(|| {
+        let mut tcp = std::net::TcpStream::connect("127.0.0.1:15020")?;
+        tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
+        tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")?;
+        let mut body = String::new();
+        tcp.read_to_string(&mut body)?;
+        Ok::<_, std::io::Error>(body)
+    })?;
+    Ok(response
+        .split_once("\r\n\r\n")
+        .map_or(response.clone(), |(_, body)| body.to_string()))
+}
+
 /// `inspect stats -o json`.
 pub fn stats(pins: &Path) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::from_str(&cli(

@@ -46,6 +46,21 @@ impl Netns {
     pub fn file(&self) -> anyhow::Result<File> {
         Ok(File::open(PathBuf::from("/run/netns").join(&self.name))?)
     }
+
+    /// Runs `f` on a thread inside the namespace (sockets made there stay
+    /// there).
+    pub fn run_in<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        let file = self.file().expect("the namespace exists while self does");
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .expect("setns into the test's namespace");
+                f()
+            })
+            .join()
+            .expect("the thread in the namespace panicked")
+        })
+    }
 }
 
 impl Drop for Netns {

@@ -15,7 +15,6 @@ use mesh_tests::{
     process::{Placement, Spawned},
     topology::TestBed,
 };
-use nix::sched::{CloneFlags, setns};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(60);
@@ -73,15 +72,7 @@ fn probe_cart(bed: &TestBed, pod: usize) -> String {
 
 /// Runs `f` on a thread inside `netns` (sockets made there stay there).
 fn in_netns<R: Send>(netns: &Netns, f: impl FnOnce() -> R + Send) -> R {
-    let file = netns.file().unwrap();
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            setns(&file, CloneFlags::CLONE_NEWNET).unwrap();
-            f()
-        })
-        .join()
-        .unwrap()
-    })
+    netns.run_in(f)
 }
 
 struct HttpResponse {

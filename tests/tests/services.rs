@@ -323,6 +323,25 @@ fn clients_reach_a_service_by_its_address_and_the_backends_policy_decides() {
     );
     let robot = explain(ROBOT);
     assert!(robot.iter().all(|a| a["verdict"] == "DENY"), "{robot:?}");
+
+    // Flows and metrics name the Service a verdict was for.
+    let flows = agent::node_cli(&m.bed, 0, &["flows", "-o", "json"]).unwrap();
+    let records: Vec<Value> = flows
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        records.iter().any(|r| r["service"] == "shop/db"
+            && r["verdict"] == "DENY"
+            && r["src"]["identity"] == "spiffe://cluster.local/ns/shop/sa/robot"),
+        "{flows}"
+    );
+    let metrics = agent::scrape_metrics(&m.bed, 0).unwrap();
+    assert!(
+        metrics.lines().any(|l| l
+            .starts_with("mesh_flow_service_verdicts_total{service=\"shop/db\",verdict=\"deny\"}")),
+        "{metrics}"
+    );
 }
 
 #[test]

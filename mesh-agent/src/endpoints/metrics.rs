@@ -279,6 +279,7 @@ mod tests {
             rule,
             reason: String::new(),
             mtls: None,
+            service: None,
         }
     }
 

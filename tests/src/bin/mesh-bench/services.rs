@@ -146,8 +146,7 @@ pub fn run(cli: &Services, out: &Path) -> anyhow::Result<()> {
     for (setup, before) in setups.iter().zip(translated_before) {
         // Every measured mesh connection was translated in the kernel.
         let measured = (cli.rounds * cli.connections) as u64;
-        let translated =
-            agent::counter(&setup.mesh_bed.pin_dir(0), "service_translated")? - before;
+        let translated = agent::counter(&setup.mesh_bed.pin_dir(0), "service_translated")? - before;
         ensure!(
             translated >= measured,
             "the mesh translated {translated} of {measured} connections"
