@@ -66,7 +66,7 @@ pub enum Command {
     #[command(subcommand)]
     Ca(crate::ca::CaCommand),
     /// Print the CustomResourceDefinitions of the mesh's documents
-    /// (MeshPolicy, PeerAuthentication), for `kubectl apply -f -`.
+    /// (MeshPolicy, PeerAuthentication, TrafficSplit), for `kubectl apply -f -`.
     Crds,
     /// Say whether this node's mesh is healthy, and why not: the agent,
     /// its readiness, the kernel programs, map fill, certificates. Exits

@@ -187,6 +187,16 @@ const RESOURCES: &[ResourceType] = &[
         unconditional_update: false,
         fields: &[],
     },
+    ResourceType {
+        group: "mesh.dev",
+        version: "v1alpha1",
+        kind: "TrafficSplit",
+        plural: "trafficsplits",
+        namespaced: true,
+        status: true,
+        unconditional_update: false,
+        fields: &[],
+    },
 ];
 
 fn resource_by_kind(api_version: &str, kind: &str) -> Option<usize> {

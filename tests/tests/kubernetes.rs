@@ -818,3 +818,76 @@ fn services_and_endpoint_slices_are_translated_with_kube_proxys_conventions() {
     assert_rbac(&cluster);
     drop(agent);
 }
+
+/// A Service `name` at `vip` in shop whose one EndpointSlice holds `pod`.
+fn service_with_endpoint(cluster: &Cluster, bed: &TestBed, name: &str, vip: &str, pod: usize) {
+    let service = json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": {"clusterIP": vip, "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]},
+    });
+    cluster.apply_yaml(&service.to_string()).unwrap();
+    let slice = json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": format!("{name}-1"), "namespace": "shop",
+                     "labels": {"kubernetes.io/service-name": name}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": PORT, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [bed.pods[pod].ip4.to_string()],
+                       "conditions": {"ready": true}, "nodeName": bed.nodes[0].name()}],
+    });
+    cluster.apply_yaml(&slice.to_string()).unwrap();
+}
+
+#[test]
+fn a_traffic_split_resource_weights_a_services_backends_and_gets_a_status() {
+    let (bed, _servers) = bed("k8s-split", 3);
+    let (cluster, _robot) = cart_frontend_robot(&bed);
+    // The root Service and two subsets: cart's pod, and robot's pod as the
+    // canary (both serve the echo).
+    service_with_endpoint(&cluster, &bed, "cart", "10.96.0.60", CART);
+    service_with_endpoint(&cluster, &bed, "cart-v1", "10.96.0.61", CART);
+    service_with_endpoint(&cluster, &bed, "cart-v2", "10.96.0.62", ROBOT);
+    let split = "apiVersion: mesh.dev/v1alpha1\nkind: TrafficSplit\nmetadata: {name: canary, namespace: shop}\nspec:\n  service: cart\n  backends: [{service: cart-v1, weight: 75}, {service: cart-v2, weight: 25}]\n";
+    cluster.apply_yaml(split).unwrap();
+    // Refused on its own, with the field: a Service split into itself.
+    let bad = "apiVersion: mesh.dev/v1alpha1\nkind: TrafficSplit\nmetadata: {name: loop, namespace: shop}\nspec:\n  service: cart-v1\n  backends: [{service: cart-v1, weight: 1}]\n";
+    cluster.apply_yaml(bad).unwrap();
+    let _agent = Agent::start_node_kubernetes(&bed, 0, &cluster.kubeconfig, &[]).unwrap();
+
+    let accepted = cluster
+        .wait_accepted("TrafficSplit", "shop", "canary", CONVERGE)
+        .unwrap();
+    assert_eq!(accepted["status"], "True", "{accepted}");
+    let refused = cluster
+        .wait_accepted("TrafficSplit", "shop", "loop", CONVERGE)
+        .unwrap();
+    assert_eq!(refused["status"], "False", "{refused}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.backends[0].service"),
+        "{refused}"
+    );
+    // The root's slots are the split's: 750 and 250 of 1,000.
+    let started = Instant::now();
+    loop {
+        let out = agent::node_cli(&bed, 0, &["inspect", "services", "-o", "json"]).unwrap();
+        let rows: Vec<Value> = serde_json::from_str(&out).unwrap();
+        let slots: Vec<u64> = rows
+            .iter()
+            .filter(|r| r["address"] == "10.96.0.60:80")
+            .flat_map(|r| r["backends"].as_array().unwrap().clone())
+            .map(|b| b["slots"].as_u64().unwrap())
+            .collect();
+        if slots == [750, 250] || slots == [250, 750] {
+            break;
+        }
+        assert!(started.elapsed() < CONVERGE, "{out}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_rbac(&cluster);
+}

@@ -37,4 +37,6 @@ pub use documents::{
     Selector, Workload, WorkloadSpec, load_dir, parse_str, parse_value,
 };
 pub use identity::{IdentityPattern, numeric_identity, spiffe_id};
-pub use services::{ServiceBackends, ServiceInfo, ServiceSlots, ServiceTables, service_tables};
+pub use services::{
+    ServiceBackends, ServiceInfo, ServiceSlots, ServiceTables, TrafficSplitResource, service_tables,
+};

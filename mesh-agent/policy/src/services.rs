@@ -17,7 +17,7 @@ pub use crate::documents::service::{
     ClientIpConfig, EndpointSliceDoc, KIND_SERVICE, KIND_TRAFFIC_SPLIT, SERVICE_API_VERSION,
     Service, ServiceMeta, ServicePort, ServiceProtocol, ServiceSpec, ServiceType, SessionAffinity,
     SessionAffinityConfig, SliceEndpoint, SlicePort, SplitBackend, TargetPort, TrafficPolicy,
-    TrafficSplit, TrafficSplitSpec, WorkloadPort, is_port_name,
+    TrafficSplit, TrafficSplitResource, TrafficSplitSpec, WorkloadPort, is_port_name,
 };
 use crate::documents::{ConfigError, Protocol, Workload};
 
@@ -223,7 +223,7 @@ pub(crate) fn compile_services(
             }
         }
     }
-    apply_splits(services, splits, &mut slots, &mut infos)?;
+    apply_splits(services, splits, slices.is_some(), &mut slots, &mut infos)?;
     infos.sort_by(|a, b| {
         (&a.namespace, &a.name, a.address, a.port, &a.protocol).cmp(&(
             &b.namespace,
@@ -240,10 +240,15 @@ pub(crate) fn compile_services(
 /// Services' backends, weighted: for each address and port of the root,
 /// the port of the same name (or, unnamed, the same number) of each
 /// backend Service. A backend Service without backends gives its share to
-/// the others (it has nothing to serve it with).
+/// the others (it has nothing to serve it with). In a directory, a split
+/// naming a Service that does not exist is refused; in a cluster
+/// (`cluster`), where objects arrive in any order, it waits: a missing root
+/// leaves the split without effect, a missing backend Service has no
+/// backends.
 fn apply_splits(
     services: &[Service],
     splits: &[TrafficSplit],
+    cluster: bool,
     slots: &mut ServiceSlots,
     infos: &mut [ServiceInfo],
 ) -> Result<(), ConfigError> {
@@ -255,14 +260,16 @@ fn apply_splits(
     let mut roots: HashMap<(&str, &str), &TrafficSplit> = HashMap::new();
     for split in splits {
         let ns = split.metadata.namespace.as_str();
-        if find(ns, &split.spec.service).is_none() {
+        if cluster {
+            // References resolve against whatever the cluster holds now.
+        } else if find(ns, &split.spec.service).is_none() {
             return Err(split.error(
                 "spec.service",
                 format!("no Service {ns}/{}", split.spec.service),
             ));
         }
         for (i, b) in split.spec.backends.iter().enumerate() {
-            if find(ns, &b.service).is_none() {
+            if !cluster && find(ns, &b.service).is_none() {
                 return Err(split.error(
                     format!("spec.backends[{i}].service"),
                     format!("no Service {ns}/{}", b.service),

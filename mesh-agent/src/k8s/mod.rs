@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! watchers (Pods, Namespaces, Nodes, MeshPolicies, PeerAuthentications,
-//!           Services, EndpointSlices)
+//!           TrafficSplits, Services, EndpointSlices)
 //!   └─► mirrors (what the agent keeps of each object; relists swap whole)
 //!         └─► documents (translate) ─► compile ─► map diff (Control)
 //!                                         └─► statuses (lease holder writes them)
@@ -46,7 +46,7 @@ use crate::{
 };
 use mesh_policy::{
     self as policy, Condition, Documents, MeshPolicyResource, MeshSettings,
-    PeerAuthenticationResource,
+    PeerAuthenticationResource, TrafficSplitResource,
 };
 use mirror::Mirror;
 use translate::{DocumentEntry, PodInfo};
@@ -70,6 +70,7 @@ enum Change {
     Node(Box<WatchResult<Node>>),
     Policy(Box<WatchResult<DynamicObject>>),
     PeerAuthentication(Box<WatchResult<DynamicObject>>),
+    TrafficSplit(Box<WatchResult<DynamicObject>>),
     Service(Box<WatchResult<Service>>),
     EndpointSlice(Box<WatchResult<EndpointSlice>>),
 }
@@ -109,6 +110,7 @@ pub async fn follow_cluster(
     let watching_since = Instant::now();
     let policies = ApiResource::erase::<MeshPolicyResource>(&());
     let peer_authentications = ApiResource::erase::<PeerAuthenticationResource>(&());
+    let traffic_splits = ApiResource::erase::<TrafficSplitResource>(&());
     let mut changes = futures::stream::select_all([
         watch_all(Api::<Pod>::all(client.clone()))
             .map(|e| Change::Pod(Box::new(e)))
@@ -128,6 +130,12 @@ pub async fn follow_cluster(
         ))
         .map(|e| Change::PeerAuthentication(Box::new(e)))
         .boxed(),
+        watch_all(Api::<DynamicObject>::all_with(
+            client.clone(),
+            &traffic_splits,
+        ))
+        .map(|e| Change::TrafficSplit(Box::new(e)))
+        .boxed(),
         watch_all(Api::<Service>::all(client.clone()))
             .map(|e| Change::Service(Box::new(e)))
             .boxed(),
@@ -144,7 +152,10 @@ pub async fn follow_cluster(
         wanted,
     ));
 
-    let mut cluster = Cluster::new(config.mesh.clone(), policies, peer_authentications);
+    let mut cluster = Cluster::new(
+        config.mesh.clone(),
+        [policies, peer_authentications, traffic_splits],
+    );
     let mut reachable = Reachability::new(client);
     let mut apply_at: Option<tokio::time::Instant> = None;
     let mut applied_once = false;
@@ -296,11 +307,13 @@ struct Cluster {
     settings: MeshSettings,
     policy_resource: ApiResource,
     peer_authentication_resource: ApiResource,
+    traffic_split_resource: ApiResource,
     pods: Mirror<PodInfo>,
     namespaces: Mirror<bool>,
     nodes: Mirror<Vec<IpAddr>>,
     policies: Mirror<DocumentEntry>,
     peer_authentications: Mirror<DocumentEntry>,
+    traffic_splits: Mirror<DocumentEntry>,
     services: Mirror<mesh_policy::services::Service>,
     endpoint_slices: Mirror<mesh_policy::services::EndpointSliceDoc>,
     /// The `Accepted` condition each document's status has now (apart:
@@ -308,8 +321,10 @@ struct Cluster {
     /// make it compile the cluster again).
     policy_statuses: Mirror<Option<Condition>>,
     peer_authentication_statuses: Mirror<Option<Condition>>,
+    traffic_split_statuses: Mirror<Option<Condition>>,
     last_valid_policies: BTreeMap<String, Documents>,
     last_valid_peer_authentications: BTreeMap<String, Documents>,
+    last_valid_traffic_splits: BTreeMap<String, Documents>,
     /// Local pod uid → its network namespace.
     netns: HashMap<String, PathBuf>,
     /// A local pod's network namespace is not known yet.
@@ -317,22 +332,27 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn new(settings: MeshSettings, policies: ApiResource, peer_auths: ApiResource) -> Self {
+    fn new(settings: MeshSettings, resources: [ApiResource; 3]) -> Self {
+        let [policies, peer_auths, splits] = resources;
         Self {
             settings,
             policy_resource: policies,
             peer_authentication_resource: peer_auths,
+            traffic_split_resource: splits,
             pods: Mirror::default(),
             namespaces: Mirror::default(),
             nodes: Mirror::default(),
             policies: Mirror::default(),
             peer_authentications: Mirror::default(),
+            traffic_splits: Mirror::default(),
             services: Mirror::default(),
             endpoint_slices: Mirror::default(),
             policy_statuses: Mirror::default(),
             peer_authentication_statuses: Mirror::default(),
+            traffic_split_statuses: Mirror::default(),
             last_valid_policies: BTreeMap::new(),
             last_valid_peer_authentications: BTreeMap::new(),
+            last_valid_traffic_splits: BTreeMap::new(),
             netns: HashMap::new(),
             missing_netns: false,
         }
@@ -344,6 +364,7 @@ impl Cluster {
             && self.nodes.synced()
             && self.policies.synced()
             && self.peer_authentications.synced()
+            && self.traffic_splits.synced()
             && self.services.synced()
             && self.endpoint_slices.synced()
     }
@@ -368,6 +389,15 @@ impl Cluster {
                 translate::namespace_opted_out,
             )),
             Change::Node(e) => state(self.nodes.apply((*e)?, key, translate::node_addresses)),
+            Change::TrafficSplit(e) => {
+                let e = (*e)?;
+                Changed {
+                    statuses: self.traffic_split_statuses.apply(e.clone(), key, status),
+                    state: self
+                        .traffic_splits
+                        .apply(e, key, |o| translate::document_entry(o, settings)),
+                }
+            }
             Change::Service(e) => state(self.services.apply((*e)?, key, translate::service)),
             Change::EndpointSlice(e) => state(self.endpoint_slices.apply(
                 (*e)?,
@@ -418,6 +448,11 @@ impl Cluster {
         );
         docs.policies = policies.policies;
         docs.peer_authentications = peer_auths.peer_authentications;
+        docs.traffic_splits = translate::in_force(
+            self.traffic_splits.objects(),
+            &mut self.last_valid_traffic_splits,
+        )
+        .traffic_splits;
         docs.services = self.services.objects().values().cloned().collect();
         docs.endpoint_slices = Some(self.endpoint_slices.objects().values().cloned().collect());
         let compiled = policy::compile(&docs, &self.settings)?;
@@ -467,6 +502,11 @@ impl Cluster {
                 &self.peer_authentication_resource,
                 &self.peer_authentications,
                 &self.peer_authentication_statuses,
+            ),
+            (
+                &self.traffic_split_resource,
+                &self.traffic_splits,
+                &self.traffic_split_statuses,
             ),
         ];
         kinds

@@ -140,7 +140,8 @@ pub fn node_addresses(node: &Node) -> Option<Vec<IpAddr>> {
     (!chosen.is_empty()).then_some(chosen)
 }
 
-/// A `MeshPolicy` or `PeerAuthentication` object as the agent keeps it:
+/// A `MeshPolicy`, `PeerAuthentication` or `TrafficSplit` object as the
+/// agent keeps it:
 /// parsed and checked, or the reason it is refused, and what its status
 /// says now.
 #[derive(Clone, Debug, PartialEq)]
@@ -172,8 +173,13 @@ pub fn document_entry(object: &DynamicObject, settings: &MeshSettings) -> Option
     let parsed = serde_yaml::to_value(&value)
         .map_err(|e| e.to_string())
         .and_then(|value| {
-            let docs = mesh_policy::parse_value(ORIGIN, value).map_err(|e| status_message(&e))?;
+            let mut docs =
+                mesh_policy::parse_value(ORIGIN, value).map_err(|e| status_message(&e))?;
+            // Compiled as in a cluster (a TrafficSplit's Services resolve
+            // against the cluster, not this object alone).
+            docs.endpoint_slices = Some(Vec::new());
             mesh_policy::compile(&docs, settings).map_err(|e| status_message(&e))?;
+            docs.endpoint_slices = None;
             Ok(docs)
         });
     Some(DocumentEntry {
@@ -221,6 +227,8 @@ pub fn in_force(
             docs.policies.extend(valid.policies.iter().cloned());
             docs.peer_authentications
                 .extend(valid.peer_authentications.iter().cloned());
+            docs.traffic_splits
+                .extend(valid.traffic_splits.iter().cloned());
         }
     }
     docs

@@ -13,10 +13,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
+use kube::CustomResource;
 use mesh_common::service::DEFAULT_AFFINITY_TIMEOUT_S;
 use serde::{Deserialize, de::IgnoredAny};
 
-use super::{ConfigError, FieldError, ObjectMeta, Origin, Protocol};
+use super::{ConfigError, DocumentStatus, FieldError, ObjectMeta, Origin, Protocol};
 use crate::identity::is_dns_label;
 
 /// Services are Kubernetes' own kind: `apiVersion: v1`.
@@ -277,15 +278,34 @@ pub struct TrafficSplit {
     pub origin: Origin,
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+// The same spec is the `TrafficSplit` custom resource's in Kubernetes
+// mode (`cargo xtask gen-crds` writes its CRD).
+/// Weighted backends of a Service: new connections to `service` go to the
+/// backends of `backends[].service` in proportion to their weights.
+#[derive(
+    Clone, Debug, PartialEq, Deserialize, serde::Serialize, schemars::JsonSchema, CustomResource,
+)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[kube(
+    group = "mesh.dev",
+    version = "v1alpha1",
+    kind = "TrafficSplit",
+    root = "TrafficSplitResource",
+    doc = "Weighted backends of a Service, for canary releases (docs/services.md).",
+    namespaced,
+    status = "DocumentStatus",
+    shortname = "mts",
+    printcolumn = r#"{"name":"Service","type":"string","jsonPath":".spec.service"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
 pub struct TrafficSplitSpec {
     /// The Service clients dial (the root, or apex, Service).
     pub service: String,
     pub backends: Vec<SplitBackend>,
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, serde::Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SplitBackend {
     /// A Service of the same namespace; its backends take this share.
