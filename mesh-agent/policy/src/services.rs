@@ -112,19 +112,37 @@ pub(crate) fn compile_services(
         .iter()
         .flat_map(|w| w.spec.ips.iter().map(move |ip| (IpKey::from(*ip), w)))
         .collect();
+    let mut by_namespace: HashMap<&str, Vec<&Workload>> = HashMap::new();
+    for w in workloads {
+        by_namespace
+            .entry(w.metadata.namespace.as_str())
+            .or_default()
+            .push(w);
+    }
+    let mut slices_of: HashMap<(&str, &str), Vec<&EndpointSliceDoc>> = HashMap::new();
+    for slice in slices.into_iter().flatten() {
+        slices_of
+            .entry((slice.namespace.as_str(), slice.service.as_str()))
+            .or_default()
+            .push(slice);
+    }
     let mut slots = ServiceSlots::new();
     let mut owners: HashMap<ServiceKey, (&Service, usize)> = HashMap::new();
     let mut infos = Vec::new();
     for s in services {
         let selector = s.spec.selector.clone().unwrap_or_default();
-        let selected: Vec<&Workload> = if s.spec.selector.is_some() {
-            workloads
-                .iter()
+        // Selectors choose backends only in a directory: in a cluster the
+        // EndpointSlices say.
+        let selected: Vec<&Workload> = if s.spec.selector.is_some() && slices.is_none() {
+            by_namespace
+                .get(s.metadata.namespace.as_str())
+                .into_iter()
+                .flatten()
+                .copied()
                 .filter(|w| {
-                    w.metadata.namespace == s.metadata.namespace
-                        && selector
-                            .iter()
-                            .all(|(k, v)| w.metadata.labels.get(k) == Some(v))
+                    selector
+                        .iter()
+                        .all(|(k, v)| w.metadata.labels.get(k) == Some(v))
                         && (s.spec.internal_traffic_policy == TrafficPolicy::Cluster
                             || w.spec.node == node)
                 })
@@ -180,14 +198,18 @@ pub(crate) fn compile_services(
                         })
                         .map(|(ip, target, w, node)| backend(ip, target, w, node, &identity_of))
                         .collect(),
-                    Some(slices) => slice_backends(s, port, protocol, vip, slices, node)
-                        .into_iter()
-                        .map(|(ip, target, node)| {
-                            let w = workload_ips.get(&IpKey::from(ip)).copied();
-                            let node = node.or_else(|| w.map(|w| w.spec.node.clone()));
-                            backend(ip, target, w, node.unwrap_or_default(), &identity_of)
-                        })
-                        .collect(),
+                    Some(_) => {
+                        let key = (s.metadata.namespace.as_str(), s.metadata.name.as_str());
+                        let own = slices_of.get(&key).map_or(&[][..], Vec::as_slice);
+                        slice_backends(s, port, protocol, vip, own, node)
+                    }
+                    .into_iter()
+                    .map(|(ip, target, node)| {
+                        let w = workload_ips.get(&IpKey::from(ip)).copied();
+                        let node = node.or_else(|| w.map(|w| w.spec.node.clone()));
+                        backend(ip, target, w, node.unwrap_or_default(), &identity_of)
+                    })
+                    .collect(),
                 };
                 let (mut backends, mut backend_infos): (Vec<_>, Vec<_>) = found.into_iter().unzip();
                 if backends.len() > MAX_SLOTS as usize {
@@ -377,7 +399,7 @@ fn slice_backends(
     port: &ServicePort,
     protocol: Protocol,
     vip: &IpAddr,
-    slices: &[EndpointSliceDoc],
+    slices: &[&EndpointSliceDoc],
     node: &str,
 ) -> Vec<(IpAddr, u16, Option<String>)> {
     let local_only = s.spec.internal_traffic_policy == TrafficPolicy::Local;

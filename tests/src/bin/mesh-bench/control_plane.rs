@@ -67,6 +67,15 @@ pub struct ControlPlane {
     /// Kubernetes round.
     #[arg(long, default_value_t = 5)]
     policy_events: usize,
+    /// Services (Kubernetes mode), one per (namespace, service account)
+    /// in turn, each with an EndpointSlice of that service account's pods.
+    #[arg(long, default_value_t = 2_000)]
+    services: usize,
+    /// EndpointSlice changes (an endpoint turning not ready, then ready
+    /// again) made one at a time after the policy edits, per Kubernetes
+    /// round.
+    #[arg(long, default_value_t = 20)]
+    slice_events: usize,
     /// The agent's `--max-endpoints`.
     #[arg(long, default_value_t = 1 << 17)]
     max_endpoints: u32,
@@ -171,6 +180,8 @@ struct State {
     pods: Vec<PodSpec>,
     /// MeshPolicy objects, valid as both a custom resource and a document.
     policies: Vec<Value>,
+    /// Services and their EndpointSlices (Kubernetes mode only).
+    services: Vec<(Value, Value)>,
 }
 
 impl State {
@@ -187,11 +198,15 @@ impl State {
         let policies = (0..cli.policies)
             .map(|k| policy(k, cli, &namespaces, &in_namespace))
             .collect();
+        let services = (0..cli.services)
+            .map(|k| service(k, cli, &pods, true))
+            .collect();
         Self {
             namespaces,
             nodes,
             pods,
             policies,
+            services,
         }
     }
 
@@ -232,6 +247,10 @@ impl State {
         for policy in &self.policies {
             cluster.api.apply(policy.clone());
         }
+        for (service, slice) in &self.services {
+            cluster.api.apply(service.clone());
+            cluster.api.apply(slice.clone());
+        }
     }
 
     /// The same state as files: one of Workloads and one of MeshPolicies
@@ -270,6 +289,43 @@ impl State {
         }
         Ok(bytes)
     }
+}
+
+/// Service `k` and its EndpointSlice: the pods of the `k`-th (namespace,
+/// service account) pair, at 10.96.0.0/16 addresses; the slice's first
+/// endpoint `ready` or not.
+fn service(k: usize, cli: &ControlPlane, pods: &[PodSpec], ready: bool) -> (Value, Value) {
+    let ns = namespace_name(k % cli.namespaces);
+    let sa = format!("sa-{:02}", (k / cli.namespaces) % cli.service_accounts);
+    let name = format!("svc-{k:05}");
+    let vip = format!("10.96.{}.{}", (k + 1) / 256, (k + 1) % 256);
+    let endpoints: Vec<Value> = pods
+        .iter()
+        .filter(|p| p.namespace == ns && p.service_account == sa)
+        .enumerate()
+        .map(|(i, p)| {
+            json!({
+                "addresses": [p.ip.to_string()],
+                "conditions": {"ready": ready || i > 0},
+                "nodeName": p.node,
+            })
+        })
+        .collect();
+    let service = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"clusterIP": vip, "selector": {"app": sa},
+                 "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]},
+    });
+    let slice = json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{name}-1"), "namespace": ns,
+                     "labels": {"kubernetes.io/service-name": name}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    });
+    (service, slice)
 }
 
 /// MeshPolicy `k`: namespace `k mod N`; one in ten a DENY (everything from
@@ -626,6 +682,7 @@ struct KubernetesRound {
     memory_settled: Memory,
     pods: Vec<Event>,
     policies: Vec<Event>,
+    slices: Vec<Event>,
     memory_after_events: Memory,
     maps: Value,
 }
@@ -843,6 +900,47 @@ fn kubernetes_round(
                 percentile(&lat, 1.0)
             );
         }
+        // EndpointSlice changes: an endpoint of a Service turns not ready
+        // (it leaves the Service's backends), then ready again.
+        let mut slices = Vec::new();
+        for e in 0..cli.slice_events.min(state.services.len() * 2) {
+            let k = (e / 2 * 37 + 5) % state.services.len();
+            let (_, slice) = service(k, cli, &state.pods, e % 2 == 1);
+            let idle_ms = wait_idle(agent.pid(), Duration::from_secs(5));
+            cluster.api.apply(slice);
+            let applied = Instant::now();
+            let found = wait_line(&agent, offset, "policy applied", EVENT_TIMEOUT)?;
+            let event = Event {
+                latency_ms: found.at.saturating_duration_since(applied).as_secs_f64() * 1e3,
+                apply_ms: found.field("elapsed_ms")?,
+                upserted: found.field("upserted")? as u64,
+                deleted: found.field("deleted")? as u64,
+                followups: 0,
+                idle_ms,
+            };
+            let (end, more) =
+                wait_quiet(&agent, found.end, Duration::from_millis(20), EVENT_TIMEOUT)?;
+            offset = end;
+            ensure!(
+                event.upserted + event.deleted >= 1,
+                "EndpointSlice change {e} changed nothing in the maps: {}",
+                found.line
+            );
+            slices.push(Event {
+                followups: more.len(),
+                ..event
+            });
+        }
+        if !slices.is_empty() {
+            let lat: Vec<f64> = slices.iter().map(|e| e.latency_ms).collect();
+            progress!(
+                "round {round} kubernetes: {} EndpointSlice changes ({} Services), p50 {:.1} ms, max {:.1} ms",
+                slices.len(),
+                state.services.len(),
+                percentile(&lat, 0.5),
+                percentile(&lat, 1.0)
+            );
+        }
         let memory_after_events = Memory::of(agent.pid())?;
         let stats = agent::stats(&bed.pin_dir(0))?;
         let maps = json!({
@@ -856,6 +954,7 @@ fn kubernetes_round(
             memory_settled,
             pods,
             policies,
+            slices,
             memory_after_events,
             maps,
         })
@@ -1057,8 +1156,10 @@ pub fn run(cli: &ControlPlane, out: &Path) -> anyhow::Result<()> {
 
     let pod_events: Vec<&Event> = k8s.iter().flat_map(|r| &r.pods).collect();
     let policy_events: Vec<&Event> = k8s.iter().flat_map(|r| &r.policies).collect();
+    let slice_events: Vec<&Event> = k8s.iter().flat_map(|r| &r.slices).collect();
     let pod_latency = latency_summary(&pod_events);
     let policy_latency = latency_summary(&policy_events);
+    let slice_latency = latency_summary(&slice_events);
     let mut events_table = format!(
         "{:<26} {:>6} {:>8} {:>8} {:>8} {:>16} {:>14}\n",
         "EVENT -> MAP (Kubernetes)",
@@ -1072,6 +1173,7 @@ pub fn run(cli: &ControlPlane, out: &Path) -> anyhow::Result<()> {
     for (name, s) in [
         ("new pod", &pod_latency),
         ("MeshPolicy edit", &policy_latency),
+        ("EndpointSlice change", &slice_latency),
     ] {
         if s.is_null() {
             continue;
@@ -1124,6 +1226,11 @@ pub fn run(cli: &ControlPlane, out: &Path) -> anyhow::Result<()> {
             "measured": event_p99,
             "met": event_p99.is_some_and(|p| p <= TARGET_EVENT_MS),
         },
+        {
+            "target": format!("EndpointSlice change -> map <= {TARGET_EVENT_MS} ms (p99)"),
+            "measured": slice_latency["p99_ms"],
+            "met": slice_latency["p99_ms"].as_f64().is_some_and(|p| p <= TARGET_EVENT_MS),
+        },
     ]);
     let mut targets_table = String::new();
     for t in targets.as_array().into_iter().flatten() {
@@ -1168,6 +1275,7 @@ pub fn run(cli: &ControlPlane, out: &Path) -> anyhow::Result<()> {
             "measured": "from ApiServer::apply returning to the agent's `policy applied` line (log polled every 1 ms)",
             "pods": pod_latency,
             "policies": policy_latency,
+            "endpoint_slices": slice_latency,
         },
         "targets": targets,
         "kubernetes_rounds": k8s.iter().map(|r| json!({
@@ -1179,6 +1287,7 @@ pub fn run(cli: &ControlPlane, out: &Path) -> anyhow::Result<()> {
             "maps_after_events": r.maps,
             "pod_events": r.pods.iter().map(Event::json).collect::<Vec<_>>(),
             "policy_events": r.policies.iter().map(Event::json).collect::<Vec<_>>(),
+            "endpoint_slice_events": r.slices.iter().map(Event::json).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "standalone_rounds": standalone.iter().map(|r| json!({
             "config_bytes": r.config_bytes,
@@ -1231,6 +1340,8 @@ mod tests {
             rounds: 1,
             events: 0,
             policy_events: 0,
+            services: 2_000,
+            slice_events: 0,
             max_endpoints: 1,
             max_policy: 1,
         }
