@@ -165,6 +165,24 @@ pub fn is_loopback(ip: &[u32; 4]) -> bool {
     v6_loopback || v4_loopback
 }
 
+/// Whether a destination (IPv6 or IPv4-mapped, network byte order words)
+/// names no one workload that policy could judge: IPv6 link-local
+/// (`fe80::/10`, reached by interface, owned by whatever neighbour answers),
+/// multicast (`ff00::/8`, `224.0.0.0/4`: every member of the group on the
+/// bridge receives it) and the IPv4 limited broadcast. A workload's
+/// connect or sendmsg to one would reach neighbouring pods with no verdict.
+#[inline(always)]
+pub fn is_unattributable(ip: &[u32; 4]) -> bool {
+    let first = u32::from_be(ip[0]);
+    let mapped = ip[0] == 0 && ip[1] == 0 && ip[2] == u32::from_be(0x0000_ffff);
+    let v4 = u32::from_be(ip[3]);
+    if mapped {
+        v4 >> 28 == 0xe || v4 == u32::MAX
+    } else {
+        first & 0xffc0_0000 == 0xfe80_0000 || first >> 24 == 0xff
+    }
+}
+
 /// What the kernel keeps about each tracked socket.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -429,6 +447,42 @@ mod tests {
         let s = SocketKey::from_raw(&server, || 0).unwrap();
         assert_eq!(c.peer(), s);
         assert_eq!(s.peer(), c);
+    }
+
+    #[test]
+    fn unattributable_destinations() {
+        use core::net::IpAddr;
+        let words = |ip: IpAddr| -> [u32; 4] {
+            let v6 = match ip {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                IpAddr::V6(v6) => v6,
+            };
+            let o = v6.octets();
+            core::array::from_fn(|i| {
+                u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+            })
+        };
+        for ip in [
+            "fe80::1",
+            "febf::1",
+            "ff02::1",
+            "224.0.0.1",
+            "239.1.2.3",
+            "255.255.255.255",
+        ] {
+            assert!(is_unattributable(&words(ip.parse().unwrap())), "{ip}");
+        }
+        for ip in [
+            "fd00::1",
+            "fec0::1",
+            "2001:db8::1",
+            "10.0.0.1",
+            "169.254.169.254",
+            "223.255.255.255",
+            "198.18.0.255",
+        ] {
+            assert!(!is_unattributable(&words(ip.parse().unwrap())), "{ip}");
+        }
     }
 
     #[test]

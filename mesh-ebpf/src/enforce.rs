@@ -22,7 +22,7 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext, TcContext},
 };
 use mesh_common::{
-    Counter, Setting,
+    Counter, Setting, is_unattributable,
     policy::{
         Action, ConnectionPath, ENDPOINT_LOCAL, Endpoint, FLOW_OUTBOUND, FlowEvent, FlowKey,
         FlowState, Hook, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, UdpPeerKey, Verdict,
@@ -191,6 +191,16 @@ fn judge_sock_addr(ctx: &SockAddrContext, family: Family, hook: Hook) -> Outcome
     }
     if is_agent_socket(ctx) {
         return Outcome::Allow;
+    }
+    if is_unattributable(&dst.ip) {
+        // Link-local, multicast, broadcast: whoever answers on the bridge
+        // gets it, with no workload to judge. Refused to workloads; other
+        // processes of the cgroup (the host's) are not governed.
+        return if identity_of_caller(ctx) == WORLD_IDENTITY {
+            Outcome::Allow
+        } else {
+            Outcome::Deny
+        };
     }
     if hook == Hook::Sendmsg && lookup(&UDP_PEERS, &udp_peer(ctx, dst.ip)).is_some() {
         return Outcome::Allow; // a reply to a datagram this socket received

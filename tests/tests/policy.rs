@@ -490,6 +490,60 @@ fn a_connected_udplite_socket_does_not_reach_a_denied_workload() {
     }
 }
 
+/// cart's IPv6 link-local address, as robot reaches it: `[fe80::…%<robot's
+/// eth0 index>]:port`.
+fn link_local_target(bed: &TestBed, proto: &str, port: u16) -> String {
+    let addr = bed.pods[2]
+        .netns
+        .exec(
+            "ip",
+            &["-6", "-o", "addr", "show", "dev", "eth0", "scope", "link"],
+        )
+        .unwrap();
+    let ip = addr
+        .split_whitespace()
+        .skip_while(|w| *w != "inet6")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .unwrap_or_else(|| panic!("cart has no link-local address: {addr}"))
+        .to_string();
+    let link = bed.pods[1]
+        .netns
+        .exec("ip", &["-o", "link", "show", "eth0"])
+        .unwrap();
+    let index = link.split(':').next().unwrap().trim().to_string();
+    format!("{proto}:[{ip}%{index}]:{port}")
+}
+
+/// A neighbour's link-local address, a multicast group or the broadcast
+/// address names no workload policy could judge: past the connect hook,
+/// whoever answers on the bridge would get the traffic unjudged.
+#[test]
+fn link_local_multicast_and_broadcast_destinations_do_not_reach_neighbours() {
+    let (bed, _servers) = bed_with("linklocal", 1, &TRIO);
+    let _agent = Agent::start_node(&bed, 0, &[]).unwrap();
+    only_frontend_reaches_cart(&bed);
+    let targets = vec![
+        link_local_target(&bed, "tcp", 8080),
+        link_local_target(&bed, "udp-sendto", 9090),
+        "udp-sendto:224.0.0.1:9090".to_string(),
+        "udp-sendto:[ff02::1%2]:9090".to_string(),
+    ];
+    // Outside the mesh (no hook) cart answers each of them: the way
+    // around its policy exists.
+    let outside = probe(&bed, 1, false, &targets[..2], 1000);
+    assert_eq!(outside[&targets[0]], "connected", "{outside:?}");
+    assert_ne!(outside[&targets[1]], "eperm", "{outside:?}");
+    // A workload is refused, allowed peers included (policy cannot say
+    // who is at the other end).
+    for pod in [1, 0] {
+        let results = probe(&bed, pod, true, &targets, 1000);
+        for target in &targets {
+            assert_eq!(results[target], "eperm", "pod {pod}: {results:?}");
+        }
+    }
+}
+
 /// Probes until `target` gives `want` (a reload is asynchronous).
 fn wait_until(bed: &TestBed, pod: usize, target: &str, want: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
