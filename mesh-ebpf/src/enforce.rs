@@ -16,7 +16,7 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_ANY, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{BPF_ANY, TC_ACT_SHOT, tcx_action_base::TCX_NEXT},
     helpers::{bpf_get_netns_cookie, bpf_ktime_get_ns, generated::bpf_set_retval},
     macros::{cgroup_sock, cgroup_sock_addr, classifier},
     programs::{SockAddrContext, SockContext, TcContext},
@@ -252,17 +252,23 @@ const SOCK_CREATE_ALLOW: i32 = 1;
 const SOCK_CREATE_DENY: i32 = 0;
 
 /// `socket(2)` inside a workload's network namespace creates only the
-/// transports workloads may use, and raw sockets (a question of their
-/// own). A connected UDP-Lite socket, for one, meets no sock_addr hook at
-/// all: the kernel's UDP-Lite has no pre-connect hook, and a connected
-/// socket's sendmsg runs none. Refused with EPERM; outside workloads
-/// nothing changes.
+/// transports workloads may use, and no raw socket. A connected UDP-Lite
+/// socket, for one, meets no sock_addr hook at all (the kernel's UDP-Lite
+/// has no pre-connect hook, and a connected socket's sendmsg runs none); a
+/// raw socket sends whatever its process writes, TCP SYNs included, past
+/// every connect hook (with `IP_HDRINCL`, whatever its protocol). Ping
+/// keeps working through ICMP datagram sockets. Refused with EPERM;
+/// outside workloads nothing changes. (`AF_PACKET` sockets meet no cgroup
+/// socket hook: a question of their own.)
 #[cgroup_sock(sock_create)]
 pub fn mesh_sock_create(ctx: SockContext) -> i32 {
+    if identity_of_caller(&ctx) == WORLD_IDENTITY {
+        return SOCK_CREATE_ALLOW;
+    }
     // SAFETY: the kernel's context for this call; both fields are u32.
     let (sock_type, protocol) = unsafe { ((*ctx.sock).type_, (*ctx.sock).protocol) };
-    let allowed = u8::try_from(protocol).is_ok_and(workload_transport);
-    if allowed || sock_type == SOCK_RAW || identity_of_caller(&ctx) == WORLD_IDENTITY {
+    let allowed = sock_type != SOCK_RAW && u8::try_from(protocol).is_ok_and(workload_transport);
+    if allowed {
         SOCK_CREATE_ALLOW
     } else {
         SOCK_CREATE_DENY
@@ -330,7 +336,9 @@ pub fn mesh_ingress(ctx: TcContext) -> i32 {
         Parsed::Opaque { dst_ip } => !is_local_endpoint(&dst_ip),
         Parsed::Ignore => true,
     };
-    if pass { TC_ACT_OK } else { TC_ACT_SHOT }
+    // Passing is not the last word: TCX_NEXT lets the programs attached
+    // after this one (a CNI's) decide too; TC_ACT_OK would skip them.
+    if pass { TCX_NEXT } else { TC_ACT_SHOT }
 }
 
 #[inline(always)]
@@ -386,8 +394,9 @@ pub fn mesh_egress(ctx: TcContext) -> i32 {
     if let Parsed::Flow { key, .. } = packet::parse(&ctx) {
         record_outbound(&key);
     }
-    // Egress never drops: local workloads were judged at connect time.
-    TC_ACT_OK
+    // Egress never drops (local workloads were judged at connect time),
+    // and leaves the verdict to the programs after it.
+    TCX_NEXT
 }
 
 #[inline(always)]

@@ -16,6 +16,7 @@ pub mod capture;
 pub mod cgroup;
 pub mod cluster;
 pub mod deploy;
+pub mod foreign_tc;
 pub mod kube_proxy;
 pub mod netns;
 pub mod privileges;

@@ -308,6 +308,33 @@ fn the_destination_node_judges_traffic_that_was_not_checked_at_its_source() {
     );
 }
 
+/// Another program on the node's interface, attached before the agent
+/// starts, as a CNI's would be, that ends the TCX chain with TC_ACT_OK:
+/// the mesh's tc programs still judge what arrives (they attach first), and
+/// let later programs run when they pass (TCX_NEXT).
+#[test]
+fn another_tc_program_on_the_interface_does_not_skip_the_mesh() {
+    let (bed, _servers) = bed_with("tcx-order", 2, &MATRIX);
+    matrix_policies(&bed);
+    use mesh_tests::foreign_tc::{Verdict, attach_ingress};
+    let uplink = mesh_tests::topology::UPLINK;
+    let before = attach_ingress(&bed.nodes[1].netns, uplink, Verdict::Pass).unwrap();
+    let _agents = start_agents(&bed, &[]);
+    let denied = target(&bed, PAYMENTS, 8080, false, false);
+    let allowed_udp = target(&bed, PAYMENTS, 9090, true, false);
+    let both = [denied.clone(), allowed_udp.clone()];
+    let results = probe(&bed, FRONTEND, false, &both, 400);
+    assert_eq!(results[&denied], "timeout", "{results:?}");
+    assert_eq!(results[&allowed_udp], "connected", "{results:?}");
+    // A program after the mesh's still has its say on what the mesh lets
+    // through: this one drops everything. (The pass-all one goes first:
+    // its TC_ACT_OK would end the chain before the new one.)
+    drop(before);
+    let _after = attach_ingress(&bed.nodes[1].netns, uplink, Verdict::Drop).unwrap();
+    let results = probe(&bed, FRONTEND, false, &both, 400);
+    assert_eq!(results[&allowed_udp], "timeout", "{results:?}");
+}
+
 /// Three workloads on one node: a client, a second client, a server.
 const TRIO: [W; 3] = [
     w(0, "shop", "frontend", &[("app", "frontend")]),
@@ -542,6 +569,25 @@ fn link_local_multicast_and_broadcast_destinations_do_not_reach_neighbours() {
             assert_eq!(results[target], "eperm", "pod {pod}: {results:?}");
         }
     }
+}
+
+/// A raw socket sends what its process writes, TCP SYNs included, past
+/// connect(2) and every hook of it: in a workload's network namespace the
+/// mesh refuses to create one.
+#[test]
+fn a_raw_socket_does_not_reach_a_denied_workload() {
+    let (bed, _servers) = bed_with("rawsyn", 1, &TRIO);
+    let _agent = Agent::start_node(&bed, 0, &[]).unwrap();
+    only_frontend_reaches_cart(&bed);
+    let syn = format!("raw-syn:{}", bed.pods[2].addr(false, 8080));
+    // Outside the mesh the hand-made SYN gets cart's SYN-ACK: the way
+    // around connect(2) exists.
+    let outside = probe(&bed, 1, false, std::slice::from_ref(&syn), 1000);
+    assert_eq!(outside[&syn], "connected", "{outside:?}");
+    assert_eq!(
+        probe(&bed, 1, true, std::slice::from_ref(&syn), 1000)[&syn],
+        "eperm"
+    );
 }
 
 /// Probes until `target` gives `want` (a reload is asynchronous).

@@ -318,11 +318,14 @@ fn attach_tc(
     attach_pinned(link_pin, prog_fd.as_fd(), || {
         // TCX (Linux 6.6+): a bpf_link, so it can be pinned and updated in
         // place, and it coexists with other tc programs on the interface.
+        // First in the chain: a program before it that returned TC_ACT_OK
+        // would end the chain and skip the mesh's verdict. (A program
+        // attached later with "first" still goes before: docs/architecture.md.)
         let id = program
             .attach_with_options(
                 interface,
                 attach_type,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
+                TcAttachOptions::TcxOrder(LinkOrder::first()),
             )
             .map_err(program_err(name))?;
         let link = program.take_link(id).map_err(program_err(name))?;

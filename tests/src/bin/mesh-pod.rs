@@ -816,6 +816,109 @@ fn udplite_socket(addr: &SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     Ok(unsafe { std::net::UdpSocket::from_raw_fd(fd) })
 }
 
+/// The one's-complement sum RFC 793's TCP checksum is made of.
+fn ones_complement_sum(mut sum: u32, bytes: &[u8]) -> u32 {
+    for pair in bytes.chunks(2) {
+        let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
+        sum += u32::from(word);
+    }
+    sum
+}
+
+/// A TCP SYN from `src` to `dst` (IPv4), checksum included.
+fn tcp_syn(src: std::net::SocketAddrV4, dst: std::net::SocketAddrV4, seq: u32) -> [u8; 20] {
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&src.port().to_be_bytes());
+    tcp[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+    tcp[12] = 5 << 4; // data offset: 5 words, no options
+    tcp[13] = 0x02; // SYN
+    tcp[14..16].copy_from_slice(&65535u16.to_be_bytes());
+    let mut sum = ones_complement_sum(0, &src.ip().octets());
+    sum = ones_complement_sum(sum, &dst.ip().octets());
+    sum += u32::from(libc::IPPROTO_TCP as u16) + 20;
+    sum = ones_complement_sum(sum, &tcp);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    tcp[16..18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    tcp
+}
+
+/// A SYN written by hand on a raw socket, past connect(2) and its hook, as
+/// a process with CAP_NET_RAW can: `connected` when the target answers
+/// with a SYN-ACK (seen on the same raw socket), `eperm` when the socket
+/// cannot be made, `timeout` when nothing answers.
+fn raw_syn(addr: SocketAddr, timeout: Duration) -> anyhow::Result<String> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let SocketAddr::V4(dst) = addr else {
+        bail!("raw-syn: IPv4 targets only");
+    };
+    // SAFETY: socket(2) takes no pointers; a non-negative result is a new
+    // descriptor that nothing else owns.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_TCP,
+        )
+    };
+    if fd < 0 {
+        return Ok(classify(&std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just returned by socket(2) and is owned by no one else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // The source address the route to `dst` would use: learnt from a UDP
+    // socket connected to it (connect sends nothing).
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    probe.connect(addr)?;
+    let SocketAddr::V4(local) = probe.local_addr()? else {
+        bail!("no IPv4 source address towards {addr}");
+    };
+    let src =
+        std::net::SocketAddrV4::new(*local.ip(), 40_000 + (std::process::id() % 20_000) as u16);
+    let syn = tcp_syn(src, dst, 0x6d65_7368);
+    let to = nix::sys::socket::SockaddrIn::from(dst);
+    if let Err(e) = nix::sys::socket::sendto(
+        fd.as_raw_fd(),
+        &syn,
+        &to,
+        nix::sys::socket::MsgFlags::empty(),
+    ) {
+        return Ok(classify(&std::io::Error::from(e)));
+    }
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 1500];
+    while Instant::now() < deadline {
+        let mut fds = [nix::poll::PollFd::new(
+            std::os::fd::AsFd::as_fd(&fd),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        if nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms))? == 0 {
+            break;
+        }
+        let n = nix::sys::socket::recv(
+            fd.as_raw_fd(),
+            &mut buf,
+            nix::sys::socket::MsgFlags::empty(),
+        )?;
+        // An IPv4 header, then TCP: a SYN-ACK from dst to our port.
+        let ihl = usize::from(buf[0] & 0x0f) * 4;
+        if n < ihl + 14 || buf[12..16] != dst.ip().octets() {
+            continue;
+        }
+        let tcp = &buf[ihl..n];
+        let from_port = u16::from_be_bytes([tcp[0], tcp[1]]);
+        let to_port = u16::from_be_bytes([tcp[2], tcp[3]]);
+        if from_port == dst.port() && to_port == src.port() && tcp[13] & 0x12 == 0x12 {
+            return Ok("connected".into());
+        }
+    }
+    Ok("timeout".into())
+}
+
 fn udp_echo(listen: SocketAddr, lite: bool) -> anyhow::Result<()> {
     let sock = if lite {
         let sock = udplite_socket(&listen)?;
@@ -900,7 +1003,7 @@ fn connect_tcp(
 
 fn probe(target: &str, timeout: Duration, mark: Option<u32>) -> anyhow::Result<String> {
     let (proto, addr) = target.split_once(':').with_context(|| {
-        format!("target {target:?} is not tcp:ADDR, udp:ADDR, udp-sendto:ADDR, udplite:ADDR or udplite-sendto:ADDR")
+        format!("target {target:?} is not tcp:ADDR, udp:ADDR, udp-sendto:ADDR, udplite:ADDR, udplite-sendto:ADDR or raw-syn:ADDR")
     })?;
     let addr: SocketAddr = addr
         .parse()
@@ -959,6 +1062,7 @@ fn probe(target: &str, timeout: Duration, mark: Option<u32>) -> anyhow::Result<S
                 Err(e) => classify(&e),
             }
         }
+        "raw-syn" => raw_syn(addr, timeout)?,
         "udp-sendto" => {
             // As a resolver asks: an unconnected socket, and an answer
             // accepted only from the address asked.
