@@ -5,8 +5,8 @@
 //! workload on this node (the server), two workloads on another node (one
 //! allowed to reach the server's port 8080, one denied).
 //!
-//! The verdicts are tc's: `TC_ACT_OK` hands the frame to the stack,
-//! `TC_ACT_SHOT` drops it.
+//! The verdicts are TCX's: `TCX_NEXT` passes the frame on (to the programs
+//! after this one, then the stack), `TC_ACT_SHOT` drops it.
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
@@ -26,7 +26,8 @@ use mesh_common::{
 };
 use mesh_tests::{bpffs::TestBpffs, privileges::require_kernel_test_privileges, unique_name};
 
-const TC_ACT_OK: u32 = 0;
+/// -1 as the test run reports it.
+const TCX_NEXT: u32 = u32::MAX;
 const TC_ACT_SHOT: u32 = 2;
 
 const PROGRAM: &str = "mesh_ingress";
@@ -262,11 +263,11 @@ fn allowed_syn_passes() {
     let ingress = Ingress::load("ingress-allowed");
     assert_eq!(
         ingress.verdict(&ipv4(ALLOWED4, SERVER4, 0, &syn())),
-        TC_ACT_OK
+        TCX_NEXT
     );
     assert_eq!(
         ingress.verdict(&ipv6(ALLOWED6, SERVER6, PROTO_TCP, &syn())),
-        TC_ACT_OK
+        TCX_NEXT
     );
 }
 
@@ -313,12 +314,12 @@ fn truncated_frames() {
     // IP header cut short: Linux 6.18's BPF_PROG_TEST_RUN refuses these
     // too (IPv4 under 20 bytes, IPv6 under 40). Where a kernel runs them,
     // the program cannot read the addresses and hands the frame to the
-    // stack (TC_ACT_OK), which drops it: ip_rcv and ipv6_rcv check the
+    // stack (TCX_NEXT), which drops it: ip_rcv and ipv6_rcv check the
     // header length before anything is delivered.
     for frame in [&full[..14 + 12], &full6[..14 + 20]] {
         let result = ingress.try_run(frame);
         assert!(
-            refused(&result) || matches!(result, Ok(TC_ACT_OK)),
+            refused(&result) || matches!(result, Ok(TCX_NEXT)),
             "{} bytes: {result:?}",
             frame.len()
         );
@@ -328,12 +329,12 @@ fn truncated_frames() {
     // stack, which drops it (IHL beyond the packet).
     let mut options_cut = ipv4(DENIED4, SERVER4, 0, &[]);
     options_cut[14] = 0x4f;
-    assert_eq!(ingress.verdict(&options_cut), TC_ACT_OK);
+    assert_eq!(ingress.verdict(&options_cut), TCX_NEXT);
     // An unfragmented packet whose TCP header is cut short (ports, no
     // flags): passed on, and tcp_v4_rcv drops a segment shorter than a TCP
     // header. Unlike a first fragment, nothing can complete it later.
     let cut = ipv4(DENIED4, SERVER4, 0, &syn()[..8]);
-    assert_eq!(ingress.verdict(&cut), TC_ACT_OK);
+    assert_eq!(ingress.verdict(&cut), TCX_NEXT);
 }
 
 #[test]
@@ -348,7 +349,7 @@ fn first_fragment_with_the_whole_tcp_header_is_judged() {
     );
     assert_eq!(
         ingress.verdict(&ipv4(ALLOWED4, SERVER4, IP_MF, &segment)),
-        TC_ACT_OK
+        TCX_NEXT
     );
 }
 
@@ -359,14 +360,11 @@ fn non_first_fragment_passes() {
     // first fragment, which is judged (a tiny first fragment included, see
     // below).
     let rest = [0xcd; 12];
-    assert_eq!(
-        ingress.verdict(&ipv4(DENIED4, SERVER4, 1, &rest)),
-        TC_ACT_OK
-    );
+    assert_eq!(ingress.verdict(&ipv4(DENIED4, SERVER4, 1, &rest)), TCX_NEXT);
     // The same with more fragments to come.
     assert_eq!(
         ingress.verdict(&ipv4(DENIED4, SERVER4, IP_MF | 1, &rest)),
-        TC_ACT_OK
+        TCX_NEXT
     );
 }
 
@@ -403,6 +401,6 @@ fn ipv6_extension_headers_are_dropped_to_workloads() {
     // To an address that is no workload, policy does not apply.
     assert_eq!(
         ingress.verdict(&ipv6_with_extension_headers(DENIED6, OUTSIDE6, &syn())),
-        TC_ACT_OK
+        TCX_NEXT
     );
 }
