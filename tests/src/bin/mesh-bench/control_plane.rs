@@ -674,6 +674,35 @@ impl Event {
     }
 }
 
+/// Applies `object` once the agent is idle and times it to the agent's
+/// next `policy applied` line; `then` runs before waiting for the agent to
+/// be quiet again (no new line for `quiet`). The event, and that line.
+fn timed_apply(
+    agent: &Agent,
+    cluster: &Cluster,
+    object: Value,
+    offset: &mut usize,
+    quiet: Duration,
+    then: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<(Event, Found)> {
+    let idle_ms = wait_idle(agent.pid(), Duration::from_secs(5));
+    cluster.api.apply(object);
+    let applied = Instant::now();
+    let found = wait_line(agent, *offset, "policy applied", EVENT_TIMEOUT)?;
+    then()?;
+    let (end, more) = wait_quiet(agent, found.end, quiet, EVENT_TIMEOUT)?;
+    *offset = end;
+    let event = Event {
+        latency_ms: found.at.saturating_duration_since(applied).as_secs_f64() * 1e3,
+        apply_ms: found.field("elapsed_ms")?,
+        upserted: found.field("upserted")? as u64,
+        deleted: found.field("deleted")? as u64,
+        followups: more.len(),
+        idle_ms,
+    };
+    Ok((event, found))
+}
+
 struct KubernetesRound {
     sync: Sync,
     populate_ms: f64,
@@ -805,22 +834,10 @@ fn kubernetes_round(
         let mut policy_entries = sync.policy_entries;
         for e in 0..cli.events {
             let pod = PodSpec::new(state.pods.len() + e, cli);
-            let idle_ms = wait_idle(agent.pid(), Duration::from_secs(5));
-            cluster.api.apply(pod.pod());
-            let applied = Instant::now();
-            let found = wait_line(&agent, offset, "policy applied", EVENT_TIMEOUT)?;
-            let event = Event {
-                latency_ms: found.at.saturating_duration_since(applied).as_secs_f64() * 1e3,
-                apply_ms: found.field("elapsed_ms")?,
-                upserted: found.field("upserted")? as u64,
-                deleted: found.field("deleted")? as u64,
-                followups: 0,
-                idle_ms,
-            };
+            let quiet = Duration::from_millis(20);
+            let (event, found) =
+                timed_apply(&agent, &cluster, pod.pod(), &mut offset, quiet, || Ok(()))?;
             policy_entries = found.field("policy_entries")? as u64;
-            let (end, more) =
-                wait_quiet(&agent, found.end, Duration::from_millis(20), EVENT_TIMEOUT)?;
-            offset = end;
             ensure!(
                 event.upserted >= 1,
                 "the new pod {}/{} changed nothing in the maps: {}",
@@ -828,10 +845,7 @@ fn kubernetes_round(
                 pod.name,
                 found.line
             );
-            pods.push(Event {
-                followups: more.len(),
-                ..event
-            });
+            pods.push(event);
         }
         if !pods.is_empty() {
             check_maps(&bed, state.pods.len() + pods.len(), policy_entries)?;
@@ -864,32 +878,21 @@ fn kubernetes_round(
                 .as_array_mut()
                 .context("rule 0 has ports")?
                 .push(json!({"port": 7000 + e}));
-            let idle_ms = wait_idle(agent.pid(), Duration::from_secs(5));
-            cluster.api.apply(object);
-            let applied = Instant::now();
-            let found = wait_line(&agent, offset, "policy applied", EVENT_TIMEOUT)?;
-            let event = Event {
-                latency_ms: found.at.saturating_duration_since(applied).as_secs_f64() * 1e3,
-                apply_ms: found.field("elapsed_ms")?,
-                upserted: found.field("upserted")? as u64,
-                deleted: found.field("deleted")? as u64,
-                followups: 0,
-                idle_ms,
-            };
             // Then the new generation's status, and whatever it causes.
-            cluster.wait_accepted("MeshPolicy", ns, name, EVENT_TIMEOUT)?;
-            let (end, more) =
-                wait_quiet(&agent, found.end, Duration::from_millis(300), EVENT_TIMEOUT)?;
-            offset = end;
+            let accepted = || {
+                cluster
+                    .wait_accepted("MeshPolicy", ns, name, EVENT_TIMEOUT)
+                    .map(drop)
+            };
+            let quiet = Duration::from_millis(300);
+            let (event, found) =
+                timed_apply(&agent, &cluster, object, &mut offset, quiet, accepted)?;
             ensure!(
                 event.upserted + event.deleted >= 1,
                 "the edit of MeshPolicy {ns}/{name} changed nothing in the maps: {}",
                 found.line
             );
-            policies.push(Event {
-                followups: more.len(),
-                ..event
-            });
+            policies.push(event);
         }
         if !policies.is_empty() {
             let lat: Vec<f64> = policies.iter().map(|e| e.latency_ms).collect();
@@ -906,30 +909,15 @@ fn kubernetes_round(
         for e in 0..cli.slice_events.min(state.services.len() * 2) {
             let k = (e / 2 * 37 + 5) % state.services.len();
             let (_, slice) = service(k, cli, &state.pods, e % 2 == 1);
-            let idle_ms = wait_idle(agent.pid(), Duration::from_secs(5));
-            cluster.api.apply(slice);
-            let applied = Instant::now();
-            let found = wait_line(&agent, offset, "policy applied", EVENT_TIMEOUT)?;
-            let event = Event {
-                latency_ms: found.at.saturating_duration_since(applied).as_secs_f64() * 1e3,
-                apply_ms: found.field("elapsed_ms")?,
-                upserted: found.field("upserted")? as u64,
-                deleted: found.field("deleted")? as u64,
-                followups: 0,
-                idle_ms,
-            };
-            let (end, more) =
-                wait_quiet(&agent, found.end, Duration::from_millis(20), EVENT_TIMEOUT)?;
-            offset = end;
+            let quiet = Duration::from_millis(20);
+            let (event, found) =
+                timed_apply(&agent, &cluster, slice, &mut offset, quiet, || Ok(()))?;
             ensure!(
                 event.upserted + event.deleted >= 1,
                 "EndpointSlice change {e} changed nothing in the maps: {}",
                 found.line
             );
-            slices.push(Event {
-                followups: more.len(),
-                ..event
-            });
+            slices.push(event);
         }
         if !slices.is_empty() {
             let lat: Vec<f64> = slices.iter().map(|e| e.latency_ms).collect();
