@@ -114,16 +114,15 @@ fn bound_port(ctx: &SockAddrContext) -> u16 {
     }
 }
 
-/// The `UDP_PEERS` key for the peer at `remote_ip` and the context's port.
+/// The `UDP_PEERS` key for the calling socket and its peer `remote`.
 #[inline(always)]
-fn udp_peer(ctx: &SockAddrContext, remote_ip: [u32; 4]) -> UdpPeerKey {
+fn udp_peer(ctx: &SockAddrContext, remote: &SockAddr) -> UdpPeerKey {
     UdpPeerKey {
         // SAFETY: the helper only reads the context it is given.
         netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-        remote_ip,
+        remote_ip: remote.ip,
         local_port: bound_port(ctx),
-        // SAFETY: the kernel's context for this call.
-        remote_port: u16::from_be(unsafe { (*ctx.sock_addr).user_port } as u16),
+        remote_port: remote.port,
         _pad: 0,
     }
 }
@@ -202,7 +201,7 @@ fn judge_sock_addr(ctx: &SockAddrContext, family: Family, hook: Hook) -> Outcome
             Outcome::Deny
         };
     }
-    if hook == Hook::Sendmsg && lookup(&UDP_PEERS, &udp_peer(ctx, dst.ip)).is_some() {
+    if hook == Hook::Sendmsg && lookup(&UDP_PEERS, &udp_peer(ctx, &dst)).is_some() {
         return Outcome::Allow; // a reply to a datagram this socket received
     }
     let Some(dst_endpoint) = endpoint(&dst.ip) else {
@@ -304,7 +303,7 @@ fn on_recvmsg(ctx: &SockAddrContext, family: Family) -> i32 {
     // SAFETY: the kernel's context for this call.
     if unsafe { (*ctx.sock_addr).protocol } as u8 == PROTO_UDP {
         let src = sock_addr::read(ctx, family);
-        let _ = UDP_PEERS.insert(udp_peer(ctx, src.ip), 1, BPF_ANY as u64);
+        let _ = UDP_PEERS.insert(udp_peer(ctx, &src), 1, BPF_ANY as u64);
         if let Some(service) = service::dialled_service(ctx, &src) {
             sock_addr::write(ctx, family, &service);
         }

@@ -8,7 +8,7 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::BPF_ANY,
-    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_ktime_get_ns},
     maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
@@ -24,6 +24,7 @@ use crate::maps::{
     SERVICE_AFFINITY, SERVICE_BACKENDS, SERVICE_MEMBERS, SERVICE_PEERS, SERVICE_RANGES, SERVICES,
     count, lookup,
 };
+use crate::sock_addr::socket_cookie;
 
 /// What a destination is, for the Service tables.
 pub(crate) enum Destination {
@@ -143,12 +144,6 @@ fn remember_affinity(ctx: &SockAddrContext, service: &ServiceKey, backend: &Sock
     // If this fails, the next connect picks afresh: affinity is lost, no
     // connection is.
     let _ = SERVICE_AFFINITY.insert(affinity_key(ctx, service), held, BPF_ANY as u64);
-}
-
-#[inline(always)]
-fn socket_cookie(ctx: &SockAddrContext) -> u64 {
-    // SAFETY: the helper only reads the context it is given.
-    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
 /// Records that the calling socket dialled `service` and was sent to

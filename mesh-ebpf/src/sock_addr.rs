@@ -3,7 +3,7 @@
 //! getpeername answers), read and rewritten the same way by every program
 //! that translates or steers: Services, the tunnel, getpeername.
 
-use aya_ebpf::programs::SockAddrContext;
+use aya_ebpf::{EbpfContext as _, helpers::bpf_get_socket_cookie, programs::SockAddrContext};
 use mesh_common::{ipv4_mapped, service::SockAddr};
 
 /// Which of the context's address fields the hook uses.
@@ -57,4 +57,11 @@ pub(crate) fn write(ctx: &SockAddrContext, family: Family, addr: &SockAddr) {
         }
         core::ptr::write_volatile(&raw mut (*sa).user_port, u32::from(addr.port.to_be()));
     }
+}
+
+/// The calling socket's cookie: how the maps name a socket across hooks.
+#[inline(always)]
+pub(crate) fn socket_cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: the helper only reads the context it is given.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }

@@ -26,7 +26,7 @@ use crate::{
     attempt::Attempt,
     maps::{REDIRECTS, TUNNEL_ORIG, count, identity_of_caller, lookup, setting},
     service::dialled_service,
-    sock_addr::{self, Family},
+    sock_addr::{self, Family, socket_cookie},
 };
 
 /// The agent's outbound listener port, or 0 when mTLS is off.
@@ -51,12 +51,6 @@ pub(crate) fn is_agent_socket(ctx: &SockAddrContext) -> bool {
         !sk.is_null() && core::ptr::read_volatile(&raw const (*sk).mark) == AGENT_SOCKET_MARK
     };
     marked && identity_of_caller(ctx) == WORLD_IDENTITY
-}
-
-#[inline(always)]
-fn socket_cookie(ctx: &SockAddrContext) -> u64 {
-    // SAFETY: the helper only reads the context it is given.
-    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
 /// Records where the connection `a` was going before it is steered.
