@@ -16,6 +16,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{Map, MapData, RingBuf};
+use mesh_common::service::ServiceKey;
 use mesh_common::{
     map_names,
     policy::{
@@ -75,20 +76,16 @@ pub struct FlowRecord {
     pub service: Option<String>,
 }
 
-/// The Service whose address `ip:port/proto` is, by name when `names` knows
-/// it.
-fn service_name(names: &NodeState, ip: &[u32; 4], port: u16, proto: &str) -> String {
-    let address = std::net::SocketAddr::new(
-        std::net::IpAddr::from(mesh_common::policy::IpKey { ip: *ip }),
-        port,
-    );
-    names
-        .services
-        .iter()
-        .find(|s| {
-            s.address == address.ip() && s.port == port && s.protocol.eq_ignore_ascii_case(proto)
-        })
-        .map_or_else(|| address.to_string(), |s| s.key())
+/// The Service whose address `key` is: `namespace/name` when `names` knows
+/// it, else the address.
+fn service_name(names: &NodeState, key: &ServiceKey) -> String {
+    names.service(key).map_or_else(
+        || {
+            let ip = std::net::IpAddr::from(mesh_common::policy::IpKey { ip: key.ip });
+            std::net::SocketAddr::new(ip, key.port).to_string()
+        },
+        |s| s.key(),
+    )
 }
 
 impl FlowRecord {
@@ -118,8 +115,10 @@ impl FlowRecord {
             reason: names.rule_name(ev.verdict.rule),
             mtls: None,
             service: (ev.service_port != 0).then(|| {
-                let proto = if ev.proto == PROTO_UDP { "udp" } else { "tcp" };
-                service_name(names, &ev.service_ip, ev.service_port, proto)
+                service_name(
+                    names,
+                    &ServiceKey::new(ev.service_ip, ev.service_port, ev.proto),
+                )
             }),
         }
     }

@@ -494,11 +494,7 @@ pub fn service_rows(
         .map(|(key, entry)| {
             let address = socket(key.ip, key.port);
             let protocol = proto_name(key.proto);
-            let info = names.services.iter().find(|s| {
-                s.address == address.ip()
-                    && s.port == key.port
-                    && s.protocol.eq_ignore_ascii_case(protocol)
-            });
+            let info = names.service(key);
             let mut slots: BTreeMap<SocketAddr, u32> = BTreeMap::new();
             for (k, b) in backends {
                 if k.service == *key && k.revision == entry.revision && k.slot < entry.slots {

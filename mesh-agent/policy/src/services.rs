@@ -83,6 +83,15 @@ impl ServiceInfo {
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+
+    /// The kernel's key of this Service address.
+    pub fn service_key(&self) -> ServiceKey {
+        let proto = match self.protocol.as_str() {
+            "UDP" => Protocol::Udp,
+            _ => Protocol::Tcp,
+        };
+        ServiceKey::new(IpKey::from(self.address).ip, self.port, proto.number())
+    }
 }
 
 /// What one Service address should translate to.
@@ -339,11 +348,7 @@ fn apply_splits(
             }
         }
         let counts = apportion(&weights, mesh_common::service::WEIGHTED_SLOTS);
-        let proto = match info.protocol.as_str() {
-            "UDP" => Protocol::Udp,
-            _ => Protocol::Tcp,
-        };
-        let key = ServiceKey::new(IpKey::from(info.address).ip, info.port, proto.number());
+        let key = info.service_key();
         let mut expanded = Vec::new();
         info.backends.clear();
         for (member, count) in members.into_iter().zip(counts) {

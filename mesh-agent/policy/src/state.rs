@@ -89,6 +89,11 @@ impl NodeState {
         }
     }
 
+    /// The names behind the kernel's Service entry `key`.
+    pub fn service(&self, key: &mesh_common::service::ServiceKey) -> Option<&ServiceInfo> {
+        self.services.iter().find(|s| s.service_key() == *key)
+    }
+
     /// "shop/cart-allow rule 0 (ALLOW)" or the reserved rule's description.
     pub fn rule_name(&self, rule: u32) -> String {
         match self.rules.get(&rule) {
