@@ -63,6 +63,15 @@ pub fn node_uplink_ip(index: usize) -> IpAddr {
     Ipv4Addr::new(198, 19, 255, index as u8 + 1).into()
 }
 
+/// Whether `ip` is a node's own address on the link between the nodes
+/// (198.19.255.0/24, fd00:ffff::/64): where the agents' tunnels end.
+pub fn is_uplink_address(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.octets()[..3] == [198, 19, 255],
+        IpAddr::V6(v6) => v6.segments()[..4] == [0xfd00, 0xffff, 0, 0],
+    }
+}
+
 /// The interface of each node that faces the other nodes.
 pub const UPLINK: &str = "uplink";
 
@@ -420,6 +429,25 @@ impl TestBed {
             .with_context(|| format!("client printed no JSON report: {stdout}"))
     }
 
+    /// `mesh-pod probe` of `target` (`tcp:ADDR`, …) from `pod` in the mesh,
+    /// repeated for `ms` (or until SIGTERM); read its counts with
+    /// [`probe_counts`].
+    pub fn start_probing(&self, pod: usize, target: &str, ms: u64) -> anyhow::Result<Spawned> {
+        let ms = ms.to_string();
+        let args = [
+            "probe",
+            "--targets",
+            target,
+            "--timeout-ms",
+            "1000",
+            "--repeat-ms",
+            &ms,
+        ];
+        let mut probe = self.workload(pod, &args)?;
+        wait_for_line(&mut probe, "probing")?;
+        Ok(probe)
+    }
+
     /// One connection attempt from `pod` (in the mesh, or outside its
     /// cgroup) to `target` (`tcp:ADDR` or `udp:ADDR`): `connected`, `eperm`,
     /// `refused`, `timeout`…, as `mesh-pod probe` says.
@@ -464,6 +492,23 @@ fn add_bridge(ns: &Netns) -> anyhow::Result<()> {
         "0",
     ])?;
     Ok(())
+}
+
+/// Result → how often it came up, for the one target of a probe started
+/// with [`TestBed::start_probing`], once it has finished.
+pub fn probe_counts(
+    probe: Spawned,
+    timeout: Duration,
+) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+    let out = probe.wait_output(timeout)?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value = serde_json::from_str(text.lines().last().unwrap_or_default())
+        .with_context(|| format!("probe printed no report: {text}"))?;
+    let counts = report["counts"]
+        .as_object()
+        .and_then(|targets| targets.values().next())
+        .with_context(|| format!("no counts in {report}"))?;
+    Ok(serde_json::from_value(counts.clone())?)
 }
 
 /// Reads the process's stdout until a line starting with `prefix`.

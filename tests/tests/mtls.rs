@@ -152,10 +152,7 @@ fn allow_only(namespace: &str, name: &str, sa: &str, from: &str) -> String {
 }
 
 fn is_tunnel_end(end: &(std::net::IpAddr, u16)) -> bool {
-    match end.0 {
-        std::net::IpAddr::V4(v4) => v4.octets()[..3] == [198, 19, 255],
-        std::net::IpAddr::V6(v6) => v6.segments()[..4] == [0xfd00, 0xffff, 0, 0],
-    }
+    mesh_tests::topology::is_uplink_address(end.0)
 }
 
 #[test]
@@ -417,47 +414,16 @@ fn tunnels_are_refused_without_a_valid_certificate_or_when_policy_denies() {
     assert_eq!(m.probe(3, true, &db), "eperm");
 }
 
-/// Starts `mesh-pod probe` of `target` in `pod`, repeating for `ms`.
+/// Starts `mesh-pod probe` of TCP `target` in `pod`, repeating for `ms`.
 fn start_probing(m: &Mesh, pod: usize, target: &str, ms: u64) -> Spawned {
-    let target = format!("tcp:{target}");
-    let ms = ms.to_string();
-    let mut p = m
-        .bed
-        .workload(
-            pod,
-            &[
-                "probe",
-                "--targets",
-                &target,
-                "--timeout-ms",
-                "1000",
-                "--repeat-ms",
-                &ms,
-            ],
-        )
-        .unwrap();
-    mesh_tests::topology::wait_for_line(&mut p, "probing").unwrap();
-    p
+    m.bed
+        .start_probing(pod, &format!("tcp:{target}"), ms)
+        .unwrap()
 }
 
 /// Result → how often it came up, for the one target of `start_probing`.
 fn finish_probing(p: Spawned) -> std::collections::BTreeMap<String, u64> {
-    let out = p.wait_output(T).unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let report: Value = serde_json::from_str(text.lines().last().unwrap_or_default())
-        .unwrap_or_else(|_| panic!("probe printed no report: {text}"));
-    let counts = report["counts"]
-        .as_object()
-        .unwrap()
-        .values()
-        .next()
-        .unwrap();
-    counts
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_u64().unwrap()))
-        .collect()
+    mesh_tests::topology::probe_counts(p, T).unwrap()
 }
 
 /// `inspect certs -o json` of a node: SPIFFE ID → serial.

@@ -10,7 +10,7 @@ use mesh_tests::{
     capture::{self, Capture},
     kube_proxy::{self, ServicePort},
     process::Spawned,
-    topology::{TestBed, wait_for_line},
+    topology::{TestBed, is_uplink_address, probe_counts, wait_for_line},
 };
 use serde_json::Value;
 
@@ -362,13 +362,6 @@ fn a_service_without_backends_refuses_at_once_and_serves_once_it_has_one() {
     assert_eq!(m.probe(WEB, "udp-sendto:10.96.0.11:53"), "connected");
 }
 
-fn is_tunnel_end(end: &(std::net::IpAddr, u16)) -> bool {
-    match end.0 {
-        std::net::IpAddr::V4(v4) => v4.octets()[..3] == [198, 19, 255],
-        std::net::IpAddr::V6(v6) => v6.segments()[..4] == [0xfd00, 0xffff, 0, 0],
-    }
-}
-
 /// A known plaintext through the Service whose only backend is on the
 /// other node, and a control from outside the mesh; what the capture of the
 /// node link saw.
@@ -401,7 +394,7 @@ fn secret_crosses_in_tls(m: &Mesh, secret: &str) {
     );
     let tunnel: Vec<_> = capture::segments(&frames)
         .into_iter()
-        .filter(|s| is_tunnel_end(&s.src) || is_tunnel_end(&s.dst))
+        .filter(|s| is_uplink_address(s.src.0) || is_uplink_address(s.dst.0))
         .collect();
     let carried: usize = tunnel
         .iter()
@@ -502,38 +495,6 @@ fn an_address_only_kube_proxy_knows_is_refused_inside_the_service_range() {
     assert_eq!(m.probe(ROBOT, "tcp:10.96.0.20:80"), "eperm");
 }
 
-/// Starts `mesh-pod probe` of `target` from `pod`, repeating for `ms`.
-fn start_probing(m: &Mesh, pod: usize, target: &str, ms: u64) -> Spawned {
-    let ms = ms.to_string();
-    let args = [
-        "probe",
-        "--targets",
-        target,
-        "--timeout-ms",
-        "1000",
-        "--repeat-ms",
-        &ms,
-    ];
-    let mut p = m.bed.workload(pod, &args).unwrap();
-    wait_for_line(&mut p, "probing").unwrap();
-    p
-}
-
-/// Result → how often it came up, for the one target of `start_probing`.
-fn finish_probing(p: Spawned) -> BTreeMap<String, u64> {
-    let out = p.wait_output(T).unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let report: Value = serde_json::from_str(text.lines().last().unwrap_or_default())
-        .unwrap_or_else(|_| panic!("probe printed no report: {text}"));
-    let counts = report["counts"]
-        .as_object()
-        .unwrap()
-        .values()
-        .next()
-        .unwrap();
-    serde_json::from_value(counts.clone()).unwrap()
-}
-
 /// `inspect services -o json` of `node`.
 fn services(m: &Mesh, node: usize) -> Vec<Value> {
     let out = agent::node_cli(&m.bed, node, &["inspect", "services", "-o", "json"]).unwrap();
@@ -589,7 +550,7 @@ fn backend_sets_change_whole_under_load_and_outlive_the_agent() {
         )
         .unwrap();
     // A storm of new connections through the Service with two backends.
-    let storm = start_probing(&m, WEB, "tcp:10.96.0.10:90", 3000);
+    let storm = m.bed.start_probing(WEB, "tcp:10.96.0.10:90", 3000).unwrap();
     // 2 → 0 → 2 backends, both Services.
     let none = DOCS
         .replacen("selector: {app: db}", "selector: {app: gone}", 1)
@@ -597,7 +558,7 @@ fn backend_sets_change_whole_under_load_and_outlive_the_agent() {
     apply(&m, &none, 0);
     std::thread::sleep(Duration::from_millis(300));
     apply(&m, DOCS, 2);
-    let counts = finish_probing(storm);
+    let counts = probe_counts(storm, T).unwrap();
     // At 0 backends, ECONNREFUSED; otherwise every connection made it and
     // echoed: never a torn backend set, never a timeout or EPERM.
     assert!(
@@ -623,14 +584,14 @@ fn backend_sets_change_whole_under_load_and_outlive_the_agent() {
     // and not one connection fails. (Connections carried in tunnels need
     // the agent; docs/mtls.md says what a restart costs them.)
     let before = revisions(&m, 0);
-    let storm = start_probing(&m, WEB, "tcp:10.96.0.13:90", 3000);
+    let storm = m.bed.start_probing(WEB, "tcp:10.96.0.13:90", 3000).unwrap();
     m.agents[0].kill().unwrap();
     std::thread::sleep(Duration::from_millis(300));
     m.agents[0] = m.start_agent(0, &[]);
     m.agents[0].stop().unwrap();
     std::thread::sleep(Duration::from_millis(300));
     m.agents[0] = m.start_agent(0, &[]);
-    let counts = finish_probing(storm);
+    let counts = probe_counts(storm, T).unwrap();
     assert_eq!(
         counts.keys().collect::<Vec<_>>(),
         ["connected"],
