@@ -184,18 +184,20 @@ impl SvidStore {
     }
 
     /// The node's one server configuration: presents the SVID of the
-    /// identity named in the SNI, requires a client SVID of the trust
-    /// domain (any identity: policy decides), ALPN `h2`.
+    /// identity named in the SNI, requires a client workload SVID of the
+    /// trust domain (any workload: policy decides), ALPN `h2`. Node and CA
+    /// certificates are refused as sources: they name no workload, yet
+    /// would match "any identity" rules and count as mutual TLS.
     pub fn server_config(&self) -> Arc<ServerConfig> {
         self.0
             .server_config
             .get_or_init(|| {
                 server_tls_config(
                     Arc::new(SniResolver(Arc::downgrade(&self.0))),
-                    Arc::new(SpiffeClientVerifier::new(
-                        self.0.bundle.clone(),
-                        &self.0.trust_domain,
-                    )),
+                    Arc::new(
+                        SpiffeClientVerifier::new(self.0.bundle.clone(), &self.0.trust_domain)
+                            .workloads_only(),
+                    ),
                 )
             })
             .clone()
@@ -353,6 +355,41 @@ mod tests {
         .await
         .unwrap_err();
         assert!(e.contains("server:"), "{e}");
+    }
+
+    /// Tunnel sources are workloads: a node's credential and the CA's
+    /// serving certificate are valid certificates of the trust domain, but
+    /// they would match "any identity" rules and count as mutual TLS for
+    /// STRICT. Only workload SVIDs may open a tunnel.
+    #[tokio::test]
+    async fn only_workload_svids_are_accepted_as_tunnel_sources() {
+        let ca = TestCa::root(TD);
+        let server = ca.store(TD, &[&id("cart")]);
+        let not_workloads = [spiffe::node_id(TD, "node-a"), spiffe::ca_id(TD)];
+        for source in &not_workloads {
+            let client = ca.store(TD, &[source.as_str()]);
+            let e = handshake(
+                server.server_config(),
+                client.client_config(source).unwrap(),
+                spiffe::sni_for(numeric_identity(&id("cart"))),
+            )
+            .await
+            .unwrap_err();
+            assert!(
+                e.contains(&format!(
+                    "client identity {source} is not a workload identity"
+                )),
+                "{e}"
+            );
+        }
+        let client = ca.store(TD, &[&id("frontend")]);
+        handshake(
+            server.server_config(),
+            client.client_config(&id("frontend")).unwrap(),
+            spiffe::sni_for(numeric_identity(&id("cart"))),
+        )
+        .await
+        .unwrap();
     }
 
     #[tokio::test]

@@ -200,6 +200,16 @@ impl SpiffeClientVerifier {
         self
     }
 
+    /// Accepts only workload identities
+    /// (`spiffe://<td>/ns/<namespace>/sa/<service-account>`): not a node's
+    /// credential, not the CA's serving certificate.
+    pub fn workloads_only(self) -> Self {
+        let td = self.trust_domain.clone();
+        self.only("a workload identity", move |id| {
+            spiffe::is_workload_id(id, &td)
+        })
+    }
+
     /// Accepts only node identities (`spiffe://<td>/mesh/node/<name>`).
     pub fn nodes_only(self) -> Self {
         let td = self.trust_domain.clone();
