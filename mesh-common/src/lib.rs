@@ -29,8 +29,14 @@ pub mod map_names {
     pub const LOCAL_NETNS: &str = "LOCAL_NETNS";
     /// [`crate::policy::PolicyKey`] → [`crate::policy::Verdict`]: compiled policy.
     pub const POLICY: &str = "POLICY";
-    /// [`crate::policy::FlowKey`] → [`crate::policy::FlowState`] (LRU).
+    /// [`crate::policy::FlowKey`] → [`crate::policy::FlowState`] (LRU): the
+    /// verdicts of flows from other nodes.
     pub const CONNTRACK: &str = "CONNTRACK";
+    /// [`crate::policy::FlowKey`] → [`crate::policy::FlowState`] (LRU): flows
+    /// this node's workloads opened towards other nodes, whose replies pass.
+    /// Only packets leaving the node write it, so no flood from outside can
+    /// evict an entry.
+    pub const OUTBOUND_FLOWS: &str = "OUTBOUND_FLOWS";
     /// [`crate::policy::UdpPeerKey`] → 1 (LRU): whom local UDP sockets heard from.
     pub const UDP_PEERS: &str = "UDP_PEERS";
     /// Ring buffer of [`crate::policy::FlowEvent`]s.
@@ -244,10 +250,13 @@ pub enum Counter {
     /// Connections refused because they dialled an address of the Service
     /// range (`--service-cidr`) that is no Service the mesh knows (yet).
     ServiceUnknown = 15,
+    /// Packets from another node claiming a workload of this node as their
+    /// source: forged, dropped.
+    SpoofedSource = 16,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 16] = [
+    pub const ALL: [Counter; 17] = [
         Counter::SocketsTracked,
         Counter::SocketsTrackFailed,
         Counter::SocketsClosed,
@@ -264,6 +273,7 @@ impl Counter {
         Counter::ServiceTranslated,
         Counter::ServiceNoBackend,
         Counter::ServiceUnknown,
+        Counter::SpoofedSource,
     ];
 
     /// The counter's name in `inspect stats` and metrics.
@@ -285,6 +295,7 @@ impl Counter {
             Counter::ServiceTranslated => "service_translated",
             Counter::ServiceNoBackend => "service_no_backend",
             Counter::ServiceUnknown => "service_unknown",
+            Counter::SpoofedSource => "spoofed_source",
         }
     }
 }

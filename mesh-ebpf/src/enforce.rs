@@ -10,9 +10,11 @@
 //!
 //! Packets from other nodes are judged by `mesh_ingress` on the node's
 //! interfaces, by source address (`ENDPOINTS`), once per flow: the verdict
-//! is cached in `CONNTRACK` under the current policy generation.
-//! `mesh_egress` records the node's own outbound flows there so that their
-//! replies pass.
+//! is cached in `CONNTRACK` under the current policy generation and the two
+//! identities it was judged for. `mesh_egress` records the node's own
+//! outbound flows in `OUTBOUND_FLOWS` so that their replies pass. A packet
+//! claiming a workload of this node as its source is forged and dropped.
+//! docs/security.md says what each rule defends against.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -34,7 +36,7 @@ use mesh_common::{
 use crate::{
     attempt::Attempt,
     maps::{
-        CONNTRACK, FLOWS, UDP_PEERS, count, endpoint, identity_of_address, identity_of_caller,
+        CONNTRACK, FLOWS, OUTBOUND_FLOWS, UDP_PEERS, count, endpoint, identity_of_address, identity_of_caller,
         lookup, policy_entry, policy_generation, setting,
     },
     packet::{self, Parsed},
@@ -340,27 +342,52 @@ pub fn mesh_ingress(ctx: TcContext) -> i32 {
     if pass { TCX_NEXT } else { TC_ACT_SHOT }
 }
 
+/// The verdict for a TCP or UDP packet from another node. Conntrack only
+/// ever saves work: every entry is bound to the identities it was judged
+/// for, and nothing an outsider can send (or make the LRU forget) turns into
+/// a wrong verdict.
 #[inline(always)]
 fn ingress_passes(key: &FlowKey, syn: bool) -> bool {
-    if !is_local_endpoint(&key.dst_ip) {
-        return true;
-    }
-    if let Some(st) = lookup(&CONNTRACK, &key.reversed())
-        && st.flags & FLOW_OUTBOUND != 0
+    let Some(dst) = endpoint(&key.dst_ip).filter(|e| e.flags & ENDPOINT_LOCAL != 0) else {
+        return true; // not a workload of this node: not ours to judge
+    };
+    let src_identity = match endpoint(&key.src_ip) {
+        // A workload of this node never reaches it through the node's
+        // interfaces: the source is forged. Judged as that workload, it
+        // would borrow its rights, and the datagram would let the receiver
+        // answer it (`UDP_PEERS`) whatever policy says.
+        Some(src) if src.flags & ENDPOINT_LOCAL != 0 => {
+            count(Counter::SpoofedSource, 1);
+            return false;
+        }
+        Some(src) => src.identity,
+        None => WORLD_IDENTITY,
+    };
+    // A reply to a flow this node opened, between the same two identities
+    // (an address reused by another workload is judged afresh). A bare SYN
+    // is never a reply.
+    if !syn
+        && let Some(st) = lookup(&OUTBOUND_FLOWS, &key.reversed())
+        && st.src_identity == dst.identity
+        && st.dst_identity == src_identity
     {
-        return true; // a reply to a flow this node opened
+        return true;
     }
     let generation = policy_generation();
     // A SYN is a new connection even if an old one used the same ports.
-    if !syn && let Some(st) = lookup(&CONNTRACK, key) {
+    if !syn
+        && let Some(st) = lookup(&CONNTRACK, key)
+        && st.src_identity == src_identity
+        && st.dst_identity == dst.identity
+    {
         let current = st.generation == generation;
         let kept = st.verdict.action().passes() && setting(Setting::RevokeEstablished) == 0;
-        if st.flags & FLOW_OUTBOUND == 0 && (current || kept) {
+        if current || kept {
             return st.verdict.action().passes();
         }
     }
     let attempt = Attempt {
-        src_identity: identity_of_address(&key.src_ip),
+        src_identity,
         src_ip: key.src_ip,
         src_port: key.src_port,
         dst_ip: key.dst_ip,
@@ -369,23 +396,29 @@ fn ingress_passes(key: &FlowKey, syn: bool) -> bool {
         hook: Hook::Ingress,
         service: SockAddr::new([0; 4], 0),
     };
-    let Some(dst) = endpoint(&key.dst_ip) else {
-        return true;
-    };
     // Mesh traffic between nodes arrives as tunnels to the agent, never
     // addressed to the workload itself: whatever is, is plaintext.
     let verdict = judge(&attempt, &dst, true);
-    let state = FlowState {
-        verdict,
-        generation,
-        flags: 0,
-        src_identity: attempt.src_identity,
-        dst_identity: dst.identity,
-    };
-    if CONNTRACK.insert(key, state, BPF_ANY as u64).is_err() {
-        count(Counter::ConntrackFailed, 1);
+    let passes = verdict.action().passes();
+    // A TCP segment other than a SYN with no entry is the middle of a flow
+    // this node forgot (LRU eviction) or a forgery. Denied, it is dropped
+    // but not remembered: the local end's next packet records the flow
+    // again (`record_outbound`), so an eviction never becomes a lasting
+    // deny, and forged segments take no room.
+    let first_packet = syn || key.proto != PROTO_TCP;
+    if passes || first_packet {
+        let state = FlowState {
+            verdict,
+            generation,
+            flags: 0,
+            src_identity,
+            dst_identity: dst.identity,
+        };
+        if CONNTRACK.insert(key, state, BPF_ANY as u64).is_err() {
+            count(Counter::ConntrackFailed, 1);
+        }
     }
-    verdict.action().passes()
+    passes
 }
 
 #[classifier]
@@ -398,23 +431,37 @@ pub fn mesh_egress(ctx: TcContext) -> i32 {
     TCX_NEXT
 }
 
+/// Records a packet a workload of this node sends to another node, so that
+/// the replies pass. It was judged when its socket connected or sent; that
+/// it leaves at all is the proof. The record lives in `OUTBOUND_FLOWS`,
+/// which nothing from outside writes: no flood of other nodes' packets can
+/// evict it and make a live flow's replies look like new inbound flows.
 #[inline(always)]
 fn record_outbound(key: &FlowKey) {
     let src = match endpoint(&key.src_ip) {
         Some(e) if e.flags & ENDPOINT_LOCAL != 0 => e,
         _ => return,
     };
-    if lookup(&CONNTRACK, key).is_some() || lookup(&CONNTRACK, &key.reversed()).is_some() {
-        return; // already known, or a reply of an inbound flow
+    let dst_identity = identity_of_address(&key.dst_ip);
+    if let Some(st) = lookup(&OUTBOUND_FLOWS, key)
+        && st.src_identity == src.identity
+        && st.dst_identity == dst_identity
+    {
+        return; // already recorded
+    }
+    if let Some(st) = lookup(&CONNTRACK, &key.reversed())
+        && st.verdict.action().passes()
+    {
+        return; // a reply of an inbound flow
     }
     let state = FlowState {
         verdict: Verdict::new(Action::Allow, 0),
         generation: policy_generation(),
         flags: FLOW_OUTBOUND,
         src_identity: src.identity,
-        dst_identity: identity_of_address(&key.dst_ip),
+        dst_identity,
     };
-    if CONNTRACK.insert(key, state, BPF_ANY as u64).is_err() {
+    if OUTBOUND_FLOWS.insert(key, state, BPF_ANY as u64).is_err() {
         count(Counter::ConntrackFailed, 1);
     }
 }

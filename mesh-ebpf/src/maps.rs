@@ -50,6 +50,10 @@ pub(crate) static CONNTRACK: LruHashMap<FlowKey, FlowState> =
     LruHashMap::pinned(DEFAULT_MAX_CONNTRACK, 0);
 
 #[map]
+pub(crate) static OUTBOUND_FLOWS: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::pinned(DEFAULT_MAX_CONNTRACK, 0);
+
+#[map]
 pub(crate) static UDP_PEERS: LruHashMap<UdpPeerKey, u32> =
     LruHashMap::pinned(DEFAULT_MAX_CONNTRACK, 0);
 

@@ -590,6 +590,229 @@ fn a_raw_socket_does_not_reach_a_denied_workload() {
     );
 }
 
+/// Runs `mesh-pod args…` in `node`'s network namespace, outside the mesh's
+/// cgroup (a host process of that node), and returns its report.
+fn on_node(bed: &TestBed, node: usize, args: &[&str]) -> Value {
+    let mut cmd = std::process::Command::new(mesh_tests::topology::pod_tool());
+    cmd.args(args).stdout(std::process::Stdio::piped());
+    let placement = mesh_tests::process::Placement {
+        netns: Some(&bed.nodes[node].netns),
+        cgroup: None,
+    };
+    let out = Spawned::spawn(cmd, &placement)
+        .unwrap()
+        .wait_output(T)
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Someone on another node forges a datagram from frontend (which may
+/// reach cart) to cart. Judged as frontend's, it would be delivered, and
+/// cart's socket, having heard from frontend, could answer it although
+/// policy denies cart → frontend. A workload of this node never arrives
+/// through the node's interfaces: such packets are dropped.
+#[test]
+fn a_packet_from_another_node_claiming_a_local_workload_is_dropped() {
+    const FRONTEND: usize = 0;
+    const CART: usize = 2;
+    let (bed, _servers) = bed_with("spoof", 2, &TRIO);
+    let _agents = start_agents(&bed, &[]);
+    only_frontend_reaches_cart(&bed);
+    let frontend_from_robot_only = policy(
+        "shop",
+        "frontend-robot-only",
+        "  selector:\n    matchLabels: {app: frontend}\n  rules:\n  - from:\n    - identity: spiffe://cluster.local/ns/shop/sa/robot\n",
+    );
+    bed.write_config("frontend.yaml", &frontend_from_robot_only)
+        .unwrap();
+    for v6 in [false, true] {
+        let back = target(&bed, FRONTEND, 7000, true, v6);
+        wait_until(&bed, CART, &back, "eperm");
+        // Node 1 takes frontend's address as its own, as a forger would.
+        let forged = bed.pods[FRONTEND].addr(v6, 7000);
+        let address = format!("{}/{}", forged.ip(), if v6 { 128 } else { 32 });
+        let mut add = vec!["addr", "add", &address, "dev", "lo"];
+        if v6 {
+            add.push("nodad");
+        }
+        bed.nodes[1].netns.ip(&add).unwrap();
+        let listen = if v6 { "[::]:7000" } else { "0.0.0.0:7000" };
+        let mut frontend = bed
+            .workload(
+                FRONTEND,
+                &["await-datagram", "--listen", listen, "--timeout-ms", "1500"],
+            )
+            .unwrap();
+        wait_for_line(&mut frontend, "listening").unwrap();
+        let cart = bed.pods[CART].addr(v6, 9090).to_string();
+        let sent = on_node(
+            &bed,
+            1,
+            &[
+                "datagram",
+                "--from",
+                &forged.to_string(),
+                "--to",
+                &cart,
+                "--text",
+                "forged",
+            ],
+        );
+        assert_eq!(sent["ok"], true, "{sent}");
+        let out = frontend.wait_output(T).unwrap();
+        let heard: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            heard["result"], "timeout",
+            "cart answered frontend through a forged datagram: {heard}"
+        );
+        assert!(counter(&bed, "spoofed_source") > 0);
+    }
+}
+
+/// A client on node 0 that only robot may reach (so replies to it pass only
+/// as replies), a server on node 1 that lets it in.
+const ACROSS: [W; 2] = [
+    w(0, "shop", "frontend", &[("app", "frontend")]),
+    w(1, "shop", "cart", &[("app", "cart")]),
+];
+
+fn frontend_reached_by_robot_only(bed: &TestBed) {
+    let doc = policy(
+        "shop",
+        "frontend-robot-only",
+        "  selector:\n    matchLabels: {app: frontend}\n  rules:\n  - from:\n    - identity: spiffe://cluster.local/ns/shop/sa/robot\n",
+    );
+    bed.write_config("frontend.yaml", &doc).unwrap();
+}
+
+/// Node 0 forgets nothing its workloads opened when another node floods it
+/// with new flows: frontend waits for cart's answer on a connection while
+/// 18,000 new flows arrive for frontend, each seen twice, eighteen times
+/// what node 0's conntrack holds. Without its record, cart's answer would
+/// be judged as a new flow towards frontend, denied (only robot may reach
+/// it) and the connection would hang.
+#[test]
+fn a_flood_from_another_node_does_not_cut_a_live_flow() {
+    const FRONTEND: usize = 0;
+    const CART: usize = 1;
+    let (bed, _servers) = bed_with("ctflood", 2, &ACROSS);
+    frontend_reached_by_robot_only(&bed);
+    let _agents = [
+        Agent::start_node(&bed, 0, &["--max-conntrack", "1024"]).unwrap(),
+        Agent::start_node(&bed, 1, &[]).unwrap(),
+    ];
+    wait_until(
+        &bed,
+        CART,
+        &target(&bed, FRONTEND, 8080, false, false),
+        "eperm",
+    );
+    let mut hold = bed
+        .workload(
+            CART,
+            &[
+                "serve",
+                "--listen",
+                "[::]:7070",
+                "--mode",
+                "hold",
+                "--hold-ms",
+                "3000",
+            ],
+        )
+        .unwrap();
+    wait_for_line(&mut hold, "listening").unwrap();
+    let to = bed.pods[CART].addr(false, 7070).to_string();
+    let client = bed
+        .workload(FRONTEND, &["flood", "--to", &to, "--bytes", "1000"])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let flood_to = bed.pods[FRONTEND].addr(false, 20_000).to_string();
+    // Each flow twice in a row (an LRU keeps flows seen twice over flows
+    // seen once), 900 flows a round from a new source port, 20 rounds.
+    let flood = on_node(
+        &bed,
+        1,
+        &[
+            "datagram", "--to", &flood_to, "--text", "x", "--count", "900", "--times", "2",
+            "--rounds", "20",
+        ],
+    );
+    assert_eq!(flood["sent"], 36_000, "{flood}");
+    let out = client.wait_output(T).unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        report["ok"], true,
+        "the connection did not survive the flood: {report}"
+    );
+    assert_eq!(report["bytes"], 1000, "{report}");
+}
+
+/// A verdict cached for one identity is not reused for another that takes
+/// the same address: the same UDP flow from the same address is judged
+/// again when the address's workload changes.
+#[test]
+fn a_cached_verdict_does_not_outlive_the_identity_it_was_given_to() {
+    const CART: usize = 0;
+    const CLIENT: usize = 1;
+    let workloads = [
+        w(0, "shop", "cart", &[("app", "cart")]),
+        w(1, "shop", "frontend", &[("app", "frontend")]),
+    ];
+    let (bed, _servers) = bed_with("ctreuse", 2, &workloads);
+    let only_frontend = policy(
+        "shop",
+        "cart-frontend-only",
+        "  selector:\n    matchLabels: {app: cart}\n  rules:\n  - from:\n    - identity: spiffe://cluster.local/ns/shop/sa/frontend\n",
+    );
+    bed.write_config("cart.yaml", &only_frontend).unwrap();
+    let _agents = start_agents(&bed, &[]);
+    let from = bed.pods[CLIENT].addr(false, 7001).to_string();
+    let to = bed.pods[CART].addr(false, 9090).to_string();
+    // Outside the mesh's cgroup: node 1 does not judge it, node 0 does, by
+    // the source address.
+    let args = [
+        "datagram",
+        "--from",
+        &from,
+        "--to",
+        &to,
+        "--text",
+        "hi",
+        "--await-ms",
+        "1000",
+    ];
+    let first = bed.client(CLIENT, false, &args, T).unwrap();
+    assert_eq!(first["answer"], "received", "frontend's datagram: {first}");
+    // The address now belongs to robot.
+    bed.register_workload(CLIENT, "shop", "robot", &[("app", "robot")])
+        .unwrap();
+    let ip = bed.pods[CLIENT].addr(false, 0).ip().to_string();
+    let robot = format!("{TD}/ns/shop/sa/robot");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let rows = cli_json(&bed, 0, &["inspect", "endpoints", "-o", "json"]);
+        if rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["ip"] == ip.as_str() && r["identity"] == robot.as_str())
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 0 never saw robot at {ip}: {rows}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let again = bed.client(CLIENT, false, &args, T).unwrap();
+    assert_eq!(
+        again["answer"], "timeout",
+        "robot passed on frontend's cached verdict: {again}"
+    );
+}
+
 /// Probes until `target` gives `want` (a reload is asynchronous).
 fn wait_until(bed: &TestBed, pod: usize, target: &str, want: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -153,6 +153,9 @@ impl Datapath {
     pub fn install(config: &DatapathConfig, pins: &PinDir) -> Result<Self, DatapathError> {
         let dir = pins.path();
         let fresh = !dir.join(map_names::SETTINGS).exists();
+        // Pins of an agent from before OUTBOUND_FLOWS: its outbound records
+        // are in CONNTRACK.
+        let adopt_outbound = !fresh && !dir.join(map_names::OUTBOUND_FLOWS).exists();
         // Refuses pins of a newer agent, and moves aside the maps whose
         // layout changed, before anything else touches them.
         let migration = migrate::prepare(dir)?;
@@ -176,11 +179,15 @@ impl Datapath {
             .map_max_entries(map_names::ENDPOINTS, config.max_endpoints)
             .map_max_entries(map_names::POLICY, config.max_policy)
             .map_max_entries(map_names::CONNTRACK, config.max_conntrack)
+            .map_max_entries(map_names::OUTBOUND_FLOWS, config.max_conntrack)
             .map_max_entries(map_names::UDP_PEERS, config.max_conntrack)
             .load(OBJECT)?;
         let maps = PinnedMaps::open(dir)?;
         // The new programs find the old entries from their first run.
         migration.copy()?;
+        if adopt_outbound {
+            maps.adopt_outbound_flows()?;
+        }
 
         // Settings first: the programs read them from their first run. The
         // short-circuit is opt-in (docs/short-circuit.md says which kernel

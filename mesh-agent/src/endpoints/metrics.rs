@@ -240,6 +240,9 @@ fn kernel_counter_help(name: &str) -> String {
         "service_unknown" => {
             "Connections refused: an address of the Service range that is no known Service"
         }
+        "spoofed_source" => {
+            "Packets from another node that claimed a workload of this node as source (dropped)"
+        }
         _ => return format!("Kernel counter {name} (COUNTERS map, summed over CPUs)."),
     };
     format!("{what} (kernel counter, summed over CPUs).")

@@ -134,6 +134,40 @@ enum Cmd {
         #[arg(long)]
         to: SocketAddr,
     },
+    /// Send UDP datagrams to `to` from `from`, an address of this namespace
+    /// (on another node, any address its owner adds to `lo`, as a forger
+    /// would; by default any). With `count`, datagram i goes to port
+    /// `to.port + i`: that many flows, as a flood would make.
+    Datagram {
+        #[arg(long)]
+        from: Option<SocketAddr>,
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        text: String,
+        #[arg(long, default_value_t = 1)]
+        count: u16,
+        /// Send each datagram this many times in a row: a flow seen twice
+        /// is one an LRU keeps over flows seen once.
+        #[arg(long, default_value_t = 1)]
+        times: u16,
+        /// Do it all this many times, each round from a new socket (a new
+        /// source port: new flows).
+        #[arg(long, default_value_t = 1)]
+        rounds: u16,
+        /// Then wait this long for an answer on the same socket: `answer`
+        /// is `received` or `timeout`.
+        #[arg(long)]
+        await_ms: Option<u64>,
+    },
+    /// Wait for one UDP datagram on `listen` (prints `listening` when
+    /// bound): reports `received` with its sender and text, or `timeout`.
+    AwaitDatagram {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+    },
     /// Write to a `hold` server that does not read yet: how much is taken
     /// before the writer is pushed back, then check every byte arrives.
     Flood {
@@ -270,6 +304,28 @@ fn main() {
         Cmd::Flood { to, bytes } => flood(to, bytes),
         Cmd::Say { to, text, repeat } => say(to, &text, repeat),
         Cmd::Tally { to, count } => tally(to, count),
+        Cmd::Datagram {
+            from,
+            to,
+            text,
+            count,
+            times,
+            rounds,
+            await_ms,
+        } => datagrams(
+            from,
+            to,
+            &text,
+            Flood {
+                count,
+                times,
+                rounds,
+            },
+            await_ms.map(Duration::from_millis),
+        ),
+        Cmd::AwaitDatagram { listen, timeout_ms } => {
+            await_datagram(listen, Duration::from_millis(timeout_ms))
+        }
         Cmd::Peername { to } => connect(to).and_then(|c| {
             Ok(json!({ "ok": true, "peer": c.peer_addr()?.to_string(), "local": c.local_addr()?.to_string() }))
         }),
@@ -917,6 +973,71 @@ fn raw_syn(addr: SocketAddr, timeout: Duration) -> anyhow::Result<String> {
         }
     }
     Ok("timeout".into())
+}
+
+/// How many datagrams `datagram` sends: see its options.
+struct Flood {
+    count: u16,
+    times: u16,
+    rounds: u16,
+}
+
+fn datagrams(
+    from: Option<SocketAddr>,
+    to: SocketAddr,
+    text: &str,
+    flood: Flood,
+    await_answer: Option<Duration>,
+) -> anyhow::Result<serde_json::Value> {
+    let any: SocketAddr = if to.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    let from = from.unwrap_or(any);
+    let mut sent = 0u64;
+    let mut sock = None;
+    for _ in 0..flood.rounds {
+        let round = std::net::UdpSocket::bind(from).with_context(|| format!("binding {from}"))?;
+        for i in 0..flood.count {
+            let mut dst = to;
+            dst.set_port(to.port().wrapping_add(i));
+            for _ in 0..flood.times {
+                round
+                    .send_to(text.as_bytes(), dst)
+                    .with_context(|| format!("sending from {from} to {dst}"))?;
+                sent += 1;
+            }
+        }
+        sock = Some(round);
+    }
+    let sock = sock.context("--rounds 0")?;
+    let mut report = json!({ "ok": true, "sent": sent });
+    if let Some(wait) = await_answer {
+        sock.set_read_timeout(Some(wait))?;
+        let mut buf = [0u8; 2048];
+        report["answer"] = match sock.recv_from(&mut buf) {
+            Ok(_) => "received".into(),
+            Err(e) => classify(&e).into(),
+        };
+    }
+    Ok(report)
+}
+
+fn await_datagram(listen: SocketAddr, timeout: Duration) -> anyhow::Result<serde_json::Value> {
+    let sock = std::net::UdpSocket::bind(listen).with_context(|| format!("binding {listen}"))?;
+    sock.set_read_timeout(Some(timeout))?;
+    println!("listening on udp {}", sock.local_addr()?);
+    std::io::stdout().flush()?;
+    let mut buf = vec![0u8; 65536];
+    match sock.recv_from(&mut buf) {
+        Ok((n, from)) => Ok(json!({
+            "result": "received",
+            "from": from.to_string(),
+            "text": String::from_utf8_lossy(&buf[..n]),
+        })),
+        Err(e) => Ok(json!({ "result": classify(&e) })),
+    }
 }
 
 fn udp_echo(listen: SocketAddr, lite: bool) -> anyhow::Result<()> {

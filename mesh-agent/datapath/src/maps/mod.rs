@@ -79,7 +79,7 @@ const fn layout<K, V>(map_type: MapType) -> MapLayout {
 
 /// The maps this agent's kernel programs use, with their layouts, from the
 /// module of each.
-pub const EXPECTED_MAPS: [(&str, MapLayout); 18] = [
+pub const EXPECTED_MAPS: [(&str, MapLayout); 19] = [
     sockets::SOCK_HASH,
     sockets::SOCKETS,
     counters::COUNTERS,
@@ -88,6 +88,7 @@ pub const EXPECTED_MAPS: [(&str, MapLayout); 18] = [
     endpoints::LOCAL_NETNS,
     policy::POLICY,
     conntrack::CONNTRACK,
+    conntrack::OUTBOUND_FLOWS,
     conntrack::UDP_PEERS,
     tunnel::REDIRECTS,
     tunnel::TUNNEL_ORIG,
@@ -189,7 +190,11 @@ impl PinnedMaps {
             (map_names::ENDPOINTS, self.endpoints()?.len()),
             (map_names::LOCAL_NETNS, self.local_netns()?.len()),
             (map_names::POLICY, self.policy()?.len()),
-            (map_names::CONNTRACK, self.conntrack()?.len()),
+            (
+                map_names::CONNTRACK,
+                self.flows(map_names::CONNTRACK)?.len(),
+            ),
+            (map_names::OUTBOUND_FLOWS, self.outbound_flows()?.len()),
             (map_names::SERVICES, self.services()?.len()),
             (map_names::SERVICE_BACKENDS, self.service_backends()?.len()),
         ];
