@@ -3,7 +3,7 @@ use std::{os::fd::AsFd as _, path::Path, time::Duration};
 
 use anyhow::Context as _;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::{
     config::Config,
@@ -77,7 +77,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 log_filter,
             },
         );
-        let _datapath = Datapath::install(&config.datapath, &pins)?;
+        let datapath = Datapath::install(&config.datapath, &pins)?;
+        if !config.datapath.interfaces.is_empty() {
+            tokio::spawn(guard_interfaces(datapath));
+        }
         hub.set_names(NodeState::read(&config.state_dir).unwrap_or_default());
         tokio::spawn(log_failure(
             "flow events",
@@ -132,6 +135,30 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     })
+}
+
+/// How often the tc links are checked against the interfaces they guard.
+const INTERFACE_CHECK: Duration = Duration::from_secs(1);
+
+/// Interfaces come and go (a CNI creates its device again, an uplink is
+/// re-plugged), and a link of a deleted interface guards nothing: every
+/// second the tc programs are attached again wherever that happened.
+async fn guard_interfaces(mut datapath: Datapath) {
+    let mut tick = tokio::time::interval(INTERFACE_CHECK);
+    loop {
+        tick.tick().await;
+        match datapath.guard_interfaces() {
+            Ok(again) => {
+                for interface in again {
+                    warn!(%interface, "interface was re-created: tc programs attached again");
+                }
+            }
+            Err(e) => warn!(
+                error = format!("{e:#}"),
+                "attaching tc programs again failed; retrying"
+            ),
+        }
+    }
 }
 
 async fn log_failure(what: &'static str, task: impl Future<Output = anyhow::Result<()>>) {

@@ -23,8 +23,8 @@ use crate::{
 };
 use mesh_agent::endpoints::metrics::seconds_until;
 use mesh_agent::health::HealthReport;
-use mesh_datapath::CGROUP_HOOKS;
 use mesh_datapath::maps::{MapFill, PinnedMaps};
+use mesh_datapath::{CGROUP_HOOKS, TcLinkState};
 use mesh_pki::rotation::CertState;
 use mesh_policy::state::NodeState;
 
@@ -73,6 +73,9 @@ pub struct Inputs {
     pub agent: AgentProbe,
     /// Names in the pin directory.
     pub pins: Result<Vec<String>, String>,
+    /// Interfaces whose pinned tc links guard nothing any more (deleted or
+    /// created again since the link was made).
+    pub stale_interfaces: Vec<String>,
     pub kernel: Result<KernelReadings, String>,
     /// `None`: no `certs.json` (the agent does not run mutual TLS).
     pub certs: Option<Result<CertState, String>>,
@@ -172,6 +175,10 @@ pub fn gather(bpffs: &Path, state_dir: &Path, health_address: SocketAddr) -> Inp
                 .collect::<Result<Vec<_>, _>>()
         })
         .map_err(|e| format!("{}: {e}", bpffs.display()));
+    let stale_interfaces = pins
+        .as_ref()
+        .map(|names| stale_interfaces(bpffs, names))
+        .unwrap_or_default();
     let kernel = read_kernel(bpffs).map_err(|e| format!("{:#}", anyhow::Error::from(e)));
     let certs = (!mesh_pki::rotation::no_state(state_dir))
         .then(|| mesh_pki::rotation::read_state(state_dir).map_err(|e| format!("{e:#}")));
@@ -183,10 +190,33 @@ pub fn gather(bpffs: &Path, state_dir: &Path, health_address: SocketAddr) -> Inp
         bpffs: bpffs.to_owned(),
         agent,
         pins,
+        stale_interfaces,
         kernel,
         certs,
         state_generation,
     }
+}
+
+/// The interfaces among the pinned tc links whose link no longer reaches
+/// the interface of that name.
+fn stale_interfaces(bpffs: &Path, names: &[String]) -> Vec<String> {
+    let mut stale: Vec<String> = names
+        .iter()
+        .filter_map(|n| {
+            n.strip_prefix("tc_ingress_")
+                .or_else(|| n.strip_prefix("tc_egress_"))
+        })
+        .filter(|i| {
+            mesh_datapath::tc_link_state(&bpffs.join(format!("tc_ingress_{i}")), i)
+                != TcLinkState::Guarding
+                || mesh_datapath::tc_link_state(&bpffs.join(format!("tc_egress_{i}")), i)
+                    != TcLinkState::Guarding
+        })
+        .map(str::to_owned)
+        .collect();
+    stale.sort();
+    stale.dedup();
+    stale
 }
 
 fn read_kernel(bpffs: &Path) -> Result<KernelReadings, mesh_datapath::maps::MapsError> {
@@ -338,7 +368,7 @@ pub fn evaluate(inputs: &Inputs, now: SystemTime) -> Report {
     match &inputs.pins {
         Err(e) => check("programs", State::Fail, e.clone()),
         Ok(names) => {
-            let (state, detail) = judge_links(names, &bpffs.to_string());
+            let (state, detail) = judge_links(names, &inputs.stale_interfaces, &bpffs.to_string());
             check("programs", state, detail);
         }
     }
@@ -455,7 +485,7 @@ pub fn evaluate(inputs: &Inputs, now: SystemTime) -> Report {
 
 /// Every cgroup hook linked on one cgroup, and both tc directions on each
 /// interface that has one.
-fn judge_links(names: &[String], bpffs: &str) -> (State, String) {
+fn judge_links(names: &[String], stale: &[String], bpffs: &str) -> (State, String) {
     let Some(cgroup) = names.iter().find_map(|n| n.strip_prefix("sockops_cgroup_")) else {
         return (
             State::Fail,
@@ -493,21 +523,28 @@ fn judge_links(names: &[String], bpffs: &str) -> (State, String) {
     if !half.is_empty() {
         return (State::Fail, half.join(", "));
     }
-    let tc = if interfaces.is_empty() {
-        "no tc links (no --interfaces)".to_string()
-    } else {
-        format!(
-            "tc on {}",
-            interfaces.into_iter().collect::<Vec<_>>().join(", ")
-        )
-    };
-    (
-        State::Ok,
-        format!(
-            "{} cgroup hooks on cgroup {cgroup}; {tc}",
-            CGROUP_HOOKS.len()
-        ),
-    )
+    if !stale.is_empty() {
+        return (
+            State::Fail,
+            format!(
+                "the tc links of {} guard nothing: the interface was deleted or created again \
+                 (a running agent attaches anew within a second; otherwise restart it)",
+                stale.join(", ")
+            ),
+        );
+    }
+    let hooks = format!("{} cgroup hooks on cgroup {cgroup}", CGROUP_HOOKS.len());
+    if interfaces.is_empty() {
+        return (
+            State::Warn,
+            format!(
+                "{hooks}; no tc links (no --interfaces): packets from other nodes are not \
+                 judged on arrival (fine on a single node)"
+            ),
+        );
+    }
+    let tc = interfaces.into_iter().collect::<Vec<_>>().join(", ");
+    (State::Ok, format!("{hooks}; tc on {tc}"))
 }
 
 fn judge_certificates(
@@ -641,6 +678,7 @@ mod tests {
                 },
             },
             pins: Ok(links(&["eth0"])),
+            stale_interfaces: Vec::new(),
             kernel: Ok(KernelReadings {
                 counters: [("policy_denied", 4), ("policy_allowed", 9)].into(),
                 maps: vec![
@@ -775,6 +813,31 @@ mod tests {
         assert_eq!(state_of(&report, "agent").0, State::Fail);
         assert_eq!(state_of(&report, "ready").0, State::Fail);
         assert_eq!(report.ready, None);
+    }
+
+    #[test]
+    fn stale_tc_links_fail_and_no_interfaces_warns() {
+        let mut inputs = healthy_inputs();
+        inputs.stale_interfaces = vec!["eth0".into()];
+        let report = evaluate(&inputs, now());
+        assert!(!report.healthy);
+        let (state, detail) = state_of(&report, "programs");
+        assert_eq!(state, State::Fail);
+        assert!(
+            detail.starts_with("the tc links of eth0 guard nothing"),
+            "{detail}"
+        );
+        let mut inputs = healthy_inputs();
+        inputs.pins = Ok(links(&[]));
+        let report = evaluate(&inputs, now());
+        assert!(report.healthy, "a warning is not a failure");
+        let (state, detail) = state_of(&report, "programs");
+        assert_eq!(state, State::Warn);
+        assert!(
+            detail
+                .contains("no tc links (no --interfaces): packets from other nodes are not judged"),
+            "{detail}"
+        );
     }
 
     #[test]

@@ -164,63 +164,100 @@ impl TestBed {
         let fabric = Netns::create(&format!("{}-fab", self.name))?;
         add_bridge(&fabric)?;
         fabric.ip(&["link", "set", "br0", "up"])?;
-        for node in &self.nodes {
-            let i = node.index;
-            let port = format!("n{i}");
-            fabric.ip(&[
-                "link",
-                "add",
-                &port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                UPLINK,
-                "netns",
-                node.netns.name(),
-            ])?;
-            fabric.ip(&["link", "set", &port, "master", "br0", "up"])?;
-            let ns = &node.netns;
-            ns.ip(&[
-                "addr",
-                "add",
-                &format!("{}/24", node_uplink_ip(i.into())),
-                "dev",
-                UPLINK,
-            ])?;
-            ns.ip(&[
-                "addr",
-                "add",
-                &format!("fd00:ffff::{}/64", i + 1),
-                "dev",
-                UPLINK,
-                "nodad",
-            ])?;
-            ns.ip(&["link", "set", UPLINK, "up"])?;
+        self.fabric = Some(fabric);
+        for node in 0..self.nodes.len() {
+            self.plug_uplink(node)?;
+            let ns = &self.nodes[node].netns;
             ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
             ns.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"])?;
         }
-        for node in &self.nodes {
-            for other in self.nodes.iter().filter(|o| o.index != node.index) {
-                let j = other.index;
-                node.netns.ip(&[
-                    "route",
-                    "add",
-                    &format!("198.18.{j}.0/24"),
-                    "via",
-                    &format!("198.19.255.{}", j + 1),
-                ])?;
-                node.netns.ip(&[
-                    "-6",
-                    "route",
-                    "add",
-                    &format!("fd00:0:0:{j}::/64"),
-                    "via",
-                    &format!("fd00:ffff::{}", j + 1),
-                ])?;
-            }
+        for node in 0..self.nodes.len() {
+            self.route_to_other_nodes(node)?;
         }
-        self.fabric = Some(fabric);
+        Ok(())
+    }
+
+    /// Deletes `node`'s uplink and plugs a new one in its place (a new
+    /// interface of the same name, as a CNI re-creating its device or a
+    /// re-plugged link makes), with the same addresses and routes.
+    pub fn recreate_uplink(&self, node: usize) -> anyhow::Result<()> {
+        self.nodes[node].netns.ip(&["link", "del", UPLINK])?;
+        self.plug_uplink(node)?;
+        self.route_to_other_nodes(node)
+    }
+
+    /// A veth from the fabric's bridge to `node`'s `uplink`, addressed and up.
+    fn plug_uplink(&self, node: usize) -> anyhow::Result<()> {
+        let fabric = self
+            .fabric
+            .as_ref()
+            .context("no fabric: connect_nodes first")?;
+        let node = &self.nodes[node];
+        let i = node.index;
+        let port = format!("n{i}");
+        fabric.ip(&[
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            UPLINK,
+            "netns",
+            node.netns.name(),
+        ])?;
+        fabric.ip(&["link", "set", &port, "master", "br0", "up"])?;
+        let ns = &node.netns;
+        // A fixed address: an uplink plugged again is the same neighbour to
+        // the other nodes, whose neighbour caches still name it.
+        ns.ip(&[
+            "link",
+            "set",
+            UPLINK,
+            "address",
+            &format!("02:6d:65:73:68:{i:02x}"),
+        ])?;
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", node_uplink_ip(i.into())),
+            "dev",
+            UPLINK,
+        ])?;
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("fd00:ffff::{}/64", i + 1),
+            "dev",
+            UPLINK,
+            "nodad",
+        ])?;
+        ns.ip(&["link", "set", UPLINK, "up"]).map(drop)
+    }
+
+    /// Routes from `node` to every other node's pod subnets, via their
+    /// uplinks.
+    fn route_to_other_nodes(&self, node: usize) -> anyhow::Result<()> {
+        let node = &self.nodes[node];
+        for other in self.nodes.iter().filter(|o| o.index != node.index) {
+            let j = other.index;
+            node.netns.ip(&[
+                "route",
+                "add",
+                &format!("198.18.{j}.0/24"),
+                "via",
+                &format!("198.19.255.{}", j + 1),
+            ])?;
+            node.netns.ip(&[
+                "-6",
+                "route",
+                "add",
+                &format!("fd00:0:0:{j}::/64"),
+                "via",
+                &format!("fd00:ffff::{}", j + 1),
+            ])?;
+        }
         Ok(())
     }
 

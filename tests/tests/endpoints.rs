@@ -282,14 +282,25 @@ fn endpoints_serve_health_metrics_config_and_log_level() {
 
     let (code, text) = status(&bed, &[]);
     assert_eq!(code, 0, "{text}");
-    assert!(text.starts_with("status: healthy\n"), "{text}");
-    for check in ["agent", "ready", "programs", "maps", "certificates"] {
+    assert!(
+        text.starts_with("status: healthy, with 1 warning\n"),
+        "{text}"
+    );
+    for check in ["agent", "ready", "maps", "certificates"] {
         assert!(
             text.lines()
                 .any(|l| l.starts_with(check) && l.contains(" ok ")),
             "{check} is not ok:\n{text}"
         );
     }
+    // One node, no --interfaces: nothing from other nodes is judged on
+    // arrival, which status points out.
+    assert!(
+        text.lines().any(|l| l.starts_with("programs")
+            && l.contains(" warn ")
+            && l.contains("no --interfaces")),
+        "{text}"
+    );
     let (code, json) = status(&bed, &["-o", "json"]);
     assert_eq!(code, 0, "{json}");
     let json: Value = serde_json::from_str(&json).unwrap();

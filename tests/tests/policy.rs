@@ -813,6 +813,91 @@ fn a_cached_verdict_does_not_outlive_the_identity_it_was_given_to() {
     );
 }
 
+/// `mesh-agent status`'s `programs` check on `node`, run in the node's
+/// network namespace (where its interfaces are): state and detail.
+fn programs_check(bed: &TestBed, node: usize) -> (String, String) {
+    let mut cmd = std::process::Command::new(agent::agent_bin());
+    cmd.arg("--bpffs")
+        .arg(bed.pin_dir(node))
+        .arg("--state-dir")
+        .arg(bed.state_dir(node))
+        .args(["status", "-o", "json"])
+        .stdout(std::process::Stdio::piped());
+    let placement = mesh_tests::process::Placement {
+        netns: Some(&bed.nodes[node].netns),
+        cgroup: None,
+    };
+    let out = Spawned::spawn(cmd, &placement)
+        .unwrap()
+        .wait_output(T)
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let check = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "programs")
+        .unwrap_or_else(|| panic!("no programs check: {report}"));
+    (
+        check["state"].as_str().unwrap().to_string(),
+        check["detail"].as_str().unwrap().to_string(),
+    )
+}
+
+/// An interface deleted and created again (a CNI's device, a re-plugged
+/// uplink) has a new index, and the old TCX link, still pinned, guards
+/// nothing: a denied SYN from another node reached the workload. A running
+/// agent attaches its programs to the new interface within a second; one
+/// that starts finds the dead link and attaches anew instead of adopting
+/// it; `status` fails while a link guards nothing.
+#[test]
+fn an_interface_created_again_is_guarded_again() {
+    let (bed, _servers) = bed_with("replug", 2, &MATRIX);
+    matrix_policies(&bed);
+    let mut agents = start_agents(&bed, &[]);
+    let denied = target(&bed, PAYMENTS, 8080, false, false);
+    let allowed = target(&bed, PAYMENTS, 9090, true, false);
+    // The allowed flow proves the new uplink carries traffic; the denied
+    // one that it is judged.
+    let denied_now = || {
+        let results = probe(
+            &bed,
+            FRONTEND,
+            false,
+            &[denied.clone(), allowed.clone()],
+            400,
+        );
+        assert_eq!(results[&allowed], "connected", "{results:?}");
+        results[&denied] == "timeout"
+    };
+    assert!(denied_now());
+
+    // While the agent runs: guarded again within a second or so.
+    bed.recreate_uplink(1).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while programs_check(&bed, 1).0 != "ok" {
+        assert!(Instant::now() < deadline, "{:?}", programs_check(&bed, 1));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        denied_now(),
+        "a denied SYN reached payments through the new uplink"
+    );
+
+    // While no agent runs: status says so; the next agent attaches anew.
+    agents[1].stop().unwrap();
+    bed.recreate_uplink(1).unwrap();
+    let (state, detail) = programs_check(&bed, 1);
+    assert_eq!(state, "fail", "{detail}");
+    assert!(
+        detail.contains("the tc links of uplink guard nothing"),
+        "{detail}"
+    );
+    agents[1] = Agent::start_node(&bed, 1, &[]).unwrap();
+    assert_eq!(programs_check(&bed, 1).0, "ok");
+    assert!(denied_now(), "a restarted agent adopted a dead link");
+}
+
 /// Probes until `target` gives `want` (a reload is asynchronous).
 fn wait_until(bed: &TestBed, pod: usize, target: &str, want: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -40,7 +40,7 @@ use aya::{
     },
 };
 use mesh_common::{MAP_LAYOUT_VERSION, SocketKey, map_names};
-use tracing::info;
+use tracing::{info, warn};
 
 use maps::{MapsError, PinnedMaps};
 use pins::PinDir;
@@ -144,7 +144,9 @@ pub struct DatapathConfig {
 }
 
 pub struct Datapath {
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
+    dir: PathBuf,
+    interfaces: Vec<String>,
 }
 
 impl Datapath {
@@ -210,7 +212,7 @@ impl Datapath {
         }
         for interface in &config.interfaces {
             for (program, direction, attach_type) in TC_PROGRAMS {
-                let pin = dir.join(format!("tc_{direction}_{interface}"));
+                let pin = tc_link_pin(dir, direction, interface);
                 attach_tc(&mut ebpf, program, interface, attach_type, &pin)?;
             }
         }
@@ -228,7 +230,67 @@ impl Datapath {
             short_circuit = maps.short_circuit()?,
             "kernel programs attached"
         );
-        Ok(Self { _ebpf: ebpf })
+        Ok(Self {
+            ebpf,
+            dir: dir.to_owned(),
+            interfaces: config.interfaces.clone(),
+        })
+    }
+
+    /// Attaches the tc programs again to every interface of the
+    /// configuration whose link no longer guards it: the interface was
+    /// deleted and created again (a CNI's device, a re-plugged uplink), and
+    /// the old link, still pinned, guards nothing. Interfaces absent right
+    /// now are left for a later call. Returns the interfaces re-attached.
+    pub fn guard_interfaces(&mut self) -> Result<Vec<String>, DatapathError> {
+        let mut attached = Vec::new();
+        for interface in &self.interfaces {
+            if nix::net::if_::if_nametoindex(interface.as_str()).is_err() {
+                continue;
+            }
+            for (program, direction, attach_type) in TC_PROGRAMS {
+                let pin = tc_link_pin(&self.dir, direction, interface);
+                if tc_link_state(&pin, interface) == TcLinkState::Guarding {
+                    continue;
+                }
+                attach_tc(&mut self.ebpf, program, interface, attach_type, &pin)?;
+                if attached.last() != Some(interface) {
+                    attached.push(interface.clone());
+                }
+            }
+        }
+        Ok(attached)
+    }
+}
+
+/// Where the TCX link of `direction` on `interface` is pinned.
+pub fn tc_link_pin(dir: &Path, direction: &str, interface: &str) -> PathBuf {
+    dir.join(format!("tc_{direction}_{interface}"))
+}
+
+/// Whether a pinned tc link still guards its interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcLinkState {
+    /// Attached to the interface that now has the name.
+    Guarding,
+    /// Attached to nothing: the interface was deleted (and perhaps created
+    /// again under the same name, with a new index).
+    Stale,
+    /// No link pinned, or none readable.
+    Missing,
+}
+
+/// The state of the tc link pinned at `pin` for `interface`.
+pub fn tc_link_state(pin: &Path, interface: &str) -> TcLinkState {
+    let Ok(link) = sys::obj_get(pin) else {
+        return TcLinkState::Missing;
+    };
+    let Ok(linked) = sys::tcx_link_ifindex(link.as_fd()) else {
+        return TcLinkState::Missing;
+    };
+    match nix::net::if_::if_nametoindex(interface) {
+        Ok(current) if linked != 0 && linked == current => TcLinkState::Guarding,
+        _ => TcLinkState::Stale,
     }
 }
 
@@ -322,6 +384,18 @@ fn attach_tc(
         program.load().map_err(program_err(name))?;
     }
     let prog_fd = dup_program_fd(program.fd().map_err(program_err(name))?.as_fd())?;
+    if link_pin.exists() && tc_link_state(link_pin, interface) != TcLinkState::Guarding {
+        // Adopting it would leave the interface unguarded: a new link.
+        warn!(
+            link = %link_pin.display(),
+            interface,
+            "pinned tc link guards nothing (the interface was deleted or re-created): attaching anew"
+        );
+        std::fs::remove_file(link_pin).map_err(|source| DatapathError::Io {
+            what: format!("removing stale link {}", link_pin.display()),
+            source,
+        })?;
+    }
     attach_pinned(link_pin, prog_fd.as_fd(), || {
         // TCX (Linux 6.6+): a bpf_link, so it can be pinned and updated in
         // place, and it coexists with other tc programs on the interface.

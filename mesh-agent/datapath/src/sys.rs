@@ -1,7 +1,8 @@
 //! Every unsafe call of the agent, each wrapped in a safe function: the two
 //! bpf(2) commands aya 0.14 does not expose (BPF_OBJ_GET of a pinned link,
 //! and BPF_LINK_UPDATE, which swaps the program behind a link atomically, so
-//! an upgraded agent never leaves a moment with no program attached),
+//! an upgraded agent never leaves a moment with no program attached, and
+//! BPF_OBJ_GET_INFO_BY_FD of a TCX link, for the interface it guards),
 //! reading plain records out of a ring buffer, and `SO_NETNS_COOKIE`.
 #![allow(unsafe_code)]
 
@@ -73,6 +74,37 @@ pub fn obj_get(path: &std::path::Path) -> std::io::Result<OwnedFd> {
     let fd = bpf(bpf_cmd::BPF_OBJ_GET, &attr)?;
     // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `bpf_attr` for BPF_OBJ_GET_INFO_BY_FD.
+#[repr(C)]
+struct InfoByFdAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The index of the interface a TCX link is attached to: 0 once that
+/// interface is gone (the link stays, pinned, guarding nothing).
+pub fn tcx_link_ifindex(link: BorrowedFd<'_>) -> io::Result<u32> {
+    use aya_obj::generated::{bpf_link_info, bpf_link_type};
+    // SAFETY: bpf_link_info is integers and unions of integers, for which
+    // all zeroes is a valid value.
+    let mut info: bpf_link_info = unsafe { std::mem::zeroed() };
+    let attr = InfoByFdAttr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: size_of::<bpf_link_info>() as u32,
+        info: (&raw mut info) as u64,
+    };
+    bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &attr)?;
+    if info.type_ != bpf_link_type::BPF_LINK_TYPE_TCX as u32 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("not a TCX link (link type {})", info.type_),
+        ));
+    }
+    // SAFETY: the kernel filled the union's `tcx` member for a TCX link.
+    Ok(unsafe { info.__bindgen_anon_1.tcx.ifindex })
 }
 
 /// A `T` from the start of `bytes` (a ring buffer record the kernel wrote),
