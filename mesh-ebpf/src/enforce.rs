@@ -36,8 +36,8 @@ use mesh_common::{
 use crate::{
     attempt::Attempt,
     maps::{
-        CONNTRACK, FLOWS, OUTBOUND_FLOWS, UDP_PEERS, count, endpoint, identity_of_address, identity_of_caller,
-        lookup, policy_entry, policy_generation, setting,
+        CONNTRACK, FLOWS, OUTBOUND_FLOWS, UDP_PEERS, count, endpoint, identity_of_address,
+        identity_of_caller, lookup, policy_entry, policy_generation, setting,
     },
     packet::{self, Parsed},
     service::{self, Destination},

@@ -1,19 +1,25 @@
 //! Just enough header parsing for the tc programs: the flow of an IPv4 or
-//! IPv6 TCP/UDP packet behind an Ethernet header. Bytes are read with
-//! `bpf_skb_load_bytes` (`TcContext::load`), which bounds-checks for us.
+//! IPv6 TCP/UDP packet. Headers are read relative to the network header
+//! (`bpf_skb_load_bytes_relative`, which bounds-checks for us) and the IP
+//! version comes from `skb->protocol`, so the same code reads packets
+//! behind an Ethernet header and packets of L3 devices, which have none
+//! (`tunl0`, `wg0`, the decapsulated side of an overlay).
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{
+    EbpfContext as _, helpers::generated::bpf_skb_load_bytes_relative, programs::TcContext,
+};
 use mesh_common::{
     ipv4_mapped,
     policy::{FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP},
 };
 
-const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
-const IPV6_HLEN: usize = 40;
+const IPV6_HLEN: u32 = 40;
+/// `bpf_skb_load_bytes_relative`: offsets count from the network header.
+const BPF_HDR_START_NET: u32 = 1;
 /// TCP flags byte: SYN set, ACK clear is the first packet of a connection.
-const TCP_FLAGS_OFFSET: usize = 13;
+const TCP_FLAGS_OFFSET: u32 = 13;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 const TCP_HLEN: u32 = 20;
@@ -44,36 +50,60 @@ pub fn parse(ctx: &TcContext) -> Parsed {
     }
 }
 
+/// A `T` at `offset` bytes from the network header.
 #[inline(always)]
-fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, ()> {
-    ctx.load::<T>(offset).map_err(|_| ())
+fn load<T>(ctx: &TcContext, offset: u32) -> Result<T, ()> {
+    let mut value = core::mem::MaybeUninit::<T>::uninit();
+    // SAFETY: the helper writes exactly `size_of::<T>()` bytes into `value`
+    // or fails; `T` is a plain integer or array of them, valid for any
+    // bytes.
+    let ret = unsafe {
+        bpf_skb_load_bytes_relative(
+            ctx.as_ptr(),
+            offset,
+            value.as_mut_ptr().cast(),
+            core::mem::size_of::<T>() as u32,
+            BPF_HDR_START_NET,
+        )
+    };
+    if ret == 0 {
+        // SAFETY: the helper succeeded, so every byte was written.
+        Ok(unsafe { value.assume_init() })
+    } else {
+        Err(())
+    }
 }
 
 #[inline(always)]
 fn try_parse(ctx: &TcContext) -> Result<Parsed, ()> {
-    let ethertype = u16::from_be(load::<u16>(ctx, 12)?);
+    // `skb->protocol` holds the EtherType in network byte order.
+    let ethertype = u16::from_be(ctx.skb.protocol() as u16);
     let (src_ip, dst_ip, proto, l4) = match ethertype {
         ETH_P_IP => {
-            let ver_ihl: u8 = load(ctx, ETH_HLEN)?;
-            let frag = u16::from_be(load::<u16>(ctx, ETH_HLEN + 6)?);
-            let proto: u8 = load(ctx, ETH_HLEN + 9)?;
-            let src: u32 = load(ctx, ETH_HLEN + 12)?;
-            let dst: u32 = load(ctx, ETH_HLEN + 16)?;
+            let ver_ihl: u8 = load(ctx, 0)?;
+            let total_len = u16::from_be(load::<u16>(ctx, 2)?);
+            let frag = u16::from_be(load::<u16>(ctx, 6)?);
+            let proto: u8 = load(ctx, 9)?;
+            let src: u32 = load(ctx, 12)?;
+            let dst: u32 = load(ctx, 16)?;
             if proto == PROTO_ICMP || frag & IP_OFFSET != 0 {
                 return Ok(Parsed::Ignore);
             }
-            let ihl = ((ver_ihl & 0x0f) as usize) * 4;
-            let l4 = ETH_HLEN + ihl;
+            let l4 = u32::from(ver_ihl & 0x0f) * 4;
             // A first fragment too short for the whole TCP or UDP header
             // hides what the reassembled packet is (RFC 1858's tiny
             // fragment: the flags of a SYN in the second fragment). No
-            // stack sends one; judge it by its destination alone.
+            // stack sends one; judge it by its destination alone. Its
+            // length is the IP header's (an Ethernet frame may carry
+            // padding after it), and the bytes must be there too.
             let l4_header = match proto {
                 PROTO_TCP => TCP_HLEN,
                 PROTO_UDP => UDP_HLEN,
-                _ => 0,
+                _ => 1,
             };
-            if frag & IP_MF != 0 && ctx.len() < l4 as u32 + l4_header {
+            let tiny = u32::from(total_len) < l4 + l4_header
+                || load::<u8>(ctx, l4 + l4_header - 1).is_err();
+            if frag & IP_MF != 0 && tiny {
                 return Ok(Parsed::Opaque {
                     dst_ip: ipv4_mapped(dst),
                 });
@@ -81,13 +111,13 @@ fn try_parse(ctx: &TcContext) -> Result<Parsed, ()> {
             (ipv4_mapped(src), ipv4_mapped(dst), proto, l4)
         }
         ETH_P_IPV6 => {
-            let proto: u8 = load(ctx, ETH_HLEN + 6)?;
-            let src: [u32; 4] = load(ctx, ETH_HLEN + 8)?;
-            let dst: [u32; 4] = load(ctx, ETH_HLEN + 24)?;
+            let proto: u8 = load(ctx, 6)?;
+            let src: [u32; 4] = load(ctx, 8)?;
+            let dst: [u32; 4] = load(ctx, 24)?;
             if proto == PROTO_ICMPV6 {
                 return Ok(Parsed::Ignore);
             }
-            (src, dst, proto, ETH_HLEN + IPV6_HLEN)
+            (src, dst, proto, IPV6_HLEN)
         }
         _ => return Ok(Parsed::Ignore),
     };

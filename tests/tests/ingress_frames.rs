@@ -384,6 +384,19 @@ fn tiny_first_fragment_of_a_syn_is_dropped() {
     assert_eq!(ingress.verdict(&tiny), TC_ACT_SHOT);
 }
 
+/// An Ethernet frame is at least 60 bytes: a short packet arrives padded,
+/// and the padding is no part of the IP packet. A tiny first fragment is
+/// tiny by its IP length, whatever follows it in the frame.
+#[test]
+fn a_padded_tiny_first_fragment_is_still_tiny() {
+    let ingress = Ingress::load("ingress-padded-fragment");
+    for client in [ALLOWED4, DENIED4] {
+        let mut frame = ipv4(client, SERVER4, IP_MF, &syn()[..8]);
+        frame.resize(60, 0);
+        assert_eq!(ingress.verdict(&frame), TC_ACT_SHOT, "from {client}");
+    }
+}
+
 #[test]
 fn ipv6_extension_headers_are_dropped_to_workloads() {
     let ingress = Ingress::load("ingress-ipv6-ext");

@@ -898,6 +898,48 @@ fn an_interface_created_again_is_guarded_again() {
     assert!(denied_now(), "a restarted agent adopted a dead link");
 }
 
+/// Overlay CNIs hand other nodes' packets to pods through L3 devices
+/// (IPIP's `tunl0`, WireGuard's `wg0`…), which have no Ethernet header. A
+/// TUN device is one: a SYN arriving on it from an address policy denies
+/// was read as a frame of no known type and passed.
+#[test]
+fn packets_arriving_on_an_l3_device_are_judged() {
+    let (bed, _servers) = bed_with("l3dev", 1, &TRIO);
+    let ns = &bed.nodes[0].netns;
+    ns.ip(&["tuntap", "add", "dev", "mtun0", "mode", "tun"])
+        .unwrap();
+    ns.ip(&["addr", "add", "198.51.100.1/24", "dev", "mtun0"])
+        .unwrap();
+    ns.ip(&["link", "set", "mtun0", "up"]).unwrap();
+    ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])
+        .unwrap();
+    let _agent = Agent::start_node(&bed, 0, &["--interfaces", "mtun0"]).unwrap();
+    only_frontend_reaches_cart(&bed);
+    let syn = |pod: usize| {
+        let to = bed.pods[pod].addr(false, 8080).to_string();
+        let args = [
+            "tun-syn",
+            "--device",
+            "mtun0",
+            "--from",
+            "198.51.100.7:40000",
+            "--to",
+            &to,
+        ];
+        on_node(&bed, 0, &args)["result"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    // No ALLOW selects frontend: anyone reaches it, through the device too.
+    assert_eq!(syn(0), "connected");
+    assert_eq!(
+        syn(2),
+        "timeout",
+        "a denied SYN reached cart through an L3 device"
+    );
+}
+
 /// Probes until `target` gives `want` (a reload is asynchronous).
 fn wait_until(bed: &TestBed, pod: usize, target: &str, want: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -160,6 +160,20 @@ enum Cmd {
         #[arg(long)]
         await_ms: Option<u64>,
     },
+    /// Hand the kernel a TCP SYN from `from` to `to` as if it arrived on
+    /// the TUN device `device` (an L3 device: no Ethernet header, like the
+    /// decapsulated side of an IPIP or WireGuard overlay), and watch the
+    /// device for the answer: `connected` for a SYN-ACK, else `timeout`.
+    TunSyn {
+        #[arg(long)]
+        device: String,
+        #[arg(long)]
+        from: std::net::SocketAddrV4,
+        #[arg(long)]
+        to: std::net::SocketAddrV4,
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+    },
     /// Wait for one UDP datagram on `listen` (prints `listening` when
     /// bound): reports `received` with its sender and text, or `timeout`.
     AwaitDatagram {
@@ -323,6 +337,13 @@ fn main() {
             },
             await_ms.map(Duration::from_millis),
         ),
+        Cmd::TunSyn {
+            device,
+            from,
+            to,
+            timeout_ms,
+        } => tun_syn(&device, from, to, Duration::from_millis(timeout_ms))
+            .map(|result| json!({ "result": result })),
         Cmd::AwaitDatagram { listen, timeout_ms } => {
             await_datagram(listen, Duration::from_millis(timeout_ms))
         }
@@ -1038,6 +1059,91 @@ fn await_datagram(listen: SocketAddr, timeout: Duration) -> anyhow::Result<serde
         })),
         Err(e) => Ok(json!({ "result": classify(&e) })),
     }
+}
+
+/// `TUNSETIFF`: `_IOW('T', 202, int)`.
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+
+/// An IPv4 header (no options) for `payload_len` bytes of `proto`, with its
+/// checksum.
+fn ipv4_header(
+    src: std::net::Ipv4Addr,
+    dst: std::net::Ipv4Addr,
+    proto: u8,
+    payload_len: usize,
+) -> [u8; 20] {
+    let mut h = [0u8; 20];
+    h[0] = 0x45;
+    h[2..4].copy_from_slice(&((20 + payload_len) as u16).to_be_bytes());
+    h[6] = 0x40; // don't fragment
+    h[8] = 64;
+    h[9] = proto;
+    h[12..16].copy_from_slice(&src.octets());
+    h[16..20].copy_from_slice(&dst.octets());
+    let mut sum = ones_complement_sum(0, &h);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    h[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    h
+}
+
+fn tun_syn(
+    device: &str,
+    from: std::net::SocketAddrV4,
+    to: std::net::SocketAddrV4,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .context("opening /dev/net/tun")?;
+    // SAFETY: ifreq is plain data, for which all zeroes is valid.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    anyhow::ensure!(device.len() < ifr.ifr_name.len(), "device name too long");
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(device.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes one ifreq, which lives for the call.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF as _, &mut ifr) } < 0 {
+        return Err(std::io::Error::last_os_error()).context(format!("attaching to {device}"));
+    }
+    let syn = tcp_syn(from, to, 0x6d65_7368);
+    let mut packet = ipv4_header(*from.ip(), *to.ip(), libc::IPPROTO_TCP as u8, syn.len()).to_vec();
+    packet.extend_from_slice(&syn);
+    (&tun).write_all(&packet).context("writing the SYN")?;
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 2048];
+    while Instant::now() < deadline {
+        let mut fds = [nix::poll::PollFd::new(
+            tun.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        if nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms))? == 0 {
+            break;
+        }
+        let n = (&tun).read(&mut buf)?;
+        // An IPv4 packet from `to` to `from`, TCP with SYN and ACK set.
+        if n < 40 || buf[0] >> 4 != 4 || buf[9] != libc::IPPROTO_TCP as u8 {
+            continue;
+        }
+        let ihl = usize::from(buf[0] & 0x0f) * 4;
+        if n < ihl + 14 || buf[12..16] != to.ip().octets() {
+            continue;
+        }
+        let tcp = &buf[ihl..n];
+        let from_port = u16::from_be_bytes([tcp[0], tcp[1]]);
+        let to_port = u16::from_be_bytes([tcp[2], tcp[3]]);
+        if from_port == to.port() && to_port == from.port() && tcp[13] & 0x12 == 0x12 {
+            return Ok("connected".into());
+        }
+    }
+    Ok("timeout".into())
 }
 
 fn udp_echo(listen: SocketAddr, lite: bool) -> anyhow::Result<()> {
