@@ -1,5 +1,10 @@
 //! `mesh-agent run`: the node agent's lifecycle.
-use std::{os::fd::AsFd as _, path::Path, time::Duration};
+use std::{
+    os::fd::AsFd as _,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
@@ -77,10 +82,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 log_filter,
             },
         );
-        let datapath = Datapath::install(&config.datapath, &pins)?;
-        if !config.datapath.interfaces.is_empty() {
-            tokio::spawn(guard_interfaces(datapath));
-        }
+        let datapath = Arc::new(Mutex::new(Datapath::install(&config.datapath, &pins)?));
+        tokio::spawn(guard_interfaces(datapath.clone()));
         hub.set_names(NodeState::read(&config.state_dir).unwrap_or_default());
         tokio::spawn(log_failure(
             "flow events",
@@ -106,7 +109,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             health.wait_for_certificates(mtls.missing_certificates());
         }
         let signal = if let Some(dir) = config.config_dir.clone() {
-            let control = Control::adopt(config.clone(), metrics.reconcile.clone())?;
+            let mut control = Control::adopt(config.clone(), metrics.reconcile.clone())?;
+            control.guard_workloads_with(datapath.clone());
             tokio::select! {
                 result = follow_config_dir(control, &dir, &hub, &mut mtls, &health) => {
                     result?;
@@ -115,7 +119,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 signal = signals.recv() => signal,
             }
         } else if let Some(k) = config.kubernetes.clone() {
-            let control = Control::adopt(config.clone(), metrics.reconcile.clone())?;
+            let mut control = Control::adopt(config.clone(), metrics.reconcile.clone())?;
+            control.guard_workloads_with(datapath.clone());
             tokio::select! {
                 result = k8s::follow_cluster(control, &config, &k, &hub, &mut mtls, &health, &metrics.kubernetes) => {
                     result?;
@@ -140,13 +145,17 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 /// How often the tc links are checked against the interfaces they guard.
 const INTERFACE_CHECK: Duration = Duration::from_secs(1);
 
-/// Interfaces come and go (a CNI creates its device again, an uplink is
-/// re-plugged), and a link of a deleted interface guards nothing: every
-/// second the tc programs are attached again wherever that happened.
-async fn guard_interfaces(mut datapath: Datapath) {
+/// Keeps the tc programs where they belong. Interfaces come and go (a CNI
+/// creates its device again, an uplink is re-plugged, a pod's veth goes
+/// with its pod), and a link of a deleted interface guards nothing: every
+/// second the programs are attached again wherever that happened. (New
+/// workloads' interfaces get their checks from the control loop, as part
+/// of the change that brings them.)
+async fn guard_interfaces(datapath: Arc<Mutex<Datapath>>) {
     let mut tick = tokio::time::interval(INTERFACE_CHECK);
     loop {
         tick.tick().await;
+        let mut datapath = datapath.lock().unwrap_or_else(|p| p.into_inner());
         match datapath.guard_interfaces() {
             Ok(again) => {
                 for interface in again {
@@ -157,6 +166,12 @@ async fn guard_interfaces(mut datapath: Datapath) {
                 error = format!("{e:#}"),
                 "attaching tc programs again failed; retrying"
             ),
+        }
+        if let Err(e) = datapath.guard_workloads() {
+            warn!(
+                error = format!("{e:#}"),
+                "checks on workload interfaces failed; retrying"
+            );
         }
     }
 }

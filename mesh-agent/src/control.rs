@@ -24,6 +24,7 @@ pub mod metrics;
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
+    sync::{Arc, Mutex},
     time::Instant,
 };
 
@@ -37,7 +38,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use mesh_datapath::maps::{MapsError, PinnedMaps, PolicyMaps};
-use mesh_datapath::netns;
+use mesh_datapath::{Datapath, netns};
 use mesh_policy::state::NodeState;
 use mesh_policy::{Compiled, ConfigError, ServiceTables};
 use metrics::ReconcileMetrics;
@@ -111,6 +112,12 @@ pub struct Changes {
 
 pub struct Control {
     config: Config,
+    /// The data path, which puts its checks on local workloads' interfaces
+    /// after each applied change.
+    datapath: Option<Arc<Mutex<Datapath>>>,
+    /// Each local workload's interfaces, by network namespace: looked up
+    /// once per namespace.
+    interfaces_by_netns: BTreeMap<PathBuf, Vec<u32>>,
     pins: PinnedMaps,
     maps: PolicyMaps,
     applied: MapState,
@@ -152,12 +159,59 @@ impl Control {
         let maps = pins.policy_maps()?;
         Ok(Self {
             config,
+            datapath: None,
+            interfaces_by_netns: BTreeMap::new(),
             pins,
             maps,
             applied,
             capacity,
             metrics,
         })
+    }
+
+    /// After each applied change, `datapath` puts its checks on the local
+    /// workloads' interfaces.
+    pub fn guard_workloads_with(&mut self, datapath: Arc<Mutex<Datapath>>) {
+        self.datapath = Some(datapath);
+    }
+
+    /// The node's side of each local workload's interfaces, from inside
+    /// each workload's network namespace (the peer of each veth there). A
+    /// namespace that cannot be read is left out and logged: the workload
+    /// keeps its connect-time checks; only packet sockets go unchecked.
+    fn guard_workloads(&mut self, local_netns: &BTreeMap<PathBuf, u64>) {
+        let Some(datapath) = self.datapath.clone() else {
+            return;
+        };
+        self.interfaces_by_netns
+            .retain(|path, _| local_netns.contains_key(path));
+        let mut table = BTreeMap::new();
+        for (path, identity) in local_netns {
+            if !self.interfaces_by_netns.contains_key(path) {
+                match netns::inside(path, netns::peer_interfaces) {
+                    Ok(found) => {
+                        self.interfaces_by_netns.insert(path.clone(), found);
+                    }
+                    Err(e) => {
+                        warn!(netns = %path.display(), error = %e, "cannot list the workload's interfaces");
+                        continue;
+                    }
+                }
+            }
+            for &ifindex in &self.interfaces_by_netns[path] {
+                table.insert(ifindex, *identity);
+            }
+        }
+        let result = datapath
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_workload_interfaces(table);
+        if let Err(e) = result {
+            warn!(
+                error = format!("{e:#}"),
+                "checks on workload interfaces failed; retrying"
+            );
+        }
     }
 
     /// Reads, compiles and applies the configuration directory; returns the
@@ -237,6 +291,9 @@ impl Control {
                 path: NodeState::path(&self.config.state_dir),
                 source,
             })?;
+        // After the endpoints: the check on what a workload sends knows its
+        // addresses from its first packet.
+        self.guard_workloads(&compiled.local_netns);
         let elapsed = started.elapsed();
         self.metrics.observe(self.mode(), elapsed);
         info!(

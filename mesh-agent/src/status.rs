@@ -544,7 +544,16 @@ fn judge_links(names: &[String], stale: &[String], bpffs: &str) -> (State, Strin
         );
     }
     let tc = interfaces.into_iter().collect::<Vec<_>>().join(", ");
-    (State::Ok, format!("{hooks}; tc on {tc}"))
+    let workloads = names
+        .iter()
+        .filter(|n| n.starts_with("tc_workload_to_"))
+        .count();
+    let checks = match workloads {
+        0 => String::new(),
+        1 => "; checks on 1 workload interface".to_string(),
+        n => format!("; checks on {n} workload interfaces"),
+    };
+    (State::Ok, format!("{hooks}; tc on {tc}{checks}"))
 }
 
 fn judge_certificates(
@@ -813,6 +822,30 @@ mod tests {
         assert_eq!(state_of(&report, "agent").0, State::Fail);
         assert_eq!(state_of(&report, "ready").0, State::Fail);
         assert_eq!(report.ready, None);
+    }
+
+    #[test]
+    fn workload_checks_are_counted() {
+        let mut inputs = healthy_inputs();
+        let mut names = links(&["eth0"]);
+        names.extend(
+            [
+                "tc_workload_to_7",
+                "tc_workload_from_7",
+                "tc_workload_to_9",
+                "tc_workload_from_9",
+            ]
+            .map(String::from),
+        );
+        inputs.pins = Ok(names);
+        assert_eq!(
+            state_of(&evaluate(&inputs, now()), "programs"),
+            (
+                State::Ok,
+                "10 cgroup hooks on cgroup 4242; tc on eth0; checks on 2 workload interfaces"
+                    .into()
+            )
+        );
     }
 
     #[test]

@@ -27,6 +27,9 @@ pub mod map_names {
     pub const ENDPOINTS: &str = "ENDPOINTS";
     /// Network-namespace cookie → identity of the local workload living in it.
     pub const LOCAL_NETNS: &str = "LOCAL_NETNS";
+    /// Interface index (the node's side of a local workload's interface) →
+    /// identity of the workload behind it.
+    pub const WORKLOAD_INTERFACES: &str = "WORKLOAD_INTERFACES";
     /// [`crate::policy::PolicyKey`] → [`crate::policy::Verdict`]: compiled policy.
     pub const POLICY: &str = "POLICY";
     /// [`crate::policy::FlowKey`] → [`crate::policy::FlowState`] (LRU): the

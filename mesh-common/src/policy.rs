@@ -385,6 +385,10 @@ pub enum Hook {
     Sendmsg = 2,
     /// A packet that arrived from another node (tc ingress).
     Ingress = 3,
+    /// A packet about to be delivered to a local workload (tc on the node's
+    /// side of its interface) that no connect hook judged: only refusals
+    /// are reported.
+    Delivery = 4,
 }
 
 impl Hook {
@@ -393,6 +397,7 @@ impl Hook {
             1 => Some(Hook::Connect),
             2 => Some(Hook::Sendmsg),
             3 => Some(Hook::Ingress),
+            4 => Some(Hook::Delivery),
             _ => None,
         }
     }
@@ -402,6 +407,7 @@ impl Hook {
             Hook::Connect => "connect",
             Hook::Sendmsg => "sendmsg",
             Hook::Ingress => "ingress",
+            Hook::Delivery => "delivery",
         }
     }
 }

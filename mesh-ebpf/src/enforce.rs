@@ -8,38 +8,29 @@
 //! network namespace (`LOCAL_NETNS`, filled by the agent from the workload's
 //! `netns`). A denied connect fails with EPERM before any packet leaves.
 //!
-//! Packets from other nodes are judged by `mesh_ingress` on the node's
-//! interfaces, by source address (`ENDPOINTS`), once per flow: the verdict
-//! is cached in `CONNTRACK` under the current policy generation and the two
-//! identities it was judged for. `mesh_egress` records the node's own
-//! outbound flows in `OUTBOUND_FLOWS` so that their replies pass. A packet
-//! claiming a workload of this node as its source is forged and dropped.
-//! docs/security.md says what each rule defends against.
+//! Packets are judged by the tc programs of `arrival`, with `judge` and
+//! `report` from here. docs/security.md says what each rule defends
+//! against.
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_ANY, TC_ACT_SHOT, tcx_action_base::TCX_NEXT},
+    bindings::BPF_ANY,
     helpers::{bpf_get_netns_cookie, bpf_ktime_get_ns, generated::bpf_set_retval},
-    macros::{cgroup_sock, cgroup_sock_addr, classifier},
-    programs::{SockAddrContext, SockContext, TcContext},
+    macros::{cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
 };
 use mesh_common::{
-    Counter, Setting, is_unattributable,
+    Counter, is_unattributable,
     policy::{
-        Action, ConnectionPath, ENDPOINT_LOCAL, Endpoint, FLOW_OUTBOUND, FlowEvent, FlowKey,
-        FlowState, Hook, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, UdpPeerKey, Verdict,
-        WORLD_IDENTITY, connection_path, decide_for,
+        Action, ConnectionPath, Endpoint, FlowEvent, Hook, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
+        PROTO_UDP, UdpPeerKey, Verdict, WORLD_IDENTITY, connection_path, decide_for,
     },
     service::SockAddr,
 };
 
 use crate::{
     attempt::Attempt,
-    maps::{
-        CONNTRACK, FLOWS, OUTBOUND_FLOWS, UDP_PEERS, count, endpoint, identity_of_address,
-        identity_of_caller, lookup, policy_entry, policy_generation, setting,
-    },
-    packet::{self, Parsed},
+    maps::{FLOWS, UDP_PEERS, count, endpoint, identity_of_caller, lookup, policy_entry},
     service::{self, Destination},
     sock_addr::{self, Family},
     tunnel::{agent_listener, is_agent_socket, remember_redirect, tunnel_port},
@@ -55,7 +46,7 @@ const SOCK_ADDR_DENY: i32 = 0;
 /// The verdict for `a` towards the workload `dst`, reported as a flow
 /// event. `plaintext`: see `decide_for`.
 #[inline(always)]
-fn judge(a: &Attempt, dst: &Endpoint, plaintext: bool) -> Verdict {
+pub(crate) fn judge(a: &Attempt, dst: &Endpoint, plaintext: bool) -> Verdict {
     let verdict = decide_for(
         dst,
         a.src_identity,
@@ -77,7 +68,7 @@ fn judge(a: &Attempt, dst: &Endpoint, plaintext: bool) -> Verdict {
 }
 
 #[inline(always)]
-fn report(a: &Attempt, dst_identity: u64, verdict: Verdict) {
+pub(crate) fn report(a: &Attempt, dst_identity: u64, verdict: Verdict) {
     let Some(mut entry) = FLOWS.reserve::<FlowEvent>(0) else {
         count(Counter::FlowEventsLost, 1);
         return;
@@ -321,147 +312,4 @@ pub fn mesh_recvmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(recvmsg6)]
 pub fn mesh_recvmsg6(ctx: SockAddrContext) -> i32 {
     on_recvmsg(&ctx, Family::V6)
-}
-
-#[inline(always)]
-fn is_local_endpoint(ip: &[u32; 4]) -> bool {
-    matches!(endpoint(ip), Some(e) if e.flags & ENDPOINT_LOCAL != 0)
-}
-
-#[classifier]
-pub fn mesh_ingress(ctx: TcContext) -> i32 {
-    let pass = match packet::parse(&ctx) {
-        Parsed::Flow { key, syn } => ingress_passes(&key, syn),
-        // Workloads are reached over TCP and UDP; what this program cannot
-        // read the ports of does not reach them.
-        Parsed::Opaque { dst_ip } => !is_local_endpoint(&dst_ip),
-        Parsed::Ignore => true,
-    };
-    // Passing is not the last word: TCX_NEXT lets the programs attached
-    // after this one (a CNI's) decide too; TC_ACT_OK would skip them.
-    if pass { TCX_NEXT } else { TC_ACT_SHOT }
-}
-
-/// The verdict for a TCP or UDP packet from another node. Conntrack only
-/// ever saves work: every entry is bound to the identities it was judged
-/// for, and nothing an outsider can send (or make the LRU forget) turns into
-/// a wrong verdict.
-#[inline(always)]
-fn ingress_passes(key: &FlowKey, syn: bool) -> bool {
-    let Some(dst) = endpoint(&key.dst_ip).filter(|e| e.flags & ENDPOINT_LOCAL != 0) else {
-        return true; // not a workload of this node: not ours to judge
-    };
-    let src_identity = match endpoint(&key.src_ip) {
-        // A workload of this node never reaches it through the node's
-        // interfaces: the source is forged. Judged as that workload, it
-        // would borrow its rights, and the datagram would let the receiver
-        // answer it (`UDP_PEERS`) whatever policy says.
-        Some(src) if src.flags & ENDPOINT_LOCAL != 0 => {
-            count(Counter::SpoofedSource, 1);
-            return false;
-        }
-        Some(src) => src.identity,
-        None => WORLD_IDENTITY,
-    };
-    // A reply to a flow this node opened, between the same two identities
-    // (an address reused by another workload is judged afresh). A bare SYN
-    // is never a reply.
-    if !syn
-        && let Some(st) = lookup(&OUTBOUND_FLOWS, &key.reversed())
-        && st.src_identity == dst.identity
-        && st.dst_identity == src_identity
-    {
-        return true;
-    }
-    let generation = policy_generation();
-    // A SYN is a new connection even if an old one used the same ports.
-    if !syn
-        && let Some(st) = lookup(&CONNTRACK, key)
-        && st.src_identity == src_identity
-        && st.dst_identity == dst.identity
-    {
-        let current = st.generation == generation;
-        let kept = st.verdict.action().passes() && setting(Setting::RevokeEstablished) == 0;
-        if current || kept {
-            return st.verdict.action().passes();
-        }
-    }
-    let attempt = Attempt {
-        src_identity,
-        src_ip: key.src_ip,
-        src_port: key.src_port,
-        dst_ip: key.dst_ip,
-        dst_port: key.dst_port,
-        proto: key.proto,
-        hook: Hook::Ingress,
-        service: SockAddr::new([0; 4], 0),
-    };
-    // Mesh traffic between nodes arrives as tunnels to the agent, never
-    // addressed to the workload itself: whatever is, is plaintext.
-    let verdict = judge(&attempt, &dst, true);
-    let passes = verdict.action().passes();
-    // A TCP segment other than a SYN with no entry is the middle of a flow
-    // this node forgot (LRU eviction) or a forgery. Denied, it is dropped
-    // but not remembered: the local end's next packet records the flow
-    // again (`record_outbound`), so an eviction never becomes a lasting
-    // deny, and forged segments take no room.
-    let first_packet = syn || key.proto != PROTO_TCP;
-    if passes || first_packet {
-        let state = FlowState {
-            verdict,
-            generation,
-            flags: 0,
-            src_identity,
-            dst_identity: dst.identity,
-        };
-        if CONNTRACK.insert(key, state, BPF_ANY as u64).is_err() {
-            count(Counter::ConntrackFailed, 1);
-        }
-    }
-    passes
-}
-
-#[classifier]
-pub fn mesh_egress(ctx: TcContext) -> i32 {
-    if let Parsed::Flow { key, .. } = packet::parse(&ctx) {
-        record_outbound(&key);
-    }
-    // Egress never drops (local workloads were judged at connect time),
-    // and leaves the verdict to the programs after it.
-    TCX_NEXT
-}
-
-/// Records a packet a workload of this node sends to another node, so that
-/// the replies pass. It was judged when its socket connected or sent; that
-/// it leaves at all is the proof. The record lives in `OUTBOUND_FLOWS`,
-/// which nothing from outside writes: no flood of other nodes' packets can
-/// evict it and make a live flow's replies look like new inbound flows.
-#[inline(always)]
-fn record_outbound(key: &FlowKey) {
-    let src = match endpoint(&key.src_ip) {
-        Some(e) if e.flags & ENDPOINT_LOCAL != 0 => e,
-        _ => return,
-    };
-    let dst_identity = identity_of_address(&key.dst_ip);
-    if let Some(st) = lookup(&OUTBOUND_FLOWS, key)
-        && st.src_identity == src.identity
-        && st.dst_identity == dst_identity
-    {
-        return; // already recorded
-    }
-    if let Some(st) = lookup(&CONNTRACK, &key.reversed())
-        && st.verdict.action().passes()
-    {
-        return; // a reply of an inbound flow
-    }
-    let state = FlowState {
-        verdict: Verdict::new(Action::Allow, 0),
-        generation: policy_generation(),
-        flags: FLOW_OUTBOUND,
-        src_identity: src.identity,
-        dst_identity,
-    };
-    if OUTBOUND_FLOWS.insert(key, state, BPF_ANY as u64).is_err() {
-        count(Counter::ConntrackFailed, 1);
-    }
 }

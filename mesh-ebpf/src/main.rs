@@ -3,9 +3,12 @@
 //! - Policy (`enforce`): `mesh_connect4/6` and `mesh_sendmsg4/6` check every
 //!   connection a local workload opens, at `connect(2)` (or per datagram of
 //!   an unconnected UDP socket), and refuse denied ones with EPERM before a
-//!   packet leaves; `mesh_ingress` checks what arrives from other nodes, once
-//!   per flow thanks to `CONNTRACK`, which `mesh_egress` fills so that the
-//!   replies of the node's own outbound flows pass.
+//!   packet leaves. The tc programs (`arrival`) check packets where they
+//!   arrive: `mesh_ingress` what other nodes send, once per flow thanks to
+//!   `CONNTRACK` (`mesh_egress` records the node's own outbound flows so
+//!   that their replies pass), and `mesh_to_workload` and
+//!   `mesh_from_workload`, on the node's side of each workload's interface,
+//!   what no connect hook sees (packet sockets) and forged sources.
 //! - Same-node short-circuit (`short_circuit`): `mesh_sockops` tracks the
 //!   established TCP sockets of allowed connections in `SOCK_HASH`;
 //!   `mesh_msg_redirect` hands each message straight to the local peer.
@@ -25,6 +28,7 @@
 #![no_std]
 #![no_main]
 
+mod arrival;
 mod attempt;
 mod enforce;
 mod maps;

@@ -43,6 +43,10 @@ pub(crate) static ENDPOINTS: HashMap<IpKey, Endpoint> = HashMap::pinned(DEFAULT_
 pub(crate) static LOCAL_NETNS: HashMap<u64, u64> = HashMap::pinned(DEFAULT_MAX_LOCAL_NETNS, 0);
 
 #[map]
+pub(crate) static WORKLOAD_INTERFACES: HashMap<u32, u64> =
+    HashMap::pinned(DEFAULT_MAX_LOCAL_NETNS, 0);
+
+#[map]
 pub(crate) static POLICY: HashMap<PolicyKey, Verdict> = HashMap::pinned(DEFAULT_MAX_POLICY, 0);
 
 #[map]

@@ -460,16 +460,25 @@ fn an_address_only_kube_proxy_knows_is_refused_inside_the_service_range() {
         ("[fd00:96::21]:90", (OTHER, ECHO)),
     ] {
         m.kube_proxy(0, address, &[backend]);
-        // kube-proxy's rules work: a process of the pod outside the mesh
-        // gets through them (the attack the mesh must stop).
+        // kube-proxy's rules work: a process of web's pod outside the mesh
+        // (no connect hook) gets through them.
         let outside = m
             .bed
-            .probe(ROBOT, false, &format!("tcp:{address}"), 2000)
+            .probe(WEB, false, &format!("tcp:{address}"), 2000)
             .unwrap();
         assert_eq!(
             outside, "connected",
             "{address}: kube-proxy's DNAT does not work here"
         );
+        // Robot's connection, past no connect hook and translated after
+        // it, still meets db's policy where it is delivered.
+        if backend.0 == DB_A {
+            let outside = m
+                .bed
+                .probe(ROBOT, false, &format!("tcp:{address}"), 1000)
+                .unwrap();
+            assert_eq!(outside, "timeout", "{address}: robot reached db");
+        }
         // A mesh workload gets ECONNREFUSED: robot never reaches db past
         // its policy, and web never crosses the node link in plaintext.
         assert_eq!(

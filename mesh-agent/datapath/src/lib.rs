@@ -27,6 +27,7 @@ pub mod pins;
 pub mod sys;
 
 use std::{
+    collections::BTreeMap,
     os::fd::{AsFd as _, BorrowedFd},
     path::{Path, PathBuf},
 };
@@ -93,6 +94,16 @@ const TC_PROGRAMS: [(&str, &str, TcAttachType); 2] = [
     ("mesh_egress", "egress", TcAttachType::Egress),
 ];
 
+/// The programs on the node's side of each local workload's interface,
+/// pinned as `tc_workload_<direction>_<ifindex>`: `to` judges what is
+/// delivered to the workload (tc egress there), `from` checks what it sends
+/// (tc ingress there).
+const WORKLOAD_PROGRAMS: [(&str, &str, TcAttachType); 2] = [
+    ("mesh_to_workload", "to", TcAttachType::Egress),
+    ("mesh_from_workload", "from", TcAttachType::Ingress),
+];
+const WORKLOAD_LINK_PREFIX: &str = "tc_workload_";
+
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     #[error(transparent)]
@@ -147,6 +158,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     dir: PathBuf,
     interfaces: Vec<String>,
+    /// The node's side of each local workload's interface → its identity.
+    workloads: BTreeMap<u32, u64>,
 }
 
 impl Datapath {
@@ -230,11 +243,26 @@ impl Datapath {
             short_circuit = maps.short_circuit()?,
             "kernel programs attached"
         );
-        Ok(Self {
+        // Loaded now, so that a new workload's checks are a link away.
+        for (name, _, _) in WORKLOAD_PROGRAMS {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .expect("the object defines the workload programs")
+                .try_into()
+                .map_err(program_err(name))?;
+            program.load().map_err(program_err(name))?;
+        }
+        let mut datapath = Self {
             ebpf,
             dir: dir.to_owned(),
             interfaces: config.interfaces.clone(),
-        })
+            workloads: BTreeMap::new(),
+        };
+        // A restarted agent keeps its predecessor's checks until the first
+        // applied configuration says which workloads are still here.
+        datapath.workloads = maps.workload_interfaces()?.into_iter().collect();
+        datapath.guard_workloads()?;
+        Ok(datapath)
     }
 
     /// Attaches the tc programs again to every interface of the
@@ -261,6 +289,73 @@ impl Datapath {
         }
         Ok(attached)
     }
+}
+
+impl Datapath {
+    /// Puts the checks of [`WORKLOAD_PROGRAMS`] on the node's side of each
+    /// local workload's interface (`desired`: interface index → identity),
+    /// and takes them off interfaces no longer a workload's.
+    pub fn set_workload_interfaces(
+        &mut self,
+        desired: BTreeMap<u32, u64>,
+    ) -> Result<(), DatapathError> {
+        self.workloads = desired;
+        self.guard_workloads()
+    }
+
+    /// What [`Self::set_workload_interfaces`] does, for the table it was last
+    /// given (also every second: a link can go with its interface). The
+    /// table goes to `WORKLOAD_INTERFACES` first, so `mesh_from_workload`
+    /// knows whose interface it runs on from its first packet.
+    pub fn guard_workloads(&mut self) -> Result<(), DatapathError> {
+        let desired = &self.workloads;
+        PinnedMaps::open(&self.dir)?.set_workload_interfaces(desired)?;
+        for &ifindex in desired.keys() {
+            let Ok(name) = nix::net::if_::if_indextoname(ifindex) else {
+                continue; // gone already: the next table drops it
+            };
+            let name = name.to_string_lossy().into_owned();
+            for (program, direction, attach_type) in WORKLOAD_PROGRAMS {
+                let pin = self
+                    .dir
+                    .join(format!("{WORKLOAD_LINK_PREFIX}{direction}_{ifindex}"));
+                if link_ifindex(&pin) == Some(ifindex) {
+                    continue;
+                }
+                if pin.exists() {
+                    std::fs::remove_file(&pin).map_err(|source| DatapathError::Io {
+                        what: format!("removing stale link {}", pin.display()),
+                        source,
+                    })?;
+                }
+                attach_tc(&mut self.ebpf, program, &name, attach_type, &pin)?;
+            }
+        }
+        // Links of interfaces that are no workload's any more: unpinned, so
+        // the kernel lets them go (a deleted veth's link guards nothing).
+        let entries = std::fs::read_dir(&self.dir).map_err(|source| DatapathError::Io {
+            what: format!("listing {}", self.dir.display()),
+            source,
+        })?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix(WORKLOAD_LINK_PREFIX) else {
+                continue;
+            };
+            let ifindex = rest.rsplit('_').next().and_then(|i| i.parse::<u32>().ok());
+            if ifindex.is_none_or(|i| !desired.contains_key(&i)) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The interface index the TCX link pinned at `pin` is attached to, when
+/// there is one and its interface still exists.
+fn link_ifindex(pin: &Path) -> Option<u32> {
+    let link = sys::obj_get(pin).ok()?;
+    sys::tcx_link_ifindex(link.as_fd()).ok().filter(|&i| i != 0)
 }
 
 /// Where the TCX link of `direction` on `interface` is pinned.

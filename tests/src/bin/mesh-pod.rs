@@ -174,6 +174,28 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
     },
+    /// Send an IPv4 packet on a packet socket (`AF_PACKET`), as a process
+    /// with CAP_NET_RAW can: past every socket hook, to the link-layer
+    /// address `mac` on `ifname`. A TCP SYN (`--udp` absent; `connected`
+    /// when a SYN-ACK comes back on the same socket, else `timeout`) or a
+    /// UDP datagram of `text`. `from` defaults to the interface's own
+    /// address towards `to`; any other is forged.
+    PacketSend {
+        #[arg(long, default_value = "eth0")]
+        ifname: String,
+        #[arg(long)]
+        mac: String,
+        #[arg(long)]
+        from: Option<std::net::SocketAddrV4>,
+        #[arg(long)]
+        to: std::net::SocketAddrV4,
+        #[arg(long)]
+        udp: bool,
+        #[arg(long, default_value = "x")]
+        text: String,
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+    },
     /// Wait for one UDP datagram on `listen` (prints `listening` when
     /// bound): reports `received` with its sender and text, or `timeout`.
     AwaitDatagram {
@@ -344,6 +366,23 @@ fn main() {
             timeout_ms,
         } => tun_syn(&device, from, to, Duration::from_millis(timeout_ms))
             .map(|result| json!({ "result": result })),
+        Cmd::PacketSend {
+            ifname,
+            mac,
+            from,
+            to,
+            udp,
+            text,
+            timeout_ms,
+        } => packet_send(
+            &ifname,
+            &mac,
+            from,
+            to,
+            udp.then_some(text.as_bytes()),
+            Duration::from_millis(timeout_ms),
+        )
+        .map(|result| json!({ "result": result })),
         Cmd::AwaitDatagram { listen, timeout_ms } => {
             await_datagram(listen, Duration::from_millis(timeout_ms))
         }
@@ -1061,6 +1100,138 @@ fn await_datagram(listen: SocketAddr, timeout: Duration) -> anyhow::Result<serde
     }
 }
 
+/// A UDP header and payload from `src` to `dst`, checksum included.
+fn udp_datagram(
+    src: std::net::SocketAddrV4,
+    dst: std::net::SocketAddrV4,
+    payload: &[u8],
+) -> Vec<u8> {
+    let len = 8 + payload.len();
+    let mut udp = Vec::with_capacity(len);
+    udp.extend_from_slice(&src.port().to_be_bytes());
+    udp.extend_from_slice(&dst.port().to_be_bytes());
+    udp.extend_from_slice(&(len as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(payload);
+    let mut sum = ones_complement_sum(0, &src.ip().octets());
+    sum = ones_complement_sum(sum, &dst.ip().octets());
+    sum += u32::from(libc::IPPROTO_UDP as u16) + len as u32;
+    sum = ones_complement_sum(sum, &udp);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let checksum = !(sum as u16);
+    udp[6..8].copy_from_slice(&(if checksum == 0 { 0xffff } else { checksum }).to_be_bytes());
+    udp
+}
+
+fn packet_send(
+    ifname: &str,
+    mac: &str,
+    from: Option<std::net::SocketAddrV4>,
+    to: std::net::SocketAddrV4,
+    udp: Option<&[u8]>,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd};
+    let mac: Vec<u8> = mac
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()
+        .context("--mac: six hex bytes, colon-separated")?;
+    anyhow::ensure!(mac.len() == 6, "--mac: six bytes");
+    let from = match from {
+        Some(from) => from,
+        // The interface's own IPv4 address (a connected UDP socket would
+        // ask the connect hook, which may refuse).
+        None => {
+            let own = nix::ifaddrs::getifaddrs()?
+                .filter(|a| a.interface_name == ifname)
+                .find_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
+                .with_context(|| format!("{ifname} has no IPv4 address"))?;
+            std::net::SocketAddrV4::new(own, 40_000 + (std::process::id() % 20_000) as u16)
+        }
+    };
+    let ifindex = nix::net::if_::if_nametoindex(ifname).with_context(|| format!("no {ifname}"))?;
+    let eth_p_ip = (libc::ETH_P_IP as u16).to_be();
+    // SAFETY: socket(2) takes no pointers; a non-negative result is a new
+    // descriptor that nothing else owns.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            i32::from(eth_p_ip),
+        )
+    };
+    if fd < 0 {
+        return Ok(classify(&std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just returned by socket(2) and is owned by no one else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let (l4, proto) = match udp {
+        Some(text) => (udp_datagram(from, to, text), libc::IPPROTO_UDP as u8),
+        None => (
+            tcp_syn(from, to, 0x6d65_7368).to_vec(),
+            libc::IPPROTO_TCP as u8,
+        ),
+    };
+    let mut packet = ipv4_header(*from.ip(), *to.ip(), proto, l4.len()).to_vec();
+    packet.extend_from_slice(&l4);
+    // SAFETY: sockaddr_ll is plain data, for which all zeroes is valid.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = eth_p_ip;
+    addr.sll_ifindex = ifindex as i32;
+    addr.sll_halen = 6;
+    addr.sll_addr[..6].copy_from_slice(&mac);
+    // SAFETY: sendto reads `packet` and one sockaddr_ll, both alive for the call.
+    let sent = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            (&raw const addr).cast(),
+            size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if sent < 0 {
+        return Ok(classify(&std::io::Error::last_os_error()));
+    }
+    if udp.is_some() {
+        return Ok("sent".into());
+    }
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 2048];
+    while Instant::now() < deadline {
+        let mut fds = [nix::poll::PollFd::new(
+            fd.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        if nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms))? == 0 {
+            break;
+        }
+        let n = nix::sys::socket::recv(
+            fd.as_raw_fd(),
+            &mut buf,
+            nix::sys::socket::MsgFlags::empty(),
+        )?;
+        if n < 40 || buf[9] != libc::IPPROTO_TCP as u8 || buf[12..16] != to.ip().octets() {
+            continue;
+        }
+        let ihl = usize::from(buf[0] & 0x0f) * 4;
+        let tcp = &buf[ihl..n];
+        let from_port = u16::from_be_bytes([tcp[0], tcp[1]]);
+        let to_port = u16::from_be_bytes([tcp[2], tcp[3]]);
+        if from_port == to.port() && to_port == from.port() && tcp[13] & 0x12 == 0x12 {
+            return Ok("connected".into());
+        }
+    }
+    Ok("timeout".into())
+}
+
 /// `TUNSETIFF`: `_IOW('T', 202, int)`.
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 
@@ -1110,6 +1281,25 @@ fn tun_syn(
     // SAFETY: TUNSETIFF reads and writes one ifreq, which lives for the call.
     if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF as _, &mut ifr) } < 0 {
         return Err(std::io::Error::last_os_error()).context(format!("attaching to {device}"));
+    }
+    // Attaching brings the carrier up, but the device passes packets only
+    // once the kernel has acted on it (IFF_RUNNING): an answer sent before
+    // that is dropped on the way out.
+    let flags_socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    let up_by = Instant::now() + Duration::from_secs(5);
+    loop {
+        // SAFETY: SIOCGIFFLAGS reads the name and writes the flags of one
+        // ifreq, which lives for the call.
+        if unsafe { libc::ioctl(flags_socket.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut ifr) } < 0 {
+            return Err(std::io::Error::last_os_error()).context(format!("flags of {device}"));
+        }
+        // SAFETY: SIOCGIFFLAGS filled the union's flags member.
+        let flags = i32::from(unsafe { ifr.ifr_ifru.ifru_flags });
+        if flags & libc::IFF_RUNNING != 0 {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < up_by, "{device} never came up");
+        std::thread::sleep(Duration::from_millis(5));
     }
     let syn = tcp_syn(from, to, 0x6d65_7368);
     let mut packet = ipv4_header(*from.ip(), *to.ip(), libc::IPPROTO_TCP as u8, syn.len()).to_vec();

@@ -79,13 +79,14 @@ const fn layout<K, V>(map_type: MapType) -> MapLayout {
 
 /// The maps this agent's kernel programs use, with their layouts, from the
 /// module of each.
-pub const EXPECTED_MAPS: [(&str, MapLayout); 19] = [
+pub const EXPECTED_MAPS: [(&str, MapLayout); 20] = [
     sockets::SOCK_HASH,
     sockets::SOCKETS,
     counters::COUNTERS,
     settings::SETTINGS,
     endpoints::ENDPOINTS,
     endpoints::LOCAL_NETNS,
+    endpoints::WORKLOAD_INTERFACES,
     policy::POLICY,
     conntrack::CONNTRACK,
     conntrack::OUTBOUND_FLOWS,
