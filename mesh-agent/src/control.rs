@@ -188,7 +188,7 @@ impl Control {
         let mut table = BTreeMap::new();
         for (path, identity) in local_netns {
             if !self.interfaces_by_netns.contains_key(path) {
-                match netns::inside(path, netns::peer_interfaces) {
+                match netns::inside(path, mesh_datapath::netlink::peer_interfaces) {
                     Ok(found) => {
                         self.interfaces_by_netns.insert(path.clone(), found);
                     }

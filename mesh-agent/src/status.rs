@@ -23,6 +23,7 @@ use crate::{
 };
 use mesh_agent::endpoints::metrics::seconds_until;
 use mesh_agent::health::HealthReport;
+use mesh_common::policy::ENDPOINT_LOCAL;
 use mesh_datapath::maps::{MapFill, PinnedMaps};
 use mesh_datapath::{CGROUP_HOOKS, TcLinkState};
 use mesh_pki::rotation::CertState;
@@ -76,6 +77,10 @@ pub struct Inputs {
     /// Interfaces whose pinned tc links guard nothing any more (deleted or
     /// created again since the link was made).
     pub stale_interfaces: Vec<String>,
+    /// Interfaces the routes to other nodes' workloads leave through, each
+    /// with one such workload address: their replies and their own
+    /// connections arrive there.
+    pub routes_to_other_nodes: Vec<(String, IpAddr)>,
     pub kernel: Result<KernelReadings, String>,
     /// `None`: no `certs.json` (the agent does not run mutual TLS).
     pub certs: Option<Result<CertState, String>>,
@@ -179,6 +184,7 @@ pub fn gather(bpffs: &Path, state_dir: &Path, health_address: SocketAddr) -> Inp
         .as_ref()
         .map(|names| stale_interfaces(bpffs, names))
         .unwrap_or_default();
+    let routes_to_other_nodes = routes_to_other_nodes(bpffs);
     let kernel = read_kernel(bpffs).map_err(|e| format!("{:#}", anyhow::Error::from(e)));
     let certs = (!mesh_pki::rotation::no_state(state_dir))
         .then(|| mesh_pki::rotation::read_state(state_dir).map_err(|e| format!("{e:#}")));
@@ -191,10 +197,40 @@ pub fn gather(bpffs: &Path, state_dir: &Path, health_address: SocketAddr) -> Inp
         agent,
         pins,
         stale_interfaces,
+        routes_to_other_nodes,
         kernel,
         certs,
         state_generation,
     }
+}
+
+/// How many workloads of other nodes `status` looks up a route to.
+const ROUTES_LOOKED_UP: usize = 256;
+
+/// Where the routes to other nodes' workloads leave this node: one
+/// interface each, with the first address found behind it (at most
+/// [`ROUTES_LOOKED_UP`] addresses are asked about).
+fn routes_to_other_nodes(bpffs: &Path) -> Vec<(String, IpAddr)> {
+    let Ok(endpoints) = PinnedMaps::open(bpffs).and_then(|m| m.endpoints()) else {
+        return Vec::new();
+    };
+    let mut found: BTreeMap<String, IpAddr> = BTreeMap::new();
+    let remote = endpoints
+        .into_iter()
+        .filter(|(_, e)| e.flags & ENDPOINT_LOCAL == 0)
+        .map(|(key, _)| IpAddr::from(key))
+        .take(ROUTES_LOOKED_UP);
+    for ip in remote {
+        let Ok(Some(ifindex)) = mesh_datapath::netlink::route_interface(ip) else {
+            continue;
+        };
+        if let Ok(name) = nix::net::if_::if_indextoname(ifindex) {
+            found
+                .entry(name.to_string_lossy().into_owned())
+                .or_insert(ip);
+        }
+    }
+    found.into_iter().collect()
 }
 
 /// The interfaces among the pinned tc links whose link no longer reaches
@@ -368,7 +404,12 @@ pub fn evaluate(inputs: &Inputs, now: SystemTime) -> Report {
     match &inputs.pins {
         Err(e) => check("programs", State::Fail, e.clone()),
         Ok(names) => {
-            let (state, detail) = judge_links(names, &inputs.stale_interfaces, &bpffs.to_string());
+            let (state, detail) = judge_links(
+                names,
+                &inputs.stale_interfaces,
+                &inputs.routes_to_other_nodes,
+                &bpffs.to_string(),
+            );
             check("programs", state, detail);
         }
     }
@@ -485,7 +526,12 @@ pub fn evaluate(inputs: &Inputs, now: SystemTime) -> Report {
 
 /// Every cgroup hook linked on one cgroup, and both tc directions on each
 /// interface that has one.
-fn judge_links(names: &[String], stale: &[String], bpffs: &str) -> (State, String) {
+fn judge_links(
+    names: &[String],
+    stale: &[String],
+    routes_to_other_nodes: &[(String, IpAddr)],
+    bpffs: &str,
+) -> (State, String) {
     let Some(cgroup) = names.iter().find_map(|n| n.strip_prefix("sockops_cgroup_")) else {
         return (
             State::Fail,
@@ -540,6 +586,24 @@ fn judge_links(names: &[String], stale: &[String], bpffs: &str) -> (State, Strin
             format!(
                 "{hooks}; no tc links (no --interfaces): packets from other nodes are not \
                  judged on arrival (fine on a single node)"
+            ),
+        );
+    }
+    // Where other nodes' workloads are reached, their packets arrive: an
+    // interface there with no tc program lets them in unjudged (an overlay
+    // CNI's device left out of --interfaces, say).
+    let unguarded: Vec<String> = routes_to_other_nodes
+        .iter()
+        .filter(|(interface, _)| !interfaces.contains(interface.as_str()))
+        .map(|(interface, ip)| format!("{interface} (the route to {ip})"))
+        .collect();
+    if !unguarded.is_empty() {
+        return (
+            State::Warn,
+            format!(
+                "{hooks}; other nodes' workloads are reached through {}, which has no tc \
+                 program: their packets arrive there unjudged (add it to --interfaces)",
+                unguarded.join(", ")
             ),
         );
     }
@@ -688,6 +752,7 @@ mod tests {
             },
             pins: Ok(links(&["eth0"])),
             stale_interfaces: Vec::new(),
+            routes_to_other_nodes: vec![("eth0".into(), "10.1.2.3".parse().unwrap())],
             kernel: Ok(KernelReadings {
                 counters: [("policy_denied", 4), ("policy_allowed", 9)].into(),
                 maps: vec![
@@ -822,6 +887,23 @@ mod tests {
         assert_eq!(state_of(&report, "agent").0, State::Fail);
         assert_eq!(state_of(&report, "ready").0, State::Fail);
         assert_eq!(report.ready, None);
+    }
+
+    #[test]
+    fn a_route_to_other_nodes_through_an_unguarded_interface_warns() {
+        let mut inputs = healthy_inputs();
+        inputs
+            .routes_to_other_nodes
+            .push(("tunl0".into(), "10.2.0.7".parse().unwrap()));
+        let report = evaluate(&inputs, now());
+        assert!(report.healthy);
+        let (state, detail) = state_of(&report, "programs");
+        assert_eq!(state, State::Warn);
+        assert!(
+            detail.contains("other nodes' workloads are reached through tunl0 (the route to 10.2.0.7), which has no tc program"),
+            "{detail}"
+        );
+        assert!(!detail.contains("eth0 (the route"), "{detail}");
     }
 
     #[test]

@@ -903,6 +903,32 @@ fn an_interface_created_again_is_guarded_again() {
     assert!(denied_now(), "a restarted agent adopted a dead link");
 }
 
+/// An overlay CNI reaches other nodes' pods through its own device
+/// (`tunl0`, `flannel.1`…), and their packets arrive there: left out of
+/// `--interfaces`, it lets them in unjudged. `status` finds where the
+/// routes to other nodes' workloads lead and warns about such a device.
+#[test]
+fn status_warns_where_other_nodes_workloads_are_reached_past_every_tc_program() {
+    let (bed, _servers) = bed_with("unguarded", 2, &MATRIX);
+    let _agents = start_agents(&bed, &[]);
+    assert_eq!(programs_check(&bed, 0).0, "ok");
+    let ns = &bed.nodes[0].netns;
+    ns.ip(&["tuntap", "add", "dev", "overlay0", "mode", "tun"])
+        .unwrap();
+    ns.ip(&["link", "set", "overlay0", "up"]).unwrap();
+    ns.ip(&["route", "replace", "198.18.1.0/24", "dev", "overlay0"])
+        .unwrap();
+    let (state, detail) = programs_check(&bed, 0);
+    assert_eq!(state, "warn", "{detail}");
+    let payments = bed.pods[PAYMENTS].ip4;
+    assert!(
+        detail.contains(
+            "other nodes' workloads are reached through overlay0 (the route to 198.18.1."
+        ),
+        "{detail} (payments is {payments})"
+    );
+}
+
 /// Overlay CNIs hand other nodes' packets to pods through L3 devices
 /// (IPIP's `tunl0`, WireGuard's `wg0`…), which have no Ethernet header. A
 /// TUN device is one: a SYN arriving on it from an address policy denies

@@ -22,6 +22,7 @@
 pub mod cgroup;
 pub mod maps;
 pub mod migrate;
+pub mod netlink;
 pub mod netns;
 pub mod pins;
 pub mod sys;

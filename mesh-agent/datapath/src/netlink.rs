@@ -1,0 +1,183 @@
+//! The two rtnetlink questions the agent asks, framed by hand (a request,
+//! its answers, their attributes): which interface is the other end of each
+//! veth of a namespace (`RTM_GETLINK`), and which interface the route to an
+//! address leaves through (`RTM_GETROUTE`). Both are asked of the calling
+//! thread's network namespace.
+use std::{io, net::IpAddr, os::fd::AsRawFd as _};
+
+use nix::sys::socket::{
+    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, send,
+    socket,
+};
+
+const NLMSG_HDRLEN: usize = 16;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_DUMP: u16 = 0x300;
+const RTM_NEWLINK: u16 = 16;
+const RTM_GETLINK: u16 = 18;
+const RTM_NEWROUTE: u16 = 24;
+const RTM_GETROUTE: u16 = 26;
+/// `struct ifinfomsg` and `struct rtmsg`: what follows the header.
+const IFINFO_LEN: usize = 16;
+const RTMSG_LEN: usize = 12;
+const IFLA_LINK: u16 = 5;
+const IFLA_LINK_NETNSID: u16 = 37;
+const RTA_DST: u16 = 1;
+const RTA_OIF: u16 = 4;
+
+fn malformed() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, "malformed netlink answer")
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_ne_bytes([b[at], b[at + 1]])
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// Sends one request of `kind` with `body` (after the header) and returns
+/// the answers of type `answer`, each without its header, until the kernel
+/// says it is done (a dump) or has answered once (a single question).
+fn ask(kind: u16, flags: u16, body: &[u8], answer: u16) -> io::Result<Vec<Vec<u8>>> {
+    let sock = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkRoute,
+    )?;
+    bind(sock.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
+    let mut request = Vec::with_capacity(NLMSG_HDRLEN + body.len());
+    request.extend_from_slice(&((NLMSG_HDRLEN + body.len()) as u32).to_ne_bytes());
+    request.extend_from_slice(&kind.to_ne_bytes());
+    request.extend_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
+    request.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    request.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
+    request.extend_from_slice(body);
+    send(sock.as_raw_fd(), &request, MsgFlags::empty())?;
+
+    let dump = flags & NLM_F_DUMP != 0;
+    let mut answers = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+        let mut at = 0;
+        while at + NLMSG_HDRLEN <= n {
+            let len = u32_at(&buf, at).ok_or_else(malformed)? as usize;
+            if len < NLMSG_HDRLEN || at + len > n {
+                return Err(malformed());
+            }
+            let msg = &buf[at..at + len];
+            match u16_at(msg, 4) {
+                NLMSG_DONE => return Ok(answers),
+                NLMSG_ERROR => {
+                    let errno = u32_at(msg, NLMSG_HDRLEN).ok_or_else(malformed)? as i32;
+                    if errno == 0 {
+                        return Ok(answers); // an acknowledgement
+                    }
+                    return Err(io::Error::from_raw_os_error(-errno));
+                }
+                t if t == answer => answers.push(msg[NLMSG_HDRLEN..].to_vec()),
+                _ => {}
+            }
+            at += (len + 3) & !3;
+        }
+        if !dump && !answers.is_empty() {
+            return Ok(answers);
+        }
+    }
+}
+
+/// The attributes (type, value) that follow the first `skip` bytes.
+fn attributes(payload: &[u8], skip: usize) -> impl Iterator<Item = (u16, &[u8])> {
+    let mut at = skip;
+    std::iter::from_fn(move || {
+        if at + 4 > payload.len() {
+            return None;
+        }
+        let len = usize::from(u16_at(payload, at));
+        if len < 4 || at + len > payload.len() {
+            return None;
+        }
+        let attr = (u16_at(payload, at + 2), &payload[at + 4..at + len]);
+        at += (len + 3) & !3;
+        Some(attr)
+    })
+}
+
+/// The interfaces of the caller's network namespace that are one end of a
+/// pair whose other end is in another namespace (a pod's veth): the index
+/// of that other end, there (`IFLA_LINK` with `IFLA_LINK_NETNSID`).
+pub fn peer_interfaces() -> io::Result<Vec<u32>> {
+    let links = ask(RTM_GETLINK, NLM_F_DUMP, &[0u8; IFINFO_LEN], RTM_NEWLINK)?;
+    Ok(links
+        .iter()
+        .filter_map(|link| {
+            let (mut peer, mut elsewhere) = (None, false);
+            for (kind, value) in attributes(link, IFINFO_LEN) {
+                match kind {
+                    IFLA_LINK => peer = u32_at(value, 0),
+                    IFLA_LINK_NETNSID => elsewhere = true,
+                    _ => {}
+                }
+            }
+            peer.filter(|_| elsewhere)
+        })
+        .collect())
+}
+
+/// The index of the interface the route to `dst` leaves through, if there
+/// is a route.
+pub fn route_interface(dst: IpAddr) -> io::Result<Option<u32>> {
+    let (family, address): (u8, Vec<u8>) = match dst {
+        IpAddr::V4(a) => (libc::AF_INET as u8, a.octets().to_vec()),
+        IpAddr::V6(a) => (libc::AF_INET6 as u8, a.octets().to_vec()),
+    };
+    // rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type,
+    // flags (u32); then RTA_DST.
+    let mut body = vec![0u8; RTMSG_LEN];
+    body[0] = family;
+    body[1] = (address.len() * 8) as u8;
+    body.extend_from_slice(&((4 + address.len()) as u16).to_ne_bytes());
+    body.extend_from_slice(&RTA_DST.to_ne_bytes());
+    body.extend_from_slice(&address);
+    let answers = match ask(RTM_GETROUTE, 0, &body, RTM_NEWROUTE) {
+        Ok(answers) => answers,
+        // No route at all.
+        Err(e) if e.raw_os_error() == Some(libc::ENETUNREACH) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    Ok(answers.iter().find_map(|route| {
+        attributes(route, RTMSG_LEN)
+            .find(|(kind, _)| *kind == RTA_OIF)
+            .and_then(|(_, value)| u32_at(value, 0))
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_route_to_loopback_leaves_through_lo() {
+        let lo = nix::net::if_::if_nametoindex("lo").unwrap();
+        assert_eq!(
+            route_interface("127.0.0.1".parse().unwrap()).unwrap(),
+            Some(lo)
+        );
+    }
+
+    #[test]
+    fn attributes_stop_at_a_truncated_one() {
+        // One 8-byte attribute (type 5, value 7), then 2 stray bytes.
+        let mut payload = vec![8, 0, 5, 0, 7, 0, 0, 0, 1, 2];
+        payload[0] = 8;
+        let found: Vec<(u16, Vec<u8>)> = attributes(&payload, 0)
+            .map(|(k, v)| (k, v.to_vec()))
+            .collect();
+        assert_eq!(found, vec![(5, vec![7, 0, 0, 0])]);
+    }
+}
