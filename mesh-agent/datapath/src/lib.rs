@@ -246,12 +246,7 @@ impl Datapath {
         );
         // Loaded now, so that a new workload's checks are a link away.
         for (name, _, _) in WORKLOAD_PROGRAMS {
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .expect("the object defines the workload programs")
-                .try_into()
-                .map_err(program_err(name))?;
-            program.load().map_err(program_err(name))?;
+            loaded_classifier(&mut ebpf, name)?;
         }
         let mut datapath = Self {
             ebpf,
@@ -464,13 +459,11 @@ fn attach_cgroup(
     }
 }
 
-fn attach_tc(
-    ebpf: &mut Ebpf,
+/// The tc program `name`, loaded into the kernel (once).
+fn loaded_classifier<'a>(
+    ebpf: &'a mut Ebpf,
     name: &'static str,
-    interface: &str,
-    attach_type: TcAttachType,
-    link_pin: &Path,
-) -> Result<(), DatapathError> {
+) -> Result<&'a mut SchedClassifier, DatapathError> {
     let program: &mut SchedClassifier = ebpf
         .program_mut(name)
         .expect("the object defines the tc programs")
@@ -479,6 +472,17 @@ fn attach_tc(
     if program.fd().is_err() {
         program.load().map_err(program_err(name))?;
     }
+    Ok(program)
+}
+
+fn attach_tc(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    interface: &str,
+    attach_type: TcAttachType,
+    link_pin: &Path,
+) -> Result<(), DatapathError> {
+    let program = loaded_classifier(ebpf, name)?;
     let prog_fd = dup_program_fd(program.fd().map_err(program_err(name))?.as_fd())?;
     if link_pin.exists() && tc_link_state(link_pin, interface) != TcLinkState::Guarding {
         // Adopting it would leave the interface unguarded: a new link.

@@ -1003,36 +1003,7 @@ fn raw_syn(addr: SocketAddr, timeout: Duration) -> anyhow::Result<String> {
     ) {
         return Ok(classify(&std::io::Error::from(e)));
     }
-    let deadline = Instant::now() + timeout;
-    let mut buf = [0u8; 1500];
-    while Instant::now() < deadline {
-        let mut fds = [nix::poll::PollFd::new(
-            std::os::fd::AsFd::as_fd(&fd),
-            nix::poll::PollFlags::POLLIN,
-        )];
-        let left = deadline.saturating_duration_since(Instant::now());
-        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
-        if nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms))? == 0 {
-            break;
-        }
-        let n = nix::sys::socket::recv(
-            fd.as_raw_fd(),
-            &mut buf,
-            nix::sys::socket::MsgFlags::empty(),
-        )?;
-        // An IPv4 header, then TCP: a SYN-ACK from dst to our port.
-        let ihl = usize::from(buf[0] & 0x0f) * 4;
-        if n < ihl + 14 || buf[12..16] != dst.ip().octets() {
-            continue;
-        }
-        let tcp = &buf[ihl..n];
-        let from_port = u16::from_be_bytes([tcp[0], tcp[1]]);
-        let to_port = u16::from_be_bytes([tcp[2], tcp[3]]);
-        if from_port == dst.port() && to_port == src.port() && tcp[13] & 0x12 == 0x12 {
-            return Ok("connected".into());
-        }
-    }
-    Ok("timeout".into())
+    await_syn_ack(fd.as_fd(), src, dst, timeout)
 }
 
 /// How many datagrams `datagram` sends: see its options.
@@ -1201,27 +1172,36 @@ fn packet_send(
     if udp.is_some() {
         return Ok("sent".into());
     }
+    await_syn_ack(fd.as_fd(), from, to, timeout)
+}
+
+/// Reads IPv4 packets from `fd` (a raw or packet socket, or a TUN device)
+/// until a TCP SYN-ACK from `to` to `from` arrives (`connected`) or
+/// `timeout` passes (`timeout`).
+fn await_syn_ack(
+    fd: std::os::fd::BorrowedFd<'_>,
+    from: std::net::SocketAddrV4,
+    to: std::net::SocketAddrV4,
+    timeout: Duration,
+) -> anyhow::Result<String> {
     let deadline = Instant::now() + timeout;
     let mut buf = [0u8; 2048];
     while Instant::now() < deadline {
-        let mut fds = [nix::poll::PollFd::new(
-            fd.as_fd(),
-            nix::poll::PollFlags::POLLIN,
-        )];
+        let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
         let left = deadline.saturating_duration_since(Instant::now());
         let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
         if nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms))? == 0 {
             break;
         }
-        let n = nix::sys::socket::recv(
-            fd.as_raw_fd(),
-            &mut buf,
-            nix::sys::socket::MsgFlags::empty(),
-        )?;
-        if n < 40 || buf[9] != libc::IPPROTO_TCP as u8 || buf[12..16] != to.ip().octets() {
+        let n = nix::unistd::read(fd, &mut buf)?;
+        // An IPv4 header, then TCP from `to` to `from` with SYN and ACK.
+        if n < 20 || buf[0] >> 4 != 4 || buf[9] != libc::IPPROTO_TCP as u8 {
             continue;
         }
         let ihl = usize::from(buf[0] & 0x0f) * 4;
+        if n < ihl + 14 || buf[12..16] != to.ip().octets() {
+            continue;
+        }
         let tcp = &buf[ihl..n];
         let from_port = u16::from_be_bytes([tcp[0], tcp[1]]);
         let to_port = u16::from_be_bytes([tcp[2], tcp[3]]);
@@ -1305,35 +1285,7 @@ fn tun_syn(
     let mut packet = ipv4_header(*from.ip(), *to.ip(), libc::IPPROTO_TCP as u8, syn.len()).to_vec();
     packet.extend_from_slice(&syn);
     (&tun).write_all(&packet).context("writing the SYN")?;
-    let deadline = Instant::now() + timeout;
-    let mut buf = [0u8; 2048];
-    while Instant::now() < deadline {
-        let mut fds = [nix::poll::PollFd::new(
-            tun.as_fd(),
-            nix::poll::PollFlags::POLLIN,
-        )];
-        let left = deadline.saturating_duration_since(Instant::now());
-        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
-        if nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms))? == 0 {
-            break;
-        }
-        let n = (&tun).read(&mut buf)?;
-        // An IPv4 packet from `to` to `from`, TCP with SYN and ACK set.
-        if n < 40 || buf[0] >> 4 != 4 || buf[9] != libc::IPPROTO_TCP as u8 {
-            continue;
-        }
-        let ihl = usize::from(buf[0] & 0x0f) * 4;
-        if n < ihl + 14 || buf[12..16] != to.ip().octets() {
-            continue;
-        }
-        let tcp = &buf[ihl..n];
-        let from_port = u16::from_be_bytes([tcp[0], tcp[1]]);
-        let to_port = u16::from_be_bytes([tcp[2], tcp[3]]);
-        if from_port == to.port() && to_port == from.port() && tcp[13] & 0x12 == 0x12 {
-            return Ok("connected".into());
-        }
-    }
-    Ok("timeout".into())
+    await_syn_ack(tun.as_fd(), from, to, timeout)
 }
 
 fn udp_echo(listen: SocketAddr, lite: bool) -> anyhow::Result<()> {
