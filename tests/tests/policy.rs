@@ -1053,6 +1053,41 @@ fn a_packet_socket_neither_reaches_a_denied_workload_nor_speaks_as_a_neighbour()
     assert!(counter(&bed, "spoofed_source") > 0);
 }
 
+/// With `--established revoke`, a policy change that denies a pair cuts
+/// its open connections, also between two pods of one node: their packets
+/// are judged again where they are delivered.
+#[test]
+fn revoke_cuts_an_open_connection_between_two_pods_of_one_node() {
+    const FRONTEND: usize = 0;
+    const CART: usize = 2;
+    let (bed, _servers) = bed_with("revoke", 1, &TRIO);
+    let _agent = Agent::start_node(&bed, 0, &["--established", "revoke"]).unwrap();
+    let to = bed.pods[CART].addr(false, 8080).to_string();
+    let client = bed
+        .workload(FRONTEND, &["pingpong", "--to", &to, "--seconds", "4"])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let robot_only = policy(
+        "shop",
+        "cart-robot-only",
+        "  selector:\n    matchLabels: {app: cart}\n  rules:\n  - from:\n    - identity: spiffe://cluster.local/ns/shop/sa/robot\n",
+    );
+    bed.write_config("cart.yaml", &robot_only).unwrap();
+    let out = client.wait_output(T).unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        report["ok"], false,
+        "the connection outlived its revocation: {report}"
+    );
+    assert!(
+        report["error"]
+            .as_str()
+            .unwrap()
+            .contains("response did not come"),
+        "{report}"
+    );
+}
+
 /// Probes until `target` gives `want` (a reload is asynchronous).
 fn wait_until(bed: &TestBed, pod: usize, target: &str, want: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
