@@ -1088,6 +1088,42 @@ fn revoke_cuts_an_open_connection_between_two_pods_of_one_node() {
     );
 }
 
+/// RFC 1858's tiny fragment, across real nodes: a SYN whose first IPv4
+/// fragment carries only 8 bytes of its TCP header (the flags come in the
+/// second) is dropped by the destination node whoever sends it, while the
+/// same SYN fragmented after its whole header is judged like any other and
+/// answered where policy allows it.
+#[test]
+fn a_syn_in_tiny_fragments_from_another_node_is_dropped() {
+    let (bed, _servers) = bed_with("tinyfrag", 2, &MATRIX);
+    matrix_policies(&bed);
+    let _agents = start_agents(&bed, &[]);
+    // Frontend (node 0) is selected by no ALLOW: node 1's host reaches it.
+    let to = bed.pods[FRONTEND].addr(false, 8080).to_string();
+    let frag_syn = |first: &str| {
+        let args = ["frag-syn", "--to", &to, "--first", first];
+        on_node(&bed, 1, &args)["result"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        frag_syn("24"),
+        "connected",
+        "fragments do not reassemble here"
+    );
+    assert_eq!(
+        frag_syn("8"),
+        "timeout",
+        "a tiny first fragment got through"
+    );
+    assert_eq!(
+        frag_syn("16"),
+        "timeout",
+        "a first fragment without the whole header got through"
+    );
+}
+
 /// Probes until `target` gives `want` (a reload is asynchronous).
 fn wait_until(bed: &TestBed, pod: usize, target: &str, want: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);

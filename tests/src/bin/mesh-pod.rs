@@ -196,6 +196,18 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
     },
+    /// Send a TCP SYN (32-byte header) to `to` split into two IPv4
+    /// fragments, the first carrying `first` bytes of it (8, 16 or 24; 8
+    /// is RFC 1858's tiny fragment, whose flags arrive in the second), on a
+    /// raw socket: `connected` when the reassembled SYN is answered.
+    FragSyn {
+        #[arg(long)]
+        to: std::net::SocketAddrV4,
+        #[arg(long)]
+        first: usize,
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+    },
     /// Wait for one UDP datagram on `listen` (prints `listening` when
     /// bound): reports `received` with its sender and text, or `timeout`.
     AwaitDatagram {
@@ -383,6 +395,12 @@ fn main() {
             Duration::from_millis(timeout_ms),
         )
         .map(|result| json!({ "result": result })),
+        Cmd::FragSyn {
+            to,
+            first,
+            timeout_ms,
+        } => frag_syn(to, first, Duration::from_millis(timeout_ms))
+            .map(|result| json!({ "result": result })),
         Cmd::AwaitDatagram { listen, timeout_ms } => {
             await_datagram(listen, Duration::from_millis(timeout_ms))
         }
@@ -1210,6 +1228,68 @@ fn await_syn_ack(
         }
     }
     Ok("timeout".into())
+}
+
+fn frag_syn(to: std::net::SocketAddrV4, first: usize, timeout: Duration) -> anyhow::Result<String> {
+    use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd};
+    ensure!(
+        first % 8 == 0 && first > 0 && first < 32,
+        "--first: 8, 16 or 24"
+    );
+    let raw = |protocol| -> std::io::Result<OwnedFd> {
+        // SAFETY: socket(2) takes no pointers; a non-negative result is a
+        // new descriptor that nothing else owns.
+        let fd =
+            unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, protocol) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: as above.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    };
+    // IPPROTO_RAW: the headers are ours (IP_HDRINCL); a raw TCP socket
+    // sees the answer.
+    let send_fd = raw(libc::IPPROTO_RAW)?;
+    let recv_fd = raw(libc::IPPROTO_TCP)?;
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    probe.connect(to)?;
+    let SocketAddr::V4(local) = probe.local_addr()? else {
+        bail!("no IPv4 source address towards {to}");
+    };
+    let from =
+        std::net::SocketAddrV4::new(*local.ip(), 40_000 + (std::process::id() % 20_000) as u16);
+    // A SYN with 12 bytes of options (MSS, then no-ops): 32 bytes, so that
+    // the whole header fits a first fragment of 24 and still leaves one.
+    let mut syn = tcp_syn(from, to, 0x6d65_7368).to_vec();
+    syn[12] = 8 << 4;
+    syn[16..18].copy_from_slice(&[0, 0]);
+    syn.extend_from_slice(&[2, 4, 0x05, 0xb4, 1, 1, 1, 1, 1, 1, 1, 1]);
+    let mut sum = ones_complement_sum(0, &from.ip().octets());
+    sum = ones_complement_sum(sum, &to.ip().octets());
+    sum += u32::from(libc::IPPROTO_TCP as u16) + syn.len() as u32;
+    sum = ones_complement_sum(sum, &syn);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    syn[16..18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    let dst = nix::sys::socket::SockaddrIn::from(to);
+    for (offset, part, more) in [(0, &syn[..first], true), (first, &syn[first..], false)] {
+        let mut header = ipv4_header(*from.ip(), *to.ip(), libc::IPPROTO_TCP as u8, part.len());
+        header[4..6].copy_from_slice(&0x6d73u16.to_be_bytes()); // identification
+        let flags_offset = (offset / 8) as u16 | if more { 0x2000 } else { 0 };
+        header[6..8].copy_from_slice(&flags_offset.to_be_bytes());
+        header[10..12].copy_from_slice(&[0, 0]); // the kernel fills the checksum
+        let mut packet = header.to_vec();
+        packet.extend_from_slice(part);
+        nix::sys::socket::sendto(
+            send_fd.as_raw_fd(),
+            &packet,
+            &dst,
+            nix::sys::socket::MsgFlags::empty(),
+        )
+        .context("sending a fragment")?;
+    }
+    await_syn_ack(recv_fd.as_fd(), from, to, timeout)
 }
 
 /// `TUNSETIFF`: `_IOW('T', 202, int)`.
