@@ -1233,7 +1233,7 @@ fn await_syn_ack(
 fn frag_syn(to: std::net::SocketAddrV4, first: usize, timeout: Duration) -> anyhow::Result<String> {
     use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd};
     ensure!(
-        first % 8 == 0 && first > 0 && first < 32,
+        first.is_multiple_of(8) && first > 0 && first < 32,
         "--first: 8, 16 or 24"
     );
     let raw = |protocol| -> std::io::Result<OwnedFd> {
