@@ -102,6 +102,15 @@ pub struct MapState {
     pub services: ServiceTables,
 }
 
+/// Which of the maps a change may touch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    Everything,
+    /// Only the Service maps: the policy, endpoint and namespace maps stay
+    /// as applied, and are neither diffed nor written.
+    Services,
+}
+
 /// What one reload changed.
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
 pub struct Changes {
@@ -118,6 +127,9 @@ pub struct Control {
     /// Each local workload's interfaces, by network namespace: looked up
     /// once per namespace.
     interfaces_by_netns: BTreeMap<PathBuf, Vec<u32>>,
+    /// The names written with the last applied change, which a change of
+    /// Services alone updates (shared with the flow hub, not copied).
+    names: Option<Arc<NodeState>>,
     pins: PinnedMaps,
     maps: PolicyMaps,
     applied: MapState,
@@ -161,6 +173,7 @@ impl Control {
             config,
             datapath: None,
             interfaces_by_netns: BTreeMap::new(),
+            names: None,
             pins,
             maps,
             applied,
@@ -216,13 +229,13 @@ impl Control {
 
     /// Reads, compiles and applies the configuration directory; returns the
     /// names behind the numbers now in the maps (also written to disk).
-    pub fn reload(&mut self) -> Result<NodeState, ReloadError> {
+    pub fn reload(&mut self) -> Result<Arc<NodeState>, ReloadError> {
         let result = self.try_reload();
         self.count_failure(&result);
         result
     }
 
-    fn try_reload(&mut self) -> Result<NodeState, ReloadError> {
+    fn try_reload(&mut self) -> Result<Arc<NodeState>, ReloadError> {
         let started = Instant::now();
         let dir = self
             .config
@@ -244,7 +257,7 @@ impl Control {
         compiled: Compiled,
         local_netns: BTreeMap<u64, u64>,
         started: Instant,
-    ) -> Result<NodeState, ReloadError> {
+    ) -> Result<Arc<NodeState>, ReloadError> {
         let result = self.try_apply_compiled(compiled, local_netns, started);
         self.count_failure(&result);
         result
@@ -270,7 +283,7 @@ impl Control {
         mut compiled: Compiled,
         local_netns: BTreeMap<u64, u64>,
         started: Instant,
-    ) -> Result<NodeState, ReloadError> {
+    ) -> Result<Arc<NodeState>, ReloadError> {
         let desired = MapState {
             local_netns,
             // The maps' entries move out; the names stay for NodeState.
@@ -283,8 +296,8 @@ impl Control {
         };
         self.check_capacity(&desired)?;
         let policy_entries = desired.policy.len();
-        let changes = self.apply(desired)?;
-        let names = NodeState::from_compiled(&compiled, changes.generation);
+        let changes = self.apply(desired, Scope::Everything)?;
+        let names = Arc::new(NodeState::from_compiled(&compiled, changes.generation));
         names
             .write(&self.config.state_dir)
             .map_err(|source| ReloadError::State {
@@ -294,6 +307,7 @@ impl Control {
         // After the endpoints: the check on what a workload sends knows its
         // addresses from its first packet.
         self.guard_workloads(&compiled.local_netns);
+        self.names = Some(names.clone());
         let elapsed = started.elapsed();
         self.metrics.observe(self.mode(), elapsed);
         info!(
@@ -307,6 +321,52 @@ impl Control {
         );
         drop_elsewhere(compiled);
         Ok(names)
+    }
+
+    /// Applies a change of Services or EndpointSlices alone (Kubernetes
+    /// mode): the Service maps get `slots`, the names `services`; policy,
+    /// endpoints and namespaces are as the last applied change left them,
+    /// so nothing else is compiled, diffed or written. `None` when no change
+    /// was applied yet (the caller compiles everything).
+    pub fn apply_services(
+        &mut self,
+        slots: &mesh_policy::ServiceSlots,
+        services: Vec<mesh_policy::ServiceInfo>,
+        started: Instant,
+    ) -> Option<Result<Arc<NodeState>, ReloadError>> {
+        let mut names = NodeState::clone(self.names.as_deref()?);
+        let result = (|| {
+            let desired = MapState {
+                services: mesh_policy::service_tables(&self.applied.services, slots),
+                ..MapState::default()
+            };
+            // The other maps are empty here: their union with what is
+            // applied is what is applied.
+            self.check_capacity(&desired)?;
+            let changes = self.apply(desired, Scope::Services)?;
+            names.generation = changes.generation;
+            names.services = services;
+            names
+                .write(&self.config.state_dir)
+                .map_err(|source| ReloadError::State {
+                    path: NodeState::path(&self.config.state_dir),
+                    source,
+                })?;
+            let elapsed = started.elapsed();
+            self.metrics.observe(self.mode(), elapsed);
+            info!(
+                upserted = changes.upserted,
+                deleted = changes.deleted,
+                generation = changes.generation,
+                elapsed_ms = elapsed.as_secs_f64() * 1e3,
+                "services applied"
+            );
+            let names = Arc::new(names);
+            self.names = Some(names.clone());
+            Ok(names)
+        })();
+        self.count_failure(&result);
+        Some(result)
     }
 
     /// The maps must hold the union of old and new entries while the update
@@ -366,10 +426,21 @@ impl Control {
         Ok(())
     }
 
-    fn apply(&mut self, desired: MapState) -> Result<Changes, ReloadError> {
-        let policy = mesh_policy::diff(&self.applied.policy, &desired.policy);
-        let endpoints = mesh_policy::diff(&self.applied.endpoints, &desired.endpoints);
-        let netns = mesh_policy::diff(&self.applied.local_netns, &desired.local_netns);
+    fn apply(&mut self, desired: MapState, scope: Scope) -> Result<Changes, ReloadError> {
+        fn unchanged<K, V>() -> mesh_policy::MapDiff<K, V> {
+            mesh_policy::MapDiff {
+                upserts: Vec::new(),
+                deletes: Vec::new(),
+            }
+        }
+        let (policy, endpoints, netns) = match scope {
+            Scope::Everything => (
+                mesh_policy::diff(&self.applied.policy, &desired.policy),
+                mesh_policy::diff(&self.applied.endpoints, &desired.endpoints),
+                mesh_policy::diff(&self.applied.local_netns, &desired.local_netns),
+            ),
+            Scope::Services => (unchanged(), unchanged(), unchanged()),
+        };
         let services =
             mesh_policy::diff(&self.applied.services.services, &desired.services.services);
         let backends =
@@ -518,7 +589,10 @@ impl Control {
             undo.roll_back(&mut self.maps);
             return Err(e);
         }
-        drop_elsewhere(std::mem::replace(&mut self.applied, desired));
+        match scope {
+            Scope::Everything => drop_elsewhere(std::mem::replace(&mut self.applied, desired)),
+            Scope::Services => self.applied.services = desired.services,
+        }
         let generation = self.pins.bump_policy_generation()?;
         Ok(Changes {
             upserted,

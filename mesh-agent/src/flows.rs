@@ -177,8 +177,8 @@ impl FlowHub {
     }
 
     /// New names after each applied configuration.
-    pub fn set_names(&self, names: NodeState) {
-        let old = std::mem::replace(&mut *self.names.lock().unwrap(), Arc::new(names));
+    pub fn set_names(&self, names: impl Into<Arc<NodeState>>) {
+        let old = std::mem::replace(&mut *self.names.lock().unwrap(), names.into());
         // Freed outside the lock, which the ring buffer reader takes per event.
         drop(old);
     }

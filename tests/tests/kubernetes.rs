@@ -784,6 +784,10 @@ fn services_and_endpoint_slices_are_translated_with_kube_proxys_conventions() {
     let gone = json!({"ready": false, "serving": false, "terminating": true});
     cluster.apply_yaml(&cart_slice(&bed, false, gone)).unwrap();
     wait_probe_target(&bed, FRONTEND, "tcp:10.96.0.50:80", "refused");
+    // A change of EndpointSlices alone compiled only the Services.
+    agent
+        .wait_log("services applied", 1, Duration::from_secs(10))
+        .unwrap();
     // …while an endpoint that is terminating but still serving takes
     // connections when no endpoint is ready (KEP-1669).
     let terminating = json!({"ready": false, "serving": true, "terminating": true});

@@ -698,6 +698,20 @@ pub fn compile(docs: &Documents, settings: &MeshSettings) -> Result<Compiled, Co
         .iter()
         .map(|n| (n.metadata.name.clone(), n.spec.addresses.clone()))
         .collect();
+    (out.service_slots, out.services) = compile_services_only(docs, settings)?;
+    Ok(out)
+}
+
+/// The Service part of [`compile`] alone: the same slots and names, from
+/// the Services, traffic splits, EndpointSlices and Workloads of `docs`.
+/// For a change that touched Services or EndpointSlices only, whose
+/// Workloads are those the last full compile saw: the policy need not be
+/// compiled again.
+pub fn compile_services_only(
+    docs: &Documents,
+    settings: &MeshSettings,
+) -> Result<(ServiceSlots, Vec<ServiceInfo>), ConfigError> {
+    let td = settings.trust_domain.as_str();
     let identity_of = |w: &Workload| {
         numeric_identity(&spiffe_id(
             td,
@@ -705,15 +719,14 @@ pub fn compile(docs: &Documents, settings: &MeshSettings) -> Result<Compiled, Co
             &w.spec.service_account,
         ))
     };
-    (out.service_slots, out.services) = compile_services(
+    compile_services(
         &docs.services,
         &docs.traffic_splits,
         docs.endpoint_slices.as_deref(),
         &docs.workloads,
         identity_of,
         &settings.node,
-    )?;
-    Ok(out)
+    )
 }
 
 /// Whether a rule without ports, or with ports for the protocol at hand,
@@ -1027,6 +1040,17 @@ mod tests {
         format!(
             "apiVersion: mesh.dev/v1alpha1\nkind: MeshPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{spec}\n---\n"
         )
+    }
+
+    #[test]
+    fn compiling_services_alone_gives_what_the_full_compile_gives() {
+        let service = "apiVersion: v1\nkind: Service\nmetadata: {name: cart, namespace: shop}\nspec: {clusterIP: 10.96.0.9, selector: {app: cart}, ports: [{port: 80, targetPort: 8080}]}\n";
+        let docs = parse_str("t.yaml", &format!("{}{service}", base())).unwrap();
+        let full = compile(&docs, &settings()).unwrap();
+        let (slots, infos) = compile_services_only(&docs, &settings()).unwrap();
+        assert_eq!(slots, full.service_slots);
+        assert_eq!(infos, full.services);
+        assert_eq!(infos[0].backends.len(), 1, "{infos:?}");
     }
 
     /// shop/frontend, shop/cart (app=cart), shop/cart-canary (app=canary,

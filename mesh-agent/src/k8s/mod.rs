@@ -329,6 +329,9 @@ struct Cluster {
     netns: HashMap<String, PathBuf>,
     /// A local pod's network namespace is not known yet.
     missing_netns: bool,
+    /// Something besides Services and EndpointSlices changed since the
+    /// last applied compile (or nothing was applied yet).
+    beyond_services: bool,
 }
 
 impl Cluster {
@@ -355,6 +358,7 @@ impl Cluster {
             last_valid_traffic_splits: BTreeMap::new(),
             netns: HashMap::new(),
             missing_netns: false,
+            beyond_services: true,
         }
     }
 
@@ -372,6 +376,15 @@ impl Cluster {
     /// What a watch event changed: the state the maps are compiled from,
     /// or only what documents' statuses say.
     fn apply(&mut self, change: Change) -> Result<Changed, watcher::Error> {
+        let services_only = matches!(change, Change::Service(_) | Change::EndpointSlice(_));
+        let changed = self.apply_change(change)?;
+        if changed.state && !services_only {
+            self.beyond_services = true;
+        }
+        Ok(changed)
+    }
+
+    fn apply_change(&mut self, change: Change) -> Result<Changed, watcher::Error> {
         fn key<K: Resource>(o: &K) -> String {
             translate::object_key(o.meta().namespace.as_deref(), &o.name_any())
         }
@@ -428,11 +441,37 @@ impl Cluster {
     }
 
     /// Compiles the cluster's state and applies the difference to the maps.
+    /// When only Services and EndpointSlices changed since the last applied
+    /// compile, only they are compiled (against the Workloads of that
+    /// compile) and only the Service maps are diffed.
     fn reconcile(
         &mut self,
         control: &mut Control,
-    ) -> anyhow::Result<mesh_policy::state::NodeState> {
+    ) -> anyhow::Result<std::sync::Arc<mesh_policy::state::NodeState>> {
         let started = Instant::now();
+        if !self.beyond_services && !self.missing_netns {
+            // The Workloads are those of the last applied compile (nothing
+            // but Services and EndpointSlices changed since).
+            let mut docs = translate::cluster_documents(
+                self.pods.objects(),
+                self.namespaces.objects(),
+                self.nodes.objects(),
+                &self.netns,
+                &self.settings.node,
+            );
+            docs.traffic_splits = translate::in_force(
+                self.traffic_splits.objects(),
+                &mut self.last_valid_traffic_splits,
+            )
+            .traffic_splits;
+            docs.services = self.services.objects().values().cloned().collect();
+            docs.endpoint_slices = Some(self.endpoint_slices.objects().values().cloned().collect());
+            let (slots, infos) = policy::compile_services_only(&docs, &self.settings)?;
+            control::drop_elsewhere(docs);
+            if let Some(applied) = control.apply_services(&slots, infos, started) {
+                return Ok(applied?);
+            }
+        }
         self.find_local_netns(Path::new(PROC));
         let mut docs = translate::cluster_documents(
             self.pods.objects(),
@@ -456,14 +495,16 @@ impl Cluster {
         docs.services = self.services.objects().values().cloned().collect();
         docs.endpoint_slices = Some(self.endpoint_slices.objects().values().cloned().collect());
         let compiled = policy::compile(&docs, &self.settings)?;
-        control::drop_elsewhere(docs);
         let (cookies, gone) = control::resolve_netns_available(&compiled);
         if !gone.is_empty() {
             // The process found has exited: look again next time.
             self.netns.retain(|_, path| !gone.contains(path));
             self.missing_netns = true;
         }
-        Ok(control.apply_compiled(compiled, cookies, started)?)
+        control::drop_elsewhere(docs);
+        let names = control.apply_compiled(compiled, cookies, started)?;
+        self.beyond_services = false;
+        Ok(names)
     }
 
     /// Looks up the network namespace of local pods that have none yet;

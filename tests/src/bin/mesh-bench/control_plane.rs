@@ -545,6 +545,11 @@ fn wait_line(agent: &Agent, from: usize, needle: &str, timeout: Duration) -> any
     }
 }
 
+/// What the agent logs when a change reached the maps: `policy applied`
+/// after a full compile, `services applied` after a change of Services or
+/// EndpointSlices alone.
+const APPLIED: &str = " applied upserted=";
+
 /// Waits until the agent has logged no `policy applied` for `quiet`;
 /// returns the offset of the log's end then and the lines seen meanwhile.
 fn wait_quiet(
@@ -562,7 +567,7 @@ fn wait_quiet(
         let now = Instant::now();
         for line in log[scanned..].split_inclusive('\n') {
             scanned += line.len();
-            if line.contains("policy applied") {
+            if line.contains(APPLIED) {
                 lines.push(line.trim_end().to_owned());
                 last = now;
             }
@@ -688,7 +693,7 @@ fn timed_apply(
     let idle_ms = wait_idle(agent.pid(), Duration::from_secs(5));
     cluster.api.apply(object);
     let applied = Instant::now();
-    let found = wait_line(agent, *offset, "policy applied", EVENT_TIMEOUT)?;
+    let found = wait_line(agent, *offset, APPLIED, EVENT_TIMEOUT)?;
     then()?;
     let (end, more) = wait_quiet(agent, found.end, quiet, EVENT_TIMEOUT)?;
     *offset = end;
