@@ -345,7 +345,7 @@ impl Control {
             self.check_capacity(&desired)?;
             let changes = self.apply(desired, Scope::Services)?;
             names.generation = changes.generation;
-            names.services = services;
+            names.set_services(services);
             names
                 .write(&self.config.state_dir)
                 .map_err(|source| ReloadError::State {

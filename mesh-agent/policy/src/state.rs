@@ -6,9 +6,10 @@
 //! `explain` and `flows` can name identities and policies, also while the
 //! agent is down.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     io,
     path::{Path, PathBuf},
+    sync::OnceLock,
 };
 
 use serde::{Deserialize, Serialize};
@@ -28,9 +29,15 @@ pub struct NodeState {
     /// Node name → tunnel addresses of its agent.
     #[serde(default)]
     pub nodes: BTreeMap<String, Vec<std::net::IpAddr>>,
-    /// Every Service address and its backends.
+    /// Every Service address and its backends (set with
+    /// [`NodeState::set_services`], which keeps the index in step).
     #[serde(default)]
     pub services: Vec<ServiceInfo>,
+    /// `services` by kernel key, built on first use: the flow reader looks
+    /// a Service up for every event, and a scan of 10,000 Services per
+    /// event took a core of a 2-vCPU node.
+    #[serde(skip)]
+    service_index: OnceLock<HashMap<mesh_common::service::ServiceKey, usize>>,
 }
 
 impl NodeState {
@@ -51,7 +58,14 @@ impl NodeState {
             workloads: compiled.workloads.clone(),
             nodes: compiled.nodes.clone(),
             services: compiled.services.clone(),
+            service_index: OnceLock::new(),
         }
+    }
+
+    /// Replaces the Services (and forgets the index of the old ones).
+    pub fn set_services(&mut self, services: Vec<ServiceInfo>) {
+        self.services = services;
+        self.service_index = OnceLock::new();
     }
 
     pub fn path(state_dir: &Path) -> PathBuf {
@@ -91,7 +105,15 @@ impl NodeState {
 
     /// The names behind the kernel's Service entry `key`.
     pub fn service(&self, key: &mesh_common::service::ServiceKey) -> Option<&ServiceInfo> {
-        self.services.iter().find(|s| s.service_key() == *key)
+        let index = self.service_index.get_or_init(|| {
+            // The first of two with one key, as a scan would find.
+            let mut index = HashMap::with_capacity(self.services.len());
+            for (i, s) in self.services.iter().enumerate() {
+                index.entry(s.service_key()).or_insert(i);
+            }
+            index
+        });
+        index.get(key).map(|&i| &self.services[i])
     }
 
     /// "shop/cart-allow rule 0 (ALLOW)" or the reserved rule's description.
