@@ -182,6 +182,16 @@ impl Control {
         })
     }
 
+    /// Writes the names behind the maps' numbers to `state.json`.
+    fn write_names(&self, names: &NodeState) -> Result<(), ReloadError> {
+        names
+            .write(&self.config.state_dir)
+            .map_err(|source| ReloadError::State {
+                path: NodeState::path(&self.config.state_dir),
+                source,
+            })
+    }
+
     /// After each applied change, `datapath` puts its checks on the local
     /// workloads' interfaces.
     pub fn guard_workloads_with(&mut self, datapath: Arc<Mutex<Datapath>>) {
@@ -298,12 +308,7 @@ impl Control {
         let policy_entries = desired.policy.len();
         let changes = self.apply(desired, Scope::Everything)?;
         let names = Arc::new(NodeState::from_compiled(&compiled, changes.generation));
-        names
-            .write(&self.config.state_dir)
-            .map_err(|source| ReloadError::State {
-                path: NodeState::path(&self.config.state_dir),
-                source,
-            })?;
+        self.write_names(&names)?;
         // After the endpoints: the check on what a workload sends knows its
         // addresses from its first packet.
         self.guard_workloads(&compiled.local_netns);
@@ -346,12 +351,7 @@ impl Control {
             let changes = self.apply(desired, Scope::Services)?;
             names.generation = changes.generation;
             names.set_services(services);
-            names
-                .write(&self.config.state_dir)
-                .map_err(|source| ReloadError::State {
-                    path: NodeState::path(&self.config.state_dir),
-                    source,
-                })?;
+            self.write_names(&names)?;
             let elapsed = started.elapsed();
             self.metrics.observe(self.mode(), elapsed);
             info!(

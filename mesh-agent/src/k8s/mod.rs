@@ -440,6 +440,26 @@ impl Cluster {
         })
     }
 
+    /// The cluster as documents, policies and peer authentications aside:
+    /// workloads, nodes, traffic splits, Services and EndpointSlices.
+    fn documents_but_policy(&mut self) -> Documents {
+        let mut docs = translate::cluster_documents(
+            self.pods.objects(),
+            self.namespaces.objects(),
+            self.nodes.objects(),
+            &self.netns,
+            &self.settings.node,
+        );
+        docs.traffic_splits = translate::in_force(
+            self.traffic_splits.objects(),
+            &mut self.last_valid_traffic_splits,
+        )
+        .traffic_splits;
+        docs.services = self.services.objects().values().cloned().collect();
+        docs.endpoint_slices = Some(self.endpoint_slices.objects().values().cloned().collect());
+        docs
+    }
+
     /// Compiles the cluster's state and applies the difference to the maps.
     /// When only Services and EndpointSlices changed since the last applied
     /// compile, only they are compiled (against the Workloads of that
@@ -452,20 +472,7 @@ impl Cluster {
         if !self.beyond_services && !self.missing_netns {
             // The Workloads are those of the last applied compile (nothing
             // but Services and EndpointSlices changed since).
-            let mut docs = translate::cluster_documents(
-                self.pods.objects(),
-                self.namespaces.objects(),
-                self.nodes.objects(),
-                &self.netns,
-                &self.settings.node,
-            );
-            docs.traffic_splits = translate::in_force(
-                self.traffic_splits.objects(),
-                &mut self.last_valid_traffic_splits,
-            )
-            .traffic_splits;
-            docs.services = self.services.objects().values().cloned().collect();
-            docs.endpoint_slices = Some(self.endpoint_slices.objects().values().cloned().collect());
+            let docs = self.documents_but_policy();
             let (slots, infos) = policy::compile_services_only(&docs, &self.settings)?;
             control::drop_elsewhere(docs);
             if let Some(applied) = control.apply_services(&slots, infos, started) {
@@ -473,13 +480,7 @@ impl Cluster {
             }
         }
         self.find_local_netns(Path::new(PROC));
-        let mut docs = translate::cluster_documents(
-            self.pods.objects(),
-            self.namespaces.objects(),
-            self.nodes.objects(),
-            &self.netns,
-            &self.settings.node,
-        );
+        let mut docs = self.documents_but_policy();
         let policies = translate::in_force(self.policies.objects(), &mut self.last_valid_policies);
         let peer_auths = translate::in_force(
             self.peer_authentications.objects(),
@@ -487,13 +488,6 @@ impl Cluster {
         );
         docs.policies = policies.policies;
         docs.peer_authentications = peer_auths.peer_authentications;
-        docs.traffic_splits = translate::in_force(
-            self.traffic_splits.objects(),
-            &mut self.last_valid_traffic_splits,
-        )
-        .traffic_splits;
-        docs.services = self.services.objects().values().cloned().collect();
-        docs.endpoint_slices = Some(self.endpoint_slices.objects().values().cloned().collect());
         let compiled = policy::compile(&docs, &self.settings)?;
         let (cookies, gone) = control::resolve_netns_available(&compiled);
         if !gone.is_empty() {
