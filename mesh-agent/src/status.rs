@@ -243,10 +243,10 @@ fn stale_interfaces(bpffs: &Path, names: &[String]) -> Vec<String> {
                 .or_else(|| n.strip_prefix("tc_egress_"))
         })
         .filter(|i| {
-            mesh_datapath::tc_link_state(&bpffs.join(format!("tc_ingress_{i}")), i)
-                != TcLinkState::Guarding
-                || mesh_datapath::tc_link_state(&bpffs.join(format!("tc_egress_{i}")), i)
-                    != TcLinkState::Guarding
+            ["ingress", "egress"].into_iter().any(|direction| {
+                let pin = mesh_datapath::tc_link_pin(bpffs, direction, i);
+                mesh_datapath::tc_link_state(&pin, i) != TcLinkState::Guarding
+            })
         })
         .map(str::to_owned)
         .collect();

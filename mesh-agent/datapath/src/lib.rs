@@ -252,11 +252,10 @@ impl Datapath {
             ebpf,
             dir: dir.to_owned(),
             interfaces: config.interfaces.clone(),
-            workloads: BTreeMap::new(),
+            // A restarted agent keeps its predecessor's checks until the
+            // first applied configuration says which workloads are here.
+            workloads: maps.workload_interfaces()?.into_iter().collect(),
         };
-        // A restarted agent keeps its predecessor's checks until the first
-        // applied configuration says which workloads are still here.
-        datapath.workloads = maps.workload_interfaces()?.into_iter().collect();
         datapath.guard_workloads()?;
         Ok(datapath)
     }
@@ -274,20 +273,15 @@ impl Datapath {
             }
             for (program, direction, attach_type) in TC_PROGRAMS {
                 let pin = tc_link_pin(&self.dir, direction, interface);
-                if tc_link_state(&pin, interface) == TcLinkState::Guarding {
-                    continue;
-                }
-                attach_tc(&mut self.ebpf, program, interface, attach_type, &pin)?;
-                if attached.last() != Some(interface) {
+                let again = guard_link(&mut self.ebpf, program, interface, attach_type, &pin)?;
+                if again && attached.last() != Some(interface) {
                     attached.push(interface.clone());
                 }
             }
         }
         Ok(attached)
     }
-}
 
-impl Datapath {
     /// Puts the checks of [`WORKLOAD_PROGRAMS`] on the node's side of each
     /// local workload's interface (`desired`: interface index → identity),
     /// and takes them off interfaces no longer a workload's.
@@ -315,16 +309,7 @@ impl Datapath {
                 let pin = self
                     .dir
                     .join(format!("{WORKLOAD_LINK_PREFIX}{direction}_{ifindex}"));
-                if link_ifindex(&pin) == Some(ifindex) {
-                    continue;
-                }
-                if pin.exists() {
-                    std::fs::remove_file(&pin).map_err(|source| DatapathError::Io {
-                        what: format!("removing stale link {}", pin.display()),
-                        source,
-                    })?;
-                }
-                attach_tc(&mut self.ebpf, program, &name, attach_type, &pin)?;
+                guard_link(&mut self.ebpf, program, &name, attach_type, &pin)?;
             }
         }
         // Links of interfaces that are no workload's any more: unpinned, so
@@ -347,11 +332,21 @@ impl Datapath {
     }
 }
 
-/// The interface index the TCX link pinned at `pin` is attached to, when
-/// there is one and its interface still exists.
-fn link_ifindex(pin: &Path) -> Option<u32> {
-    let link = sys::obj_get(pin).ok()?;
-    sys::tcx_link_ifindex(link.as_fd()).ok().filter(|&i| i != 0)
+/// Attaches `program` to `interface` unless the link pinned at `pin`
+/// already guards it (a stale link is replaced by `attach_tc`); whether it
+/// attached.
+fn guard_link(
+    ebpf: &mut Ebpf,
+    program: &'static str,
+    interface: &str,
+    attach_type: TcAttachType,
+    pin: &Path,
+) -> Result<bool, DatapathError> {
+    if tc_link_state(pin, interface) == TcLinkState::Guarding {
+        return Ok(false);
+    }
+    attach_tc(ebpf, program, interface, attach_type, pin)?;
+    Ok(true)
 }
 
 /// Where the TCX link of `direction` on `interface` is pinned.
