@@ -20,6 +20,7 @@
 //! Any failure before step 6 undoes the steps taken, in reverse; a refused
 //! configuration never reaches the maps at all.
 pub mod metrics;
+mod stranded;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -31,7 +32,7 @@ use std::{
 use aya::maps::{HashMap, MapData};
 use mesh_common::{
     map_names,
-    policy::{Endpoint, IpKey, PolicyKey, Verdict},
+    policy::{Endpoint, IpKey, PROTO_UDP, PolicyKey, Verdict},
     service::{BackendKey, MemberKey, ServiceEntry, ServiceKey, SockAddr},
 };
 use tracing::{info, warn};
@@ -112,11 +113,14 @@ enum Scope {
 }
 
 /// What one reload changed.
-#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Default, Clone)]
 pub struct Changes {
     pub upserted: usize,
     pub deleted: usize,
     pub generation: u32,
+    /// Backends that left a UDP Service: connected sockets sent to them
+    /// are stranded there.
+    pub departed_udp: BTreeSet<MemberKey>,
 }
 
 pub struct Control {
@@ -127,6 +131,8 @@ pub struct Control {
     /// Each local workload's interfaces, by network namespace: looked up
     /// once per namespace.
     interfaces_by_netns: BTreeMap<PathBuf, Vec<u32>>,
+    /// The local workloads' network namespaces, as last applied.
+    workload_netns: Vec<PathBuf>,
     /// The names written with the last applied change, which a change of
     /// Services alone updates (shared with the flow hub, not copied).
     names: Option<Arc<NodeState>>,
@@ -173,6 +179,7 @@ impl Control {
             config,
             datapath: None,
             interfaces_by_netns: BTreeMap::new(),
+            workload_netns: Vec::new(),
             names: None,
             pins,
             maps,
@@ -307,11 +314,13 @@ impl Control {
         self.check_capacity(&desired)?;
         let policy_entries = desired.policy.len();
         let changes = self.apply(desired, Scope::Everything)?;
+        self.workload_netns = compiled.local_netns.keys().cloned().collect();
         let names = Arc::new(NodeState::from_compiled(&compiled, changes.generation));
         self.write_names(&names)?;
         // After the endpoints: the check on what a workload sends knows its
         // addresses from its first packet.
         self.guard_workloads(&compiled.local_netns);
+        self.release_stranded(changes.departed_udp);
         self.names = Some(names.clone());
         let elapsed = started.elapsed();
         self.metrics.observe(self.mode(), elapsed);
@@ -352,6 +361,7 @@ impl Control {
             names.generation = changes.generation;
             names.set_services(services);
             self.write_names(&names)?;
+            self.release_stranded(changes.departed_udp);
             let elapsed = started.elapsed();
             self.metrics.observe(self.mode(), elapsed);
             info!(
@@ -367,6 +377,12 @@ impl Control {
         })();
         self.count_failure(&result);
         Some(result)
+    }
+
+    /// Connected UDP sockets sent to backends that have just left their
+    /// Service are aborted, so their applications connect again to a live one.
+    fn release_stranded(&self, departed: BTreeSet<MemberKey>) {
+        stranded::release(&self.config.bpffs, self.workload_netns.clone(), departed);
     }
 
     /// The maps must hold the union of old and new entries while the update
@@ -589,6 +605,8 @@ impl Control {
             undo.roll_back(&mut self.maps);
             return Err(e);
         }
+        let departed_udp =
+            mesh_policy::departed_backends(&self.applied.services, &desired.services, PROTO_UDP);
         match scope {
             Scope::Everything => drop_elsewhere(std::mem::replace(&mut self.applied, desired)),
             Scope::Services => self.applied.services = desired.services,
@@ -598,6 +616,7 @@ impl Control {
             upserted,
             deleted,
             generation,
+            departed_udp,
         })
     }
 }

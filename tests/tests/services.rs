@@ -513,19 +513,29 @@ fn services(m: &Mesh, node: usize) -> Vec<Value> {
 /// Waits until `node`'s kernel translates `address` (TCP) to `backends`
 /// backends.
 fn wait_backends(m: &Mesh, node: usize, address: &str, backends: usize) {
+    wait_services(
+        m,
+        node,
+        &format!("{address} with {backends} backends"),
+        |rows| {
+            rows.iter()
+                .find(|r| r["address"] == address && r["protocol"] == "tcp")
+                .is_some_and(|r| r["backends"].as_array().unwrap().len() == backends)
+        },
+    );
+}
+
+/// Waits until `node`'s Service rows (`inspect services`) satisfy `done`.
+fn wait_services(m: &Mesh, node: usize, what: &str, done: impl Fn(&[Value]) -> bool) {
     let deadline = std::time::Instant::now() + T;
     loop {
         let rows = services(m, node);
-        let now = rows
-            .iter()
-            .find(|r| r["address"] == address && r["protocol"] == "tcp")
-            .map(|r| r["backends"].as_array().unwrap().len());
-        if now == Some(backends) {
+        if done(&rows) {
             return;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "{address} never had {backends} backends: {rows:?}"
+            "never {what}: {rows:?}"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -662,4 +672,103 @@ fn session_affinity_keeps_a_client_on_its_backend_until_the_backend_goes() {
         m.tally(WEB, "10.96.0.14:80", 20),
         BTreeMap::from([(other, 20)])
     );
+}
+
+/// Port of the tagged UDP echo servers: each answer names its backend.
+const TAGGED: u16 = 5454;
+
+#[test]
+fn a_connected_udp_socket_leaves_a_backend_that_left_its_service() {
+    let m = Mesh::new("svc-udp-move", false);
+    let mut servers = Vec::new();
+    for (pod, tag) in [(DB_A, "db-a"), (DB_B, "db-b")] {
+        let listen = format!("[::]:{TAGGED}");
+        let mut server = m
+            .bed
+            .workload(
+                pod,
+                &["serve", "--proto", "udp", "--listen", &listen, "--tag", tag],
+            )
+            .unwrap();
+        wait_for_line(&mut server, "listening").unwrap();
+        servers.push(server);
+    }
+    // A resolver Service whose one backend is db-a, then db-b.
+    let resolver = |zone: &str| {
+        format!(
+            "{DOCS}---\napiVersion: v1\nkind: Service\nmetadata: {{name: resolver, namespace: shop}}\nspec:\n  clusterIP: 10.96.0.15\n  clusterIPs: [10.96.0.15, \"fd00:96::15\"]\n  selector: {{app: db, zone: {zone}}}\n  ports: [{{name: dns, port: 53, targetPort: {TAGGED}, protocol: UDP}}]\n"
+        )
+    };
+    let backend_is = |pod: usize| {
+        let workload = format!("shop/pod-{pod}");
+        move |rows: &[Value]| {
+            ["10.96.0.15:53", "[fd00:96::15]:53"].iter().all(|address| {
+                rows.iter().any(|r| {
+                    r["address"] == *address
+                        && r["protocol"] == "udp"
+                        && r["backends"].as_array().unwrap().len() == 1
+                        && r["backends"][0]["workload"] == workload.as_str()
+                })
+            })
+        }
+    };
+    m.bed.write_config("services.yaml", &resolver("a")).unwrap();
+    wait_services(&m, 0, "db-a behind the resolver", backend_is(DB_A));
+
+    // Sockets connected once, through the Service (both families) and
+    // straight to db-a's address.
+    let session = |to: String, give_up_ms: &str| {
+        let mut client = m
+            .bed
+            .workload(
+                WEB,
+                &[
+                    "udp-session",
+                    "--to",
+                    &to,
+                    "--until",
+                    "db-b",
+                    "--give-up-ms",
+                    give_up_ms,
+                ],
+            )
+            .unwrap();
+        assert_eq!(
+            wait_for_line(&mut client, "answered by").unwrap().trim(),
+            "answered by db-a"
+        );
+        client
+    };
+    let through_service = [
+        session("10.96.0.15:53".into(), "20000"),
+        session("[fd00:96::15]:53".into(), "20000"),
+    ];
+    let direct = session(m.backend(DB_A, false, TAGGED), "3000");
+
+    // db-a leaves the Service (db-b, on the other node, replaces it).
+    m.bed.write_config("services.yaml", &resolver("b")).unwrap();
+    wait_services(&m, 0, "db-b behind the resolver", backend_is(DB_B));
+
+    // The kernel aborted each socket the Service had sent to db-a; connected
+    // again, it reached db-b.
+    for client in through_service {
+        let out = client.wait_output(T).unwrap();
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["moved"], true, "{report}");
+        // The abort is reported once; a send may first find the socket
+        // unconnected. Nothing else went wrong, not even a lost answer.
+        let errors = report["errors"].as_object().unwrap();
+        assert_eq!(errors["aborted"], 1, "{report}");
+        assert!(
+            errors.keys().all(|e| e == "aborted" || e == "unconnected"),
+            "{report}"
+        );
+        assert!(report["reconnects"].as_u64().unwrap() >= 1, "{report}");
+    }
+    // A socket that dialled db-a itself is the application's choice: kept.
+    let out = direct.wait_output(T).unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["moved"], false, "{report}");
+    assert_eq!(report["reconnects"], 0, "{report}");
+    assert!(report["errors"].as_object().unwrap().is_empty(), "{report}");
 }

@@ -1,9 +1,10 @@
-//! The two rtnetlink questions the agent asks, framed by hand (a request,
-//! its answers, their attributes): which interface is the other end of each
-//! veth of a namespace (`RTM_GETLINK`), and which interface the route to an
-//! address leaves through (`RTM_GETROUTE`). Both are asked of the calling
-//! thread's network namespace.
-use std::{io, net::IpAddr, os::fd::AsRawFd as _};
+//! The netlink questions the agent asks, framed by hand (a request, its
+//! answers, their attributes): which interface is the other end of each
+//! veth of a namespace (`RTM_GETLINK`), which interface the route to an
+//! address leaves through (`RTM_GETROUTE`), and, of sock_diag, which
+//! connected UDP sockets there are, to abort some (`SOCK_DESTROY`, what
+//! `ss -K` sends). All are asked of the calling thread's network namespace.
+use std::{collections::BTreeSet, io, net::IpAddr, os::fd::AsRawFd as _};
 
 use nix::sys::socket::{
     AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, send,
@@ -14,6 +15,7 @@ const NLMSG_HDRLEN: usize = 16;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
 const NLM_F_DUMP: u16 = 0x300;
 const RTM_NEWLINK: u16 = 16;
 const RTM_GETLINK: u16 = 18;
@@ -26,6 +28,19 @@ const IFLA_LINK: u16 = 5;
 const IFLA_LINK_NETNSID: u16 = 37;
 const RTA_DST: u16 = 1;
 const RTA_OIF: u16 = 4;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const SOCK_DESTROY: u16 = 21;
+/// `struct inet_diag_req_v2`, `struct inet_diag_msg`, and where the
+/// `struct inet_diag_sockid` (48 bytes, the socket's addresses and cookie)
+/// sits in both.
+const INET_DIAG_REQ_LEN: usize = 56;
+const INET_DIAG_MSG_LEN: usize = 72;
+const SOCKID_IN_REQ: usize = 8;
+const SOCKID_IN_MSG: usize = 4;
+const SOCKID_LEN: usize = 48;
+const COOKIE_IN_SOCKID: usize = 40;
+/// A UDP socket's state once connected.
+const TCP_ESTABLISHED: u32 = 1;
 
 fn malformed() -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, "malformed netlink answer")
@@ -43,11 +58,22 @@ fn u32_at(b: &[u8], at: usize) -> Option<u32> {
 /// the answers of type `answer`, each without its header, until the kernel
 /// says it is done (a dump) or has answered once (a single question).
 fn ask(kind: u16, flags: u16, body: &[u8], answer: u16) -> io::Result<Vec<Vec<u8>>> {
+    ask_of(SockProtocol::NetlinkRoute, kind, flags, body, answer)
+}
+
+/// [`ask`], of the netlink family `protocol`.
+fn ask_of(
+    protocol: SockProtocol,
+    kind: u16,
+    flags: u16,
+    body: &[u8],
+    answer: u16,
+) -> io::Result<Vec<Vec<u8>>> {
     let sock = socket(
         AddressFamily::Netlink,
         SockType::Raw,
         SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkRoute,
+        protocol,
     )?;
     bind(sock.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
     let mut request = Vec::with_capacity(NLMSG_HDRLEN + body.len());
@@ -157,6 +183,56 @@ pub fn route_interface(dst: IpAddr) -> io::Result<Option<u32>> {
     }))
 }
 
+/// Aborts the connected UDP sockets whose cookie is in `cookies`: each
+/// reports `ECONNABORTED` once and is left unconnected, so its application
+/// connects again (and is translated afresh). Returns how many were aborted.
+/// A kernel built without `CONFIG_INET_DIAG_DESTROY` answers `EOPNOTSUPP`.
+pub fn abort_udp_sockets(cookies: &BTreeSet<u64>) -> io::Result<usize> {
+    let mut aborted = 0;
+    for family in [libc::AF_INET, libc::AF_INET6] {
+        let mut dump = [0u8; INET_DIAG_REQ_LEN];
+        dump[0] = family as u8;
+        dump[1] = libc::IPPROTO_UDP as u8;
+        dump[4..8].copy_from_slice(&(1u32 << TCP_ESTABLISHED).to_ne_bytes());
+        let sockets = ask_of(
+            SockProtocol::NetlinkSockDiag,
+            SOCK_DIAG_BY_FAMILY,
+            NLM_F_DUMP,
+            &dump,
+            SOCK_DIAG_BY_FAMILY,
+        )?;
+        for socket in sockets {
+            if socket.len() < INET_DIAG_MSG_LEN {
+                return Err(malformed());
+            }
+            let id = &socket[SOCKID_IN_MSG..SOCKID_IN_MSG + SOCKID_LEN];
+            let low = u32_at(id, COOKIE_IN_SOCKID).ok_or_else(malformed)?;
+            let high = u32_at(id, COOKIE_IN_SOCKID + 4).ok_or_else(malformed)?;
+            if !cookies.contains(&(u64::from(high) << 32 | u64::from(low))) {
+                continue;
+            }
+            // The kernel finds the socket again by its addresses and checks
+            // the cookie, so a socket closed meanwhile is never mistaken.
+            let mut destroy = dump;
+            destroy[4..8].copy_from_slice(&u32::MAX.to_ne_bytes());
+            destroy[SOCKID_IN_REQ..SOCKID_IN_REQ + SOCKID_LEN].copy_from_slice(id);
+            match ask_of(
+                SockProtocol::NetlinkSockDiag,
+                SOCK_DESTROY,
+                NLM_F_ACK,
+                &destroy,
+                NLMSG_ERROR,
+            ) {
+                Ok(_) => aborted += 1,
+                // Closed since the dump.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(aborted)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,6 +243,53 @@ mod tests {
         assert_eq!(
             route_interface("127.0.0.1".parse().unwrap()).unwrap(),
             Some(lo)
+        );
+    }
+
+    #[test]
+    fn only_the_named_connected_udp_socket_is_aborted() {
+        use std::net::UdpSocket;
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let connected = |to| {
+            let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.connect(to).unwrap();
+            s
+        };
+        let (doomed, kept) = (
+            connected(server.local_addr().unwrap()),
+            connected(server.local_addr().unwrap()),
+        );
+        let cookie = crate::sys::socket_cookie(std::os::fd::AsFd::as_fd(&doomed)).unwrap();
+        match abort_udp_sockets(&BTreeSet::from([cookie])) {
+            Ok(n) => assert_eq!(n, 1),
+            // Outside CI, a kernel without CONFIG_INET_DIAG_DESTROY or a
+            // user without CAP_NET_ADMIN cannot run this.
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EPERM))
+                    && std::env::var_os("CI").is_none() =>
+            {
+                eprintln!("not run: {e}");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        }
+        doomed
+            .set_read_timeout(Some(std::time::Duration::from_secs(1)))
+            .unwrap();
+        assert_eq!(
+            doomed.recv(&mut [0u8; 8]).unwrap_err().raw_os_error(),
+            Some(libc::ECONNABORTED)
+        );
+        // Aborted sockets are left unconnected.
+        assert_eq!(
+            doomed.send(b"x").unwrap_err().raw_os_error(),
+            Some(libc::EDESTADDRREQ)
+        );
+        kept.send(b"x").unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(
+            server.recv_from(&mut buf).unwrap().1,
+            kept.local_addr().unwrap()
         );
     }
 

@@ -123,23 +123,33 @@ const SO_NETNS_COOKIE: libc::c_int = 71;
 
 /// The network-namespace cookie of `socket`'s namespace.
 pub fn netns_cookie(socket: BorrowedFd<'_>) -> io::Result<u64> {
-    let mut cookie: u64 = 0;
+    u64_option(socket, SO_NETNS_COOKIE)
+}
+
+/// The cookie of `socket` itself, as the kernel programs see it
+/// (`bpf_get_socket_cookie`).
+pub fn socket_cookie(socket: BorrowedFd<'_>) -> io::Result<u64> {
+    u64_option(socket, libc::SO_COOKIE)
+}
+
+fn u64_option(socket: BorrowedFd<'_>, name: libc::c_int) -> io::Result<u64> {
+    let mut value: u64 = 0;
     let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, which
+    // SAFETY: getsockopt writes at most `len` bytes into `value`, which
     // lives for the whole call.
     let rc = unsafe {
         libc::getsockopt(
             socket.as_raw_fd(),
             libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
+            name,
+            (&raw mut value).cast(),
             &mut len,
         )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(cookie)
+    Ok(value)
 }
 
 /// Registers a descriptor the agent owns with the tokio reactor, for reading.

@@ -39,5 +39,6 @@ pub use documents::{
 };
 pub use identity::{IdentityPattern, numeric_identity, spiffe_id};
 pub use services::{
-    ServiceBackends, ServiceInfo, ServiceSlots, ServiceTables, TrafficSplitResource, service_tables,
+    ServiceBackends, ServiceInfo, ServiceSlots, ServiceTables, TrafficSplitResource,
+    departed_backends, service_tables,
 };

@@ -5,7 +5,7 @@
 //! revision scheme that lets a Service's backend set change in one map
 //! update.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use mesh_common::{
@@ -527,10 +527,57 @@ pub fn service_tables(applied: &ServiceTables, desired: &ServiceSlots) -> Servic
     out
 }
 
+impl ServiceTables {
+    /// The backends in the live revision of `service`'s slots.
+    fn live_backends(&self, service: &ServiceKey) -> BTreeSet<SockAddr> {
+        let Some(entry) = self.services.get(service) else {
+            return BTreeSet::new();
+        };
+        let slot = |slot| BackendKey {
+            service: *service,
+            revision: entry.revision,
+            slot,
+        };
+        self.backends
+            .range(slot(0)..=slot(u16::MAX))
+            .map(|(_, backend)| *backend)
+            .collect()
+    }
+}
+
+/// Each backend that leaves a Service of protocol `proto` when `new`
+/// replaces `old`: it was in the Service's live slots and is in none of
+/// them now (the Service gone, or the backend dropped from it).
+pub fn departed_backends(
+    old: &ServiceTables,
+    new: &ServiceTables,
+    proto: u8,
+) -> BTreeSet<MemberKey> {
+    let mut departed = BTreeSet::new();
+    for (service, entry) in old.services.iter().filter(|(s, _)| s.proto == proto) {
+        // The same revision is the same slots.
+        if new.services.get(service) == Some(entry) {
+            continue;
+        }
+        let stays = new.live_backends(service);
+        for backend in old.live_backends(service) {
+            if !stays.contains(&backend) {
+                departed.insert(MemberKey {
+                    service: *service,
+                    _pad: 0,
+                    backend,
+                });
+            }
+        }
+    }
+    departed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::documents::parse_str;
+    use mesh_common::policy::{PROTO_TCP, PROTO_UDP};
 
     fn addr(last: u8, port: u16) -> SockAddr {
         SockAddr::new(IpKey::from(IpAddr::from([10, 0, 0, last])).ip, port)
@@ -541,6 +588,37 @@ mod tests {
             slots,
             affinity_timeout_s: 0,
         }
+    }
+
+    #[test]
+    fn a_backend_departs_when_no_live_slot_of_its_service_holds_it() {
+        let udp = ServiceKey::new(addr(10, 0).ip, 53, PROTO_UDP);
+        let tcp = ServiceKey::new(addr(10, 0).ip, 53, PROTO_TCP);
+        let (a, b, c) = (addr(1, 5353), addr(2, 5353), addr(3, 5353));
+        let both =
+            |slots: Vec<SockAddr>| BTreeMap::from([(udp, set(slots.clone())), (tcp, set(slots))]);
+        let old = service_tables(&ServiceTables::default(), &both(vec![a, b, b]));
+        let member = |backend| MemberKey {
+            service: udp,
+            _pad: 0,
+            backend,
+        };
+        // b keeps a slot (fewer of them): only a departs, and only from the
+        // UDP Service when UDP is asked.
+        let new = service_tables(&old, &both(vec![b, c]));
+        assert_eq!(
+            departed_backends(&old, &new, PROTO_UDP),
+            BTreeSet::from([member(a)])
+        );
+        // Unchanged: nobody departs.
+        let same = service_tables(&old, &both(vec![a, b, b]));
+        assert!(departed_backends(&old, &same, PROTO_UDP).is_empty());
+        // The Service removed: all its backends depart.
+        let gone = service_tables(&old, &BTreeMap::new());
+        assert_eq!(
+            departed_backends(&old, &gone, PROTO_UDP),
+            BTreeSet::from([member(a), member(b)])
+        );
     }
 
     #[test]

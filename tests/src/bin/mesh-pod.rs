@@ -36,6 +36,10 @@ enum Cmd {
         /// `udp` serves datagrams: each is echoed to its sender.
         #[arg(long, value_enum, default_value_t = Proto::Tcp)]
         proto: Proto,
+        /// For `udp`: each echo starts with `TAG:`, so a client can tell
+        /// which server answered.
+        #[arg(long)]
+        tag: Option<String>,
     },
     /// Try each target once (`tcp:ADDR` or `udp:ADDR`) and report what
     /// happened: connected (and the echo came back), eperm, refused, timeout.
@@ -208,6 +212,19 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
     },
+    /// Keep asking a UDP echo server (`serve --proto udp --tag`) over one
+    /// connected socket, every 10 ms, until the server tagged `until`
+    /// answers. When the kernel aborts the socket (`ECONNABORTED`), connect
+    /// it again, as a resolver would. Prints `answered by TAG` on the first
+    /// answer; reports the answers per tag and the reconnects.
+    UdpSession {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        until: String,
+        #[arg(long, default_value_t = 20_000)]
+        give_up_ms: u64,
+    },
     /// Wait for one UDP datagram on `listen` (prints `listening` when
     /// bound): reports `received` with its sender and text, or `timeout`.
     AwaitDatagram {
@@ -293,18 +310,21 @@ fn main() {
         Cmd::Serve {
             listen,
             proto: Proto::Udp,
+            tag,
             ..
-        } => udp_echo(listen, false).map(|()| json!({})),
+        } => udp_echo(listen, false, tag).map(|()| json!({})),
         Cmd::Serve {
             listen,
             proto: Proto::Udplite,
+            tag,
             ..
-        } => udp_echo(listen, true).map(|()| json!({})),
+        } => udp_echo(listen, true, tag).map(|()| json!({})),
         Cmd::Serve {
             listen,
             mode,
             hold_ms,
             proto: Proto::Tcp,
+            ..
         } => serve(listen, mode, Duration::from_millis(hold_ms)).map(|()| json!({})),
         Cmd::Probe {
             targets,
@@ -401,6 +421,11 @@ fn main() {
             timeout_ms,
         } => frag_syn(to, first, Duration::from_millis(timeout_ms))
             .map(|result| json!({ "result": result })),
+        Cmd::UdpSession {
+            to,
+            until,
+            give_up_ms,
+        } => udp_session(to, &until, Duration::from_millis(give_up_ms)),
         Cmd::AwaitDatagram { listen, timeout_ms } => {
             await_datagram(listen, Duration::from_millis(timeout_ms))
         }
@@ -1368,7 +1393,7 @@ fn tun_syn(
     await_syn_ack(tun.as_fd(), from, to, timeout)
 }
 
-fn udp_echo(listen: SocketAddr, lite: bool) -> anyhow::Result<()> {
+fn udp_echo(listen: SocketAddr, lite: bool, tag: Option<String>) -> anyhow::Result<()> {
     let sock = if lite {
         let sock = udplite_socket(&listen)?;
         nix::sys::socket::bind(
@@ -1386,8 +1411,81 @@ fn udp_echo(listen: SocketAddr, lite: bool) -> anyhow::Result<()> {
     let mut buf = vec![0u8; 65536];
     loop {
         let (n, from) = sock.recv_from(&mut buf)?;
+        let answer = match &tag {
+            Some(tag) => [tag.as_bytes(), b":", &buf[..n]].concat(),
+            None => buf[..n].to_vec(),
+        };
         // A peer that went away is not the server's failure.
-        let _ = sock.send_to(&buf[..n], from);
+        let _ = sock.send_to(&answer, from);
+    }
+}
+
+fn udp_session(
+    to: SocketAddr,
+    until: &str,
+    give_up: Duration,
+) -> anyhow::Result<serde_json::Value> {
+    let any: SocketAddr = if to.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    let sock = std::net::UdpSocket::bind(any)?;
+    sock.connect(to)
+        .with_context(|| format!("connecting to {to}"))?;
+    sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let deadline = Instant::now() + give_up;
+    let mut answers = std::collections::BTreeMap::<String, u64>::new();
+    let mut errors = std::collections::BTreeMap::<String, u64>::new();
+    let mut reconnects = 0u64;
+    let mut buf = [0u8; 2048];
+    let mut seq = 0u64;
+    loop {
+        seq += 1;
+        if Instant::now() >= deadline {
+            return Ok(
+                json!({ "ok": true, "moved": false, "answers": answers, "errors": errors, "reconnects": reconnects }),
+            );
+        }
+        let asked = seq.to_string();
+        let outcome = sock
+            .send(asked.as_bytes())
+            .and_then(|_| sock.recv(&mut buf));
+        match outcome {
+            Ok(n) => {
+                let text = String::from_utf8_lossy(&buf[..n]);
+                let (tag, echoed) = text.split_once(':').unwrap_or(("", &text));
+                if echoed != asked {
+                    // A late answer to an earlier question.
+                    continue;
+                }
+                if answers.values().sum::<u64>() == 0 {
+                    println!("answered by {tag}");
+                    std::io::stdout().flush()?;
+                }
+                *answers.entry(tag.to_string()).or_default() += 1;
+                if tag == until {
+                    return Ok(
+                        json!({ "ok": true, "moved": true, "answers": answers, "errors": errors, "reconnects": reconnects }),
+                    );
+                }
+            }
+            // The kernel aborted the socket and left it unconnected: the
+            // application connects again.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ECONNABORTED | libc::EDESTADDRREQ)
+                ) =>
+            {
+                *errors.entry(classify(&e)).or_default() += 1;
+                sock.connect(to)
+                    .with_context(|| format!("connecting to {to} again"))?;
+                reconnects += 1;
+            }
+            Err(e) => *errors.entry(classify(&e)).or_default() += 1,
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -1397,6 +1495,8 @@ fn classify(e: &std::io::Error) -> String {
         Some(libc::EPERM) => "eperm".into(),
         Some(libc::ECONNREFUSED) => "refused".into(),
         Some(libc::EACCES) => "eacces".into(),
+        Some(libc::ECONNABORTED) => "aborted".into(),
+        Some(libc::EDESTADDRREQ) => "unconnected".into(),
         _ if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock) => "timeout".into(),
         _ => format!("error: {e}"),
     }

@@ -53,6 +53,12 @@ impl PinnedMaps {
         self.entries(map_names::SERVICES)
     }
 
+    /// Which backend each socket that dialled a Service address was sent
+    /// to, and that address.
+    pub fn service_peers(&self) -> Result<Vec<(ServicePeerKey, SockAddr)>, MapsError> {
+        self.entries(map_names::SERVICE_PEERS)
+    }
+
     /// Every backend slot, of every revision present.
     pub fn service_backends(&self) -> Result<Vec<(BackendKey, SockAddr)>, MapsError> {
         self.entries(map_names::SERVICE_BACKENDS)
