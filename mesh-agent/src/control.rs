@@ -337,18 +337,25 @@ impl Control {
         Ok(names)
     }
 
+    /// The names written with the last applied change; `None` before the
+    /// first.
+    pub fn names(&self) -> Option<Arc<NodeState>> {
+        self.names.clone()
+    }
+
     /// Applies a change of Services or EndpointSlices alone (Kubernetes
-    /// mode): the Service maps get `slots`, the names `services`; policy,
-    /// endpoints and namespaces are as the last applied change left them,
-    /// so nothing else is compiled, diffed or written. `None` when no change
-    /// was applied yet (the caller compiles everything).
+    /// mode), after a change that applied everything and left `applied`
+    /// ([`Control::names`]): the Service maps get `slots`, the names
+    /// `services`; policy, endpoints and namespaces are as that change left
+    /// them, so nothing else is compiled, diffed or written.
     pub fn apply_services(
         &mut self,
+        applied: &NodeState,
         slots: &mesh_policy::ServiceSlots,
         services: Vec<mesh_policy::ServiceInfo>,
         started: Instant,
-    ) -> Option<Result<Arc<NodeState>, ReloadError>> {
-        let mut names = NodeState::clone(self.names.as_deref()?);
+    ) -> Result<Arc<NodeState>, ReloadError> {
+        let mut names = NodeState::clone(applied);
         let result = (|| {
             let desired = MapState {
                 services: mesh_policy::service_tables(&self.applied.services, slots),
@@ -376,7 +383,7 @@ impl Control {
             Ok(names)
         })();
         self.count_failure(&result);
-        Some(result)
+        result
     }
 
     /// Connected UDP sockets sent to backends that have just left their

@@ -36,7 +36,7 @@ use super::documents::{
     PeerAuthentication, PolicyAction, Protocol, Rule, Selector, Workload,
 };
 use super::identity::{IdentityPattern, hash32, hash64, numeric_identity, spiffe_id};
-use super::services::{ServiceInfo, ServiceSlots, compile_services};
+use super::services::{ServiceInfo, ServiceSlots, compile_services, owners_compiled, owners_of};
 
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_ROOT_NAMESPACE: &str = "mesh-system";
@@ -704,27 +704,45 @@ pub fn compile(docs: &Documents, settings: &MeshSettings) -> Result<Compiled, Co
 
 /// The Service part of [`compile`] alone: the same slots and names, from
 /// the Services, traffic splits, EndpointSlices and Workloads of `docs`.
-/// For a change that touched Services or EndpointSlices only, whose
-/// Workloads are those the last full compile saw: the policy need not be
-/// compiled again.
 pub fn compile_services_only(
     docs: &Documents,
     settings: &MeshSettings,
 ) -> Result<(ServiceSlots, Vec<ServiceInfo>), ConfigError> {
     let td = settings.trust_domain.as_str();
-    let identity_of = |w: &Workload| {
+    let owners = owners_of(&docs.workloads, |w| {
         numeric_identity(&spiffe_id(
             td,
             &w.metadata.namespace,
             &w.spec.service_account,
         ))
-    };
+    });
     compile_services(
         &docs.services,
         &docs.traffic_splits,
         docs.endpoint_slices.as_deref(),
         &docs.workloads,
-        identity_of,
+        &owners,
+        &settings.node,
+    )
+}
+
+/// The Services of a cluster (`docs` holds its Services, traffic splits
+/// and EndpointSlices) against `workloads` as last compiled: for a change
+/// that touched Services or EndpointSlices only, neither the pods need
+/// translating again nor the policy compiling. The same slots and names as
+/// [`compile_services_only`] with the same workloads.
+pub fn compile_cluster_services(
+    docs: &Documents,
+    workloads: &[WorkloadInfo],
+    settings: &MeshSettings,
+) -> Result<(ServiceSlots, Vec<ServiceInfo>), ConfigError> {
+    let slices = docs.endpoint_slices.as_deref().unwrap_or_default();
+    compile_services(
+        &docs.services,
+        &docs.traffic_splits,
+        Some(slices),
+        &[],
+        &owners_compiled(workloads),
         &settings.node,
     )
 }
@@ -1051,6 +1069,61 @@ mod tests {
         assert_eq!(slots, full.service_slots);
         assert_eq!(infos, full.services);
         assert_eq!(infos[0].backends.len(), 1, "{infos:?}");
+    }
+
+    #[test]
+    fn cluster_services_against_the_compiled_workloads_give_what_the_full_compile_gives() {
+        use crate::documents::service::{EndpointSliceDoc, SliceEndpoint, SlicePort};
+        let service = "apiVersion: v1\nkind: Service\nmetadata: {name: cart, namespace: shop}\nspec: {clusterIP: 10.96.0.9, ports: [{port: 80, targetPort: 8080}]}\n";
+        let mut docs = parse_str("t.yaml", &format!("{}{service}", base())).unwrap();
+        let endpoint = |ip: &str, node: Option<&str>| SliceEndpoint {
+            addresses: vec![ip.parse().unwrap()],
+            ready: true,
+            serving: true,
+            terminating: false,
+            node: node.map(str::to_owned),
+        };
+        docs.endpoint_slices = Some(vec![EndpointSliceDoc {
+            namespace: "shop".into(),
+            name: "cart-1".into(),
+            service: "cart".into(),
+            ipv6: false,
+            ports: vec![SlicePort {
+                name: None,
+                port: 8080,
+                protocol: Protocol::Tcp,
+            }],
+            // Two pods (one whose slice names no node), and an address
+            // that is no workload.
+            endpoints: vec![
+                endpoint("198.18.0.2", Some("node-b")),
+                endpoint("198.18.0.3", None),
+                endpoint("203.0.113.7", Some("node-c")),
+            ],
+        }]);
+        let full = compile(&docs, &settings()).unwrap();
+        let (slots, infos) = compile_cluster_services(&docs, &full.workloads, &settings()).unwrap();
+        assert_eq!(slots, full.service_slots);
+        assert_eq!(infos, full.services);
+        let named: Vec<(&str, &str, bool)> = infos[0]
+            .backends
+            .iter()
+            .map(|b| {
+                (
+                    b.workload.as_str(),
+                    b.node.as_str(),
+                    b.identity == WORLD_IDENTITY,
+                )
+            })
+            .collect();
+        assert_eq!(
+            named,
+            [
+                ("shop/cart", "node-b", false),
+                ("shop/cart-canary", "node-b", false),
+                ("", "node-c", true)
+            ]
+        );
     }
 
     /// shop/frontend, shop/cart (app=cart), shop/cart-canary (app=canary,

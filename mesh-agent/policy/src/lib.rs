@@ -26,8 +26,8 @@ pub mod state;
 
 pub use compile::{
     Compiled, DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN, DefaultAction, MeshSettings, RuleInfo,
-    Source, SubjectInfo, WorkloadInfo, compile, compile_services_only, evaluate,
-    require_local_netns,
+    Source, SubjectInfo, WorkloadInfo, compile, compile_cluster_services, compile_services_only,
+    evaluate, require_local_netns,
 };
 pub use diff::{MapDiff, diff};
 pub use documents::{

@@ -13,13 +13,14 @@ use mesh_common::{
     service::{BackendKey, MAX_SLOTS, MemberKey, ServiceEntry, ServiceKey, SockAddr},
 };
 
+use crate::WorkloadInfo;
 pub use crate::documents::service::{
     ClientIpConfig, EndpointSliceDoc, KIND_SERVICE, KIND_TRAFFIC_SPLIT, SERVICE_API_VERSION,
     Service, ServiceMeta, ServicePort, ServiceProtocol, ServiceSpec, ServiceType, SessionAffinity,
     SessionAffinityConfig, SliceEndpoint, SlicePort, SplitBackend, TargetPort, TrafficPolicy,
     TrafficSplit, TrafficSplitResource, TrafficSplitSpec, WorkloadPort, is_port_name,
 };
-use crate::documents::{ConfigError, Protocol, Workload};
+use crate::documents::{ConfigError, Origin, Protocol, Workload};
 
 /// Slots for backends of weights `weights` among `slots` slots, by largest
 /// remainder (Hamilton's method): each gets its exact share rounded down,
@@ -106,23 +107,80 @@ pub struct ServiceBackends {
 /// Every Service address → its backends.
 pub type ServiceSlots = BTreeMap<ServiceKey, ServiceBackends>;
 
+/// Who is at an address a Service may send to: what a backend is named
+/// by, in `inspect services` and `explain`.
+pub(crate) struct Owner<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub node: &'a str,
+    pub identity: u64,
+    /// Where the workload was defined, for errors; unknown when only its
+    /// compiled form is at hand.
+    pub origin: Option<&'a Origin>,
+}
+
+/// Every workload address → its owner.
+pub(crate) type Owners<'a> = HashMap<IpKey, Owner<'a>>;
+
+/// The owners of the addresses of `workloads` (documents).
+pub(crate) fn owners_of(
+    workloads: &[Workload],
+    identity_of: impl Fn(&Workload) -> u64,
+) -> Owners<'_> {
+    let mut owners = Owners::with_capacity(workloads.len());
+    for w in workloads {
+        let identity = identity_of(w);
+        for ip in &w.spec.ips {
+            owners.insert(
+                IpKey::from(*ip),
+                Owner {
+                    namespace: &w.metadata.namespace,
+                    name: &w.metadata.name,
+                    node: &w.spec.node,
+                    identity,
+                    origin: Some(&w.origin),
+                },
+            );
+        }
+    }
+    owners
+}
+
+/// The owners of the addresses of `workloads` (as last compiled).
+pub(crate) fn owners_compiled(workloads: &[WorkloadInfo]) -> Owners<'_> {
+    let mut owners = Owners::with_capacity(workloads.len());
+    for w in workloads {
+        for ip in &w.ips {
+            owners.insert(
+                IpKey::from(*ip),
+                Owner {
+                    namespace: &w.namespace,
+                    name: &w.name,
+                    node: &w.node,
+                    identity: w.identity,
+                    origin: None,
+                },
+            );
+        }
+    }
+    owners
+}
+
 /// Compiles the Services into their slots and the names behind them.
-/// `identity_of` gives a Workload's numeric identity; `node` is this
-/// agent's node (for `internalTrafficPolicy: Local`).
+/// Backends are the EndpointSlices' (`slices`, in a cluster) or, in a
+/// directory, the `selectable` Workloads that a Service's selector matches;
+/// `owners` names whoever is at a backend's address. `node` is this agent's
+/// node (for `internalTrafficPolicy: Local`).
 pub(crate) fn compile_services(
     services: &[Service],
     splits: &[TrafficSplit],
     slices: Option<&[EndpointSliceDoc]>,
-    workloads: &[Workload],
-    identity_of: impl Fn(&Workload) -> u64,
+    selectable: &[Workload],
+    owners: &Owners<'_>,
     node: &str,
 ) -> Result<(ServiceSlots, Vec<ServiceInfo>), ConfigError> {
-    let workload_ips: HashMap<IpKey, &Workload> = workloads
-        .iter()
-        .flat_map(|w| w.spec.ips.iter().map(move |ip| (IpKey::from(*ip), w)))
-        .collect();
     let mut by_namespace: HashMap<&str, Vec<&Workload>> = HashMap::new();
-    for w in workloads {
+    for w in selectable {
         by_namespace
             .entry(w.metadata.namespace.as_str())
             .or_default()
@@ -136,7 +194,7 @@ pub(crate) fn compile_services(
             .push(slice);
     }
     let mut slots = ServiceSlots::new();
-    let mut owners: HashMap<ServiceKey, (&Service, usize)> = HashMap::new();
+    let mut port_owners: HashMap<ServiceKey, (&Service, usize)> = HashMap::new();
     let mut infos = Vec::new();
     for s in services {
         let selector = s.spec.selector.clone().unwrap_or_default();
@@ -161,17 +219,17 @@ pub(crate) fn compile_services(
         };
         let addresses = s.cluster_ips();
         for (a, vip) in addresses.iter().enumerate() {
-            if let Some(w) = workload_ips.get(&IpKey::from(*vip)) {
+            if let Some(w) = owners.get(&IpKey::from(*vip)) {
                 let field = match &s.spec.cluster_ips {
                     Some(_) => format!("spec.clusterIPs[{a}]"),
                     None => "spec.clusterIP".into(),
                 };
+                let origin = w.origin.map(|o| format!(" ({o})")).unwrap_or_default();
                 return Err(s.error(
                     field,
                     format!(
-                        "{vip} is the address of Workload {} ({}); a Service address must be its own",
-                        w.key(),
-                        w.origin
+                        "{vip} is the address of Workload {}/{}{origin}; a Service address must be its own",
+                        w.namespace, w.name
                     ),
                 ));
             }
@@ -182,7 +240,7 @@ pub(crate) fn compile_services(
                     ServiceProtocol::Sctp => unreachable!("refused by validate_service"),
                 };
                 let key = ServiceKey::new(IpKey::from(*vip).ip, port.port, protocol.number());
-                if let Some((first, j)) = owners.insert(key, (s, i)) {
+                if let Some((first, j)) = port_owners.insert(key, (s, i)) {
                     return Err(s.error(
                         format!("spec.ports[{i}]"),
                         format!(
@@ -203,9 +261,9 @@ pub(crate) fn compile_services(
                                 .ips
                                 .iter()
                                 .filter(|ip| ip.is_ipv4() == vip.is_ipv4())
-                                .map(move |ip| (*ip, target, Some(*w), w.spec.node.clone()))
+                                .map(move |ip| (*ip, target))
                         })
-                        .map(|(ip, target, w, node)| backend(ip, target, w, node, &identity_of))
+                        .map(|(ip, target)| backend(ip, target, owners, None))
                         .collect(),
                     Some(_) => {
                         let key = (s.metadata.namespace.as_str(), s.metadata.name.as_str());
@@ -213,11 +271,7 @@ pub(crate) fn compile_services(
                         slice_backends(s, port, protocol, vip, own, node)
                     }
                     .into_iter()
-                    .map(|(ip, target, node)| {
-                        let w = workload_ips.get(&IpKey::from(ip)).copied();
-                        let node = node.or_else(|| w.map(|w| w.spec.node.clone()));
-                        backend(ip, target, w, node.unwrap_or_default(), &identity_of)
-                    })
+                    .map(|(ip, target, node)| backend(ip, target, owners, node))
                     .collect(),
                 };
                 let (mut backends, mut backend_infos): (Vec<_>, Vec<_>) = found.into_iter().unzip();
@@ -378,19 +432,25 @@ fn apply_splits(
 fn backend(
     ip: IpAddr,
     port: u16,
-    workload: Option<&Workload>,
-    node: String,
-    identity_of: &impl Fn(&Workload) -> u64,
+    owners: &Owners<'_>,
+    node: Option<String>,
 ) -> (SockAddr, BackendInfo) {
+    let key = IpKey::from(ip);
+    let owner = owners.get(&key);
     let info = BackendInfo {
         address: ip,
         port,
-        workload: workload.map(Workload::key).unwrap_or_default(),
-        node,
-        identity: workload.map_or(mesh_common::policy::WORLD_IDENTITY, identity_of),
+        workload: owner
+            .map(|w| format!("{}/{}", w.namespace, w.name))
+            .unwrap_or_default(),
+        // The slice's word for the node first, else the workload's.
+        node: node
+            .or_else(|| owner.map(|w| w.node.to_owned()))
+            .unwrap_or_default(),
+        identity: owner.map_or(mesh_common::policy::WORLD_IDENTITY, |w| w.identity),
         weight: 1,
     };
-    (SockAddr::new(IpKey::from(ip).ip, port), info)
+    (SockAddr::new(key.ip, port), info)
 }
 
 /// A Service port's backends from its EndpointSlices of `vip`'s family, as
@@ -731,7 +791,7 @@ spec: {serviceAccount: web, ips: [10.0.0.3], node: node-a}
             &docs.traffic_splits,
             None,
             &docs.workloads,
-            |_| 7,
+            &owners_of(&docs.workloads, |_| 7),
             node,
         )
         .map(|(_, infos)| infos)
@@ -963,7 +1023,7 @@ spec:
             &docs.traffic_splits,
             None,
             &docs.workloads,
-            |_| 7,
+            &owners_of(&docs.workloads, |_| 7),
             "n",
         )
         .unwrap();
@@ -992,7 +1052,7 @@ spec:
                     &d.traffic_splits,
                     None,
                     &d.workloads,
-                    |_| 7,
+                    &owners_of(&d.workloads, |_| 7),
                     "n",
                 )
             })
@@ -1043,7 +1103,7 @@ spec:
         );
         let docs = parse_str("k8s", &doc).unwrap();
         let (_, infos) =
-            compile_services(&docs.services, &[], Some(slices), &[], |_| 7, node).unwrap();
+            compile_services(&docs.services, &[], Some(slices), &[], &Owners::new(), node).unwrap();
         infos[0]
             .backends
             .iter()

@@ -443,21 +443,33 @@ impl Cluster {
     /// The cluster as documents, policies and peer authentications aside:
     /// workloads, nodes, traffic splits, Services and EndpointSlices.
     fn documents_but_policy(&mut self) -> Documents {
-        let mut docs = translate::cluster_documents(
-            self.pods.objects(),
-            self.namespaces.objects(),
-            self.nodes.objects(),
-            &self.netns,
-            &self.settings.node,
-        );
-        docs.traffic_splits = translate::in_force(
-            self.traffic_splits.objects(),
-            &mut self.last_valid_traffic_splits,
-        )
-        .traffic_splits;
-        docs.services = self.services.objects().values().cloned().collect();
-        docs.endpoint_slices = Some(self.endpoint_slices.objects().values().cloned().collect());
-        docs
+        let services = self.service_documents();
+        Documents {
+            traffic_splits: services.traffic_splits,
+            services: services.services,
+            endpoint_slices: services.endpoint_slices,
+            ..translate::cluster_documents(
+                self.pods.objects(),
+                self.namespaces.objects(),
+                self.nodes.objects(),
+                &self.netns,
+                &self.settings.node,
+            )
+        }
+    }
+
+    /// The cluster's traffic splits, Services and EndpointSlices alone.
+    fn service_documents(&mut self) -> Documents {
+        Documents {
+            traffic_splits: translate::in_force(
+                self.traffic_splits.objects(),
+                &mut self.last_valid_traffic_splits,
+            )
+            .traffic_splits,
+            services: self.services.objects().values().cloned().collect(),
+            endpoint_slices: Some(self.endpoint_slices.objects().values().cloned().collect()),
+            ..Documents::default()
+        }
     }
 
     /// Compiles the cluster's state and applies the difference to the maps.
@@ -469,15 +481,18 @@ impl Cluster {
         control: &mut Control,
     ) -> anyhow::Result<std::sync::Arc<mesh_policy::state::NodeState>> {
         let started = Instant::now();
-        if !self.beyond_services && !self.missing_netns {
-            // The Workloads are those of the last applied compile (nothing
-            // but Services and EndpointSlices changed since).
-            let docs = self.documents_but_policy();
-            let (slots, infos) = policy::compile_services_only(&docs, &self.settings)?;
+        if !self.beyond_services
+            && !self.missing_netns
+            && let Some(names) = control.names()
+        {
+            // The workloads are those of the last applied compile (nothing
+            // but Services and EndpointSlices changed since): the pods need
+            // no translating again.
+            let docs = self.service_documents();
+            let (slots, infos) =
+                policy::compile_cluster_services(&docs, &names.workloads, &self.settings)?;
             control::drop_elsewhere(docs);
-            if let Some(applied) = control.apply_services(&slots, infos, started) {
-                return Ok(applied?);
-            }
+            return Ok(control.apply_services(&names, &slots, infos, started)?);
         }
         self.find_local_netns(Path::new(PROC));
         let mut docs = self.documents_but_policy();
