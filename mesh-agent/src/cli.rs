@@ -171,6 +171,14 @@ pub struct RunArgs {
     #[arg(long, env = ENV_POD_NAMESPACE, requires = "kubernetes")]
     pub status_lease_namespace: Option<String>,
 
+    /// Kubernetes mode: `enforce` believes a pod's address only inside its
+    /// node's `spec.podCIDRs` (where set), so a compromised node cannot
+    /// claim other nodes' pods' addresses; `ignore` for a CNI whose address
+    /// management does not follow the nodes' podCIDRs (Calico's or Cilium's
+    /// own IPAM, say).
+    #[arg(long, default_value = "enforce", env = ENV_POD_CIDRS, value_parser = ["enforce", "ignore"], requires = "kubernetes")]
+    pub pod_cidrs: String,
+
     /// This node's name, as workloads' `spec.node` names it (default: the
     /// host name).
     #[arg(long, env = ENV_NODE_NAME)]
@@ -397,6 +405,7 @@ impl RunArgs {
                 lease_namespace: args
                     .status_lease_namespace
                     .unwrap_or_else(|| args.root_namespace.clone()),
+                enforce_pod_cidrs: args.pod_cidrs == "enforce",
             }),
             config_dir: args.config_dir,
             mesh: MeshSettings {

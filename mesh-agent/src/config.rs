@@ -80,6 +80,8 @@ pub struct KubernetesConfig {
     pub kubeconfig: Option<PathBuf>,
     /// Namespace of the Lease electing the status writer.
     pub lease_namespace: String,
+    /// A pod's address is believed only inside its node's podCIDRs.
+    pub enforce_pod_cidrs: bool,
 }
 
 /// Where the agent's workload certificates come from.

@@ -25,6 +25,7 @@ pub const ENV_MAX_ENDPOINTS: &str = "MESH_MAX_ENDPOINTS";
 pub const ENV_MAX_POLICY: &str = "MESH_MAX_POLICY";
 pub const ENV_MAX_CONNTRACK: &str = "MESH_MAX_CONNTRACK";
 pub const ENV_SERVICE_CIDR: &str = "MESH_SERVICE_CIDR";
+pub const ENV_POD_CIDRS: &str = "MESH_POD_CIDRS";
 pub const ENV_CA_DIR: &str = "MESH_CA_DIR";
 pub const ENV_CA_ADDRESS: &str = "MESH_CA_ADDRESS";
 pub const ENV_NODE_CREDENTIALS: &str = "MESH_NODE_CREDENTIALS";

@@ -238,6 +238,79 @@ fn pods_become_endpoints_and_ip_reuse_never_leaves_a_stale_identity() {
     assert_rbac(&cluster);
 }
 
+#[test]
+fn another_node_cannot_claim_a_pods_address() {
+    let (bed, _servers) = bed("k8s-claims", 1);
+    let mut cluster = Cluster::start(&bed).unwrap();
+    cluster.namespace("shop", json!({}));
+    let agent = Agent::start_node_kubernetes(&bed, 0, &cluster.kubeconfig, &[]).unwrap();
+    let ip0 = bed.pods[0].ip4.to_string();
+    cluster
+        .run_pod(&bed, 0, "shop", "cart-1", "cart", json!({}))
+        .unwrap();
+    wait_endpoints(&bed, 0, "cart-1", |e| {
+        e.get(&ip0) == Some(&(spiffe("shop", "cart"), true))
+    });
+    // Two more nodes: one the control plane gave a pod range, one without.
+    for (name, spec) in [
+        (
+            "node-ranged",
+            json!({"podCIDR": "10.250.0.0/24", "podCIDRs": ["10.250.0.0/24"]}),
+        ),
+        ("node-open", json!({})),
+    ] {
+        cluster.api.apply(json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name},
+            "spec": spec,
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.99"}]},
+        }));
+    }
+    // Newer pods (creationTimestamp has one-second resolution) whose
+    // kubelets report cart's address: one on the ranged node, and a
+    // mirror pod (a static pod's copy, written by its node alone).
+    std::thread::sleep(Duration::from_millis(1100));
+    let pod = |name: &str, node: &str, ip: &str, annotations: serde_json::Value| {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "shop", "annotations": annotations},
+            "spec": {"nodeName": node, "serviceAccountName": "thief",
+                     "containers": [{"name": "app", "image": "x"}]},
+            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
+        })
+    };
+    cluster
+        .api
+        .apply(pod("thief", "node-ranged", &ip0, json!({})));
+    cluster.api.apply(pod(
+        "static-thief",
+        "node-open",
+        &ip0,
+        json!({"kubernetes.io/config.mirror": "0123abcd"}),
+    ));
+    // Witnesses, after them: an address inside the range, and one on the
+    // node without a range. Once both are in the map, the thieves were seen.
+    cluster
+        .api
+        .apply(pod("witness", "node-ranged", "10.250.0.5", json!({})));
+    cluster
+        .api
+        .apply(pod("open", "node-open", "10.251.0.5", json!({})));
+    wait_endpoints(&bed, 0, "the witnesses", |e| {
+        e.contains_key("10.250.0.5") && e.contains_key("10.251.0.5")
+    });
+    assert_eq!(
+        endpoints(&bed, 0)[&ip0],
+        (spiffe("shop", "cart"), true),
+        "another node took cart's address"
+    );
+    let log = agent.log();
+    assert!(
+        log.contains("outside its node's podCIDRs") && log.contains("shop/thief"),
+        "{log}"
+    );
+}
+
 const CART: usize = 0;
 const FRONTEND: usize = 1;
 const ROBOT: usize = 2;

@@ -49,7 +49,7 @@ use mesh_policy::{
     PeerAuthenticationResource, TrafficSplitResource,
 };
 use mirror::Mirror;
-use translate::{DocumentEntry, PodInfo};
+use translate::{DocumentEntry, NodeInfo, PodInfo};
 
 /// Changes that arrive together (a Deployment's pods, a relist) are
 /// applied together; an event waits at most this long for company.
@@ -154,6 +154,7 @@ pub async fn follow_cluster(
 
     let mut cluster = Cluster::new(
         config.mesh.clone(),
+        k.enforce_pod_cidrs,
         [policies, peer_authentications, traffic_splits],
     );
     let mut reachable = Reachability::new(client);
@@ -310,7 +311,11 @@ struct Cluster {
     traffic_split_resource: ApiResource,
     pods: Mirror<PodInfo>,
     namespaces: Mirror<bool>,
-    nodes: Mirror<Vec<IpAddr>>,
+    nodes: Mirror<NodeInfo>,
+    /// Nodes' podCIDRs bound their pods' addresses.
+    enforce_pod_cidrs: bool,
+    /// Pod addresses outside their node's podCIDRs, as last compiled.
+    refused_pod_ips: BTreeSet<(String, IpAddr)>,
     policies: Mirror<DocumentEntry>,
     peer_authentications: Mirror<DocumentEntry>,
     traffic_splits: Mirror<DocumentEntry>,
@@ -335,7 +340,7 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn new(settings: MeshSettings, resources: [ApiResource; 3]) -> Self {
+    fn new(settings: MeshSettings, enforce_pod_cidrs: bool, resources: [ApiResource; 3]) -> Self {
         let [policies, peer_auths, splits] = resources;
         Self {
             settings,
@@ -345,6 +350,8 @@ impl Cluster {
             pods: Mirror::default(),
             namespaces: Mirror::default(),
             nodes: Mirror::default(),
+            enforce_pod_cidrs,
+            refused_pod_ips: BTreeSet::new(),
             policies: Mirror::default(),
             peer_authentications: Mirror::default(),
             traffic_splits: Mirror::default(),
@@ -401,7 +408,13 @@ impl Cluster {
                 key,
                 translate::namespace_opted_out,
             )),
-            Change::Node(e) => state(self.nodes.apply((*e)?, key, translate::node_addresses)),
+            Change::Node(e) => {
+                let enforce = self.enforce_pod_cidrs;
+                state(
+                    self.nodes
+                        .apply((*e)?, key, |n| translate::node_info(n, enforce)),
+                )
+            }
             Change::TrafficSplit(e) => {
                 let e = (*e)?;
                 Changed {
@@ -454,6 +467,7 @@ impl Cluster {
                 self.nodes.objects(),
                 &self.netns,
                 &self.settings.node,
+                &mut self.refused_pod_ips,
             )
         }
     }

@@ -6,6 +6,12 @@
 //!   (their IP is the node's), finished pods (Succeeded/Failed: their IPs
 //!   are free for reuse), pods without IPs yet, and pods opted out with
 //!   the label `mesh.dev/dataplane-mode: none` on the pod or its namespace.
+//!   Mirror pods are left out too: a node's kubelet writes them whole, so a
+//!   compromised node could make one claim any address.
+//! - A pod's addresses are the status its node's kubelet reports: where the
+//!   node has `spec.podCIDRs` (set by the control plane, not the node), an
+//!   address outside them is not believed. A compromised node cannot take
+//!   another node's pod's address and receive its tunnels.
 //! - A Node is a `MeshNode`: its InternalIP addresses (ExternalIP if none).
 //! - `MeshPolicy` and `PeerAuthentication` objects go through the very
 //!   parser and checks a file's documents go through.
@@ -28,6 +34,9 @@ use mesh_policy::{
     self, API_VERSION, Condition, ConfigError, Documents, KIND_MESH_NODE, KIND_WORKLOAD, MeshNode,
     MeshNodeSpec, MeshSettings, NodeMeta, ObjectMeta, Origin, Workload, WorkloadSpec,
 };
+
+/// The annotation the kubelet puts on the API's copy of a static pod.
+pub const MIRROR_POD_ANNOTATION: &str = "kubernetes.io/config.mirror";
 
 /// The label that keeps a pod, or every pod of a namespace, out of the mesh.
 pub const DATAPLANE_MODE_LABEL: &str = "mesh.dev/dataplane-mode";
@@ -72,6 +81,13 @@ pub fn pod_info(pod: &Pod) -> Option<PodInfo> {
     let status = pod.status.as_ref()?;
     if spec.host_network == Some(true)
         || matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"))
+    {
+        return None;
+    }
+    if meta
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(MIRROR_POD_ANNOTATION))
     {
         return None;
     }
@@ -121,23 +137,93 @@ pub fn namespace_opted_out(ns: &Namespace) -> Option<bool> {
     ))
 }
 
-/// A node's tunnel addresses: InternalIP, or ExternalIP when it has none.
-pub fn node_addresses(node: &Node) -> Option<Vec<IpAddr>> {
-    let addresses = node.status.as_ref()?.addresses.as_ref()?;
-    let of_type = |t: &str| -> Vec<IpAddr> {
-        addresses
-            .iter()
-            .filter(|a| a.type_ == t)
-            .filter_map(|a| a.address.parse().ok())
-            .collect()
+/// What the agent keeps of a Node.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NodeInfo {
+    /// Its tunnel addresses: InternalIP, or ExternalIP when it has none.
+    pub addresses: Vec<IpAddr>,
+    /// `spec.podCIDRs` (or `spec.podCIDR`): the only addresses its pods
+    /// may have. Empty: not set, or not enforced (`--pod-cidrs ignore`).
+    pub pod_cidrs: Vec<Cidr>,
+}
+
+/// An address range, `address/prefix`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    network: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// `10.244.1.0/24`, `fd00:10:244:1::/64`; `None` when malformed.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (address, prefix) = s.split_once('/')?;
+        let network: IpAddr = address.parse().ok()?;
+        let prefix: u8 = prefix.parse().ok()?;
+        let max = if network.is_ipv4() { 32 } else { 128 };
+        (prefix <= max).then_some(Self { network, prefix })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let prefix = u32::from(self.prefix);
+        match (self.network, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - prefix).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - prefix).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A node as the mesh sees it; its pod ranges only when `enforce_pod_cidrs`.
+pub fn node_info(node: &Node, enforce_pod_cidrs: bool) -> Option<NodeInfo> {
+    let addresses = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .map(|addresses| {
+            let of_type = |t: &str| -> Vec<IpAddr> {
+                addresses
+                    .iter()
+                    .filter(|a| a.type_ == t)
+                    .filter_map(|a| a.address.parse().ok())
+                    .collect()
+            };
+            let internal = of_type("InternalIP");
+            if internal.is_empty() {
+                of_type("ExternalIP")
+            } else {
+                internal
+            }
+        })
+        .unwrap_or_default();
+    let spec = node.spec.as_ref();
+    let pod_cidrs = match spec.and_then(|s| s.pod_cidrs.as_ref()) {
+        Some(all) if !all.is_empty() => all.clone(),
+        _ => spec.and_then(|s| s.pod_cidr.clone()).into_iter().collect(),
     };
-    let internal = of_type("InternalIP");
-    let chosen = if internal.is_empty() {
-        of_type("ExternalIP")
-    } else {
-        internal
-    };
-    (!chosen.is_empty()).then_some(chosen)
+    let pod_cidrs: Vec<Cidr> = pod_cidrs
+        .iter()
+        .filter(|_| enforce_pod_cidrs)
+        .filter_map(|c| {
+            let parsed = Cidr::parse(c);
+            if parsed.is_none() {
+                warn!(cidr = %c, "a node's podCIDR is malformed; ignored");
+            }
+            parsed
+        })
+        .collect();
+    // A node without addresses is kept for its pod ranges: its pods are
+    // checked all the same.
+    Some(NodeInfo {
+        addresses,
+        pod_cidrs,
+    })
 }
 
 /// A `MeshPolicy`, `PeerAuthentication` or `TrafficSplit` object as the
@@ -239,12 +325,16 @@ pub fn in_force(
 /// (by pod uid). An IP claimed by two pods belongs to the newer one: the
 /// older one's address was released before it could be reused, whatever
 /// its object still says.
+///
+/// An address a pod claims outside its node's pod ranges is left out, and
+/// added to `refused` (pod key → address), logged once while it lasts.
 pub fn cluster_documents(
     pods: &BTreeMap<String, PodInfo>,
     namespaces_opted_out: &BTreeMap<String, bool>,
-    nodes: &BTreeMap<String, Vec<IpAddr>>,
+    nodes: &BTreeMap<String, NodeInfo>,
     netns: &HashMap<String, PathBuf>,
     this_node: &str,
+    refused: &mut BTreeSet<(String, IpAddr)>,
 ) -> Documents {
     let mut by_age: Vec<&PodInfo> = pods
         .values()
@@ -258,11 +348,20 @@ pub fn cluster_documents(
         document: 1,
     };
     let mut docs = Documents::default();
+    let mut refused_now = BTreeSet::new();
     for pod in by_age {
+        let ranges = nodes.get(&pod.node).map_or(&[][..], |n| &n.pod_cidrs);
         let ips: Vec<IpAddr> = pod
             .ips
             .iter()
             .copied()
+            .filter(|ip| {
+                let believed = ranges.is_empty() || ranges.iter().any(|r| r.contains(*ip));
+                if !believed {
+                    refused_now.insert((format!("{}/{}", pod.namespace, pod.name), *ip));
+                }
+                believed
+            })
             .filter(|ip| claimed.insert(*ip))
             .collect();
         if ips.is_empty() {
@@ -292,9 +391,14 @@ pub fn cluster_documents(
     docs.workloads.sort_by(|a, b| {
         (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
     });
+    for (pod, ip) in refused_now.difference(refused) {
+        warn!(pod, %ip, "a pod's address lies outside its node's podCIDRs; not believed");
+    }
+    *refused = refused_now;
     docs.nodes = nodes
         .iter()
-        .map(|(name, addresses)| MeshNode {
+        .filter(|(_, node)| !node.addresses.is_empty())
+        .map(|(name, node)| MeshNode {
             api_version: API_VERSION.into(),
             kind: KIND_MESH_NODE.into(),
             metadata: NodeMeta {
@@ -302,7 +406,7 @@ pub fn cluster_documents(
                 labels: BTreeMap::new(),
             },
             spec: MeshNodeSpec {
-                addresses: addresses.clone(),
+                addresses: node.addresses.clone(),
             },
             origin: origin.clone(),
         })
@@ -505,6 +609,7 @@ mod tests {
             &BTreeMap::new(),
             &HashMap::new(),
             "n",
+            &mut BTreeSet::new(),
         );
         assert_eq!(docs.workloads.len(), 1);
         assert_eq!(docs.workloads[0].metadata.name, "new");
@@ -516,16 +621,37 @@ mod tests {
         let a = pod_info(&pod("a", "10.0.0.1", T0, json!({}))).unwrap();
         let pods = BTreeMap::from([("shop/a".to_string(), a)]);
         let netns = HashMap::from([("uid-a".to_string(), PathBuf::from("/proc/7/ns/net"))]);
-        let docs = cluster_documents(&pods, &BTreeMap::new(), &BTreeMap::new(), &netns, "node-0");
+        let docs = cluster_documents(
+            &pods,
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            &netns,
+            "node-0",
+            &mut BTreeSet::new(),
+        );
         assert_eq!(
             docs.workloads[0].spec.netns,
             Some(PathBuf::from("/proc/7/ns/net"))
         );
         // The same pod seen from another node has no netns there.
-        let docs = cluster_documents(&pods, &BTreeMap::new(), &BTreeMap::new(), &netns, "node-1");
+        let docs = cluster_documents(
+            &pods,
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            &netns,
+            "node-1",
+            &mut BTreeSet::new(),
+        );
         assert_eq!(docs.workloads[0].spec.netns, None);
         let opted = BTreeMap::from([("shop".to_string(), true)]);
-        let docs = cluster_documents(&pods, &opted, &BTreeMap::new(), &netns, "node-0");
+        let docs = cluster_documents(
+            &pods,
+            &opted,
+            &BTreeMap::new(),
+            &netns,
+            "node-0",
+            &mut BTreeSet::new(),
+        );
         assert!(docs.workloads.is_empty());
     }
 
@@ -619,8 +745,133 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(
-            node_addresses(&node).unwrap(),
+            node_info(&node, true).unwrap().addresses,
             ["10.1.0.1".parse::<IpAddr>().unwrap()]
         );
+    }
+
+    #[test]
+    fn mirror_pods_are_no_workloads() {
+        let mirror = json!({"metadata": {"annotations": {MIRROR_POD_ANNOTATION: "0123abcd"}}});
+        assert!(pod_info(&pod("static", "10.244.1.5", T0, mirror)).is_none());
+    }
+
+    #[test]
+    fn a_pod_address_outside_its_nodes_pod_cidrs_is_not_believed() {
+        let node = |name: &str, cidrs: serde_json::Value| -> (String, NodeInfo) {
+            let node: Node = serde_json::from_value(json!({
+                "metadata": {"name": name},
+                "spec": cidrs,
+                "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.1"}]}
+            }))
+            .unwrap();
+            (name.to_owned(), node_info(&node, true).unwrap())
+        };
+        let nodes = BTreeMap::from([
+            node(
+                "node-0",
+                json!({"podCIDR": "10.244.0.0/24", "podCIDRs": ["10.244.0.0/24", "fd00:244::/64"]}),
+            ),
+            node("node-1", json!({"podCIDR": "10.244.1.0/24"})),
+            node("node-2", json!({})),
+        ]);
+        // node-1's kubelet claims node-0's pod's address, newer than it.
+        let mut victim = pod_info(&pod("victim", "10.244.0.7", T0, json!({}))).unwrap();
+        victim.ips.push("fd00:244::7".parse().unwrap());
+        let thief = pod_info(&pod(
+            "thief",
+            "10.244.0.7",
+            T1,
+            json!({"spec": {"nodeName": "node-1"}}),
+        ))
+        .unwrap();
+        // node-2 has no podCIDR: nothing to check its pods against.
+        let free = pod_info(&pod(
+            "free",
+            "10.9.9.9",
+            T0,
+            json!({"spec": {"nodeName": "node-2"}}),
+        ))
+        .unwrap();
+        let pods = BTreeMap::from([
+            ("shop/victim".to_string(), victim),
+            ("shop/thief".to_string(), thief),
+            ("shop/free".to_string(), free),
+        ]);
+        let mut refused = BTreeSet::new();
+        let docs = cluster_documents(
+            &pods,
+            &BTreeMap::new(),
+            &nodes,
+            &HashMap::new(),
+            "n",
+            &mut refused,
+        );
+        let owners: Vec<(&str, Vec<String>)> = docs
+            .workloads
+            .iter()
+            .map(|w| {
+                (
+                    w.metadata.name.as_str(),
+                    w.spec.ips.iter().map(ToString::to_string).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            owners,
+            [
+                ("free", vec!["10.9.9.9".to_string()]),
+                (
+                    "victim",
+                    vec!["10.244.0.7".to_string(), "fd00:244::7".to_string()]
+                ),
+            ]
+        );
+        assert_eq!(
+            refused,
+            BTreeSet::from([("shop/thief".to_string(), "10.244.0.7".parse().unwrap())])
+        );
+        // `--pod-cidrs ignore`: the newer claim wins, as before.
+        let ignoring: BTreeMap<String, NodeInfo> = nodes
+            .into_iter()
+            .map(|(name, n)| {
+                (
+                    name,
+                    NodeInfo {
+                        pod_cidrs: Vec::new(),
+                        ..n
+                    },
+                )
+            })
+            .collect();
+        let docs = cluster_documents(
+            &pods,
+            &BTreeMap::new(),
+            &ignoring,
+            &HashMap::new(),
+            "n",
+            &mut refused,
+        );
+        assert!(docs.workloads.iter().any(|w| w.metadata.name == "thief"));
+        assert!(refused.is_empty());
+    }
+
+    #[test]
+    fn cidrs_hold_what_they_should() {
+        let c = Cidr::parse("10.244.1.0/24").unwrap();
+        assert!(c.contains("10.244.1.255".parse().unwrap()));
+        assert!(!c.contains("10.244.2.0".parse().unwrap()));
+        assert!(!c.contains("::ffff:10.244.1.1".parse().unwrap()));
+        let v6 = Cidr::parse("fd00:244::/64").unwrap();
+        assert!(v6.contains("fd00:244::1:2".parse().unwrap()));
+        assert!(!v6.contains("fd00:245::1".parse().unwrap()));
+        assert!(
+            Cidr::parse("0.0.0.0/0")
+                .unwrap()
+                .contains("1.2.3.4".parse().unwrap())
+        );
+        for bad in ["10.0.0.0", "10.0.0.0/33", "x/8", "fd00::/129"] {
+            assert_eq!(Cidr::parse(bad), None, "{bad}");
+        }
     }
 }
