@@ -80,6 +80,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 health: health.watch(),
                 metrics: metrics.clone(),
                 log_filter,
+                admin_token: endpoints::admin::issue_token(&config.state_dir)
+                    .context("writing the admin token to the state directory")?,
             },
         );
         let datapath = Arc::new(Mutex::new(Datapath::install(&config.datapath, &pins)?));

@@ -86,10 +86,16 @@ fn http(bed: &TestBed, method: &str, address: &str, path: &str) -> HttpResponse 
     http_on(bed, 0, method, address, path)
 }
 
-/// One HTTP/1.1 request from inside the network namespace of `node`.
+/// One HTTP/1.1 request from inside the network namespace of `node`; to
+/// the admin endpoint, with the token the agent wrote.
 fn http_on(bed: &TestBed, node: usize, method: &str, address: &str, path: &str) -> HttpResponse {
     try_http_on(bed, node, method, address, path)
         .unwrap_or_else(|e| panic!("{method} {address}{path}: {e}"))
+}
+
+/// The admin token node `node`'s agent wrote.
+fn admin_token(bed: &TestBed, node: usize) -> String {
+    std::fs::read_to_string(bed.state_dir(node).join("admin-token")).unwrap()
 }
 
 /// As [`http_on`], failing when nothing listens (yet).
@@ -100,12 +106,28 @@ fn try_http_on(
     address: &str,
     path: &str,
 ) -> std::io::Result<HttpResponse> {
+    let token = (address == ADMIN).then(|| admin_token(bed, node));
+    request(bed, node, method, address, path, token.as_deref())
+}
+
+/// One request, with `Authorization: Bearer <token>` when given.
+fn request(
+    bed: &TestBed,
+    node: usize,
+    method: &str,
+    address: &str,
+    path: &str,
+    token: Option<&str>,
+) -> std::io::Result<HttpResponse> {
+    let authorization = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     let response = in_netns(&bed.nodes[node].netns, || {
         let mut tcp = TcpStream::connect(address)?;
         tcp.set_read_timeout(Some(T))?;
         write!(
             tcp,
-            "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: {address}\r\n{authorization}Content-Length: 0\r\nConnection: close\r\n\r\n"
         )?;
         let mut response = Vec::new();
         tcp.read_to_end(&mut response)?;
@@ -232,6 +254,28 @@ fn endpoints_serve_health_metrics_config_and_log_level() {
     assert!(sample(&metrics, "mesh_kernel_policy_denied_total").unwrap() >= 1.0);
     assert_eq!(sample(&metrics, "mesh_ready"), Some(1.0), "{metrics}");
     assert!(sample(&metrics, "mesh_policy_generation").unwrap() >= 1.0);
+
+    // Any process of the node's network namespace reaches the admin
+    // endpoint (every hostNetwork pod does): without the token in the state
+    // directory, readable by root alone, it gets nothing.
+    for token in [None, Some("0".repeat(64)), Some(admin_token(&bed, 0) + "0")] {
+        for (method, path) in [("GET", "/config_dump"), ("POST", "/logging?level=off")] {
+            let refused = request(&bed, 0, method, ADMIN, path, token.as_deref()).unwrap();
+            assert_eq!(
+                refused.status, 401,
+                "{method} {path} with {token:?}: {}",
+                refused.body
+            );
+            assert!(refused.body.contains("admin-token"), "{}", refused.body);
+        }
+    }
+    let mode = std::fs::metadata(bed.state_dir(0).join("admin-token"))
+        .unwrap()
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
 
     // The configuration, what was applied, and the health.
     let dump = get(&bed, ADMIN, "/config_dump");

@@ -1,6 +1,12 @@
 //! The admin endpoint: `/config_dump` (what the agent runs with and what
 //! it applied) and `/logging` (the log filter, changed live).
-use std::sync::Arc;
+//!
+//! It can change the agent's behaviour and shows every identity and policy,
+//! and on the node's loopback every hostNetwork pod reaches it. So each
+//! request must carry the token the agent writes at start to
+//! `<state-dir>/admin-token`, readable by root alone: whoever can read it
+//! could read the node's state directory anyway.
+use std::{io, path::Path, sync::Arc};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
@@ -65,6 +71,49 @@ struct ConfigDump<'a> {
     certificates: Option<CertState>,
 }
 
+/// Where in the state directory the admin token is.
+pub const TOKEN_FILE: &str = "admin-token";
+
+/// A fresh token for this run of the agent, written to
+/// `<state_dir>/admin-token` (mode 0600) and returned.
+pub fn issue_token(state_dir: &Path) -> io::Result<String> {
+    use std::io::{Read as _, Write as _};
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut random = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut random)?;
+    let token: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::create_dir_all(state_dir)?;
+    let tmp = state_dir.join(".admin-token.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(token.as_bytes())?;
+    std::fs::rename(&tmp, state_dir.join(TOKEN_FILE))?;
+    Ok(token)
+}
+
+/// Whether `req` carries `Authorization: Bearer <token>`, compared in
+/// constant time.
+fn authorized<B>(req: &Request<B>, token: &str) -> bool {
+    let Some(given) = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
 const INDEX: &str = "\
 mesh-agent admin endpoint
   GET  /config_dump               configuration, applied workloads and policies, certificates (JSON)
@@ -73,6 +122,15 @@ mesh-agent admin endpoint
 ";
 
 pub async fn handle(shared: &Shared, req: Request<hyper::body::Incoming>) -> Reply {
+    if !authorized(&req, &shared.admin_token) {
+        return text(
+            StatusCode::UNAUTHORIZED,
+            format!(
+                "the admin endpoint needs `Authorization: Bearer TOKEN`, with the token in {} (root only)",
+                shared.config.state_dir.join(TOKEN_FILE).display()
+            ),
+        );
+    }
     let path = req.uri().path().to_owned();
     match (req.method(), path.as_str()) {
         (&Method::GET, "/") => text(StatusCode::OK, INDEX),

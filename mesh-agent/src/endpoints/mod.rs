@@ -2,7 +2,8 @@
 //! linkerd2-proxy users know them:
 //!
 //! - admin (`--admin-address`, localhost by default since it can change
-//!   behaviour): `/config_dump`, `/logging`;
+//!   behaviour, and each request needs the token in the state directory):
+//!   `/config_dump`, `/logging`;
 //! - metrics (`--metrics-address`): `/metrics`, Prometheus;
 //! - health (`--health-address`): `/live`, `/ready`.
 //!
@@ -86,6 +87,8 @@ pub struct Shared {
     pub health: HealthWatch,
     pub metrics: Metrics,
     pub log_filter: LogFilter,
+    /// What each admin request must present (`admin::issue_token`).
+    pub admin_token: String,
 }
 
 /// Serves the three listeners until the agent stops.
