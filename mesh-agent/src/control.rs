@@ -333,7 +333,7 @@ impl Control {
             elapsed_ms = elapsed.as_secs_f64() * 1e3,
             "policy applied"
         );
-        drop_elsewhere(compiled);
+        drop_elsewhere_and_trim(compiled);
         Ok(names)
     }
 
@@ -355,7 +355,6 @@ impl Control {
         services: Vec<mesh_policy::ServiceInfo>,
         started: Instant,
     ) -> Result<Arc<NodeState>, ReloadError> {
-        let mut names = NodeState::clone(applied);
         let result = (|| {
             let desired = MapState {
                 services: mesh_policy::service_tables(&self.applied.services, slots),
@@ -365,9 +364,13 @@ impl Control {
             // applied is what is applied.
             self.check_capacity(&desired)?;
             let changes = self.apply(desired, Scope::Services)?;
-            names.generation = changes.generation;
-            names.set_services(services);
-            self.write_names(&names)?;
+            let names = applied.with_services(changes.generation, services);
+            names
+                .write_services(&self.config.state_dir)
+                .map_err(|source| ReloadError::State {
+                    path: self.config.state_dir.join("services.json"),
+                    source,
+                })?;
             self.release_stranded(changes.departed_udp);
             let elapsed = started.elapsed();
             self.metrics.observe(self.mode(), elapsed);
@@ -654,9 +657,24 @@ fn resolve_netns(
 /// entries take milliseconds to free, which the next change need not wait
 /// for.
 pub fn drop_elsewhere<T: Send + 'static>(value: T) {
+    drop_then(value, || {});
+}
+
+/// [`drop_elsewhere`], then hands the allocator's free memory back to the
+/// kernel: after a compile of the whole cluster, whose temporaries took
+/// tens of megabytes (a trim walks the whole heap: not after every small
+/// change).
+fn drop_elsewhere_and_trim<T: Send + 'static>(value: T) {
+    drop_then(value, mesh_datapath::sys::return_free_memory);
+}
+
+fn drop_then<T: Send + 'static>(value: T, then: impl FnOnce() + Send + 'static) {
     if std::thread::Builder::new()
         .name("drop".into())
-        .spawn(move || drop(value))
+        .spawn(move || {
+            drop(value);
+            then();
+        })
         .is_err()
     {
         // No thread to be had: it was dropped here instead.

@@ -84,7 +84,7 @@ pub struct AppliedAuthorizer {
 impl AppliedAuthorizer {
     pub fn update(&self, names: &mesh_policy::state::NodeState) {
         let mut hosted: HashMap<String, BTreeSet<String>> = HashMap::new();
-        for w in &names.workloads {
+        for w in names.workloads.iter() {
             hosted
                 .entry(w.node.clone())
                 .or_default()

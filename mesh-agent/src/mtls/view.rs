@@ -39,10 +39,10 @@ pub struct MeshView {
 impl MeshView {
     pub fn new(state: &NodeState) -> Self {
         let mut view = MeshView {
-            nodes: state.nodes.clone(),
+            nodes: state.nodes.as_ref().clone(),
             ..Default::default()
         };
-        for w in &state.workloads {
+        for w in state.workloads.iter() {
             let peer = Peer {
                 spiffe_id: w.spiffe_id.clone(),
                 identity: w.identity,
