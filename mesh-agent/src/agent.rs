@@ -82,6 +82,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 log_filter,
                 admin_token: endpoints::admin::issue_token(&config.state_dir)
                     .context("writing the admin token to the state directory")?,
+                scrapes: endpoints::Scrapes::default(),
             },
         );
         let datapath = Arc::new(Mutex::new(Datapath::install(&config.datapath, &pins)?));

@@ -26,7 +26,7 @@ use mesh_common::{
 };
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family},
+    metrics::counter::Counter,
     registry::Registry,
 };
 use serde::{Deserialize, Serialize};
@@ -38,6 +38,9 @@ use tokio::{
 use tracing::{debug, warn};
 
 use mesh_datapath::sys::{async_ring_buf, read_pod};
+use series::BoundedFamily;
+
+mod series;
 use mesh_policy::state::NodeState;
 
 /// How many recent events the agent keeps for `flows` without `--follow`.
@@ -359,11 +362,27 @@ struct VerdictLabels {
 }
 
 /// The flows' metrics: verdicts, as the flow hub names them.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct FlowMetrics {
-    verdicts: Family<VerdictLabels, Counter>,
-    service_verdicts: Family<ServiceVerdictLabels, Counter>,
+    verdicts: BoundedFamily<VerdictLabels>,
+    service_verdicts: BoundedFamily<ServiceVerdictLabels>,
+    evicted: Counter,
 }
+
+impl Default for FlowMetrics {
+    fn default() -> Self {
+        let evicted = Counter::default();
+        Self {
+            verdicts: BoundedFamily::new(MAX_SERIES, evicted.clone()),
+            service_verdicts: BoundedFamily::new(MAX_SERIES, evicted.clone()),
+            evicted,
+        }
+    }
+}
+
+/// The most series each verdict family keeps (the least recently counted
+/// go first).
+pub const MAX_SERIES: usize = 10_000;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ServiceVerdictLabels {
@@ -381,14 +400,20 @@ impl FlowMetrics {
             "Verdicts on new connections and flows, by where they were judged (connect, \
              sendmsg, ingress: the kernel; tunnel-in, tunnel-out: the agent), the source and \
              destination identities (SPIFFE IDs, world, or the number when no name is known), \
-             the verdict and what decided it",
-            metrics.verdicts.clone(),
+             the verdict and what decided it; at most 10,000 series, the least recently \
+             counted dropped first",
+            metrics.verdicts.family(),
+        );
+        registry.register(
+            "verdict_series_evicted",
+            "Series of verdicts and service_verdicts dropped to stay within 10,000 each",
+            metrics.evicted.clone(),
         );
         registry.register(
             "service_verdicts",
             "Verdicts on new connections and datagrams a client sent to a Service address, \
              by Service (namespace/name, or the address when no name is known) and verdict",
-            metrics.service_verdicts.clone(),
+            metrics.service_verdicts.family(),
         );
         metrics
     }
@@ -402,13 +427,13 @@ impl FlowMetrics {
             // Tunnel refusals that no rule decided carry rule 0.
             reason: reason_label((flow.rule != 0).then_some(flow.rule)),
         };
-        self.verdicts.get_or_create(&labels).inc();
+        self.verdicts.inc(&labels);
         if let Some(service) = &flow.service {
             let labels = ServiceVerdictLabels {
                 service: service.clone(),
                 verdict: flow.verdict.to_ascii_lowercase(),
             };
-            self.service_verdicts.get_or_create(&labels).inc();
+            self.service_verdicts.inc(&labels);
         }
     }
 }

@@ -237,6 +237,29 @@ fn endpoints_serve_health_metrics_config_and_log_level() {
         (found, m.body)
     });
     assert!(metrics.ends_with("# EOF\n"), "{metrics}");
+
+    // A burst of 40 concurrent scrapes (any pod can send one: the endpoint
+    // listens on every address) walks the maps once or twice, not 40 times.
+    let renders = |m: &str| sample(m, "mesh_scrape_renders_total").expect("the render counter");
+    std::thread::sleep(Duration::from_millis(1100));
+    let before = renders(&get(&bed, METRICS, "/metrics").body);
+    let burst: Vec<HttpResponse> = std::thread::scope(|scope| {
+        let scrapes: Vec<_> = (0..40)
+            .map(|_| scope.spawn(|| get(&bed, METRICS, "/metrics")))
+            .collect();
+        scrapes.into_iter().map(|s| s.join().unwrap()).collect()
+    });
+    assert!(
+        burst
+            .iter()
+            .all(|r| r.status == 200 && r.body.ends_with("# EOF\n"))
+    );
+    let after = burst.iter().map(|r| renders(&r.body)).fold(0.0, f64::max);
+    assert!(
+        after - before <= 2.0,
+        "{} renders for 40 scrapes",
+        after - before
+    );
     // Three pods, an IPv4 and an IPv6 address each.
     assert_eq!(
         sample(&metrics, "mesh_map_entries{map=\"ENDPOINTS\"}"),

@@ -26,6 +26,7 @@ use mesh_datapath::maps::{MapFill, PinnedMaps};
 #[derive(Clone)]
 pub struct Metrics {
     registry: Arc<Registry>,
+    renders: prometheus_client::metrics::counter::Counter,
     pub flows: FlowMetrics,
     pub tunnels: TunnelMetrics,
     pub reconcile: ReconcileMetrics,
@@ -57,8 +58,16 @@ impl Metrics {
         registry.register_collector(Box::new(NodeCollector {
             read: Box::new(read),
         }));
+        let renders = prometheus_client::metrics::counter::Counter::default();
+        registry.register(
+            "scrape_renders",
+            "Renders of /metrics, each a walk of the maps; a scrape within a second of the \
+             last render is answered from it",
+            renders.clone(),
+        );
         Self {
             registry: Arc::new(registry),
+            renders,
             flows,
             tunnels,
             reconcile,
@@ -69,6 +78,7 @@ impl Metrics {
     /// The OpenMetrics text exposition (reads the maps: call it off the
     /// async workers).
     pub fn render(&self) -> String {
+        self.renders.inc();
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String cannot fail");

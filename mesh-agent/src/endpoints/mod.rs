@@ -89,6 +89,22 @@ pub struct Shared {
     pub log_filter: LogFilter,
     /// What each admin request must present (`admin::issue_token`).
     pub admin_token: String,
+    pub scrapes: Scrapes,
+}
+
+/// `/metrics` renders one scrape at a time, and answers a scrape within
+/// [`Scrapes::FRESH`] of the last render from it. The endpoint listens on
+/// every address and each render walks every map: a burst of scrapes from
+/// a pod costs one walk, never one each.
+#[derive(Default)]
+pub struct Scrapes {
+    last: tokio::sync::Mutex<Option<(tokio::time::Instant, Bytes)>>,
+}
+
+impl Scrapes {
+    const FRESH: Duration = Duration::from_secs(1);
+    /// How long a scrape waits for the one rendering before it.
+    const WAIT: Duration = Duration::from_secs(10);
 }
 
 /// Serves the three listeners until the agent stops.
@@ -209,9 +225,24 @@ async fn metrics_endpoint<B>(shared: &Shared, req: &Request<B>) -> Reply {
     if req.method() != Method::GET {
         return method_not_allowed(req.method(), path);
     }
+    let Ok(mut last) = tokio::time::timeout(Scrapes::WAIT, shared.scrapes.last.lock()).await else {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "another scrape is still rendering the metrics",
+        );
+    };
+    if let Some((at, body)) = &*last
+        && at.elapsed() < Scrapes::FRESH
+    {
+        return reply(StatusCode::OK, metrics::CONTENT_TYPE, body.clone());
+    }
     let metrics = shared.metrics.clone();
     match tokio::task::spawn_blocking(move || metrics.render()).await {
-        Ok(body) => reply(StatusCode::OK, metrics::CONTENT_TYPE, body),
+        Ok(body) => {
+            let body = Bytes::from(body);
+            *last = Some((tokio::time::Instant::now(), body.clone()));
+            reply(StatusCode::OK, metrics::CONTENT_TYPE, body)
+        }
         Err(e) => text(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("rendering metrics failed: {e}"),
