@@ -24,11 +24,7 @@ use mesh_common::{
         RULE_NOT_ALLOWED, RULE_STRICT_MTLS,
     },
 };
-use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::counter::Counter,
-    registry::Registry,
-};
+use prometheus_client::{encoding::EncodeLabelSet, metrics::counter::Counter, registry::Registry};
 use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},

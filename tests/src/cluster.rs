@@ -27,7 +27,8 @@ pub struct Cluster {
 
 /// A pod's "pause" process, in the pod's netns and cgroup.
 struct Sandbox {
-    _process: Spawned,
+    uid: String,
+    process: Spawned,
     _cgroup: TestCgroup,
 }
 
@@ -129,7 +130,8 @@ impl Cluster {
             },
         )?;
         self.sandboxes.push(Sandbox {
-            _process: process,
+            uid: uid.clone(),
+            process,
             _cgroup: cgroup,
         });
         object["metadata"]["uid"] = json!(uid);
@@ -144,6 +146,19 @@ impl Cluster {
             name: name.into(),
             uid,
         })
+    }
+
+    /// Stops `pod`'s sandbox process (its object and network namespace
+    /// stay, as when a pod's last process exits); returns the pid it had.
+    pub fn stop_sandbox(&mut self, pod: &PodRef) -> anyhow::Result<u32> {
+        let sandbox = self
+            .sandboxes
+            .iter_mut()
+            .find(|s| s.uid == pod.uid)
+            .context("no sandbox of that pod")?;
+        let pid = sandbox.process.pid();
+        sandbox.process.terminate(Duration::from_secs(5))?;
+        Ok(pid)
     }
 
     pub fn delete_pod(&self, pod: &PodRef) -> bool {

@@ -334,6 +334,85 @@ fn cart_frontend_robot(bed: &TestBed) -> (Cluster, PodRef) {
     (cluster, robot)
 }
 
+/// A process with pid `pid`, in `netns`: the next pid handed out is set
+/// (`ns_last_pid`, as checkpoint/restore tools do) until one is.
+fn spawn_with_pid(pid: u32, netns: &mesh_tests::netns::Netns) -> Spawned {
+    use mesh_tests::process::Placement;
+    for _ in 0..500 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).unwrap();
+        let mut sleep = std::process::Command::new("sleep");
+        sleep.arg("infinity");
+        let mut spawned = Spawned::spawn(
+            sleep,
+            &Placement {
+                netns: Some(netns),
+                cgroup: None,
+            },
+        )
+        .unwrap();
+        if spawned.pid() == pid {
+            return spawned;
+        }
+        // Another process forked in between: again.
+        spawned.terminate(Duration::from_secs(5)).unwrap();
+    }
+    panic!("pid {pid} was never handed to a process of ours");
+}
+
+#[test]
+fn a_pods_namespace_is_held_not_found_again_by_a_pid_another_process_may_get() {
+    // cart, frontend, robot; and a network namespace of the node that is
+    // no mesh workload (where a hostNetwork or opted-out process lives).
+    let (mut bed, _servers) = bed("k8s-pid-reuse", 3);
+    let outsider = bed.add_pod(0).unwrap().netns.name().to_owned();
+    const OUTSIDER: usize = 3;
+    let (mut cluster, _robot) = cart_frontend_robot(&bed);
+    cluster
+        .apply_yaml(&policy_yaml("shop", "cart", CART_ALLOW_FRONTEND))
+        .unwrap();
+    let agent = Agent::start_node_kubernetes(&bed, 0, &cluster.kubeconfig, &[]).unwrap();
+    wait_probe(&bed, FRONTEND, CART, "connected");
+    assert_eq!(probe(&bed, OUTSIDER, CART), "eperm");
+
+    // frontend's sandbox exits (its namespace stays, held by its
+    // containers); the pid it had goes to a process of the outsider's
+    // namespace, which the agent could then take for frontend's.
+    let frontend = PodRef {
+        namespace: "web".into(),
+        name: "frontend".into(),
+        uid: cluster
+            .api
+            .get("v1", "Pod", Some("web"), "frontend")
+            .unwrap()["metadata"]["uid"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+    };
+    let pid = cluster.stop_sandbox(&frontend).unwrap();
+    let _impostor = spawn_with_pid(pid, &bed.pods[OUTSIDER].netns);
+    // Something changes in the cluster (a pod on another node), and the
+    // agent compiles it again.
+    cluster.api.apply(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "elsewhere", "namespace": "shop"},
+        "spec": {"nodeName": "node-9", "serviceAccountName": "db",
+                 "containers": [{"name": "app", "image": "x"}]},
+        "status": {"phase": "Running", "podIP": "10.77.0.1", "podIPs": [{"ip": "10.77.0.1"}]},
+    }));
+    wait_endpoints(&bed, 0, "the pod elsewhere", |e| {
+        e.contains_key("10.77.0.1")
+    });
+    // The outsider is still no one; frontend is still frontend.
+    assert_eq!(
+        probe(&bed, OUTSIDER, CART),
+        "eperm",
+        "a process that got frontend's old pid speaks as frontend ({outsider})"
+    );
+    assert_eq!(probe(&bed, FRONTEND, CART), "connected");
+    let log = agent.log();
+    assert!(!log.contains("panicked"), "{log}");
+}
+
 #[test]
 fn the_daemonsets_capabilities_are_enough_to_find_pods_and_enforce_policy() {
     let capabilities = mesh_tests::deploy::daemonset_capabilities();

@@ -23,7 +23,7 @@ mod translate;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -331,7 +331,7 @@ struct Cluster {
     last_valid_peer_authentications: BTreeMap<String, Documents>,
     last_valid_traffic_splits: BTreeMap<String, Documents>,
     /// Local pod uid → its network namespace.
-    netns: HashMap<String, PathBuf>,
+    netns: podns::PodNamespaces,
     /// A local pod's network namespace is not known yet.
     missing_netns: bool,
     /// Something besides Services and EndpointSlices changed since the
@@ -363,7 +363,7 @@ impl Cluster {
             last_valid_policies: BTreeMap::new(),
             last_valid_peer_authentications: BTreeMap::new(),
             last_valid_traffic_splits: BTreeMap::new(),
-            netns: HashMap::new(),
+            netns: podns::PodNamespaces::default(),
             missing_netns: false,
             beyond_services: true,
         }
@@ -521,7 +521,7 @@ impl Cluster {
         let (cookies, gone) = control::resolve_netns_available(&compiled);
         if !gone.is_empty() {
             // The process found has exited: look again next time.
-            self.netns.retain(|_, path| !gone.contains(path));
+            self.netns.retain(|_, path| !gone.iter().any(|g| g == path));
             self.missing_netns = true;
         }
         control::drop_elsewhere(docs);
@@ -544,7 +544,7 @@ impl Cluster {
         self.netns.retain(|uid, _| local.contains(uid));
         let wanted: BTreeSet<String> = local
             .iter()
-            .filter(|uid| !self.netns.contains_key(*uid))
+            .filter(|uid| !self.netns.contains(uid))
             .cloned()
             .collect();
         let found = if wanted.is_empty() {

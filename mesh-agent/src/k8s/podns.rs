@@ -8,8 +8,51 @@
 //! gives it. Only kubelet and root can place processes in those cgroups, so
 //! a pod cannot claim another pod's namespace, as it could with an
 //! annotation.
+//!
+//! A namespace found is held open from then on, and named by the agent's
+//! own descriptor (`/proc/<agent>/fd/<n>`), never by the pod process's
+//! `/proc/<pid>/ns/net` again: once that process exits, its pid can be
+//! given to any other process, in any namespace (the host's too), which the
+//! old path would then name, and map to the pod's identity.
 use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
+
+/// Local pods' network namespaces, by pod uid, each held open.
+#[derive(Debug, Default)]
+pub struct PodNamespaces {
+    held: HashMap<String, (File, PathBuf)>,
+}
+
+impl PodNamespaces {
+    /// Takes `found` (opened by [`find`]) into the set.
+    pub fn extend(&mut self, found: HashMap<String, File>) {
+        let agent = std::process::id();
+        for (uid, file) in found {
+            let path = PathBuf::from(format!("/proc/{agent}/fd/{}", file.as_raw_fd()));
+            self.held.insert(uid, (file, path));
+        }
+    }
+
+    /// The path that names a pod's namespace while the agent runs.
+    pub fn path(&self, uid: &str) -> Option<&Path> {
+        self.held.get(uid).map(|(_, path)| path.as_path())
+    }
+
+    /// Keeps the pods for which `keep(uid, path)` holds; closes the others.
+    pub fn retain(&mut self, mut keep: impl FnMut(&str, &Path) -> bool) {
+        self.held.retain(|uid, (_, path)| keep(uid, path));
+    }
+
+    pub fn contains(&self, uid: &str) -> bool {
+        self.held.contains_key(uid)
+    }
+
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+}
 
 /// The pod uid a cgroup path belongs to, if any.
 pub fn pod_uid_of_cgroup(path: &str) -> Option<String> {
@@ -33,9 +76,23 @@ fn is_uid(s: &str) -> bool {
             .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
+/// The pod uid of the cgroup process `pid` is in, as `proc` says now.
+fn pod_of_process(proc: &Path, pid: &str) -> Option<String> {
+    // Processes come and go: what vanished is no pod's.
+    let cgroups = std::fs::read_to_string(proc.join(pid).join("cgroup")).ok()?;
+    // cgroup v2: one line "0::<path>".
+    cgroups
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .and_then(pod_uid_of_cgroup)
+}
+
 /// One walk of `/proc`: for each wanted pod uid, the network namespace of
-/// one of its processes (`/proc/<pid>/ns/net`).
-pub fn find(proc: &Path, wanted: &BTreeSet<String>) -> HashMap<String, PathBuf> {
+/// one of its processes, opened (`/proc/<pid>/ns/net`). The process is
+/// checked to be the pod's again once its namespace is open: had it exited
+/// and its pid gone to another process meanwhile, the namespace opened
+/// would be that process's.
+pub fn find(proc: &Path, wanted: &BTreeSet<String>) -> HashMap<String, File> {
     let mut found = HashMap::new();
     let Ok(entries) = std::fs::read_dir(proc) else {
         return found;
@@ -51,20 +108,17 @@ pub fn find(proc: &Path, wanted: &BTreeSet<String>) -> HashMap<String, PathBuf> 
         else {
             continue;
         };
-        // Processes come and go during the walk: skip what vanished.
-        let Ok(cgroups) = std::fs::read_to_string(proc.join(pid).join("cgroup")) else {
+        let Some(uid) = pod_of_process(proc, pid) else {
             continue;
         };
-        // cgroup v2: one line "0::<path>".
-        let Some(uid) = cgroups
-            .lines()
-            .find_map(|line| line.strip_prefix("0::"))
-            .and_then(pod_uid_of_cgroup)
-        else {
+        if !wanted.contains(&uid) || found.contains_key(&uid) {
+            continue;
+        }
+        let Ok(netns) = File::open(proc.join(pid).join("ns/net")) else {
             continue;
         };
-        if wanted.contains(&uid) && !found.contains_key(&uid) {
-            found.insert(uid, proc.join(pid).join("ns/net"));
+        if pod_of_process(proc, pid).as_deref() == Some(uid.as_str()) {
+            found.insert(uid, netns);
         }
     }
     found
@@ -106,17 +160,30 @@ mod tests {
             ("43", format!("0::/kubepods/pod{UID}/c2\n")),
             ("self", "0::/\n".to_string()),
         ] {
-            std::fs::create_dir_all(dir.join(pid)).unwrap();
+            std::fs::create_dir_all(dir.join(pid).join("ns")).unwrap();
             std::fs::write(dir.join(pid).join("cgroup"), cgroup).unwrap();
+            std::fs::write(dir.join(pid).join("ns/net"), pid).unwrap();
         }
         let wanted = BTreeSet::from([
             UID.to_string(),
             "00000000-0000-0000-0000-000000000000".into(),
         ]);
-        let found = find(&dir, &wanted);
+        let mut found = find(&dir, &wanted);
         assert_eq!(found.len(), 1);
-        let path = &found[UID];
-        assert!(path == &dir.join("42/ns/net") || path == &dir.join("43/ns/net"));
+        // The file opened is one of the pod's processes' namespace.
+        let mut opened = String::new();
+        std::io::Read::read_to_string(found.get_mut(UID).unwrap(), &mut opened).unwrap();
+        assert!(opened == "42" || opened == "43", "{opened}");
+        // Held, it is named by the agent's descriptor, which stays valid
+        // whatever becomes of the process.
+        let mut held = PodNamespaces::default();
+        held.extend(found);
         std::fs::remove_dir_all(&dir).unwrap();
+        let path = held.path(UID).unwrap();
+        assert!(
+            path.starts_with(format!("/proc/{}/fd", std::process::id())),
+            "{path:?}"
+        );
+        assert_eq!(std::fs::read_to_string(path).unwrap(), opened);
     }
 }

@@ -20,15 +20,17 @@
 //!   (`service.kubernetes.io/service-proxy-name`), headless and
 //!   ExternalName ones are left to others; SCTP ports and externalIPs are
 //!   left to kube-proxy. Its backends come from its EndpointSlices.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::Path;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service as KubeService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::DynamicObject;
 use mesh_policy::services::{EndpointSliceDoc, Service, SliceEndpoint, SlicePort};
 use tracing::warn;
+
+use super::podns::PodNamespaces;
 
 use mesh_policy::{
     self, API_VERSION, Condition, ConfigError, Documents, KIND_MESH_NODE, KIND_WORKLOAD, MeshNode,
@@ -332,7 +334,7 @@ pub fn cluster_documents(
     pods: &BTreeMap<String, PodInfo>,
     namespaces_opted_out: &BTreeMap<String, bool>,
     nodes: &BTreeMap<String, NodeInfo>,
-    netns: &HashMap<String, PathBuf>,
+    netns: &PodNamespaces,
     this_node: &str,
     refused: &mut BTreeSet<(String, IpAddr)>,
 ) -> Documents {
@@ -380,7 +382,7 @@ pub fn cluster_documents(
                 ips,
                 node: pod.node.clone(),
                 netns: (pod.node == this_node)
-                    .then(|| netns.get(&pod.uid).cloned())
+                    .then(|| netns.path(&pod.uid).map(Path::to_owned))
                     .flatten(),
                 // Kubernetes Services arrive with their EndpointSlices.
                 ports: None,
@@ -546,7 +548,9 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Option<EndpointSliceDoc> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::k8s::podns::PodNamespaces;
     use serde_json::json;
+    use std::collections::HashMap;
 
     fn pod(name: &str, ip: &str, created: &str, extra: serde_json::Value) -> Pod {
         let mut v = json!({
@@ -607,7 +611,7 @@ mod tests {
             &pods,
             &BTreeMap::new(),
             &BTreeMap::new(),
-            &HashMap::new(),
+            &PodNamespaces::default(),
             "n",
             &mut BTreeSet::new(),
         );
@@ -620,7 +624,12 @@ mod tests {
     fn namespaces_opt_out_and_local_pods_get_their_netns() {
         let a = pod_info(&pod("a", "10.0.0.1", T0, json!({}))).unwrap();
         let pods = BTreeMap::from([("shop/a".to_string(), a)]);
-        let netns = HashMap::from([("uid-a".to_string(), PathBuf::from("/proc/7/ns/net"))]);
+        let mut netns = PodNamespaces::default();
+        netns.extend(HashMap::from([(
+            "uid-a".to_string(),
+            std::fs::File::open("/proc/self/ns/net").unwrap(),
+        )]));
+        let held = netns.path("uid-a").unwrap().to_owned();
         let docs = cluster_documents(
             &pods,
             &BTreeMap::new(),
@@ -629,10 +638,7 @@ mod tests {
             "node-0",
             &mut BTreeSet::new(),
         );
-        assert_eq!(
-            docs.workloads[0].spec.netns,
-            Some(PathBuf::from("/proc/7/ns/net"))
-        );
+        assert_eq!(docs.workloads[0].spec.netns, Some(held));
         // The same pod seen from another node has no netns there.
         let docs = cluster_documents(
             &pods,
@@ -803,7 +809,7 @@ mod tests {
             &pods,
             &BTreeMap::new(),
             &nodes,
-            &HashMap::new(),
+            &PodNamespaces::default(),
             "n",
             &mut refused,
         );
@@ -848,7 +854,7 @@ mod tests {
             &pods,
             &BTreeMap::new(),
             &ignoring,
-            &HashMap::new(),
+            &PodNamespaces::default(),
             "n",
             &mut refused,
         );
