@@ -828,3 +828,59 @@ fn the_workload_to_agent_hop_uses_the_short_circuit() {
         "no message between the workload and the agent was redirected"
     );
 }
+
+#[test]
+fn a_host_holding_handshakes_open_cannot_hold_the_tunnel_listener() {
+    // db on node 0; web on node 1, whose agent tunnels to node 0.
+    let m = mesh(
+        "hold",
+        &[w(0, "shop", "db"), w(1, "shop", "web")],
+        &[("strict.yaml", strict("shop", "db-strict", "db"))],
+        &[],
+    );
+    let db = m.server_addr(0, false);
+
+    // Another host (here node 0's own address, a peer of its own) opens 100
+    // connections to the tunnel listener and never starts TLS.
+    let listener = SocketAddr::new(mesh_tests::topology::node_uplink_ip(0), 15008);
+    let held: Vec<std::net::TcpStream> = m.bed.nodes[0]
+        .netns
+        .run_in(|| {
+            (0..100)
+                .map(|_| std::net::TcpStream::connect(listener))
+                .collect::<std::io::Result<Vec<_>>>()
+        })
+        .unwrap();
+    // Those past the per-peer bound were closed at once; the others wait
+    // for a handshake, until its timeout.
+    std::thread::sleep(Duration::from_millis(500));
+    let closed = held
+        .iter()
+        .filter(|conn| {
+            conn.set_nonblocking(true).unwrap();
+            match std::io::Read::read(&mut &**conn, &mut [0u8; 1]) {
+                Ok(0) => true,
+                Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+                Ok(_) => false,
+            }
+        })
+        .count();
+    assert_eq!(closed, 100 - 64, "connections closed at accept");
+    let metrics = agent::scrape_metrics(&m.bed, 0).unwrap();
+    assert!(
+        metrics
+            .contains("mesh_tunnel_refused_connections_total{reason=\"handshakes_per_peer\"} 36"),
+        "{metrics}"
+    );
+    // Meanwhile another peer's handshakes (node 1's agent has no
+    // connection yet) and tunnels are made as ever.
+    m.client(1, &["transfer", "--to", &db, "--sizes", "1,65537"]);
+    // A scrape within a second of the last one gets the same render.
+    std::thread::sleep(Duration::from_millis(1100));
+    let metrics = agent::scrape_metrics(&m.bed, 0).unwrap();
+    assert!(
+        metrics.contains("mesh_tunnel_handshakes_total{direction=\"inbound\",result=\"ok\"} 1"),
+        "{metrics}"
+    );
+    drop(held);
+}

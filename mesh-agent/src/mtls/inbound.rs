@@ -20,6 +20,7 @@ use tokio::{
 use tracing::{Instrument as _, debug, error_span, info, warn};
 
 use super::{
+    admission::Admission,
     judge::{PolicyLookup, Refused},
     outbound::connect_marked,
 };
@@ -39,6 +40,7 @@ use mesh_policy::numeric_identity;
 const TLS_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Inbound {
+    pub admission: Admission,
     pub store: Arc<SvidStore>,
     pub lookup: Arc<PolicyLookup>,
     pub settings: TunnelSettings,
@@ -67,10 +69,19 @@ impl Inbound {
                 Some(_) = connections.join_next(), if !connections.is_empty() => continue,
                 () = async { let _ = stop.wait_for(|s| *s).await; } => break,
             };
+            let handshake = match self.admission.admit(peer.ip()) {
+                Ok(slot) => slot,
+                Err(bound) => {
+                    // Closed at once: holding it is what the bound prevents.
+                    self.metrics.refused(bound.name());
+                    debug!(%peer, bound = bound.name(), "tunnel connection refused at accept");
+                    continue;
+                }
+            };
             let _ = tcp.set_nodelay(true);
             let this = self.clone();
             let shutdown = shutdown.clone();
-            connections.spawn(async move { this.connection(tcp, peer, shutdown).await });
+            connections.spawn(async move { this.connection(tcp, peer, handshake, shutdown).await });
         }
         drop(listener);
         info!(
@@ -85,6 +96,7 @@ impl Inbound {
         self: Arc<Self>,
         tcp: tokio::net::TcpStream,
         peer: SocketAddr,
+        handshake: super::admission::Handshake,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let acceptor = tokio_rustls::TlsAcceptor::from(self.store.server_config());
@@ -113,6 +125,8 @@ impl Inbound {
             return;
         };
         self.metrics.handshake(Direction::Inbound, true);
+        // Held until the connection closes.
+        let _connection = handshake.done();
         let src_identity = numeric_identity(&source);
         let dst = self.flows.identity_name(expected);
         debug!(%peer, src = %source, %dst, "tunnel connection accepted");

@@ -51,11 +51,17 @@ impl HandshakeLabels {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    reason: &'static str,
+}
+
 /// Tunnels between node agents.
 #[derive(Clone, Debug, Default)]
 pub struct TunnelMetrics {
     handshakes: Family<HandshakeLabels, Counter>,
     open: Family<DirectionLabels, Gauge>,
+    refused: Family<RefusedLabels, Counter>,
 }
 
 impl TunnelMetrics {
@@ -73,6 +79,13 @@ impl TunnelMetrics {
             "tunnels_open",
             "Tunnels carrying a connection now, by direction",
             tunnels.open.clone(),
+        );
+        registry.register(
+            "tunnel_refused_connections",
+            "Connections to the tunnel listener closed at accept because a bound was reached: \
+             unfinished handshakes of one peer address (handshakes_per_peer) or in all \
+             (handshakes), or connections in all (connections)",
+            tunnels.refused.clone(),
         );
         if mtls {
             for direction in [Direction::Inbound, Direction::Outbound] {
@@ -92,6 +105,11 @@ impl TunnelMetrics {
         self.handshakes
             .get_or_create(&HandshakeLabels::new(direction, ok))
             .inc();
+    }
+
+    /// A connection was closed at accept: `reason` is the bound reached.
+    pub fn refused(&self, reason: &'static str) {
+        self.refused.get_or_create(&RefusedLabels { reason }).inc();
     }
 
     /// A tunnel carries a connection until the guard is dropped.

@@ -7,6 +7,7 @@
 //!         ─► peer agent :15008 ─► checks policy for (certificate identity → B, port)
 //!            ─► connects to B ─► splices both ways
 //! ```
+pub mod admission;
 pub mod inbound;
 pub mod judge;
 pub mod listeners;
@@ -115,6 +116,7 @@ impl Mtls {
         let (shutdown, _) = watch::channel(false);
 
         let inbound = Arc::new(inbound::Inbound {
+            admission: admission::Admission::new(admission::Limits::default()),
             store: store.clone(),
             lookup: Arc::new(judge::PolicyLookup::open(&maps)?),
             settings: settings.clone(),
