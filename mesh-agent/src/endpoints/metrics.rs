@@ -399,8 +399,18 @@ mod tests {
             Readings::default,
         );
         let text = metrics.render();
-        // Nothing counted and nothing readable: only the end marker.
-        assert_eq!(text, "# EOF\n");
+        // Nothing counted and nothing readable: only the agent's own
+        // bookkeeping, then the end marker.
+        let samples: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            samples,
+            [
+                "mesh_scrape_renders_total 1",
+                "mesh_flow_verdict_series_evicted_total 0"
+            ],
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"));
     }
 
     #[test]
