@@ -2,6 +2,7 @@
 //! installed by `setup`, which `test`, `demo` and `bench` run first.
 mod demo;
 mod ebpf;
+mod fuzz;
 mod image;
 mod modules;
 mod previous;
@@ -47,6 +48,14 @@ enum Task {
     /// Write the CRDs of the mesh's documents (generated from mesh-agent's
     /// types) to deploy/crds.yaml; a test fails when they drift apart.
     GenCrds,
+    /// Fuzz the parsers of untrusted input (libFuzzer): each target (all
+    /// when none is named) for `--seconds`, from its committed corpus.
+    Fuzz {
+        /// policy_documents, identities, certificates.
+        targets: Vec<String>,
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Benchmarks, run against a baseline in the same run.
     Bench {
         /// Which benchmark: same-node, policy, cross-node, control-plane or
@@ -67,6 +76,7 @@ fn main() -> anyhow::Result<()> {
         Task::Demo => demo::run(),
         Task::PreviousAgent => previous::build().map(|bin| eprintln!("xtask: {}", bin.display())),
         Task::Bench { which, args } => bench(&which, &args),
+        Task::Fuzz { targets, seconds } => fuzz::fuzz(&targets, seconds),
         Task::GenCrds => gen_crds(),
         // The archive's path alone on stdout, for scripts.
         Task::Image { profile } => {
@@ -158,8 +168,18 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     println!("xtask test: {passed} passed, {failed} failed");
     ensure!(status.success(), "cargo test failed with {status}");
     ensure!(passed > 0, "no test ran");
+    // A short run of every fuzz target: its corpus still passes, and a few
+    // seconds of new inputs find no crash.
+    fuzz::fuzz(&[], FUZZ_SECONDS_IN_TEST)?;
+    println!(
+        "xtask test: {} fuzz targets ran {FUZZ_SECONDS_IN_TEST} s each without a crash",
+        fuzz::TARGETS.len()
+    );
     Ok(())
 }
+
+/// How long `test` runs each fuzz target.
+const FUZZ_SECONDS_IN_TEST: u64 = 15;
 
 /// No circle among each crate's modules; formatting and lints of every
 /// crate, the kernel crate included (it has a workspace of its own, built by
@@ -167,10 +187,12 @@ fn test(args: &[String]) -> anyhow::Result<()> {
 fn check_style() -> anyhow::Result<()> {
     modules::check(&workspace_root())?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
-    let ebpf_manifest = workspace_root().join("mesh-ebpf/Cargo.toml");
-    run(cargo()
-        .args(["fmt", "--check", "--manifest-path"])
-        .arg(&ebpf_manifest))?;
+    for own_workspace in ["mesh-ebpf", "fuzz"] {
+        let manifest = workspace_root().join(own_workspace).join("Cargo.toml");
+        run(cargo()
+            .args(["fmt", "--check", "--manifest-path"])
+            .arg(&manifest))?;
+    }
     run(cargo().args([
         "clippy",
         "--workspace",
