@@ -131,8 +131,6 @@ pub struct Control {
     /// Each local workload's interfaces, by network namespace: looked up
     /// once per namespace.
     interfaces_by_netns: BTreeMap<PathBuf, Vec<u32>>,
-    /// The local workloads' network namespaces, as last applied.
-    workload_netns: Vec<PathBuf>,
     /// The names written with the last applied change, which a change of
     /// Services alone updates (shared with the flow hub, not copied).
     names: Option<Arc<NodeState>>,
@@ -179,7 +177,6 @@ impl Control {
             config,
             datapath: None,
             interfaces_by_netns: BTreeMap::new(),
-            workload_netns: Vec::new(),
             names: None,
             pins,
             maps,
@@ -314,13 +311,12 @@ impl Control {
         self.check_capacity(&desired)?;
         let policy_entries = desired.policy.len();
         let changes = self.apply(desired, Scope::Everything)?;
-        self.workload_netns = compiled.local_netns.keys().cloned().collect();
         let names = Arc::new(NodeState::from_compiled(&compiled, changes.generation));
         self.write_names(&names)?;
         // After the endpoints: the check on what a workload sends knows its
         // addresses from its first packet.
         self.guard_workloads(&compiled.local_netns);
-        self.release_stranded(changes.departed_udp);
+        self.release_stranded(&names, changes.departed_udp);
         self.names = Some(names.clone());
         let elapsed = started.elapsed();
         self.metrics.observe(self.mode(), elapsed);
@@ -368,10 +364,10 @@ impl Control {
             names
                 .write_services(&self.config.state_dir)
                 .map_err(|source| ReloadError::State {
-                    path: self.config.state_dir.join("services.json"),
+                    path: NodeState::services_path(&self.config.state_dir),
                     source,
                 })?;
-            self.release_stranded(changes.departed_udp);
+            self.release_stranded(&names, changes.departed_udp);
             let elapsed = started.elapsed();
             self.metrics.observe(self.mode(), elapsed);
             info!(
@@ -390,9 +386,11 @@ impl Control {
     }
 
     /// Connected UDP sockets sent to backends that have just left their
-    /// Service are aborted, so their applications connect again to a live one.
-    fn release_stranded(&self, departed: BTreeSet<MemberKey>) {
-        stranded::release(&self.config.bpffs, self.workload_netns.clone(), departed);
+    /// Service are aborted, so their applications connect again to a live
+    /// one. They live in the local workloads' namespaces, as `names` (the
+    /// names just applied) lists them.
+    fn release_stranded(&self, names: &NodeState, departed: BTreeSet<MemberKey>) {
+        stranded::release(&self.config.bpffs, names, departed);
     }
 
     /// The maps must hold the union of old and new entries while the update

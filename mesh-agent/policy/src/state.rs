@@ -104,7 +104,7 @@ impl NodeState {
         state_dir.join("state.json")
     }
 
-    fn services_path(state_dir: &Path) -> PathBuf {
+    pub fn services_path(state_dir: &Path) -> PathBuf {
         state_dir.join("services.json")
     }
 

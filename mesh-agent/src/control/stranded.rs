@@ -20,6 +20,7 @@ use mesh_common::{
     service::{MemberKey, ServiceKey, ServicePeerKey, SockAddr},
 };
 use mesh_datapath::{maps::PinnedMaps, netlink, netns};
+use mesh_policy::state::NodeState;
 use tracing::{info, warn};
 
 /// The cookies of the sockets that reached a `departed` backend through
@@ -42,14 +43,20 @@ pub fn stranded_sockets(
         .collect()
 }
 
-/// Aborts, in each of the local workloads' network namespaces, the
-/// connected UDP sockets stranded on `departed` (UDP members removed by a
-/// change already applied, so a socket that connects again is never sent
-/// back to them). Runs on its own thread: the change is not held up.
-pub fn release(bpffs: &Path, workload_netns: Vec<PathBuf>, departed: BTreeSet<MemberKey>) {
+/// Aborts, in each local workload's network namespace (as `names`, the
+/// names of the change just applied, list them), the connected UDP sockets
+/// stranded on `departed` (UDP members removed by that change, so a socket
+/// that connects again is never sent back to them). Runs on its own
+/// thread: the change is not held up.
+pub fn release(bpffs: &Path, names: &NodeState, departed: BTreeSet<MemberKey>) {
     if departed.is_empty() {
         return;
     }
+    let workload_netns: Vec<PathBuf> = names
+        .workloads
+        .iter()
+        .filter_map(|w| w.netns.clone())
+        .collect();
     let bpffs = bpffs.to_owned();
     std::thread::spawn(move || {
         let peers = match PinnedMaps::open(&bpffs).and_then(|pins| pins.service_peers()) {
