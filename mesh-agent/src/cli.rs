@@ -228,7 +228,7 @@ pub struct RunArgs {
     /// with ECONNREFUSED instead of reaching a backend unjudged through
     /// kube-proxy (docs/services.md).
     #[arg(long, value_delimiter = ',', env = ENV_SERVICE_CIDR)]
-    pub service_cidr: Vec<mesh_datapath::maps::ServiceCidr>,
+    pub service_cidr: Vec<mesh_datapath::cidr::Cidr>,
 
     /// Log format.
     #[arg(long, default_value = "plain", env = ENV_LOG_FORMAT, value_parser = one_of::<LogFormat>(&LogFormat::NAMES))]

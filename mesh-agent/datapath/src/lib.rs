@@ -20,6 +20,7 @@
 #![deny(unsafe_code)]
 
 pub mod cgroup;
+pub mod cidr;
 pub mod maps;
 pub mod migrate;
 pub mod netlink;
@@ -152,7 +153,7 @@ pub struct DatapathConfig {
     pub max_conntrack: u32,
     /// The cluster's Service ranges: an address in them that is no known
     /// Service is refused (docs/services.md).
-    pub service_cidrs: Vec<maps::ServiceCidr>,
+    pub service_cidrs: Vec<cidr::Cidr>,
 }
 
 pub struct Datapath {

@@ -14,8 +14,6 @@ mod settings;
 mod sockets;
 mod tunnel;
 
-pub use services::ServiceCidr;
-
 use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, Map, MapData, MapInfo, MapType};

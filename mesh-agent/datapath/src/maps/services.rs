@@ -3,7 +3,7 @@
 //! (the Service address each socket dialled, for getpeername and UDP
 //! replies), and `SERVICE_RANGES` (the cluster's Service ranges, where an
 //! address that is no known Service is refused).
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
 use aya::maps::{
     MapData, MapType,
@@ -19,6 +19,7 @@ use mesh_common::{
 };
 
 use super::{MapLayout, MapsError, PinnedMaps, layout};
+use crate::cidr::Cidr;
 
 pub const SERVICES: (&str, MapLayout) = (
     map_names::SERVICES,
@@ -71,85 +72,25 @@ pub const SERVICE_RANGES: (&str, MapLayout) = (
     layout::<aya::maps::lpm_trie::Key<[u32; 4]>, u32>(MapType::LpmTrie),
 );
 
-/// A Service range (`--service-cidr`): `address/prefix`, IPv4 or IPv6.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
-pub struct ServiceCidr {
-    pub address: IpAddr,
-    pub prefix: u8,
-}
-
-impl std::str::FromStr for ServiceCidr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (address, prefix) = s
-            .split_once('/')
-            .ok_or_else(|| format!("{s:?} is not a CIDR (address/prefix)"))?;
-        let address: IpAddr = address
-            .parse()
-            .map_err(|_| format!("{address:?} in {s:?} is not an IP address"))?;
-        let max = if address.is_ipv4() { 32 } else { 128 };
-        let prefix: u8 = prefix
-            .parse()
-            .ok()
-            .filter(|p| *p <= max)
-            .ok_or_else(|| format!("{prefix:?} in {s:?} is not a prefix length (0-{max})"))?;
-        let cidr = Self { address, prefix };
-        if cidr.network() != address {
-            return Err(format!(
-                "{s:?} has host bits set (the range is {}/{prefix})",
-                cidr.network()
-            ));
-        }
-        Ok(cidr)
-    }
-}
-
-impl std::fmt::Display for ServiceCidr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.address, self.prefix)
-    }
-}
-
-impl ServiceCidr {
-    /// The address with every host bit cleared.
-    fn network(&self) -> IpAddr {
-        match self.address {
-            IpAddr::V4(v4) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                IpAddr::from(Ipv4Addr::from(u32::from(v4) & mask))
-            }
-            IpAddr::V6(v6) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                IpAddr::from(Ipv6Addr::from(u128::from(v6) & mask))
-            }
-        }
-    }
-
-    /// The trie key: IPv4 ranges as IPv4-mapped prefixes, as the kernel
-    /// programs hold every address.
-    fn key(&self) -> Key<[u32; 4]> {
-        let prefix = match self.address {
-            IpAddr::V4(_) => 96 + u32::from(self.prefix),
-            IpAddr::V6(_) => u32::from(self.prefix),
-        };
-        Key::new(prefix, IpKey::from(self.address).ip)
-    }
+/// The trie key of a Service range: IPv4 ranges as IPv4-mapped prefixes,
+/// as the kernel programs hold every address.
+fn range_key(range: &Cidr) -> Key<[u32; 4]> {
+    let prefix = match range.address {
+        IpAddr::V4(_) => 96 + u32::from(range.prefix),
+        IpAddr::V6(_) => u32::from(range.prefix),
+    };
+    Key::new(prefix, IpKey::from(range.address).ip)
 }
 
 impl PinnedMaps {
     /// Makes `SERVICE_RANGES` hold exactly `ranges`: added first, then
     /// the ones no longer configured removed, so a restart with the same
     /// ranges never leaves a moment without them.
-    pub fn set_service_ranges(&self, ranges: &[ServiceCidr]) -> Result<(), MapsError> {
+    pub fn set_service_ranges(&self, ranges: &[Cidr]) -> Result<(), MapsError> {
         let name = map_names::SERVICE_RANGES;
         let mut trie: LpmTrie<MapData, [u32; 4], u32> =
             self.map(name)?.try_into().map_err(self.err(name))?;
-        let wanted: Vec<_> = ranges.iter().map(ServiceCidr::key).collect();
+        let wanted: Vec<_> = ranges.iter().map(range_key).collect();
         for key in &wanted {
             trie.insert(key, 1, 0).map_err(self.err(name))?;
         }
@@ -174,21 +115,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn service_ranges_parse_and_map_ipv4_into_ipv6() {
-        let v4: ServiceCidr = "10.96.0.0/12".parse().unwrap();
-        assert_eq!(v4.to_string(), "10.96.0.0/12");
-        assert_eq!(v4.key().prefix_len(), 108);
-        let v6: ServiceCidr = "fd00:96::/108".parse().unwrap();
-        assert_eq!(v6.key().prefix_len(), 108);
-        for bad in [
-            "10.96.0.1/12",
-            "10.96.0.0",
-            "10.96.0.0/33",
-            "x/8",
-            "fd00::/129",
-        ] {
-            assert!(bad.parse::<ServiceCidr>().is_err(), "{bad}");
-        }
-        assert!("0.0.0.0/0".parse::<ServiceCidr>().is_ok());
+    fn service_ranges_map_ipv4_into_ipv6() {
+        let v4: Cidr = "10.96.0.0/12".parse().unwrap();
+        assert_eq!(range_key(&v4).prefix_len(), 108);
+        let v6: Cidr = "fd00:96::/108".parse().unwrap();
+        assert_eq!(range_key(&v6).prefix_len(), 108);
     }
 }
