@@ -238,6 +238,24 @@ fn pods_become_endpoints_and_ip_reuse_never_leaves_a_stale_identity() {
     assert_rbac(&cluster);
 }
 
+/// A running pod of `shop` on `node`, as that node's kubelet reports it:
+/// only the object, with `ip` in its status (no sandbox runs here).
+fn reported_pod(
+    name: &str,
+    node: &str,
+    service_account: &str,
+    ip: &str,
+    annotations: Value,
+) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "shop", "annotations": annotations},
+        "spec": {"nodeName": node, "serviceAccountName": service_account,
+                 "containers": [{"name": "app", "image": "x"}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
+    })
+}
+
 #[test]
 fn another_node_cannot_claim_a_pods_address() {
     let (bed, _servers) = bed("k8s-claims", 1);
@@ -270,14 +288,8 @@ fn another_node_cannot_claim_a_pods_address() {
     // kubelets report cart's address: one on the ranged node, and a
     // mirror pod (a static pod's copy, written by its node alone).
     std::thread::sleep(Duration::from_millis(1100));
-    let pod = |name: &str, node: &str, ip: &str, annotations: serde_json::Value| {
-        json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": "shop", "annotations": annotations},
-            "spec": {"nodeName": node, "serviceAccountName": "thief",
-                     "containers": [{"name": "app", "image": "x"}]},
-            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
-        })
+    let pod = |name: &str, node: &str, ip: &str, annotations: Value| {
+        reported_pod(name, node, "thief", ip, annotations)
     };
     cluster
         .api
@@ -392,13 +404,13 @@ fn a_pods_namespace_is_held_not_found_again_by_a_pid_another_process_may_get() {
     let _impostor = spawn_with_pid(pid, &bed.pods[OUTSIDER].netns);
     // Something changes in the cluster (a pod on another node), and the
     // agent compiles it again.
-    cluster.api.apply(json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "elsewhere", "namespace": "shop"},
-        "spec": {"nodeName": "node-9", "serviceAccountName": "db",
-                 "containers": [{"name": "app", "image": "x"}]},
-        "status": {"phase": "Running", "podIP": "10.77.0.1", "podIPs": [{"ip": "10.77.0.1"}]},
-    }));
+    cluster.api.apply(reported_pod(
+        "elsewhere",
+        "node-9",
+        "db",
+        "10.77.0.1",
+        json!({}),
+    ));
     wait_endpoints(&bed, 0, "the pod elsewhere", |e| {
         e.contains_key("10.77.0.1")
     });
