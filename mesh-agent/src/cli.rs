@@ -414,6 +414,8 @@ impl RunArgs {
                 root_namespace: args.root_namespace,
                 default_action: args.default_policy,
                 non_mesh_action: args.non_mesh,
+                // Half the policy map as it is: set when the map is adopted.
+                policy_budget: None,
             },
             log_format: args.log_format,
             endpoints: EndpointsConfig {

@@ -41,7 +41,7 @@ use crate::config::Config;
 use mesh_datapath::maps::{MapsError, PinnedMaps, PolicyMaps};
 use mesh_datapath::{Datapath, netns};
 use mesh_policy::state::NodeState;
-use mesh_policy::{Compiled, ConfigError, ServiceTables};
+use mesh_policy::{Compiled, ConfigError, MeshSettings, ServiceTables};
 use metrics::ReconcileMetrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +139,8 @@ pub struct Control {
     applied: MapState,
     capacity: Capacity,
     metrics: ReconcileMetrics,
+    /// What the last applied change left out, as logged.
+    refused: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -153,7 +155,7 @@ struct Capacity {
 impl Control {
     /// Takes over the pinned maps as they are: a restarted agent converges
     /// from what the previous one left, never from empty maps.
-    pub fn adopt(config: Config, metrics: ReconcileMetrics) -> Result<Self, MapsError> {
+    pub fn adopt(mut config: Config, metrics: ReconcileMetrics) -> Result<Self, MapsError> {
         let pins = PinnedMaps::open(&config.bpffs)?;
         let applied = MapState {
             endpoints: pins.endpoints()?.into_iter().collect(),
@@ -172,6 +174,7 @@ impl Control {
             services: pins.max_entries(map_names::SERVICES)?,
             service_backends: pins.max_entries(map_names::SERVICE_BACKENDS)?,
         };
+        config.mesh.policy_budget = Some(capacity.policy as usize / 2);
         let maps = pins.policy_maps()?;
         Ok(Self {
             config,
@@ -183,6 +186,7 @@ impl Control {
             applied,
             capacity,
             metrics,
+            refused: Vec::new(),
         })
     }
 
@@ -311,6 +315,7 @@ impl Control {
         self.check_capacity(&desired)?;
         let policy_entries = desired.policy.len();
         let changes = self.apply(desired, Scope::Everything)?;
+        self.tell_refused(&compiled.refused);
         let names = Arc::new(NodeState::from_compiled(&compiled, changes.generation));
         self.write_names(&names)?;
         // After the endpoints: the check on what a workload sends knows its
@@ -331,6 +336,27 @@ impl Control {
         );
         drop_elsewhere_and_trim(compiled);
         Ok(names)
+    }
+
+    /// The mesh's settings, with the policy budget of the map adopted.
+    pub fn settings(&self) -> &MeshSettings {
+        &self.config.mesh
+    }
+
+    /// Logs the documents an applied change left out, once while they are.
+    fn tell_refused(&mut self, refused: &[ConfigError]) {
+        let now: Vec<String> = refused.iter().map(ToString::to_string).collect();
+        if now == self.refused {
+            return;
+        }
+        for error in now.iter().filter(|e| !self.refused.contains(e)) {
+            warn!(%error, "document refused on its own; the rest applied");
+        }
+        if now.is_empty() {
+            info!("no document is refused any more");
+        }
+        self.metrics.refused(now.len());
+        self.refused = now;
     }
 
     /// The names written with the last applied change; `None` before the

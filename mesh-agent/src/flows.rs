@@ -21,7 +21,7 @@ use mesh_common::{
     map_names,
     policy::{
         FlowEvent, Hook, PROTO_TCP, PROTO_UDP, RULE_MESH_DEFAULT, RULE_NO_POLICY, RULE_NON_MESH,
-        RULE_NOT_ALLOWED, RULE_STRICT_MTLS,
+        RULE_NOT_ALLOWED, RULE_REFUSED_IDENTITY, RULE_REFUSED_POLICY, RULE_STRICT_MTLS,
     },
 };
 use prometheus_client::{encoding::EncodeLabelSet, metrics::counter::Counter, registry::Registry};
@@ -445,6 +445,8 @@ pub fn reason_label(rule: Option<u32>) -> &'static str {
         Some(RULE_NOT_ALLOWED) => "not_allowed",
         Some(RULE_NO_POLICY) => "no_policy",
         Some(RULE_STRICT_MTLS) => "strict_mtls",
+        Some(RULE_REFUSED_IDENTITY) => "refused_identity",
+        Some(RULE_REFUSED_POLICY) => "refused_policy",
         Some(_) => "policy",
     }
 }

@@ -156,6 +156,12 @@ pub const RULE_NOT_ALLOWED: u32 = 3;
 pub const RULE_NO_POLICY: u32 = 4;
 /// Plaintext to a workload whose mTLS mode is STRICT.
 pub const RULE_STRICT_MTLS: u32 = 5;
+/// The destination's identity was refused (its number is another
+/// identity's too): nothing reaches it until one of them is renamed.
+pub const RULE_REFUSED_IDENTITY: u32 = 6;
+/// A policy selecting the destination was refused (it does not fit the
+/// policy map): nothing reaches what it selects until it fits.
+pub const RULE_REFUSED_POLICY: u32 = 7;
 /// Rule ids below this are the reserved ones above.
 pub const FIRST_POLICY_RULE: u32 = 16;
 

@@ -13,6 +13,8 @@
 //! bookmarks, `timeoutSeconds`, `sendInitialEvents`), create, replace (with
 //! optimistic concurrency), JSON merge patch, delete (with preconditions),
 //! the `/status` subresource, `dryRun`, `generateName` and `GET /version`.
+//! `metadata.managedFields` records the time of the last write to the
+//! object and to its status (one entry each, without field sets).
 //! Server-side apply is approximated by a merge patch that may create the
 //! object (fields dropped from the applied configuration are not removed).
 //! Not supported: JSON patch and strategic merge patch (415), delete
@@ -1468,6 +1470,7 @@ impl Store {
         metadata["uid"] = json!(uid);
         metadata["creationTimestamp"] = json!(now_rfc3339());
         metadata["generation"] = json!(1);
+        metadata["managedFields"] = written(&Value::Null, false);
         self.commit(resource, object)
     }
 
@@ -1894,10 +1897,37 @@ fn updated(resource: usize, stored: &Value, incoming: Value, part: Part) -> Valu
     for field in ["uid", "creationTimestamp", "resourceVersion"] {
         next["metadata"][field] = old[field].clone();
     }
+    next["metadata"]["managedFields"] =
+        written(&old["managedFields"], matches!(part, Part::Status));
     let generation = old["generation"].as_u64().unwrap_or(1);
     let spec_changed = next.get("spec") != stored.get("spec");
     next["metadata"]["generation"] = json!(generation + u64::from(spec_changed));
     next
+}
+
+/// `managedFields` after a write now: the entry of the object, or of its
+/// status (`subresource: status`), gets the time of this write.
+fn written(managed: &Value, status: bool) -> Value {
+    let subresource = if status { "status" } else { "" };
+    let mut entries: Vec<Value> = managed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["subresource"].as_str().unwrap_or_default() != subresource)
+        .cloned()
+        .collect();
+    let mut entry = json!({
+        "manager": "mesh-tests",
+        "operation": "Update",
+        "time": now_rfc3339(),
+        "fieldsType": "FieldsV1",
+        "fieldsV1": {},
+    });
+    if status {
+        entry["subresource"] = json!("status");
+    }
+    entries.push(entry);
+    Value::Array(entries)
 }
 
 fn set_or_remove(object: &mut Value, field: &str, value: Option<Value>) {

@@ -327,6 +327,112 @@ const CART: usize = 0;
 const FRONTEND: usize = 1;
 const ROBOT: usize = 2;
 
+/// Two service accounts of namespace `tenant` whose SPIFFE IDs have the
+/// same 64-bit identity number, 81bb4b759f06ae42: what a tenant finds with
+/// about 2^33 hashes (mesh-policy's compile tests say how).
+const COLLIDING_ACCOUNTS: [&str; 2] = ["a52576057c1c155d1", "a8a5c8c3a9c28ee2d"];
+
+#[test]
+fn a_tenant_cannot_freeze_the_mesh_with_colliding_identities_or_a_policy_over_the_budget() {
+    let (bed, _servers) = bed("k8s-tenant", 3);
+    let (cluster, _robot) = cart_frontend_robot(&bed);
+    cluster.namespace("tenant", json!({}));
+    // Room for 100 policy entries (half the map).
+    let agent =
+        Agent::start_node_kubernetes(&bed, 0, &cluster.kubeconfig, &["--max-policy", "200"])
+            .unwrap();
+    cluster
+        .apply_yaml(&policy_yaml("shop", "cart", CART_ALLOW_FRONTEND))
+        .unwrap();
+    wait_probe(&bed, ROBOT, CART, "eperm");
+
+    // The tenant's pods, on another node: two whose identities share a
+    // number, one ordinary.
+    cluster.api.apply(json!({
+        "apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-other"}, "spec": {},
+        "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.98"}]},
+    }));
+    let [a, b] = COLLIDING_ACCOUNTS;
+    for (name, sa, ip) in [
+        ("one", a, "10.251.0.1"),
+        ("two", b, "10.251.0.2"),
+        ("fine", "fine", "10.251.0.3"),
+    ] {
+        let mut pod = reported_pod(name, "node-other", sa, ip, json!({}));
+        pod["metadata"]["namespace"] = json!("tenant");
+        cluster.api.apply(pod);
+    }
+    // The cluster still converges: the ordinary pod gets its identity, and
+    // the two that share a number are refused (nothing reaches them).
+    wait_endpoints(&bed, 0, "the tenant's pods", |e| {
+        e.get("10.251.0.3") == Some(&(spiffe("tenant", "fine"), false))
+    });
+    let now = endpoints(&bed, 0);
+    for ip in ["10.251.0.1", "10.251.0.2"] {
+        assert!(now[ip].0.starts_with("refused: "), "{ip}: {now:?}");
+    }
+    let log = agent.log();
+    assert!(
+        log.contains("document refused on its own") && log.contains(&spiffe("tenant", a)),
+        "{log}"
+    );
+    // Policy still applies beside them.
+    let from_web =
+        "  selector:\n    serviceAccount: cart\n  rules:\n  - from:\n    - namespace: web\n";
+    cluster
+        .apply_yaml(&policy_yaml("shop", "cart", from_web))
+        .unwrap();
+    wait_probe(&bed, ROBOT, CART, "connected");
+
+    // A valid policy whose entries (2 sources x 200 ports) overflow the
+    // budget: refused alone, with the reason in its status.
+    let ports: String = (1..=200)
+        .map(|p| format!("    - port: {}\n", 20000 + p))
+        .collect();
+    cluster
+        .apply_yaml(&policy_yaml(
+            "tenant",
+            "flood",
+            &format!("  selector:\n    serviceAccount: fine\n  rules:\n  - from:\n    - namespace: web\n    ports:\n{ports}"),
+        ))
+        .unwrap();
+    let started = Instant::now();
+    let refused = loop {
+        let c = cluster
+            .wait_accepted("MeshPolicy", "tenant", "flood", CONVERGE)
+            .unwrap();
+        if c["status"] == "False" {
+            break c;
+        }
+        assert!(started.elapsed() < CONVERGE, "flood still {c}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(refused["reason"], "PolicyBudgetExceeded", "{refused}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("budget of 100"),
+        "{refused}"
+    );
+    // ...and every later change still converges.
+    cluster
+        .apply_yaml(&policy_yaml("shop", "cart", CART_ALLOW_FRONTEND))
+        .unwrap();
+    wait_probe(&bed, ROBOT, CART, "eperm");
+    assert_eq!(probe(&bed, FRONTEND, CART), "connected");
+    let cart = cluster
+        .wait_accepted("MeshPolicy", "shop", "cart", CONVERGE)
+        .unwrap();
+    assert_eq!(cart["status"], "True", "{cart}");
+    assert!(
+        !agent.log().contains("cluster state refused"),
+        "{}",
+        agent.log()
+    );
+    assert_rbac(&cluster);
+}
+
 /// The cluster of the policy tests: cart (shop/cart) in pod 0, frontend
 /// (web/frontend) in pod 1, robot (web/robot) in pod 2; robot's pod ref.
 fn cart_frontend_robot(bed: &TestBed) -> (Cluster, PodRef) {

@@ -1528,12 +1528,16 @@ fn inspect_shows_endpoints_identities_and_policy() {
 }
 
 #[test]
-fn a_configuration_that_would_overflow_a_map_is_refused_and_nothing_changes() {
+fn a_policy_that_would_overflow_the_map_is_refused_alone_and_what_it_selects_fails_closed() {
     let (bed, _servers) = bed_with("overflow", 1, &TRIO);
-    let agent = Agent::start_node(&bed, 0, &["--max-policy", "16"]).unwrap();
-    let to = target(&bed, 2, 8080, false, false);
-    assert_eq!(probe_one(&bed, 1, &to), "connected");
-    // An entry per source identity, port and protocol: far more than 16.
+    // Room for 20 entries (half the map): the three workloads need 12.
+    let agent = Agent::start_node(&bed, 0, &["--max-policy", "40"]).unwrap();
+    let to_cart = target(&bed, 2, 8080, false, false);
+    let to_frontend = target(&bed, 0, 8080, false, false);
+    assert_eq!(probe_one(&bed, 1, &to_cart), "connected");
+    assert_eq!(probe_one(&bed, 1, &to_frontend), "connected");
+
+    // An entry per source identity and port: 30 for cart alone.
     let ports: String = (1..=10)
         .map(|p| format!("    - port: {}\n", 1000 + p))
         .collect();
@@ -1542,15 +1546,49 @@ fn a_configuration_that_would_overflow_a_map_is_refused_and_nothing_changes() {
         &policy("shop", "big", &format!("  selector:\n    serviceAccount: cart\n  rules:\n  - from:\n    - namespace: shop\n    ports:\n{ports}")),
     )
     .unwrap();
-    agent.wait_log("configuration refused", 1, T).unwrap();
+    agent.wait_log("document refused on its own", 1, T).unwrap();
+    let log = agent.log();
+    let refusal = log
+        .lines()
+        .find(|l| l.contains("document refused on its own"))
+        .unwrap();
     assert!(
-        agent.log().contains("map POLICY would need"),
+        refusal.contains("big.yaml") && refusal.contains("shop/big") && refusal.contains("budget"),
+        "{refusal}"
+    );
+    // Refusing a policy never opens what it would deny: what it selects
+    // accepts nothing until it fits.
+    assert_eq!(probe_one(&bed, 1, &to_cart), "eperm");
+
+    // The rest of the configuration still converges: a DENY for frontend.
+    bed.write_config(
+        "deny.yaml",
+        &policy("shop", "deny", "  selector:\n    serviceAccount: frontend\n  action: DENY\n  rules:\n  - from:\n    - identity: spiffe://cluster.local/ns/shop/sa/robot\n"),
+    )
+    .unwrap();
+    let started = Instant::now();
+    while probe_one(&bed, 1, &to_frontend) != "eperm" {
+        assert!(
+            started.elapsed() < T,
+            "the DENY beside a refused policy was not applied: {}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(probe_one(&bed, 1, &to_cart), "eperm");
+
+    // Gone: cart is as it was.
+    bed.remove_config("big.yaml").unwrap();
+    agent
+        .wait_log("no document is refused any more", 1, T)
+        .unwrap();
+    assert_eq!(probe_one(&bed, 1, &to_cart), "connected");
+    assert_eq!(probe_one(&bed, 1, &to_frontend), "eperm");
+    assert!(
+        !agent.log().contains("configuration refused"),
         "{}",
         agent.log()
     );
-    assert!(agent.log().contains("--max-policy"), "{}", agent.log());
-    // Still the old state: nothing denied.
-    assert_eq!(probe_one(&bed, 1, &to), "connected");
 }
 
 #[test]

@@ -47,7 +47,7 @@ pub use {
     service::{CaClient, CaServer, NodeCredentials},
     spiffe::{identity_from_sni, sni_for},
     store::{Svid, SvidStore},
-    verify::{TrustBundle, peer_identity},
+    verify::{TrustBundle, peer_identity, require_peer},
 };
 
 /// The crypto provider of every TLS configuration and signature check of

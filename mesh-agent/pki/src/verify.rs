@@ -168,6 +168,18 @@ pub fn peer_identity(conn: &rustls::CommonState) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// Client side, after the handshake: the server's certificate names
+/// exactly `expected`. The server name only carries the identity's 64-bit
+/// number, which two identities can share (names a tenant searched for), so
+/// the verifier's check of the number alone does not tell them apart.
+pub fn require_peer(conn: &rustls::CommonState, expected: &str) -> Result<(), String> {
+    match peer_identity(conn) {
+        Some(seen) if seen == expected => Ok(()),
+        Some(seen) => Err(format!("the server is {seen}, not {expected}")),
+        None => Err(format!("the server has no identity, not {expected}")),
+    }
+}
+
 type Predicate = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
 /// Server side: requires a client certificate that is an SVID of the trust
@@ -487,6 +499,32 @@ mod tests {
         .unwrap();
         assert_eq!(server_saw.as_deref(), Some(id("frontend").as_str()));
         assert_eq!(client_saw.as_deref(), Some(id("cart").as_str()));
+    }
+
+    #[tokio::test]
+    async fn an_identity_with_the_same_number_passes_the_name_check_but_not_require_peer() {
+        // Two service accounts whose SPIFFE IDs share their 64-bit number
+        // (mesh-policy's compile tests say how they were found).
+        let a = "spiffe://cluster.local/ns/tenant/sa/a52576057c1c155d1";
+        let b = "spiffe://cluster.local/ns/tenant/sa/a8a5c8c3a9c28ee2d";
+        assert_eq!(numeric_identity(a), numeric_identity(b));
+        let ca = TestCa::root(TD);
+        let server = ca.store(TD, &[a]);
+        let client = ca.store(TD, &[&id("frontend")]);
+        let connector =
+            tokio_rustls::TlsConnector::from(client.client_config(&id("frontend")).unwrap());
+        let acceptor = tokio_rustls::TlsAcceptor::from(server.server_config());
+        let (x, y) = tokio::io::duplex(64 * 1024);
+        // Asking for b, the client gets a's certificate, and the handshake
+        // passes: the name carries only the number.
+        let (s, c) = tokio::join!(acceptor.accept(x), connector.connect(sni(b), y));
+        let (_s, c) = (s.unwrap(), c.unwrap());
+        let conn = c.get_ref().1;
+        assert_eq!(
+            require_peer(conn, b).unwrap_err(),
+            format!("the server is {a}, not {b}")
+        );
+        require_peer(conn, a).unwrap();
     }
 
     #[tokio::test]

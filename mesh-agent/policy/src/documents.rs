@@ -112,6 +112,10 @@ pub struct Origin {
     pub file: String,
     /// 1-based index of the document within the file.
     pub document: usize,
+    /// When the document last changed, as the API server recorded it
+    /// (Kubernetes mode; Unix seconds). Of the documents that do not fit
+    /// the maps together, the most recently changed are refused.
+    pub changed: Option<i64>,
 }
 
 impl fmt::Display for Origin {
@@ -730,6 +734,7 @@ fn parse_document(
     let origin = Origin {
         file: file.to_owned(),
         document: index,
+        changed: None,
     };
     let serde_error = |e: serde_path_to_error::Error<serde_yaml::Error>| {
         let path = e.path().to_string();
@@ -1147,7 +1152,8 @@ spec:
             w.origin,
             Origin {
                 file: "x.yaml".into(),
-                document: 1
+                document: 1,
+                changed: None,
             }
         );
         let p = &docs.policies[0];

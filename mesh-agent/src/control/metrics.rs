@@ -7,6 +7,7 @@ use prometheus_client::{
     metrics::{
         counter::Counter,
         family::Family,
+        gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
     registry::{Registry, Unit},
@@ -34,6 +35,7 @@ struct FailureLabels {
 pub struct ReconcileMetrics {
     durations: Family<ModeLabels, Histogram, Buckets>,
     failures: Family<FailureLabels, Counter>,
+    refused: Gauge,
 }
 
 impl Default for ReconcileMetrics {
@@ -45,6 +47,7 @@ impl Default for ReconcileMetrics {
                 Histogram::new(exponential_buckets(0.001, 2.0, 15))
             }),
             failures: Family::default(),
+            refused: Gauge::default(),
         }
     }
 }
@@ -67,7 +70,18 @@ impl ReconcileMetrics {
              mode and reason (invalid_config, capacity, map_update, maps, state_file)",
             metrics.failures.clone(),
         );
+        registry.register(
+            "refused_documents",
+            "Documents left out of the applied state on their own (an identity number two \
+             identities share, a policy over the policy budget) while the rest applied",
+            metrics.refused.clone(),
+        );
         metrics
+    }
+
+    /// How many documents the last applied change left out.
+    pub fn refused(&self, count: usize) {
+        self.refused.set(count as i64);
     }
 
     /// `mode`: `standalone` or `kubernetes`.

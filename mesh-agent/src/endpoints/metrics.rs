@@ -406,7 +406,8 @@ mod tests {
             samples,
             [
                 "mesh_scrape_renders_total 1",
-                "mesh_flow_verdict_series_evicted_total 0"
+                "mesh_flow_verdict_series_evicted_total 0",
+                "mesh_reconcile_refused_documents 0"
             ],
             "{text}"
         );

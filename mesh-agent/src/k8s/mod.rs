@@ -153,7 +153,7 @@ pub async fn follow_cluster(
     ));
 
     let mut cluster = Cluster::new(
-        config.mesh.clone(),
+        control.settings().clone(),
         k.enforce_pod_cidrs,
         [policies, peer_authentications, traffic_splits],
     );
@@ -316,6 +316,9 @@ struct Cluster {
     enforce_pod_cidrs: bool,
     /// Pod addresses outside their node's podCIDRs, as last compiled.
     refused_pod_ips: BTreeSet<(String, IpAddr)>,
+    /// Valid policies the last compile left out (over the policy budget):
+    /// `namespace/name` → why.
+    refused_policies: BTreeMap<String, String>,
     policies: Mirror<DocumentEntry>,
     peer_authentications: Mirror<DocumentEntry>,
     traffic_splits: Mirror<DocumentEntry>,
@@ -352,6 +355,7 @@ impl Cluster {
             nodes: Mirror::default(),
             enforce_pod_cidrs,
             refused_pod_ips: BTreeSet::new(),
+            refused_policies: BTreeMap::new(),
             policies: Mirror::default(),
             peer_authentications: Mirror::default(),
             traffic_splits: Mirror::default(),
@@ -518,6 +522,7 @@ impl Cluster {
         docs.policies = policies.policies;
         docs.peer_authentications = peer_auths.peer_authentications;
         let compiled = policy::compile(&docs, &self.settings)?;
+        self.refused_policies = translate::refused_policies(&compiled.refused);
         let (cookies, gone) = control::resolve_netns_available(&compiled);
         if !gone.is_empty() {
             // The process found has exited: look again next time.
@@ -576,12 +581,22 @@ impl Cluster {
         kinds
             .into_iter()
             .flat_map(|(resource, mirror, statuses)| {
-                mirror.objects().values().map(|e| status::Wanted {
+                mirror.objects().values().map(move |e| status::Wanted {
                     resource: resource.clone(),
                     namespace: e.namespace.clone(),
                     name: e.name.clone(),
                     generation: e.generation,
-                    verdict: e.parsed.as_ref().map(|_| ()).map_err(Clone::clone),
+                    verdict: match &e.parsed {
+                        Err(why) => Err((status::INVALID, why.clone())),
+                        Ok(_) if resource == &self.policy_resource => {
+                            let key = translate::object_key(Some(&e.namespace), &e.name);
+                            match self.refused_policies.get(&key) {
+                                Some(why) => Err((status::OVER_BUDGET, why.clone())),
+                                None => Ok(()),
+                            }
+                        }
+                        Ok(_) => Ok(()),
+                    },
                     current: statuses
                         .objects()
                         .get(&translate::object_key(Some(&e.namespace), &e.name))

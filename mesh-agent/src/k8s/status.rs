@@ -21,6 +21,11 @@ use super::translate::ACCEPTED;
 use mesh_policy::Condition;
 
 pub const LEASE_NAME: &str = "mesh-agent-status";
+/// The reason of a document that does not parse or validate.
+pub const INVALID: &str = "Invalid";
+/// The reason of a valid policy that the cluster's policy budget has no
+/// room for (the most recently changed ones are left out).
+pub const OVER_BUDGET: &str = "PolicyBudgetExceeded";
 const LEASE_DURATION: Duration = Duration::from_secs(15);
 const RENEW_EVERY: Duration = Duration::from_secs(5);
 
@@ -31,8 +36,9 @@ pub struct Wanted {
     pub namespace: String,
     pub name: String,
     pub generation: i64,
-    /// `Err`: why it is invalid.
-    pub verdict: Result<(), String>,
+    /// `Err`: the condition's reason ([`INVALID`] or [`OVER_BUDGET`]) and
+    /// message.
+    pub verdict: Result<(), (&'static str, String)>,
     /// What its status says now.
     pub current: Option<Condition>,
 }
@@ -42,7 +48,7 @@ impl Wanted {
     fn condition(&self, now: &str) -> Option<Condition> {
         let (status, reason, message) = match &self.verdict {
             Ok(()) => ("True", "Accepted", String::new()),
-            Err(why) => ("False", "Invalid", why.clone()),
+            Err((reason, why)) => ("False", *reason, why.clone()),
         };
         let current = self.current.as_ref();
         if let Some(c) = current
@@ -187,7 +193,7 @@ async fn hold_lease(leases: &Api<Lease>, holder: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn wanted(verdict: Result<(), String>, current: Option<Condition>) -> Wanted {
+    fn wanted(verdict: Result<(), (&'static str, String)>, current: Option<Condition>) -> Wanted {
         Wanted {
             resource: ApiResource::erase::<mesh_policy::MeshPolicyResource>(&()),
             namespace: "shop".into(),
@@ -214,7 +220,7 @@ mod tests {
         let again = wanted(Ok(()), Some(older)).condition(now).unwrap();
         assert_eq!(again.last_transition_time, "2026-11-01T00:00:00Z");
         // Invalid: False/Invalid with the reason, new transition time.
-        let bad = wanted(Err("spec.rules[0]: bad".into()), Some(c))
+        let bad = wanted(Err((INVALID, "spec.rules[0]: bad".into())), Some(c))
             .condition(now)
             .unwrap();
         assert_eq!(bad.status, "False");

@@ -229,10 +229,16 @@ pub fn document_entry(object: &DynamicObject, settings: &MeshSettings) -> Option
         .and_then(|value| {
             let mut docs =
                 mesh_policy::parse_value(ORIGIN, value).map_err(|e| status_message(&e))?;
+            for p in &mut docs.policies {
+                p.origin.changed = last_changed(meta);
+            }
             // Compiled as in a cluster (a TrafficSplit's Services resolve
             // against the cluster, not this object alone).
             docs.endpoint_slices = Some(Vec::new());
-            mesh_policy::compile(&docs, settings).map_err(|e| status_message(&e))?;
+            let compiled = mesh_policy::compile(&docs, settings).map_err(|e| status_message(&e))?;
+            if let Some(refused) = compiled.refused.first() {
+                return Err(status_message(refused));
+            }
             docs.endpoint_slices = None;
             Ok(docs)
         });
@@ -242,6 +248,31 @@ pub fn document_entry(object: &DynamicObject, settings: &MeshSettings) -> Option
         generation: meta.generation.unwrap_or(0),
         parsed,
     })
+}
+
+/// The MeshPolicies a compile of the cluster left out: `namespace/name` →
+/// the message their status gives.
+pub fn refused_policies(refused: &[ConfigError]) -> BTreeMap<String, String> {
+    refused
+        .iter()
+        .filter(|e| e.kind.as_deref() == Some(mesh_policy::KIND_MESH_POLICY))
+        .filter_map(|e| Some((e.name.clone()?, status_message(e))))
+        .collect()
+}
+
+/// When an object's spec or metadata last changed, in Unix seconds: the
+/// latest write the API server recorded in `managedFields`, status writes
+/// aside, or its creation.
+fn last_changed(meta: &kube::api::ObjectMeta) -> Option<i64> {
+    let written = meta
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|f| f.subresource.as_deref().unwrap_or_default().is_empty())
+        .filter_map(|f| f.time.as_ref())
+        .map(|t| t.0.as_second())
+        .max();
+    written.or_else(|| meta.creation_timestamp.as_ref().map(|t| t.0.as_second()))
 }
 
 /// The `Accepted` condition in a document's status now, if any.
@@ -314,6 +345,7 @@ pub fn cluster_documents(
     let origin = Origin {
         file: ORIGIN.into(),
         document: 1,
+        changed: None,
     };
     let mut docs = Documents::default();
     let mut refused_now = BTreeSet::new();

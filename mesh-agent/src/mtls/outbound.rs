@@ -21,7 +21,7 @@ use crate::{
         pool::{Pool, PoolError},
     },
 };
-use mesh_pki::{SvidStore, sni_for};
+use mesh_pki::{SvidStore, require_peer, sni_for};
 
 /// One pooled HTTP/2 connection per (source identity, destination
 /// identity, peer agent): the client certificate is the source's and the
@@ -109,15 +109,21 @@ impl Outbound {
         };
         let server_name = sni_for(peer.identity);
         let metrics = self.metrics.clone();
+        let expected = Arc::new(peer.spiffe_id.clone());
         let connect = move || {
             let config = config.clone();
             let server_name = server_name.clone();
             let metrics = metrics.clone();
+            let expected = expected.clone();
             async move {
                 let tcp = connect_marked(peer_addr).await?;
                 let tls = tokio_rustls::TlsConnector::from(config)
                     .connect(server_name, tcp)
-                    .await;
+                    .await
+                    .and_then(|tls| {
+                        require_peer(tls.get_ref().1, &expected).map_err(io::Error::other)?;
+                        Ok(tls)
+                    });
                 metrics.handshake(Direction::Outbound, tls.is_ok());
                 tls
             }
