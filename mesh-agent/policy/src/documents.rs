@@ -912,10 +912,46 @@ fn validate_workload(w: &Workload) -> Result<(), FieldError> {
     validate_workload_ports(w.spec.ports.as_deref().unwrap_or_default())
 }
 
+/// Limits of one MeshPolicy, far above what people write by hand (the
+/// policy benchmark's generated rule has 1,000 sources and 100 ports):
+/// they bound what one object costs to parse and compile. What the
+/// compiled entries of all policies may fill is the policy budget's
+/// business.
+pub const MAX_RULES: usize = 1_024;
+pub const MAX_FROM: usize = 4_096;
+pub const MAX_PORTS: usize = 1_024;
+pub const MAX_MATCH_LABELS: usize = 64;
+
+fn at_most<T>(field: String, items: &[T], max: usize, what: &str) -> Result<(), FieldError> {
+    if items.len() > max {
+        return Err((
+            field,
+            format!(
+                "{} {what}, more than the {max} one policy may have",
+                items.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn validate_policy(p: &MeshPolicy) -> Result<(), FieldError> {
     validate_meta(&p.metadata)?;
     validate_selector(&p.spec.selector)?;
+    at_most("spec.rules".into(), &p.spec.rules, MAX_RULES, "rules")?;
     for (i, rule) in p.spec.rules.iter().enumerate() {
+        at_most(
+            format!("spec.rules[{i}].from"),
+            &rule.from,
+            MAX_FROM,
+            "sources",
+        )?;
+        at_most(
+            format!("spec.rules[{i}].ports"),
+            &rule.ports,
+            MAX_PORTS,
+            "ports",
+        )?;
         for (j, from) in rule.from.iter().enumerate() {
             let field = format!("spec.rules[{i}].from[{j}]");
             match (&from.identity, &from.namespace) {
@@ -946,6 +982,15 @@ fn validate_selector(selector: &Option<Selector>) -> Result<(), FieldError> {
             check_label("spec.selector.serviceAccount", sa)?;
         }
         check_labels("spec.selector.matchLabels", &selector.match_labels)?;
+        if selector.match_labels.len() > MAX_MATCH_LABELS {
+            return Err((
+                "spec.selector.matchLabels".into(),
+                format!(
+                    "{} labels, more than the {MAX_MATCH_LABELS} a selector may have",
+                    selector.match_labels.len()
+                ),
+            ));
+        }
     }
     Ok(())
 }
@@ -1209,6 +1254,52 @@ spec:
         assert!(e.contains("spec.rules[0].ports[0].port"), "{e}");
         let e = err(&policy("  rules: [{ports: [{port: http}]}]"));
         assert!(e.contains("spec.rules[0].ports[0].port: "), "{e}");
+    }
+
+    #[test]
+    fn a_policy_over_the_per_object_limits_is_refused_with_the_field() {
+        let list = |n: usize, item: &dyn Fn(usize) -> String| {
+            (0..n).map(item).collect::<Vec<_>>().join(", ")
+        };
+        let ports = |n| list(n, &|i| format!("{{port: {}}}", 1 + i));
+        let from = |n| list(n, &|i| format!("{{namespace: n{i}}}"));
+        let cases = [
+            (
+                format!("  rules: [{}]", list(MAX_RULES + 1, &|_| "{}".into())),
+                "spec.rules",
+                "1025 rules, more than the 1024",
+            ),
+            (
+                format!("  rules: [{{}}, {{from: [{}]}}]", from(MAX_FROM + 1)),
+                "spec.rules[1].from",
+                "4097 sources",
+            ),
+            (
+                format!("  rules: [{{ports: [{}]}}]", ports(MAX_PORTS + 1)),
+                "spec.rules[0].ports",
+                "1025 ports",
+            ),
+            (
+                format!(
+                    "  selector: {{matchLabels: {{{}}}}}",
+                    list(MAX_MATCH_LABELS + 1, &|i| format!("k{i}: v"))
+                ),
+                "spec.selector.matchLabels",
+                "65 labels",
+            ),
+        ];
+        for (spec, field, message) in cases {
+            let e = parse_str("big.yaml", &policy(&spec)).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some(field), "{e}");
+            assert!(e.message.contains(message), "{e}");
+        }
+        // At the limits, accepted.
+        let spec = format!(
+            "  rules: [{{from: [{}], ports: [{}]}}]",
+            from(MAX_FROM),
+            ports(MAX_PORTS)
+        );
+        parse_str("big.yaml", &policy(&spec)).unwrap();
     }
 
     #[test]
