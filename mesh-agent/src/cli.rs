@@ -222,6 +222,13 @@ pub struct RunArgs {
     #[arg(long, default_value_t = mesh_common::policy::DEFAULT_MAX_CONNTRACK, env = ENV_MAX_CONNTRACK)]
     pub max_conntrack: u32,
 
+    /// Flow events each source (a workload's address, or a /24 or /64
+    /// outside the mesh) may report per second, in bursts of two seconds'
+    /// worth; past it events are left out and counted, never the verdicts.
+    /// 0: no limit.
+    #[arg(long, default_value_t = 1_000, env = ENV_FLOW_EVENTS_PER_SOURCE)]
+    pub flow_events_per_source: u32,
+
     /// The cluster's Service ranges (kube-apiserver's
     /// --service-cluster-ip-range), comma-separated: a connection to an
     /// address in them that is no Service the mesh knows yet is refused
@@ -398,6 +405,7 @@ impl RunArgs {
                 max_endpoints: args.max_endpoints,
                 max_policy: args.max_policy,
                 max_conntrack: args.max_conntrack,
+                flow_events_per_source: args.flow_events_per_source,
                 service_cidrs: args.service_cidr,
             },
             kubernetes: args.kubernetes.then(|| KubernetesConfig {

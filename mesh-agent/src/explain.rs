@@ -451,6 +451,13 @@ pub fn flows(state_dir: &Path, args: FlowsQuery) -> anyhow::Result<()> {
                     record.proto,
                     record.reason
                 )?;
+                if record.suppressed > 0 {
+                    writeln!(
+                        out,
+                        "        (and {} earlier events of this source left out, {} denials: over --flow-events-per-source)",
+                        record.suppressed, record.suppressed_denied
+                    )?;
+                }
             }
         }
         out.flush()?;

@@ -24,6 +24,7 @@ pub const ENV_ESTABLISHED: &str = "MESH_ESTABLISHED";
 pub const ENV_MAX_ENDPOINTS: &str = "MESH_MAX_ENDPOINTS";
 pub const ENV_MAX_POLICY: &str = "MESH_MAX_POLICY";
 pub const ENV_MAX_CONNTRACK: &str = "MESH_MAX_CONNTRACK";
+pub const ENV_FLOW_EVENTS_PER_SOURCE: &str = "MESH_FLOW_EVENTS_PER_SOURCE";
 pub const ENV_SERVICE_CIDR: &str = "MESH_SERVICE_CIDR";
 pub const ENV_POD_CIDRS: &str = "MESH_POD_CIDRS";
 pub const ENV_CA_DIR: &str = "MESH_CA_DIR";

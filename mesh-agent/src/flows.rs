@@ -73,6 +73,17 @@ pub struct FlowRecord {
     /// is known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
+    /// Events of the same source the kernel left out since its last
+    /// reported one (over `--flow-events-per-source`), and how many of
+    /// those were denials. Their verdicts were applied all the same.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub suppressed: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub suppressed_denied: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// The Service whose address `key` is: `namespace/name` when `names` knows
@@ -119,6 +130,8 @@ impl FlowRecord {
                     &ServiceKey::new(ev.service_ip, ev.service_port, ev.proto),
                 )
             }),
+            suppressed: ev.suppressed,
+            suppressed_denied: ev.suppressed_denied,
         }
     }
 }
@@ -224,6 +237,8 @@ impl FlowHub {
             },
             mtls: flow.mtls,
             service: None,
+            suppressed: 0,
+            suppressed_denied: 0,
         };
         drop(names);
         self.publish(record);

@@ -44,6 +44,9 @@ pub mod map_names {
     pub const UDP_PEERS: &str = "UDP_PEERS";
     /// Ring buffer of [`crate::policy::FlowEvent`]s.
     pub const FLOWS: &str = "FLOWS";
+    /// [`crate::policy::FlowSourceKey`] → [`crate::policy::FlowBudget`]
+    /// (LRU): each source's flow-event rate budget.
+    pub const FLOW_SOURCES: &str = "FLOW_SOURCES";
     /// Socket cookie → [`crate::policy::OrigDst`] (LRU): connections the
     /// connect hook steered to the node agent, for `getpeername(2)`.
     pub const REDIRECTS: &str = "REDIRECTS";
@@ -256,10 +259,15 @@ pub enum Counter {
     /// Packets from another node claiming a workload of this node as their
     /// source: forged, dropped.
     SpoofedSource = 16,
+    /// Flow events left out because their source was over its rate
+    /// (`--flow-events-per-source`); the verdicts were still applied.
+    FlowEventsSuppressed = 17,
+    /// Of those, denials.
+    DeniedEventsSuppressed = 18,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 17] = [
+    pub const ALL: [Counter; 19] = [
         Counter::SocketsTracked,
         Counter::SocketsTrackFailed,
         Counter::SocketsClosed,
@@ -277,6 +285,8 @@ impl Counter {
         Counter::ServiceNoBackend,
         Counter::ServiceUnknown,
         Counter::SpoofedSource,
+        Counter::FlowEventsSuppressed,
+        Counter::DeniedEventsSuppressed,
     ];
 
     /// The counter's name in `inspect stats` and metrics.
@@ -299,6 +309,8 @@ impl Counter {
             Counter::ServiceNoBackend => "service_no_backend",
             Counter::ServiceUnknown => "service_unknown",
             Counter::SpoofedSource => "spoofed_source",
+            Counter::FlowEventsSuppressed => "flow_events_suppressed",
+            Counter::DeniedEventsSuppressed => "denied_events_suppressed",
         }
     }
 }
@@ -329,6 +341,9 @@ pub enum Setting {
     /// programs on these pins (0: pins made before versions were recorded,
     /// layout 1). An agent refuses pins of a newer layout than its own.
     LayoutVersion = 4,
+    /// Flow events each source may report per second (0: no limit); past
+    /// it, and its bursts, events are left out and counted.
+    FlowEventsPerSource = 5,
 }
 
 /// Version of the pinned maps' layout (key and value formats, map types),
@@ -338,7 +353,10 @@ pub enum Setting {
 ///
 /// - 1: the first layout (unrecorded, read as 0).
 /// - 2: `FlowState` (CONNTRACK values) carries the flow's identities.
-pub const MAP_LAYOUT_VERSION: u32 = 2;
+/// - 3: new maps `OUTBOUND_FLOWS`, `WORKLOAD_INTERFACES` and
+///   `FLOW_SOURCES`; `FlowEvent` carries its source's suppressed counts.
+///   Nothing to migrate: an older agent must only not reuse these pins.
+pub const MAP_LAYOUT_VERSION: u32 = 3;
 
 /// `SO_MARK` of the node agent's own sockets (its tunnels and the
 /// connections it makes to local workloads for inbound tunnels): the
@@ -374,6 +392,8 @@ mod pod {
         super::policy::FlowKey,
         super::policy::FlowState,
         super::policy::FlowEvent,
+        super::policy::FlowSourceKey,
+        super::policy::FlowBudget,
         super::policy::UdpPeerKey,
         super::policy::OrigDst,
         super::policy::TunnelKey,

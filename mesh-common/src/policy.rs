@@ -443,7 +443,100 @@ pub struct FlowEvent {
     /// Host byte order; 0 when no Service was dialled.
     pub service_port: u16,
     pub _pad2: [u16; 3],
+    /// Events of the same source left out since its last reported one
+    /// ([`FlowBudget`]), and how many of those were denials.
+    pub suppressed: u32,
+    pub suppressed_denied: u32,
 }
+
+/// Key of `FLOW_SOURCES`: whose flow events share one rate budget. A mesh
+/// source is its identity and address (at connect the address is not
+/// known yet: the identity alone); a source outside the mesh is its /24
+/// (IPv4) or /64 (IPv6), so that spreading over neighbouring addresses
+/// buys no more events.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowSourceKey {
+    pub identity: u64,
+    pub ip: [u32; 4],
+}
+
+impl FlowSourceKey {
+    #[inline(always)]
+    pub fn of(identity: u64, ip: &[u32; 4]) -> Self {
+        if identity != WORLD_IDENTITY {
+            return Self { identity, ip: *ip };
+        }
+        // Network byte order: an IPv4-mapped address keeps its first three
+        // bytes, an IPv6 address its first eight.
+        let v4_mapped = ip[0] == 0 && ip[1] == 0 && ip[2] == u32::to_be(0xffff);
+        let ip = if v4_mapped {
+            [0, 0, ip[2], ip[3] & u32::to_be(0xffff_ff00)]
+        } else {
+            [ip[0], ip[1], 0, 0]
+        };
+        Self { identity, ip }
+    }
+}
+
+/// Value of `FLOW_SOURCES`: one source's flow-event budget, a generic cell
+/// rate algorithm (a token bucket in one number).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowBudget {
+    /// When the source's budget is whole again (CLOCK_MONOTONIC ns).
+    pub full_at_ns: u64,
+    /// Events left out since the last reported one, and the denials of them.
+    pub suppressed: u32,
+    pub suppressed_denied: u32,
+}
+
+/// How far ahead of now a source may spend: bursts of two seconds' worth
+/// of its rate.
+pub const FLOW_BURST_NS: u64 = 2_000_000_000;
+
+impl FlowBudget {
+    /// One event of a source whose budget is `self` (`None`: not seen yet),
+    /// at `now`, with `interval` ns per event: the budget after it, and
+    /// `Some((suppressed, suppressed_denied))` when the event is reported,
+    /// carrying what was left out before it. A left-out denial is still
+    /// counted, here and in the kernel's counters.
+    #[inline(always)]
+    pub fn spend(
+        budget: Option<FlowBudget>,
+        now: u64,
+        interval: u64,
+        denied: bool,
+    ) -> (FlowBudget, Option<(u32, u32)>) {
+        let mut b = budget.unwrap_or_default();
+        let start = if b.full_at_ns > now {
+            b.full_at_ns
+        } else {
+            now
+        };
+        let next = start + interval;
+        if next > now + FLOW_BURST_NS {
+            b.suppressed = b.suppressed.saturating_add(1);
+            if denied {
+                b.suppressed_denied = b.suppressed_denied.saturating_add(1);
+            }
+            return (b, None);
+        }
+        let carried = (b.suppressed, b.suppressed_denied);
+        (
+            FlowBudget {
+                full_at_ns: next,
+                suppressed: 0,
+                suppressed_denied: 0,
+            },
+            Some(carried),
+        )
+    }
+}
+
+/// Capacity of `FLOW_SOURCES`: sources whose flow-event budgets are
+/// remembered (LRU: a forgotten source starts with a whole burst).
+pub const MAX_FLOW_SOURCES: u32 = 16_384;
 
 /// Capacity of `FLOWS` in bytes (a power of two, as the kernel requires).
 pub const FLOWS_RING_BYTES: u32 = 1 << 20;
@@ -479,7 +572,10 @@ mod tests {
         assert_eq!(size_of::<FlowState>(), 32);
         assert_eq!(size_of::<UdpPeerKey>(), 32);
         assert_eq!(offset_of!(UdpPeerKey, local_port), 24);
-        assert_eq!(size_of::<FlowEvent>(), 96);
+        assert_eq!(size_of::<FlowEvent>(), 104);
+        assert_eq!(offset_of!(FlowEvent, suppressed), 96);
+        assert_eq!(size_of::<FlowSourceKey>(), 24);
+        assert_eq!(size_of::<FlowBudget>(), 16);
         assert_eq!(offset_of!(FlowEvent, service_ip), 72);
         assert_eq!(offset_of!(FlowEvent, service_port), 88);
         assert_eq!(size_of::<OrigDst>(), 40);
@@ -491,6 +587,66 @@ mod tests {
         assert_eq!(offset_of!(FlowEvent, src_port), 56);
         assert_eq!(offset_of!(FlowEvent, hook), 61);
         assert_eq!(offset_of!(FlowEvent, verdict), 64);
+    }
+
+    #[test]
+    fn a_source_gets_its_rate_with_bursts_and_what_it_loses_is_counted() {
+        const MS: u64 = 1_000_000;
+        // 1,000 events a second: 1 ms each, bursts of 2,000.
+        let mut budget = None;
+        let mut reported = 0;
+        // 10,000 events in the same instant (5,000 of them denials): a
+        // burst's worth is reported, the rest left out and counted.
+        for i in 0..10_000 {
+            let (b, out) = FlowBudget::spend(budget, 1_000 * MS, MS, i % 2 == 0);
+            budget = Some(b);
+            if out.is_some() {
+                reported += 1;
+            }
+        }
+        assert_eq!(reported, 2_000);
+        assert_eq!(budget.unwrap().suppressed, 8_000);
+        assert_eq!(budget.unwrap().suppressed_denied, 4_000);
+        // 1 ms later the budget has one event again: it is reported and
+        // carries the count of those left out; the next is left out.
+        let (b, out) = FlowBudget::spend(budget, 1_001 * MS, MS, false);
+        assert_eq!(out, Some((8_000, 4_000)));
+        assert_eq!((b.suppressed, b.suppressed_denied), (0, 0));
+        let (b, out) = FlowBudget::spend(Some(b), 1_001 * MS, MS, true);
+        assert_eq!(out, None);
+        assert_eq!((b.suppressed, b.suppressed_denied), (1, 1));
+        let full_at = b.full_at_ns;
+        // A quiet source gets its whole burst back, never more.
+        let (b, _) = FlowBudget::spend(Some(b), full_at + 3_600_000 * MS, MS, false);
+        assert_eq!(b.full_at_ns, full_at + 3_600_000 * MS + MS);
+    }
+
+    #[test]
+    fn sources_outside_the_mesh_share_a_budget_per_24_or_64() {
+        // Addresses as the maps hold them: network byte order in memory.
+        let words = |b: [u8; 16]| {
+            let w = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+            [w(0), w(4), w(8), w(12)]
+        };
+        let v4 = |a: u8, b: u8, c: u8, d: u8| {
+            words(
+                core::net::Ipv4Addr::new(a, b, c, d)
+                    .to_ipv6_mapped()
+                    .octets(),
+            )
+        };
+        let world = |ip| FlowSourceKey::of(WORLD_IDENTITY, &ip);
+        assert_eq!(world(v4(192, 0, 2, 1)), world(v4(192, 0, 2, 254)));
+        assert_ne!(world(v4(192, 0, 2, 1)), world(v4(192, 0, 3, 1)));
+        let v6 = |s: &str| words(s.parse::<core::net::Ipv6Addr>().unwrap().octets());
+        assert_eq!(
+            world(v6("2001:db8:1:2::1")),
+            world(v6("2001:db8:1:2:ffff::9"))
+        );
+        assert_ne!(world(v6("2001:db8:1:2::1")), world(v6("2001:db8:1:3::1")));
+        // A mesh source keeps its whole address.
+        let mesh = |ip| FlowSourceKey::of(77, &ip);
+        assert_ne!(mesh(v4(192, 0, 2, 1)), mesh(v4(192, 0, 2, 2)));
     }
 
     fn table(entries: &[(PolicyKey, Verdict)]) -> impl Fn(&PolicyKey) -> Option<Verdict> + '_ {

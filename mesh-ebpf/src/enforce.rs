@@ -20,17 +20,21 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext},
 };
 use mesh_common::{
-    Counter, is_unattributable,
+    Counter, Setting, is_unattributable,
     policy::{
-        Action, ConnectionPath, Endpoint, FlowEvent, Hook, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
-        PROTO_UDP, UdpPeerKey, Verdict, WORLD_IDENTITY, connection_path, decide_for,
+        Action, ConnectionPath, Endpoint, FlowBudget, FlowEvent, FlowSourceKey, Hook, PROTO_ICMP,
+        PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, UdpPeerKey, Verdict, WORLD_IDENTITY, connection_path,
+        decide_for,
     },
     service::SockAddr,
 };
 
 use crate::{
     attempt::Attempt,
-    maps::{FLOWS, UDP_PEERS, count, endpoint, identity_of_caller, lookup, policy_entry},
+    maps::{
+        FLOW_SOURCES, FLOWS, UDP_PEERS, count, endpoint, identity_of_caller, lookup, policy_entry,
+        setting,
+    },
     service::{self, Destination},
     sock_addr::{self, Family},
     tunnel::{agent_listener, is_agent_socket, remember_redirect, tunnel_port},
@@ -67,15 +71,27 @@ pub(crate) fn judge(a: &Attempt, dst: &Endpoint, plaintext: bool) -> Verdict {
     verdict
 }
 
+/// Reports a verdict as a flow event, within its source's rate: past it,
+/// the event is left out and counted (a denial too: it was still applied),
+/// and the source's next reported event carries the counts.
 #[inline(always)]
 pub(crate) fn report(a: &Attempt, dst_identity: u64, verdict: Verdict) {
+    // SAFETY: reads the clock.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let denied = verdict.action() == Action::Deny;
+    let Some((suppressed, suppressed_denied)) = within_rate(a, now, denied) else {
+        count(Counter::FlowEventsSuppressed, 1);
+        if denied {
+            count(Counter::DeniedEventsSuppressed, 1);
+        }
+        return;
+    };
     let Some(mut entry) = FLOWS.reserve::<FlowEvent>(0) else {
         count(Counter::FlowEventsLost, 1);
         return;
     };
     entry.write(FlowEvent {
-        // SAFETY: reads the clock.
-        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        timestamp_ns: now,
         src_identity: a.src_identity,
         dst_identity,
         src_ip: a.src_ip,
@@ -89,8 +105,26 @@ pub(crate) fn report(a: &Attempt, dst_identity: u64, verdict: Verdict) {
         service_ip: a.service.ip,
         service_port: a.service.port,
         _pad2: [0; 3],
+        suppressed,
+        suppressed_denied,
     });
     entry.submit(0);
+}
+
+/// `FlowBudget::spend` for `a`'s source; `None` when its event is left
+/// out. Two CPUs spending one budget at once may both pass: the rate is a
+/// bound on the ring's load, not an exact count.
+#[inline(always)]
+fn within_rate(a: &Attempt, now: u64, denied: bool) -> Option<(u32, u32)> {
+    let rate = setting(Setting::FlowEventsPerSource);
+    if rate == 0 {
+        return Some((0, 0));
+    }
+    let key = FlowSourceKey::of(a.src_identity, &a.src_ip);
+    let interval = 1_000_000_000 / u64::from(rate);
+    let (budget, reported) = FlowBudget::spend(lookup(&FLOW_SOURCES, &key), now, interval, denied);
+    let _ = FLOW_SOURCES.insert(&key, &budget, BPF_ANY as u64);
+    reported
 }
 
 /// The local port the calling socket is bound to (0: not bound yet).

@@ -14,8 +14,9 @@ use mesh_common::{
     SocketInfo, SocketKey,
     policy::{
         DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_LOCAL_NETNS, DEFAULT_MAX_POLICY,
-        DEFAULT_MAX_REDIRECTS, Endpoint, FLOWS_RING_BYTES, FlowKey, FlowState, IpKey, OrigDst,
-        PolicyKey, TunnelKey, UdpPeerKey, Verdict, WORLD_IDENTITY,
+        DEFAULT_MAX_REDIRECTS, Endpoint, FLOWS_RING_BYTES, FlowBudget, FlowKey, FlowSourceKey,
+        FlowState, IpKey, MAX_FLOW_SOURCES, OrigDst, PolicyKey, TunnelKey, UdpPeerKey, Verdict,
+        WORLD_IDENTITY,
     },
     service::{
         Affinity, AffinityKey, BackendKey, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_SERVICE_BACKENDS,
@@ -94,6 +95,10 @@ pub(crate) static SERVICE_RANGES: LpmTrie<[u32; 4], u32> = LpmTrie::pinned(MAX_S
 
 #[map]
 pub(crate) static FLOWS: RingBuf = RingBuf::pinned(FLOWS_RING_BYTES, 0);
+
+#[map]
+pub(crate) static FLOW_SOURCES: LruHashMap<FlowSourceKey, FlowBudget> =
+    LruHashMap::pinned(MAX_FLOW_SOURCES, 0);
 
 /// The hash maps [`lookup`] reads: aya's `HashMap` and `LruHashMap`, whose
 /// `get_ptr` answers a pointer to the value the kernel's lookup found.

@@ -1175,6 +1175,80 @@ fn audit_passes_and_reports_would_deny() {
     assert!(counter(&bed, "policy_audited") >= 1);
 }
 
+#[test]
+fn one_pods_flood_of_denied_connects_cannot_push_other_denials_out_of_the_flow_events() {
+    let (bed, _servers) = bed_with("eventflood", 1, &TRIO);
+    let agent = Agent::start_node(&bed, 0, &["--flow-events-per-source", "100"]).unwrap();
+    let to_cart = target(&bed, 2, 8080, false, false);
+    bed.write_config(
+        "deny.yaml",
+        &policy("shop", "no-one", "  selector:\n    serviceAccount: cart\n  action: DENY\n  rules:\n  - from:\n    - namespace: shop\n"),
+    )
+    .unwrap();
+    agent.wait_log("policy applied", 2, T).unwrap();
+    assert_eq!(probe_one(&bed, 1, &to_cart), "eperm");
+    let denied_before = counter(&bed, "policy_denied");
+
+    // robot retries a denied connect as fast as it can for a second and a
+    // half; frontend is denied once in the middle of it.
+    let flood = bed
+        .workload(1, &["probe", "--targets", &to_cart, "--repeat-ms", "1500"])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(probe_one(&bed, 0, &to_cart), "eperm");
+    let out = flood.wait_output(T).unwrap();
+    let report: Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    let attempts = report["counts"][to_cart.as_str()]["eperm"]
+        .as_u64()
+        .unwrap();
+    assert!(attempts > 2_000, "not a flood: {report}");
+    // Past the budget (2 s): robot's next denial carries what was left out.
+    std::thread::sleep(Duration::from_millis(2_100));
+    assert_eq!(probe_one(&bed, 1, &to_cart), "eperm");
+
+    // Every denial was applied and counted by the kernel.
+    assert_eq!(
+        counter(&bed, "policy_denied") - denied_before,
+        attempts + 2,
+        "robot's flood, frontend's denial, robot's last"
+    );
+    let robot = format!("{TD}/ns/shop/sa/robot");
+    let frontend = format!("{TD}/ns/shop/sa/frontend");
+    let events = flows(&bed, &[]);
+    let from = |who: &str| -> Vec<&Value> {
+        events
+            .iter()
+            .filter(|e| e["src"]["identity"] == who && e["verdict"] == "DENY")
+            .collect()
+    };
+    // frontend's one denial is there, whatever robot did.
+    assert_eq!(from(&frontend).len(), 1, "{:#?}", from(&frontend));
+    // robot's events: its rate (100 a second, bursts of 200) plus the
+    // probe before and the one after, not one per attempt...
+    let reported = from(&robot);
+    assert!(
+        reported.len() < 400,
+        "{} events of robot's {attempts} denials reported",
+        reported.len()
+    );
+    // ...and the ones left out are carried by those reported: none lost
+    // (robot's events: the probe before the flood, the flood, the last).
+    let carried: u64 = reported
+        .iter()
+        .map(|e| e["suppressed"].as_u64().unwrap_or(0))
+        .sum();
+    let carried_denied: u64 = reported
+        .iter()
+        .map(|e| e["suppressed_denied"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(reported.len() as u64 + carried, attempts + 2);
+    assert_eq!(carried_denied, carried);
+    assert_eq!(counter(&bed, "flow_events_suppressed"), carried);
+    assert_eq!(counter(&bed, "denied_events_suppressed"), carried);
+    assert_eq!(counter(&bed, "flow_events_lost"), 0);
+}
+
 fn counter(bed: &TestBed, name: &str) -> u64 {
     agent::counter(&bed.pin_dir(0), name).unwrap()
 }

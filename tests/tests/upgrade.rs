@@ -318,7 +318,10 @@ fn upgrade_from_the_previous_layout_migrates_under_traffic_and_a_downgrade_refus
     // Upgrade node 1 as a DaemonSet does: SIGTERM, then the new version.
     let upgrade = s.replace(1, &current, false);
     let info = map_info(&conntrack);
-    assert_eq!(info["bytes_value"], 32, "conntrack migrated to layout 2");
+    assert_eq!(
+        info["bytes_value"], 32,
+        "conntrack migrated to layout 2 and on"
+    );
     assert_ne!(info["id"], before, "a new map");
     let log = s.agents[1].log();
     assert!(log.contains("map migrated"), "{log}");
@@ -363,10 +366,14 @@ fn upgrade_from_the_previous_layout_migrates_under_traffic_and_a_downgrade_refus
     assert!(log.contains("Refusing to reuse it"), "{log}");
     assert_eq!(map_info(&conntrack)["bytes_value"], 32);
     // So does this version on pins of a newer layout.
-    set_layout_version(&s.bed.pin_dir(1), 3);
+    let ours = mesh_common::MAP_LAYOUT_VERSION as u8;
+    set_layout_version(&s.bed.pin_dir(1), ours + 1);
     let log = refused(&s, 1, &current);
-    assert!(log.contains("newer than this agent's layout 2"), "{log}");
-    set_layout_version(&s.bed.pin_dir(1), 2);
+    assert!(
+        log.contains(&format!("newer than this agent's layout {ours}")),
+        "{log}"
+    );
+    set_layout_version(&s.bed.pin_dir(1), ours);
     s.agents[1] = s.start(1, &current).unwrap();
 
     traffic.finish();

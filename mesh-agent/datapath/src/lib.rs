@@ -151,6 +151,8 @@ pub struct DatapathConfig {
     pub max_endpoints: u32,
     pub max_policy: u32,
     pub max_conntrack: u32,
+    /// Flow events per second per source (0: no limit).
+    pub flow_events_per_source: u32,
     /// The cluster's Service ranges: an address in them that is no known
     /// Service is refused (docs/services.md).
     pub service_cidrs: Vec<cidr::Cidr>,
@@ -215,6 +217,7 @@ impl Datapath {
             (None, false) => {}
         }
         maps.set_revoke_established(config.revoke_established)?;
+        maps.set_flow_events_per_source(config.flow_events_per_source)?;
         maps.set_service_ranges(&config.service_cidrs)?;
 
         // sk_msg before sockops: a socket added to the sockhash runs the

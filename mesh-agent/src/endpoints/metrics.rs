@@ -253,6 +253,10 @@ fn kernel_counter_help(name: &str) -> String {
         "spoofed_source" => {
             "Packets from another node that claimed a workload of this node as source (dropped)"
         }
+        "flow_events_suppressed" => {
+            "Verdicts not reported because their source was over --flow-events-per-source"
+        }
+        "denied_events_suppressed" => "Of those, denials (applied all the same)",
         _ => return format!("Kernel counter {name} (COUNTERS map, summed over CPUs)."),
     };
     format!("{what} (kernel counter, summed over CPUs).")
@@ -293,6 +297,8 @@ mod tests {
             reason: String::new(),
             mtls: None,
             service: None,
+            suppressed: 0,
+            suppressed_denied: 0,
         }
     }
 

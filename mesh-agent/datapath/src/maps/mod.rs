@@ -77,7 +77,7 @@ const fn layout<K, V>(map_type: MapType) -> MapLayout {
 
 /// The maps this agent's kernel programs use, with their layouts, from the
 /// module of each.
-pub const EXPECTED_MAPS: [(&str, MapLayout); 20] = [
+pub const EXPECTED_MAPS: [(&str, MapLayout); 21] = [
     sockets::SOCK_HASH,
     sockets::SOCKETS,
     counters::COUNTERS,
@@ -98,6 +98,7 @@ pub const EXPECTED_MAPS: [(&str, MapLayout); 20] = [
     services::SERVICE_AFFINITY,
     services::SERVICE_MEMBERS,
     flows::FLOWS,
+    flows::FLOW_SOURCES,
 ];
 
 /// How full a map is.

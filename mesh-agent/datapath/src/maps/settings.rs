@@ -71,6 +71,12 @@ impl PinnedMaps {
             .map_err(self.err(map_names::SETTINGS))
     }
 
+    pub fn set_flow_events_per_source(&self, rate: u32) -> Result<(), MapsError> {
+        self.settings()?
+            .set(Setting::FlowEventsPerSource as u32, rate, 0)
+            .map_err(self.err(map_names::SETTINGS))
+    }
+
     pub fn set_revoke_established(&self, on: bool) -> Result<(), MapsError> {
         self.settings()?
             .set(Setting::RevokeEstablished as u32, on as u32, 0)
