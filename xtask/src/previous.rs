@@ -2,8 +2,10 @@
 //! commit whose pins have layout 1, built once into `target/previous-agent/`
 //! (its own target directory: its binary must not replace this tree's).
 //!
-//! When the layout changes again, point `COMMIT` at the last commit of the
-//! layout before, so the tests always upgrade from the previous one.
+//! Layout 1 is the oldest this agent migrates from, and the only one with a
+//! conversion (CONNTRACK's values); layout 2 → 3 only added maps, which an
+//! upgrade from 1 adds as well. When a layout again needs a conversion,
+//! point `COMMIT` at the last commit of the layout before it.
 use std::path::PathBuf;
 
 use anyhow::{Context as _, ensure};
