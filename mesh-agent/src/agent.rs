@@ -45,6 +45,13 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let pins = PinDir::lock(&config.bpffs)?;
+    // Each tunnelled connection holds a descriptor on each node: the
+    // container runtime's soft limit (often 1,024) would cap them long
+    // before the tunnel's own bounds.
+    match mesh_datapath::sys::raise_fd_limit() {
+        Ok(limit) => info!(limit, "open files"),
+        Err(e) => warn!(error = %e, "could not raise the open-files limit"),
+    }
 
     // Two workers: tunnels encrypt and copy on one while the other serves
     // the control loop and the flows (these machines have two cores; more

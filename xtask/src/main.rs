@@ -245,6 +245,7 @@ const BENCHMARKS: &[&str] = &[
     "cross-node",
     "control-plane",
     "services",
+    "soak",
 ];
 
 fn bench(which: &str, args: &[String]) -> anyhow::Result<()> {

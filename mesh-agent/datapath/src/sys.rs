@@ -165,6 +165,14 @@ pub fn return_free_memory() {
     }
 }
 
+/// Raises the soft limit of open files to the hard one; returns it.
+pub fn raise_fd_limit() -> nix::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    Ok(hard)
+}
+
 /// Registers a descriptor the agent owns with the tokio reactor, for reading.
 pub fn async_owned_fd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
     // SAFETY: an OwnedFd keeps its descriptor open and unchanged until it

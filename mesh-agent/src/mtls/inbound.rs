@@ -260,4 +260,8 @@ impl Socket for Counted {
     fn reset_on_close(&self) -> io::Result<()> {
         self.stream.reset_on_close()
     }
+
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.stream.poll_read_ready(cx)
+    }
 }

@@ -10,14 +10,14 @@ use std::{
 use http::HeaderMap;
 use mesh_common::policy::IpKey;
 use tokio::net::{TcpSocket, TcpStream};
-use tracing::{Instrument as _, debug, error_span, warn};
+use tracing::{Instrument as _, Span, debug, error_span, warn};
 
 use super::{listeners::Accepted, view::MeshView};
 use crate::{
     flows::{FlowHub, TunnelFlow},
     mtls::metrics::{Direction, TunnelMetrics},
     tunnel::{
-        client::OpenError,
+        client::{OpenError, Tunnel},
         pool::{Pool, PoolError},
     },
 };
@@ -52,6 +52,20 @@ impl Outbound {
     }
 
     async fn carry(&self, a: Accepted) {
+        // Opening (lookups, the pool, perhaps a handshake) runs boxed and is
+        // freed once done: a held connection's task keeps only the splice.
+        let Some((tunnel, stream, span)) = Box::pin(self.open(a)).await else {
+            return;
+        };
+        let _open = self.metrics.open(Direction::Outbound);
+        if let Err(e) = tunnel.splice(stream).instrument(span.clone()).await {
+            span.in_scope(|| debug!(error = %e, "tunnel ended with a reset"));
+        }
+    }
+
+    /// The tunnel for `a`, with its socket and the span naming both ends;
+    /// `None` once refused (the socket reset, the refusal reported).
+    async fn open(&self, a: Accepted) -> Option<(Tunnel, TcpStream, Span)> {
         let dst = SocketAddr::new(IpKey { ip: a.orig.ip }.into(), a.orig.port);
         let src = &a.source;
         let refuse = |stream: TcpStream, dst_identity: u64, reason: String| {
@@ -79,14 +93,15 @@ impl Outbound {
         };
         let view = self.view.read().unwrap().clone();
         let Some(peer) = view.peer(dst.ip()) else {
-            return refuse(
+            refuse(
                 a.stream,
                 a.orig.dst_identity,
                 "the destination is not a mesh workload any more".into(),
             );
+            return None;
         };
         let Some(peer_addr) = view.tunnel_address(&peer.node, self.tunnel_port) else {
-            return refuse(
+            refuse(
                 a.stream,
                 peer.identity,
                 format!(
@@ -94,13 +109,15 @@ impl Outbound {
                     peer.node
                 ),
             );
+            return None;
         };
         let Some(config) = self.store.client_config(&src.spiffe_id) else {
-            return refuse(
+            refuse(
                 a.stream,
                 peer.identity,
                 format!("no certificate yet for {}", src.spiffe_id),
             );
+            return None;
         };
         let key = PoolKey {
             src: src.identity,
@@ -139,18 +156,21 @@ impl Outbound {
             .await;
         match opened {
             Ok(tunnel) => {
-                let _open = self.metrics.open(Direction::Outbound);
                 debug!(src = %src.spiffe_id, dst = %peer.spiffe_id, dst_addr = %dst, "tunnel open");
-                if let Err(e) = tunnel.splice(a.stream).instrument(span).await {
-                    debug!(src = %src.spiffe_id, dst = %peer.spiffe_id, dst_addr = %dst, error = %e, "tunnel ended with a reset");
-                }
+                Some((tunnel, a.stream, span))
             }
-            Err(PoolError::Open(OpenError::Refused { status, reason })) => refuse(
-                a.stream,
-                peer.identity,
-                format!("refused by {} ({status}): {reason}", peer.node),
-            ),
-            Err(e) => refuse(a.stream, peer.identity, format!("{e}")),
+            Err(PoolError::Open(OpenError::Refused { status, reason })) => {
+                refuse(
+                    a.stream,
+                    peer.identity,
+                    format!("refused by {} ({status}): {reason}", peer.node),
+                );
+                None
+            }
+            Err(e) => {
+                refuse(a.stream, peer.identity, format!("{e}"));
+                None
+            }
         }
     }
 }

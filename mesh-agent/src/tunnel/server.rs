@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::FutureExt as _;
-use h2::RecvStream;
 use h2::server::SendResponse;
+use h2::{RecvStream, SendStream};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -109,7 +109,7 @@ where
 
 async fn handle<H, F, U>(
     request: Request<RecvStream>,
-    mut respond: SendResponse<Bytes>,
+    respond: SendResponse<Bytes>,
     handler: Arc<H>,
     splice_buffer: usize,
 ) where
@@ -117,10 +117,37 @@ async fn handle<H, F, U>(
     F: Future<Output = Result<U, Refusal>> + Send + 'static,
     U: Socket + 'static,
 {
+    // Answering (checks, the handler's policy and connection) runs boxed
+    // and is freed once done: a held tunnel's task keeps only the splice.
+    let Some((upstream, send, recv, target)) = Box::pin(answer(request, respond, handler)).await
+    else {
+        return;
+    };
+    match splice::splice(upstream, send, recv, splice_buffer).await {
+        Ok(stats) => tracing::debug!(%target, ?stats, "tunnel closed"),
+        Err(error) => tracing::debug!(%target, %error, "tunnel reset"),
+    }
+}
+
+/// The handler's decision on a CONNECT, answered: the destination's socket
+/// and the stream's halves when the tunnel is up, `None` when refused.
+async fn answer<H, F, U>(
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    handler: Arc<H>,
+) -> Option<(U, SendStream<Bytes>, RecvStream, SocketAddr)>
+where
+    H: Fn(ConnectRequest) -> F + Send + Sync + 'static,
+    F: Future<Output = Result<U, Refusal>> + Send + 'static,
+    U: Socket + 'static,
+{
     let (parts, recv) = request.into_parts();
     let request = match connect_request(&parts) {
         Ok(request) => request,
-        Err(refusal) => return refuse(respond, refusal),
+        Err(refusal) => {
+            refuse(respond, refusal);
+            return None;
+        }
     };
     let target = request.target;
     // The peer may give up while the handler connects: stop waiting then
@@ -129,31 +156,31 @@ async fn handle<H, F, U>(
         decided = AssertUnwindSafe(handler(request)).catch_unwind() => decided,
         _ = poll_fn(|cx| respond.poll_reset(cx)) => {
             tracing::debug!(%target, "tunnel abandoned by the peer before it was connected");
-            return;
+            return None;
         }
     };
     let upstream = match decided {
         Ok(Ok(upstream)) => upstream,
-        Ok(Err(refusal)) => return refuse(respond, refusal),
+        Ok(Err(refusal)) => {
+            refuse(respond, refusal);
+            return None;
+        }
         Err(_panic) => {
             tracing::error!(%target, "tunnel handler panicked");
             let refusal = Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, "tunnel handler failed");
-            return refuse(respond, refusal);
+            refuse(respond, refusal);
+            return None;
         }
     };
-    let send = match respond.send_response(Response::new(()), false) {
-        Ok(send) => send,
+    match respond.send_response(Response::new(()), false) {
+        Ok(send) => Some((upstream, send, recv, target)),
         Err(error) => {
             tracing::debug!(%target, %error, "tunnel stream gone before the answer");
             // The destination must not take the close for a complete
             // exchange either.
             let _ = upstream.reset_on_close();
-            return;
+            None
         }
-    };
-    match splice::splice(upstream, send, recv, splice_buffer).await {
-        Ok(stats) => tracing::debug!(%target, ?stats, "tunnel closed"),
-        Err(error) => tracing::debug!(%target, %error, "tunnel reset"),
     }
 }
 

@@ -34,6 +34,10 @@ pub trait Socket: AsyncRead + AsyncWrite + Unpin + Send {
     /// Makes the coming close abortive: when dropped, the peer gets a reset
     /// instead of an end of stream.
     fn reset_on_close(&self) -> io::Result<()>;
+
+    /// Ready when a read may find bytes (or the end): the splice takes a
+    /// read buffer only then, so that an idle connection holds none.
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 }
 
 impl Socket for TcpStream {
@@ -41,6 +45,10 @@ impl Socket for TcpStream {
         // SO_LINGER with a zero timeout: close() sends RST and drops any
         // unsent data, without blocking.
         self.set_zero_linger()
+    }
+
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_read_ready(self, cx)
     }
 }
 
@@ -83,8 +91,16 @@ impl SpliceFailure {
 /// busy direction cannot starve the other or the runtime's other tasks.
 const BURST: usize = 16;
 
+/// The first read of a connection, and of each one that has not filled a
+/// read yet: requests and pings are small. A read that fills the buffer
+/// doubles the next, up to the splice's `buffer_size` (a bulk transfer
+/// reaches it within a few reads).
+const FIRST_READ: usize = 16 * 1024;
+
 /// Copies bytes both ways between `socket` and a tunnel stream until both
-/// directions have ended; `buffer_size` is the largest socket read.
+/// directions have ended; `buffer_size` is the largest socket read. A
+/// socket with nothing to read holds no buffer, so a held idle connection
+/// costs its stream and its task, not a read buffer (`mesh-bench soak`).
 pub async fn splice<S: Socket>(
     socket: S,
     send: SendStream<Bytes>,
@@ -97,6 +113,7 @@ pub async fn splice<S: Socket>(
         recv,
         buffer: BytesMut::new(),
         buffer_size: buffer_size.max(1),
+        read_size: FIRST_READ.min(buffer_size.max(1)),
         outgoing: Bytes::new(),
         up_done: false,
         down_done: false,
@@ -128,9 +145,12 @@ struct Splice<S: Socket> {
     send: SendStream<Bytes>,
     recv: RecvStream,
     /// Socket → tunnel: read into this, then split off and frozen, so the
-    /// bytes go to HTTP/2 without a copy.
+    /// bytes go to HTTP/2 without a copy. Taken when the socket is readable
+    /// and given up with each read: held connections cost no buffer.
     buffer: BytesMut,
     buffer_size: usize,
+    /// The next read's size: grows while reads fill it.
+    read_size: usize,
     /// Socket → tunnel: the last read's bytes not yet given to HTTP/2.
     outgoing: Bytes,
     up_done: bool,
@@ -174,21 +194,40 @@ impl<S: Socket> Splice<S> {
     fn poll_up(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SpliceFailure>> {
         for _ in 0..BURST {
             if self.outgoing.is_empty() {
-                self.buffer.reserve(self.buffer_size);
+                if self.buffer.capacity() == 0 {
+                    ready!(self.socket.poll_read_ready(cx)).map_err(SpliceFailure::Socket)?;
+                    self.buffer.reserve(self.read_size);
+                }
                 let read = {
-                    let mut limited = (&mut self.buffer).limit(self.buffer_size);
+                    let mut limited = (&mut self.buffer).limit(self.read_size);
                     let read = pin!(self.socket.read_buf(&mut limited));
-                    ready!(read.poll(cx))
+                    read.poll(cx)
+                };
+                let Poll::Ready(read) = read else {
+                    // Ready with nothing to read (tokio reports a socket
+                    // just accepted as readable): give the buffer back
+                    // until bytes come.
+                    self.buffer = BytesMut::new();
+                    return Poll::Pending;
                 };
                 match read {
                     Ok(0) => {
+                        self.buffer = BytesMut::new();
                         self.send
                             .send_data(Bytes::new(), true)
                             .map_err(SpliceFailure::from_h2)?;
                         self.up_done = true;
                         return Poll::Ready(Ok(()));
                     }
-                    Ok(_) => self.outgoing = self.buffer.split().freeze(),
+                    Ok(n) => {
+                        if n == self.read_size {
+                            self.read_size = (self.read_size * 2).min(self.buffer_size);
+                        }
+                        self.outgoing = self.buffer.split().freeze();
+                        // The rest of the allocation would outlive the
+                        // bytes read (a held connection would keep it).
+                        self.buffer = BytesMut::new();
+                    }
                     Err(error) => return Poll::Ready(Err(SpliceFailure::Socket(error))),
                 }
             }

@@ -41,6 +41,8 @@ mod control_plane;
 mod cross_node;
 #[path = "mesh-bench/services.rs"]
 mod services;
+#[path = "mesh-bench/soak.rs"]
+mod soak;
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -78,6 +80,9 @@ enum Bench {
     ControlPlane(control_plane::ControlPlane),
     /// New connections through a Service address: the mesh vs kube-proxy.
     Services(services::Services),
+    /// Thousands of cross-node connections held through the tunnels: each
+    /// agent's memory and descriptors per held connection.
+    Soak(soak::Soak),
 }
 
 #[derive(Args)]
@@ -117,6 +122,7 @@ fn main() -> anyhow::Result<()> {
         Bench::CrossNode(args) => cross_node::run(args, &cli.out),
         Bench::ControlPlane(args) => control_plane::run(args, &cli.out),
         Bench::Services(args) => services::run(args, &cli.out),
+        Bench::Soak(args) => soak::run(args, &cli.out),
     }
 }
 

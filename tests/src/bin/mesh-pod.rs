@@ -241,6 +241,27 @@ enum Cmd {
         #[arg(long)]
         bytes: usize,
     },
+    /// An echo server on one thread with event-loop I/O, for many
+    /// thousands of connections at once (`serve` spends a thread on each).
+    AsyncEcho {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Open `connections` connections to an echo server and hold them for
+    /// `seconds` (prints `held` once all are open), sending a 64-byte
+    /// ping-pong on `sample_per_s` of them each second, in turn, checked
+    /// byte for byte. Reports the ping-pongs, the failures and the
+    /// connections that closed.
+    Hold {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        connections: usize,
+        #[arg(long)]
+        seconds: u64,
+        #[arg(long, default_value_t = 100)]
+        sample_per_s: usize,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, ValueEnum)]
@@ -370,6 +391,13 @@ fn main() {
         } => pingpong(to, size, count, seconds),
         Cmd::Stream { to, bytes, chunk } => stream(to, bytes, chunk),
         Cmd::Flood { to, bytes } => flood(to, bytes),
+        Cmd::AsyncEcho { listen } => many::echo(listen).map(|()| json!({})),
+        Cmd::Hold {
+            to,
+            connections,
+            seconds,
+            sample_per_s,
+        } => many::hold(to, connections, Duration::from_secs(seconds), sample_per_s),
         Cmd::Say { to, text, repeat } => say(to, &text, repeat),
         Cmd::Tally { to, count } => tally(to, count),
         Cmd::Datagram {
@@ -1697,5 +1725,134 @@ fn wait_change(
             }));
         }
         ensure!(Instant::now() < deadline, "still {first} after {give_up:?}");
+    }
+}
+
+/// Many connections at once, with tokio on one thread: the soak's client
+/// and server.
+mod many {
+    use std::net::SocketAddr;
+    use std::time::{Duration, Instant};
+
+    use anyhow::Context as _;
+    use serde_json::json;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+    const PING: usize = 64;
+    /// Connections being opened at once during the ramp-up.
+    const OPENING: usize = 64;
+
+    fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+        Ok(tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?)
+    }
+
+    /// As many descriptors as the hard limit allows.
+    fn raise_fd_limit() -> anyhow::Result<()> {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+        Ok(())
+    }
+
+    pub fn echo(listen: SocketAddr) -> anyhow::Result<()> {
+        raise_fd_limit()?;
+        runtime()?.block_on(async {
+            let socket = if listen.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            socket.set_reuseaddr(true)?;
+            socket
+                .bind(listen)
+                .with_context(|| format!("binding {listen}"))?;
+            let listener: TcpListener = socket.listen(4096)?;
+            println!("listening {}", listener.local_addr()?);
+            loop {
+                let (mut conn, _) = listener.accept().await?;
+                tokio::spawn(async move {
+                    let (mut r, mut w) = conn.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        })
+    }
+
+    pub fn hold(
+        to: SocketAddr,
+        connections: usize,
+        duration: Duration,
+        sample_per_s: usize,
+    ) -> anyhow::Result<serde_json::Value> {
+        raise_fd_limit()?;
+        runtime()?.block_on(async {
+            let started = Instant::now();
+            let mut held: Vec<Option<TcpStream>> = Vec::with_capacity(connections);
+            let mut opening = tokio::task::JoinSet::new();
+            let mut failed_to_open = 0u64;
+            let mut next = 0;
+            while held.len() + (failed_to_open as usize) < connections {
+                while next < connections && opening.len() < OPENING {
+                    opening.spawn(TcpStream::connect(to));
+                    next += 1;
+                }
+                match opening.join_next().await.context("nothing opening")? {
+                    Ok(Ok(conn)) => held.push(Some(conn)),
+                    _ => failed_to_open += 1,
+                }
+            }
+            let ramp_ms = started.elapsed().as_millis() as u64;
+            println!("held {} in {ramp_ms} ms", held.len());
+
+            // Every tenth of a second, a tenth of the sample, in turn.
+            let per_tick = sample_per_s.div_ceil(10).max(1);
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            let end = Instant::now() + duration;
+            let (mut pings, mut failures, mut closed) = (0u64, 0u64, 0u64);
+            let mut turn = 0usize;
+            let mut pattern = [0u8; PING];
+            while Instant::now() < end && !super::stop_requested() {
+                tick.tick().await;
+                for _ in 0..per_tick.min(held.len()) {
+                    let i = turn % held.len();
+                    turn += 1;
+                    let Some(conn) = held[i].as_mut() else {
+                        continue;
+                    };
+                    for (j, b) in pattern.iter_mut().enumerate() {
+                        *b = (turn + j) as u8;
+                    }
+                    let mut back = [0u8; PING];
+                    let exchange = async {
+                        conn.write_all(&pattern).await?;
+                        conn.read_exact(&mut back).await?;
+                        anyhow::Ok(())
+                    };
+                    match tokio::time::timeout(Duration::from_secs(5), exchange).await {
+                        Ok(Ok(())) if back == pattern => pings += 1,
+                        Ok(Ok(())) => failures += 1,
+                        _ => {
+                            failures += 1;
+                            closed += 1;
+                            held[i] = None;
+                        }
+                    }
+                }
+            }
+            let still_open = held.iter().filter(|c| c.is_some()).count();
+            Ok(json!({
+                "ok": failures == 0 && failed_to_open == 0,
+                "connections": connections,
+                "failed_to_open": failed_to_open,
+                "ramp_ms": ramp_ms,
+                "pings": pings,
+                "failures": failures,
+                "closed": closed,
+                "still_open": still_open,
+            }))
+        })
     }
 }

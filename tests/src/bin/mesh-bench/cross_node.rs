@@ -73,7 +73,7 @@ const TARGET_ADDED_P50_US: f64 = 25.0;
 const TARGET_CONNECTION_RATIO: f64 = 0.5;
 
 #[derive(Clone, Copy)]
-struct Variant {
+pub(crate) struct Variant {
     name: &'static str,
     in_mesh: bool,
     echo: SocketAddr,
@@ -83,17 +83,17 @@ struct Variant {
 /// Two connected nodes with a pod each (client on node 0, servers on node
 /// 1), their Workload and MeshNode documents, a mesh CA, and an agent per
 /// node with `--ca-dir` and nothing else (the agents' defaults).
-struct Cluster {
+pub(crate) struct Cluster {
     // Dropped in this order: the processes by PID, then the namespaces.
     _servers: Vec<Spawned>,
-    agents: Vec<Agent>,
-    bed: TestBed,
+    pub(crate) agents: Vec<Agent>,
+    pub(crate) bed: TestBed,
     /// Node 1's port settings before its agent started (which may change them).
     node_sysctls_before_agent: Value,
 }
 
 impl Cluster {
-    fn start() -> anyhow::Result<Self> {
+    pub(crate) fn start() -> anyhow::Result<Self> {
         let mut bed = TestBed::new("xnode-bench")?;
         bed.add_node()?;
         bed.connect_nodes()?;
@@ -152,7 +152,7 @@ impl Cluster {
         })
     }
 
-    fn variants(&self) -> [Variant; 2] {
+    pub(crate) fn variants(&self) -> [Variant; 2] {
         let server = &self.bed.pods[1];
         [
             Variant {
@@ -178,7 +178,7 @@ impl Cluster {
     /// Waits until a mesh connection to the server goes through (the
     /// agents need their certificates and listeners first), and checks
     /// that it was tunnelled and that a plain one was not.
-    fn wait_until_tunnelling(&self, [plain, mesh]: &[Variant; 2]) -> anyhow::Result<()> {
+    pub(crate) fn wait_until_tunnelling(&self, [plain, mesh]: &[Variant; 2]) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         let target = format!("tcp:{}", mesh.echo);
         loop {
@@ -222,7 +222,7 @@ impl Cluster {
     }
 
     /// Writes each agent's log next to the report; returns the paths.
-    fn save_logs(&self, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    pub(crate) fn save_logs(&self, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
         std::fs::create_dir_all(out)?;
         self.agents
             .iter()
