@@ -10,7 +10,7 @@ use std::{
 use http::HeaderMap;
 use mesh_common::policy::IpKey;
 use tokio::net::{TcpSocket, TcpStream};
-use tracing::{Instrument as _, Span, debug, error_span, warn};
+use tracing::{Instrument as _, debug, error_span, warn};
 
 use super::{listeners::Accepted, view::MeshView};
 use crate::{
@@ -54,18 +54,29 @@ impl Outbound {
     async fn carry(&self, a: Accepted) {
         // Opening (lookups, the pool, perhaps a handshake) runs boxed and is
         // freed once done: a held connection's task keeps only the splice.
-        let Some((tunnel, stream, span)) = Box::pin(self.open(a)).await else {
+        let Some((tunnel, stream, ends)) = Box::pin(self.open(a)).await else {
             return;
         };
         let _open = self.metrics.open(Direction::Outbound);
-        if let Err(e) = tunnel.splice(stream).instrument(span.clone()).await {
-            span.in_scope(|| debug!(error = %e, "tunnel ended with a reset"));
+        // No span while the bytes flow: a subscriber keeps each span's
+        // formatted fields, which would cost every held connection more
+        // than its splice does. The names are looked up if it fails.
+        if let Err(e) = tunnel.splice(stream).await {
+            let (src, dst, dst_addr) = ends;
+            debug!(
+                src = %self.flows.identity_name(src),
+                dst = %self.flows.identity_name(dst),
+                %dst_addr,
+                error = %e,
+                "tunnel ended with a reset"
+            );
         }
     }
 
-    /// The tunnel for `a`, with its socket and the span naming both ends;
-    /// `None` once refused (the socket reset, the refusal reported).
-    async fn open(&self, a: Accepted) -> Option<(Tunnel, TcpStream, Span)> {
+    /// The tunnel for `a`, with its socket and its ends (source and
+    /// destination identities, destination address); `None` once refused
+    /// (the socket reset, the refusal reported).
+    async fn open(&self, a: Accepted) -> Option<(Tunnel, TcpStream, (u64, u64, SocketAddr))> {
         let dst = SocketAddr::new(IpKey { ip: a.orig.ip }.into(), a.orig.port);
         let src = &a.source;
         let refuse = |stream: TcpStream, dst_identity: u64, reason: String| {
@@ -157,7 +168,7 @@ impl Outbound {
         match opened {
             Ok(tunnel) => {
                 debug!(src = %src.spiffe_id, dst = %peer.spiffe_id, dst_addr = %dst, "tunnel open");
-                Some((tunnel, a.stream, span))
+                Some((tunnel, a.stream, (src.identity, peer.identity, dst)))
             }
             Err(PoolError::Open(OpenError::Refused { status, reason })) => {
                 refuse(

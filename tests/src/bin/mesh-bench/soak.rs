@@ -5,6 +5,12 @@
 //! descriptors are sampled before, during and after; the report gives the
 //! memory each held connection costs each node's agent, and whether memory
 //! and descriptors stay flat while the connections are held.
+//!
+//! The connections come from two clients of half each, the second started
+//! once the first holds its half: the RSS growth from idle over all of
+//! them is the cost per connection with the agent's fixed costs in it (its
+//! pooled tunnel connections, its bounded flow history), and the growth
+//! from half to all of them is the marginal cost of one more.
 use std::{
     path::Path,
     time::{Duration, Instant},
@@ -113,22 +119,33 @@ fn soak(cli: &Soak, c: &Cluster, out: &Path) -> anyhow::Result<()> {
     let idle = Sample::take(c, started)?;
     progress!("idle: {:?}", idle);
 
-    let mut client = c.bed.workload(
-        0,
-        &[
-            "hold",
-            "--to",
-            &to,
-            "--connections",
-            &cli.connections.to_string(),
-            "--seconds",
-            &cli.seconds.to_string(),
-            "--sample-per-s",
-            &cli.sample_per_s.to_string(),
-        ],
-    )?;
-    let held_line = wait_for_line(&mut client, "held").context("holding the connections")?;
-    progress!("{}", held_line.trim());
+    let half = cli.connections / 2;
+    let hold = |connections: usize, seconds: u64| {
+        let mut client = c.bed.workload(
+            0,
+            &[
+                "hold",
+                "--to",
+                &to,
+                "--connections",
+                &connections.to_string(),
+                "--seconds",
+                &seconds.to_string(),
+                "--sample-per-s",
+                &(cli.sample_per_s / 2).max(1).to_string(),
+            ],
+        )?;
+        let held = wait_for_line(&mut client, "held").context("holding the connections")?;
+        progress!("{}", held.trim());
+        anyhow::Ok(client)
+    };
+    // The first half outlasts the second, which the samples follow.
+    let settle = Duration::from_secs(cli.every.max(3));
+    let first = hold(half, cli.seconds + 2 * settle.as_secs())?;
+    std::thread::sleep(settle);
+    let halfway = Sample::take(c, started)?;
+    progress!("half held: {:?}", halfway);
+    let mut client = hold(cli.connections - half, cli.seconds)?;
     let ramped = Sample::take(c, started)?;
 
     let mut during = Vec::new();
@@ -141,13 +158,30 @@ fn soak(cli: &Soak, c: &Cluster, out: &Path) -> anyhow::Result<()> {
         progress!("held: {:?}", s);
         during.push(s);
     }
-    let output = client.wait_output(Duration::from_secs(60))?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let report: Value = stdout
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l).ok())
-        .with_context(|| format!("no report from the client: {stdout}"))?;
+    let report_of = |client: mesh_tests::process::Spawned| -> anyhow::Result<Value> {
+        let output = client.wait_output(Duration::from_secs(120))?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        stdout
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str(l).ok())
+            .with_context(|| format!("no report from a client: {stdout}"))
+    };
+    let reports = [report_of(first)?, report_of(client)?];
+    let sum = |field: &str| {
+        reports
+            .iter()
+            .filter_map(|r| r[field].as_u64())
+            .sum::<u64>()
+    };
+    let report = json!({
+        "ok": reports.iter().all(|r| r["ok"] == true),
+        "pings": sum("pings"),
+        "failures": sum("failures"),
+        "closed": sum("closed"),
+        "failed_to_open": sum("failed_to_open"),
+        "ramp_ms": reports.iter().map(|r| r["ramp_ms"].clone()).collect::<Vec<_>>(),
+    });
     std::thread::sleep(Duration::from_secs(5));
     let after = Sample::take(c, started)?;
     progress!("after: {:?}", after);
@@ -157,6 +191,8 @@ fn soak(cli: &Soak, c: &Cluster, out: &Path) -> anyhow::Result<()> {
         let rss: Vec<f64> = during.iter().map(|s| s.rss_kib[side] as f64).collect();
         let held = median(rss.clone());
         let bytes = (held - idle.rss_kib[side] as f64) * 1024.0 / cli.connections as f64;
+        let marginal =
+            (held - halfway.rss_kib[side] as f64) * 1024.0 / (cli.connections - half) as f64;
         let (min, max) = rss
             .iter()
             .fold((f64::MAX, 0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
@@ -169,7 +205,9 @@ fn soak(cli: &Soak, c: &Cluster, out: &Path) -> anyhow::Result<()> {
             "rss_held_min_kib": min,
             "rss_held_max_kib": max,
             "rss_after_kib": after.rss_kib[side],
+            "rss_half_held_kib": halfway.rss_kib[side],
             "bytes_per_connection": bytes.round(),
+            "marginal_bytes_per_connection": marginal.round(),
             "fds_idle": idle.fds[side],
             "fds_held_min": fds.iter().min(),
             "fds_held_max": fds.iter().max(),
@@ -191,6 +229,7 @@ fn soak(cli: &Soak, c: &Cluster, out: &Path) -> anyhow::Result<()> {
         "target": format!("RSS per held connection ≤ {TARGET_BYTES_PER_CONNECTION} bytes per side"),
         "target_met": worst <= TARGET_BYTES_PER_CONNECTION && report["ok"] == true,
         "samples": std::iter::once(&idle)
+            .chain(std::iter::once(&halfway))
             .chain(std::iter::once(&ramped))
             .chain(&during)
             .chain(std::iter::once(&after))
@@ -207,14 +246,16 @@ fn soak(cli: &Soak, c: &Cluster, out: &Path) -> anyhow::Result<()> {
     );
     for s in &sides {
         println!(
-            "  node {}: RSS idle {} KiB, held {} KiB (min {}, max {}), after {} KiB: {} bytes per connection; fds {}..{} held, {} idle, {} after",
+            "  node {}: RSS idle {} KiB, half held {} KiB, held {} KiB (min {}, max {}), after {} KiB: {} bytes per connection ({} for one more); fds {}..{} held, {} idle, {} after",
             s["node"],
             s["rss_idle_kib"],
+            s["rss_half_held_kib"],
             s["rss_held_median_kib"],
             s["rss_held_min_kib"],
             s["rss_held_max_kib"],
             s["rss_after_kib"],
             s["bytes_per_connection"],
+            s["marginal_bytes_per_connection"],
             s["fds_held_min"],
             s["fds_held_max"],
             s["fds_idle"],
