@@ -409,18 +409,9 @@ struct Memory {
 
 impl Memory {
     fn of(pid: u32) -> anyhow::Result<Self> {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .with_context(|| format!("reading /proc/{pid}/status"))?;
-        let field = |name: &str| -> anyhow::Result<u64> {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-                .with_context(|| format!("no {name} in /proc/{pid}/status"))
-        };
         Ok(Self {
-            rss_kib: field("VmRSS")?,
-            hwm_kib: field("VmHWM")?,
+            rss_kib: super::status_kib(pid, "VmRSS")?,
+            hwm_kib: super::status_kib(pid, "VmHWM")?,
         })
     }
 
