@@ -12,7 +12,13 @@ use anyhow::{Context as _, ensure};
 use crate::{cargo, run, workspace_root};
 
 /// The targets, as `fuzz/Cargo.toml` names its binaries.
-pub const TARGETS: &[&str] = &["policy_documents", "identities", "certificates"];
+pub const TARGETS: &[&str] = &[
+    "policy_documents",
+    "identities",
+    "certificates",
+    "kubernetes_objects",
+    "hbone_connect",
+];
 
 const RUSTFLAGS: &[&str] = &[
     "-Cpasses=sancov-module",

@@ -19,7 +19,9 @@ pub mod metrics;
 mod mirror;
 mod podns;
 mod status;
-mod translate;
+/// From Kubernetes objects to the mesh's documents (public for the fuzz
+/// targets, which feed it what a tenant could write).
+pub mod translate;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;

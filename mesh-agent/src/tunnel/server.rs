@@ -186,7 +186,7 @@ where
 
 /// Checks that a stream is a CONNECT to an `ip:port`: the destinations
 /// are workloads, named by address.
-fn connect_request(parts: &http::request::Parts) -> Result<ConnectRequest, Refusal> {
+pub fn connect_request(parts: &http::request::Parts) -> Result<ConnectRequest, Refusal> {
     if parts.method != Method::CONNECT {
         return Err(Refusal::new(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -225,7 +225,7 @@ fn refuse(mut respond: SendResponse<Bytes>, refusal: Refusal) {
 /// A header value keeps visible ASCII and spaces; anything else (a
 /// newline, non-ASCII from a policy name) becomes `?`, and length is
 /// capped, so any reason can be sent.
-fn reason_header(reason: &str) -> HeaderValue {
+pub fn reason_header(reason: &str) -> HeaderValue {
     const MAX: usize = 512;
     let clean: String = reason
         .chars()
