@@ -123,7 +123,7 @@ fn within_rate(a: &Attempt, now: u64, denied: bool) -> Option<(u32, u32)> {
     let key = FlowSourceKey::of(a.src_identity, &a.src_ip);
     let interval = 1_000_000_000 / u64::from(rate);
     let (budget, reported) = FlowBudget::spend(lookup(&FLOW_SOURCES, &key), now, interval, denied);
-    let _ = FLOW_SOURCES.insert(&key, &budget, BPF_ANY as u64);
+    let _ = FLOW_SOURCES.insert(key, budget, BPF_ANY as u64);
     reported
 }
 
