@@ -111,7 +111,6 @@ pub async fn splice<S: Socket>(
         socket,
         send,
         recv,
-        buffer: BytesMut::new(),
         buffer_size: buffer_size.max(1),
         read_size: FIRST_READ.min(buffer_size.max(1)),
         outgoing: Bytes::new(),
@@ -144,10 +143,6 @@ struct Splice<S: Socket> {
     socket: S,
     send: SendStream<Bytes>,
     recv: RecvStream,
-    /// Socket → tunnel: read into this, then split off and frozen, so the
-    /// bytes go to HTTP/2 without a copy. Taken when the socket is readable
-    /// and given up with each read: held connections cost no buffer.
-    buffer: BytesMut,
     buffer_size: usize,
     /// The next read's size: grows while reads fill it.
     read_size: usize,
@@ -194,25 +189,20 @@ impl<S: Socket> Splice<S> {
     fn poll_up(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SpliceFailure>> {
         for _ in 0..BURST {
             if self.outgoing.is_empty() {
-                if self.buffer.capacity() == 0 {
-                    ready!(self.socket.poll_read_ready(cx)).map_err(SpliceFailure::Socket)?;
-                    self.buffer.reserve(self.read_size);
-                }
+                // The buffer lives only for this read: taken once the socket
+                // is readable, its bytes then split off and frozen, so they go
+                // to HTTP/2 without a copy. A held connection keeps none (and
+                // tokio reports a socket just accepted as readable, so a read
+                // may still find nothing).
+                ready!(self.socket.poll_read_ready(cx)).map_err(SpliceFailure::Socket)?;
+                let mut buffer = BytesMut::with_capacity(self.read_size);
                 let read = {
-                    let mut limited = (&mut self.buffer).limit(self.read_size);
+                    let mut limited = (&mut buffer).limit(self.read_size);
                     let read = pin!(self.socket.read_buf(&mut limited));
-                    read.poll(cx)
-                };
-                let Poll::Ready(read) = read else {
-                    // Ready with nothing to read (tokio reports a socket
-                    // just accepted as readable): give the buffer back
-                    // until bytes come.
-                    self.buffer = BytesMut::new();
-                    return Poll::Pending;
+                    ready!(read.poll(cx))
                 };
                 match read {
                     Ok(0) => {
-                        self.buffer = BytesMut::new();
                         self.send
                             .send_data(Bytes::new(), true)
                             .map_err(SpliceFailure::from_h2)?;
@@ -223,10 +213,7 @@ impl<S: Socket> Splice<S> {
                         if n == self.read_size {
                             self.read_size = (self.read_size * 2).min(self.buffer_size);
                         }
-                        self.outgoing = self.buffer.split().freeze();
-                        // The rest of the allocation would outlive the
-                        // bytes read (a held connection would keep it).
-                        self.buffer = BytesMut::new();
+                        self.outgoing = buffer.freeze();
                     }
                     Err(error) => return Poll::Ready(Err(SpliceFailure::Socket(error))),
                 }
