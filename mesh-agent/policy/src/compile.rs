@@ -614,8 +614,9 @@ impl Identities {
     }
 }
 
-/// Takes out of `admitted`, and returns, the policies that do not fit
-/// `budget` entries with those changed before them: policies are admitted
+/// Takes out of `admitted` (all of which together are over `budget`), and
+/// returns, the policies that do not fit `budget` entries with those
+/// changed before them: policies are admitted
 /// in the order they last changed (the API server's record; file and
 /// document order for files), so the change that overflows the map is the
 /// one refused, on every node alike. Each is found by bisecting the
@@ -636,7 +637,9 @@ fn admit_within<'d>(
         let compiled = compile_policy(docs, settings, identities, admitted, refused)?;
         Ok(compiled.policy.len() <= budget)
     };
-    while !fits(admitted, &refused)? {
+    // The caller found all of `admitted` over the budget: no need to
+    // compile it again before the first refusal.
+    loop {
         if !fits(&[], &refused)? {
             return Err(ConfigError::file(
                 "Workloads",
@@ -658,8 +661,10 @@ fn admit_within<'d>(
             }
         }
         refused.push(admitted.remove(overflowing - 1));
+        if fits(admitted, &refused)? {
+            return Ok(refused);
+        }
     }
-    Ok(refused)
 }
 
 /// When a policy last changed, then where it is: the order policies are
@@ -724,15 +729,35 @@ fn compile_policy(
 
     // Policies, in consideration order, rules expanded.
     let rule_ids = assign_rule_ids(&docs.policies);
-    let mut sorted: Vec<&MeshPolicy> = policies.to_vec();
-    sorted.sort_by_cached_key(|p| p.key());
+    // Refused policies take their place in that order too.
+    let mut sorted: Vec<(&MeshPolicy, bool)> = policies
+        .iter()
+        .map(|p| (*p, false))
+        .chain(refused.iter().map(|p| (*p, true)))
+        .collect();
+    sorted.sort_by_cached_key(|(p, _)| p.key());
     let mut policies = Vec::with_capacity(sorted.len());
     let mut rules = BTreeMap::new();
     for info in reserved_rules(settings) {
         rules.insert(info.id, info);
     }
-    for p in sorted {
+    for (p, is_refused) in sorted {
         let key = p.key();
+        if is_refused {
+            policies.push(CompiledPolicy {
+                doc: p,
+                key,
+                action: PolicyAction::Deny,
+                rules: vec![CompiledRule {
+                    id: RULE_REFUSED_POLICY,
+                    any_source: true,
+                    universal: false,
+                    sources: Vec::new(),
+                    ports: None,
+                }],
+            });
+            continue;
+        }
         let mut compiled_rules = Vec::with_capacity(p.spec.rules.len());
         for (i, rule) in p.spec.rules.iter().enumerate() {
             let id = rule_ids[&(key.clone(), i)];
@@ -756,22 +781,6 @@ fn compile_policy(
             rules: compiled_rules,
         });
     }
-    for p in refused {
-        policies.push(CompiledPolicy {
-            doc: p,
-            key: p.key(),
-            action: PolicyAction::Deny,
-            rules: vec![CompiledRule {
-                id: RULE_REFUSED_POLICY,
-                any_source: true,
-                universal: false,
-                sources: Vec::new(),
-                ports: None,
-            }],
-        });
-    }
-    // In consideration order, refused ones with the rest.
-    policies.sort_by(|a, b| a.key.cmp(&b.key));
     let mut by_namespace: HashMap<&str, Vec<usize>> = HashMap::new();
     for (i, p) in policies.iter().enumerate() {
         by_namespace
