@@ -327,11 +327,6 @@ const CART: usize = 0;
 const FRONTEND: usize = 1;
 const ROBOT: usize = 2;
 
-/// Two service accounts of namespace `tenant` whose SPIFFE IDs have the
-/// same 64-bit identity number, 81bb4b759f06ae42: what a tenant finds with
-/// about 2^33 hashes (mesh-policy's compile tests say how).
-const COLLIDING_ACCOUNTS: [&str; 2] = ["a52576057c1c155d1", "a8a5c8c3a9c28ee2d"];
-
 #[test]
 fn a_tenant_cannot_freeze_the_mesh_with_colliding_identities_or_a_policy_over_the_budget() {
     let (bed, _servers) = bed("k8s-tenant", 3);
@@ -352,7 +347,8 @@ fn a_tenant_cannot_freeze_the_mesh_with_colliding_identities_or_a_policy_over_th
         "apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-other"}, "spec": {},
         "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.98"}]},
     }));
-    let [a, b] = COLLIDING_ACCOUNTS;
+    // Service accounts whose identities share a number, as a tenant finds.
+    let [a, b] = mesh_policy::COLLIDING_SERVICE_ACCOUNTS;
     for (name, sa, ip) in [
         ("one", a, "10.251.0.1"),
         ("two", b, "10.251.0.2"),

@@ -503,10 +503,10 @@ mod tests {
 
     #[tokio::test]
     async fn an_identity_with_the_same_number_passes_the_name_check_but_not_require_peer() {
-        // Two service accounts whose SPIFFE IDs share their 64-bit number
-        // (mesh-policy's compile tests say how they were found).
-        let a = "spiffe://cluster.local/ns/tenant/sa/a52576057c1c155d1";
-        let b = "spiffe://cluster.local/ns/tenant/sa/a8a5c8c3a9c28ee2d";
+        // Two service accounts whose SPIFFE IDs share their 64-bit number.
+        let [a, b] = mesh_policy::COLLIDING_SERVICE_ACCOUNTS
+            .map(|sa| mesh_policy::spiffe_id(TD, "tenant", sa));
+        let (a, b) = (a.as_str(), b.as_str());
         assert_eq!(numeric_identity(a), numeric_identity(b));
         let ca = TestCa::root(TD);
         let server = ca.store(TD, &[a]);

@@ -1296,15 +1296,9 @@ mod tests {
         )
     }
 
-    /// Two service accounts of namespace `tenant` whose SPIFFE IDs (trust
-    /// domain cluster.local) have the same first 8 bytes of SHA-256,
-    /// 81bb4b759f06ae42: found with a distinguished-point rho search, about
-    /// 1.2e10 hashes, 6 minutes on 2 cores. What a tenant can do.
-    pub(crate) const COLLIDING_ACCOUNTS: [&str; 2] = ["a52576057c1c155d1", "a8a5c8c3a9c28ee2d"];
-
     #[test]
     fn identities_that_share_a_number_are_refused_alone_and_fail_closed() {
-        let [a, b] = COLLIDING_ACCOUNTS;
+        let [a, b] = crate::COLLIDING_SERVICE_ACCOUNTS;
         let id = |sa: &str| spiffe_id(TD, "tenant", sa);
         assert_eq!(numeric_identity(&id(a)), numeric_identity(&id(b)));
         let shared = numeric_identity(&id(a));

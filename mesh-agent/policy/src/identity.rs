@@ -21,6 +21,14 @@ pub fn numeric_identity(spiffe_id: &str) -> u64 {
     }
 }
 
+/// Two service accounts of namespace `tenant` whose SPIFFE IDs (trust
+/// domain `cluster.local`) have the same [`numeric_identity`],
+/// 81bb4b759f06ae42: what a tenant who names service accounts can find, and
+/// what the tests use to perform that attack. Found with a
+/// distinguished-point rho search over `a<16 hex digits>` names, about
+/// 1.2e10 hashes (6 minutes on 2 cores).
+pub const COLLIDING_SERVICE_ACCOUNTS: [&str; 2] = ["a52576057c1c155d1", "a8a5c8c3a9c28ee2d"];
+
 /// First 8 bytes of the SHA-256 of `bytes`, big-endian.
 pub(crate) fn hash64(bytes: &[u8]) -> u64 {
     let digest = Sha256::digest(bytes);

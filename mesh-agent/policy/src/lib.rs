@@ -37,7 +37,7 @@ pub use documents::{
     PeerAuthenticationResource, PeerAuthenticationSpec, PolicyAction, PortEntry, Protocol, Rule,
     Selector, Workload, WorkloadSpec, load_dir, parse_str, parse_value,
 };
-pub use identity::{IdentityPattern, numeric_identity, spiffe_id};
+pub use identity::{COLLIDING_SERVICE_ACCOUNTS, IdentityPattern, numeric_identity, spiffe_id};
 pub use services::{
     ServiceBackends, ServiceInfo, ServiceSlots, ServiceTables, TrafficSplitResource,
     departed_backends, service_tables,
