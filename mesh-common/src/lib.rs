@@ -8,6 +8,7 @@
 #![no_std]
 #![deny(unsafe_code)]
 
+pub mod packet;
 pub mod policy;
 pub mod service;
 #[cfg(feature = "user")]

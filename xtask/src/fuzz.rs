@@ -18,6 +18,8 @@ pub const TARGETS: &[&str] = &[
     "certificates",
     "kubernetes_objects",
     "hbone_connect",
+    "packets",
+    "admin_requests",
 ];
 
 const RUSTFLAGS: &[&str] = &[

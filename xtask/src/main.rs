@@ -51,7 +51,8 @@ enum Task {
     /// Fuzz the parsers of untrusted input (libFuzzer): each target (all
     /// when none is named) for `--seconds`, from its committed corpus.
     Fuzz {
-        /// policy_documents, identities, certificates.
+        /// policy_documents, identities, certificates, kubernetes_objects,
+        /// hbone_connect, packets, admin_requests.
         targets: Vec<String>,
         #[arg(long, default_value_t = 60)]
         seconds: u64,

@@ -121,31 +121,73 @@ mesh-agent admin endpoint
   POST /logging?level=DIRECTIVES  change it (debug, info, warn, or any RUST_LOG directives)
 ";
 
+/// What an admin request asks for, decided from its head alone.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AdminRequest {
+    /// Without the token: nothing else is looked at.
+    Unauthorized,
+    Index,
+    ConfigDump,
+    ShowLogFilter,
+    /// `POST /logging`: the directives of `?level=`, or `None` to read them
+    /// from the body.
+    SetLogFilter(Option<String>),
+    MethodNotAllowed,
+    NotFound,
+}
+
+/// Decides what `req` asks for; every request not carrying `token` is
+/// `Unauthorized`.
+pub fn route<B>(req: &Request<B>, token: &str) -> AdminRequest {
+    if !authorized(req, token) {
+        return AdminRequest::Unauthorized;
+    }
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/") => AdminRequest::Index,
+        (&Method::GET, "/config_dump") => AdminRequest::ConfigDump,
+        (&Method::GET, "/logging") => AdminRequest::ShowLogFilter,
+        (&Method::POST, "/logging") => {
+            AdminRequest::SetLogFilter(query_param(req.uri().query().unwrap_or(""), "level"))
+        }
+        (_, "/" | "/config_dump" | "/logging") => AdminRequest::MethodNotAllowed,
+        _ => AdminRequest::NotFound,
+    }
+}
+
+/// The most a `POST /logging` body may hold.
+const MAX_BODY: usize = 4096;
+
+/// Log directives sent as a request body (`curl --data 'info,…'`).
+pub async fn directives_in<B>(body: B) -> Result<String, String>
+where
+    B: hyper::body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    match Limited::new(body, MAX_BODY).collect().await {
+        Ok(body) => Ok(String::from_utf8_lossy(&body.to_bytes()).into_owned()),
+        Err(e) => Err(format!("reading the body: {e}")),
+    }
+}
+
 pub async fn handle(shared: &Shared, req: Request<hyper::body::Incoming>) -> Reply {
-    if !authorized(&req, &shared.admin_token) {
-        return text(
+    let path = req.uri().path().to_owned();
+    match route(&req, &shared.admin_token) {
+        AdminRequest::Unauthorized => text(
             StatusCode::UNAUTHORIZED,
             format!(
                 "the admin endpoint needs `Authorization: Bearer TOKEN`, with the token in {} (root only)",
                 shared.config.state_dir.join(TOKEN_FILE).display()
             ),
-        );
-    }
-    let path = req.uri().path().to_owned();
-    match (req.method(), path.as_str()) {
-        (&Method::GET, "/") => text(StatusCode::OK, INDEX),
-        (&Method::GET, "/config_dump") => config_dump(shared),
-        (&Method::GET, "/logging") => text(StatusCode::OK, shared.log_filter.current()),
-        (&Method::POST, "/logging") => {
-            let query = req.uri().query().unwrap_or("").to_owned();
-            let directives = match query_param(&query, "level") {
-                Some(level) => level,
-                // Or the directives as the body (`curl --data 'info,…'`).
-                None => match Limited::new(req.into_body(), 4096).collect().await {
-                    Ok(body) => String::from_utf8_lossy(&body.to_bytes()).into_owned(),
-                    Err(e) => {
-                        return text(StatusCode::BAD_REQUEST, format!("reading the body: {e}"));
-                    }
+        ),
+        AdminRequest::Index => text(StatusCode::OK, INDEX),
+        AdminRequest::ConfigDump => config_dump(shared),
+        AdminRequest::ShowLogFilter => text(StatusCode::OK, shared.log_filter.current()),
+        AdminRequest::SetLogFilter(directives) => {
+            let directives = match directives {
+                Some(directives) => directives,
+                None => match directives_in(req.into_body()).await {
+                    Ok(directives) => directives,
+                    Err(e) => return text(StatusCode::BAD_REQUEST, e),
                 },
             };
             match shared.log_filter.set(&directives) {
@@ -153,8 +195,8 @@ pub async fn handle(shared: &Shared, req: Request<hyper::body::Incoming>) -> Rep
                 Err(e) => text(StatusCode::BAD_REQUEST, e),
             }
         }
-        (_, "/" | "/config_dump" | "/logging") => method_not_allowed(req.method(), &path),
-        _ => not_found(&path),
+        AdminRequest::MethodNotAllowed => method_not_allowed(req.method(), &path),
+        AdminRequest::NotFound => not_found(&path),
     }
 }
 
@@ -204,6 +246,60 @@ mod tests {
             query_param("level=a+b%zz%41", "level").as_deref(),
             Some("a b%zzA")
         );
+    }
+
+    fn request(method: &str, uri: &str, authorization: Option<&str>) -> Request<()> {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(value) = authorization {
+            req = req.header(http::header::AUTHORIZATION, value);
+        }
+        req.body(()).unwrap()
+    }
+
+    #[test]
+    fn only_the_token_opens_any_route() {
+        let token = "0123abcd";
+        for auth in [
+            None,
+            Some("Bearer 0123abcE"),
+            Some("Bearer 0123abc"),
+            Some("0123abcd"),
+            Some("bearer 0123abcd"),
+        ] {
+            for (method, uri) in [
+                ("GET", "/"),
+                ("GET", "/config_dump"),
+                ("POST", "/logging?level=trace"),
+                ("GET", "/nothing"),
+            ] {
+                assert_eq!(
+                    route(&request(method, uri, auth), token),
+                    AdminRequest::Unauthorized,
+                    "{method} {uri} with {auth:?}"
+                );
+            }
+        }
+        let with = |method, uri| route(&request(method, uri, Some("Bearer 0123abcd")), token);
+        assert_eq!(with("GET", "/"), AdminRequest::Index);
+        assert_eq!(with("GET", "/config_dump"), AdminRequest::ConfigDump);
+        assert_eq!(with("GET", "/logging"), AdminRequest::ShowLogFilter);
+        assert_eq!(
+            with("POST", "/logging?level=info%2Cmesh_agent%3Dtrace"),
+            AdminRequest::SetLogFilter(Some("info,mesh_agent=trace".into()))
+        );
+        assert_eq!(with("POST", "/logging"), AdminRequest::SetLogFilter(None));
+        assert_eq!(with("DELETE", "/logging"), AdminRequest::MethodNotAllowed);
+        assert_eq!(with("GET", "/config_dump/x"), AdminRequest::NotFound);
+    }
+
+    #[test]
+    fn a_body_past_the_bound_is_refused() {
+        use http_body_util::Full;
+        let read = |len| {
+            futures::executor::block_on(directives_in(Full::new(Bytes::from(vec![b'a'; len]))))
+        };
+        assert_eq!(read(MAX_BODY).unwrap().len(), MAX_BODY);
+        assert!(read(MAX_BODY + 1).unwrap_err().contains("reading the body"));
     }
 
     #[test]
