@@ -2,6 +2,7 @@
 //! the kernel, carried to the destination's node over HBONE with the
 //! workload's own certificate.
 use std::{
+    future::Future,
     io,
     net::SocketAddr,
     sync::{Arc, RwLock},
@@ -46,30 +47,34 @@ pub struct Outbound {
 
 impl Outbound {
     pub fn handle(self: &Arc<Self>, accepted: Accepted) {
-        let this = self.clone();
-        self.carrying
-            .spawn(async move { this.carry(accepted).await });
+        self.carrying.spawn(self.clone().carry(accepted));
     }
 
-    async fn carry(&self, a: Accepted) {
-        // Opening (lookups, the pool, perhaps a handshake) runs boxed and is
-        // freed once done: a held connection's task keeps only the splice.
-        let Some((tunnel, stream, ends)) = Box::pin(self.open(a)).await else {
-            return;
-        };
-        let _open = self.metrics.open(Direction::Outbound);
-        // No span while the bytes flow: a subscriber keeps each span's
-        // formatted fields, which would cost every held connection more
-        // than its splice does. The names are looked up if it fails.
-        if let Err(e) = tunnel.splice(stream).await {
-            let (src, dst, dst_addr) = ends;
-            debug!(
-                src = %self.flows.identity_name(src),
-                dst = %self.flows.identity_name(dst),
-                %dst_addr,
-                error = %e,
-                "tunnel ended with a reset"
-            );
+    /// Opens the tunnel, then splices. Opening (lookups, the pool, perhaps
+    /// a handshake) runs boxed and is freed once done, and this is no
+    /// `async fn`, which would keep `a` for the connection's life: a held
+    /// connection's task keeps only the splice.
+    fn carry(self: Arc<Self>, a: Accepted) -> impl Future<Output = ()> + Send + 'static {
+        let this = self.clone();
+        let opening = Box::pin(async move { this.open(a).await });
+        async move {
+            let Some((tunnel, stream, ends)) = opening.await else {
+                return;
+            };
+            let _open = self.metrics.open(Direction::Outbound);
+            // No span while the bytes flow: a subscriber keeps each span's
+            // formatted fields, which would cost every held connection more
+            // than its splice does. The names are looked up if it fails.
+            if let Err(e) = tunnel.splice(stream).await {
+                let (src, dst, dst_addr) = ends;
+                debug!(
+                    src = %self.flows.identity_name(src),
+                    dst = %self.flows.identity_name(dst),
+                    %dst_addr,
+                    error = %e,
+                    "tunnel ended with a reset"
+                );
+            }
         }
     }
 

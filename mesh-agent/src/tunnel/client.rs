@@ -1,6 +1,7 @@
 //! The source side: an HTTP/2 connection to a peer agent, on which each
 //! tunnel is one `CONNECT` stream.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -8,6 +9,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::FutureExt as _;
 use h2::client::SendRequest;
 use h2::{Reason, RecvStream, SendStream};
 use http::{HeaderMap, Method, Request, StatusCode};
@@ -240,7 +242,13 @@ pub struct Tunnel {
 impl Tunnel {
     /// Copies bytes between `socket` (the application's connection) and
     /// the tunnel until both directions end; see [`splice::splice`].
-    pub async fn splice<S: Socket>(self, socket: S) -> Result<SpliceStats, SpliceError> {
+    /// The stream's pool slot is given back when the splice ends. (Not an
+    /// `async fn`, which would keep `self` and `socket` beside the splice
+    /// they are moved into.)
+    pub fn splice<S: Socket>(
+        self,
+        socket: S,
+    ) -> impl Future<Output = Result<SpliceStats, SpliceError>> + Send {
         let Self {
             send,
             recv,
@@ -248,7 +256,10 @@ impl Tunnel {
             _slot,
             ..
         } = self;
-        splice::splice(socket, send, recv, splice_buffer).await
+        splice::splice(socket, send, recv, splice_buffer).map(move |ended| {
+            drop(_slot);
+            ended
+        })
     }
 }
 

@@ -107,25 +107,30 @@ where
     }
 }
 
-async fn handle<H, F, U>(
+/// One stream: answered, then spliced. Answering (checks, the handler's
+/// policy and connection) runs boxed and is freed once done, and this is
+/// no `async fn`, which would keep the request beside it: a held tunnel's
+/// task keeps only the splice.
+fn handle<H, F, U>(
     request: Request<RecvStream>,
     respond: SendResponse<Bytes>,
     handler: Arc<H>,
     splice_buffer: usize,
-) where
+) -> impl Future<Output = ()> + Send
+where
     H: Fn(ConnectRequest) -> F + Send + Sync + 'static,
     F: Future<Output = Result<U, Refusal>> + Send + 'static,
     U: Socket + 'static,
 {
-    // Answering (checks, the handler's policy and connection) runs boxed
-    // and is freed once done: a held tunnel's task keeps only the splice.
-    let Some((upstream, send, recv, target)) = Box::pin(answer(request, respond, handler)).await
-    else {
-        return;
-    };
-    match splice::splice(upstream, send, recv, splice_buffer).await {
-        Ok(stats) => tracing::debug!(%target, ?stats, "tunnel closed"),
-        Err(error) => tracing::debug!(%target, %error, "tunnel reset"),
+    let answering = Box::pin(answer(request, respond, handler));
+    async move {
+        let Some((upstream, send, recv, target)) = answering.await else {
+            return;
+        };
+        match splice::splice(upstream, send, recv, splice_buffer).await {
+            Ok(stats) => tracing::debug!(%target, ?stats, "tunnel closed"),
+            Err(error) => tracing::debug!(%target, %error, "tunnel reset"),
+        }
     }
 }
 

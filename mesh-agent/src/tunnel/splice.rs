@@ -101,12 +101,16 @@ const FIRST_READ: usize = 16 * 1024;
 /// directions have ended; `buffer_size` is the largest socket read. A
 /// socket with nothing to read holds no buffer, so a held idle connection
 /// costs its stream and its task, not a read buffer (`mesh-bench soak`).
-pub async fn splice<S: Socket>(
+///
+/// Not an `async fn`: one would keep its arguments beside the `Splice`
+/// they are moved into for the whole life of the connection. The future
+/// holds the `Splice` alone.
+pub fn splice<S: Socket>(
     socket: S,
     send: SendStream<Bytes>,
     recv: RecvStream,
     buffer_size: usize,
-) -> Result<SpliceStats, SpliceError> {
+) -> impl Future<Output = Result<SpliceStats, SpliceError>> + Send {
     let mut splice = Splice {
         socket,
         send,
@@ -121,20 +125,22 @@ pub async fn splice<S: Socket>(
         stats: SpliceStats::default(),
         finished: false,
     };
-    let result = poll_fn(|cx| splice.poll(cx)).await;
-    let stats = splice.stats;
-    match result {
-        Ok(()) => {
-            splice.finished = true;
-            Ok(stats)
-        }
-        Err(cause) => {
-            let reason = match cause {
-                SpliceFailure::Socket(_) => Reason::CONNECT_ERROR,
-                _ => Reason::CANCEL,
-            };
-            splice.abort(reason);
-            Err(SpliceError { cause, stats })
+    async move {
+        let result = poll_fn(|cx| splice.poll(cx)).await;
+        let stats = splice.stats;
+        match result {
+            Ok(()) => {
+                splice.finish();
+                Ok(stats)
+            }
+            Err(cause) => {
+                let reason = match cause {
+                    SpliceFailure::Socket(_) => Reason::CONNECT_ERROR,
+                    _ => Reason::CANCEL,
+                };
+                splice.abort(reason);
+                Err(SpliceError { cause, stats })
+            }
         }
     }
 }
@@ -297,6 +303,12 @@ impl<S: Socket> Splice<S> {
             Poll::Ready(Err(error)) => SpliceFailure::from_h2(error),
             Poll::Pending => SpliceFailure::Reset(Reason::CANCEL),
         }
+    }
+
+    /// Both directions ended cleanly: dropping the splice closes the
+    /// socket gracefully.
+    fn finish(&mut self) {
+        self.finished = true;
     }
 
     /// Resets both sides: the stream with `reason`, the socket on drop.
