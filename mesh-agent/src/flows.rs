@@ -170,8 +170,11 @@ fn monotonic_epoch() -> f64 {
 /// counted for `/metrics`.
 #[derive(Clone)]
 pub struct FlowHub {
-    history: Arc<Mutex<VecDeque<FlowRecord>>>,
-    live: broadcast::Sender<FlowRecord>,
+    /// Records are shared between the history and the live stream: one
+    /// allocation each, and the stream's ring holds pointers (a ring of
+    /// records would take a megabyte and a half at start).
+    history: Arc<Mutex<VecDeque<Arc<FlowRecord>>>>,
+    live: broadcast::Sender<Arc<FlowRecord>>,
     /// What the control loop last applied (shared, so `/config_dump` takes
     /// it without a copy).
     names: Arc<Mutex<Arc<NodeState>>>,
@@ -263,11 +266,13 @@ impl FlowHub {
             "flow"
         );
         self.metrics.record(&record);
+        let record = Arc::new(record);
         let mut history = self.history.lock().unwrap();
         if history.len() == HISTORY {
             history.pop_front();
         }
         history.push_back(record.clone());
+        drop(history);
         let _ = self.live.send(record);
     }
 
@@ -325,7 +330,7 @@ impl FlowHub {
         let request: Request = serde_json::from_str(line.trim()).context("bad request")?;
         // Subscribe before copying the history, so no event falls between.
         let mut live = self.live.subscribe();
-        let history: Vec<FlowRecord> = self.history.lock().unwrap().iter().cloned().collect();
+        let history: Vec<Arc<FlowRecord>> = self.history.lock().unwrap().iter().cloned().collect();
         for record in history {
             write_record(&mut write, &record).await?;
         }
