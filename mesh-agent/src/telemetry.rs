@@ -1,6 +1,9 @@
 //! Logging of the long-running commands (`run`, `ca serve`): plain or JSON
 //! on stderr, with a filter the agent's admin endpoint can replace.
-use crate::{config::LogFormat, endpoints::admin::LogFilter};
+use crate::{
+    config::LogFormat,
+    endpoints::admin::{LogFilter, parse_filter},
+};
 
 /// The log filter when `RUST_LOG` does not say: kube's client logs every
 /// failed connection attempt at ERROR; the agent says once that it lost the
@@ -13,8 +16,10 @@ pub fn init_logging(format: LogFormat) -> LogFilter {
     use std::io::IsTerminal as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     use tracing_subscriber::{EnvFilter, fmt, layer::SubscriberExt as _, reload};
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
+    let filter = std::env::var(EnvFilter::DEFAULT_ENV)
+        .ok()
+        .and_then(|directives| parse_filter(&directives).ok())
+        .unwrap_or_else(|| parse_filter(DEFAULT_LOG_FILTER).expect("the default filter parses"));
     let (filter, handle) = reload::Layer::new(filter);
     // Colours only for people: log collectors get plain text.
     let ansi = std::io::stderr().is_terminal();
