@@ -61,9 +61,13 @@ pub struct TunnelSettings {
     /// what one socket read produced, so small writes stay small.
     pub max_frame_size: u32,
     /// Most tunnels one connection carries at once (advertised to the peer,
-    /// and the pool's limit before it opens another connection). Keeps a
-    /// connection's streams from competing for one window and one TLS
-    /// session's CPU.
+    /// and the pool's limit before it opens another connection). Each
+    /// pooled connection costs about 100 kB (TLS, HTTP/2's codec and frame
+    /// queues, its task), so at 100 streams a held tunnel paid 1 kB for its
+    /// share of one; at 1,000 it pays 0.1 kB (`mesh-bench soak`). The
+    /// tunnels of one connection share its window and its TLS session's
+    /// CPU, but only tunnels between the same two workload identities on
+    /// the same two nodes ever share a connection.
     pub max_concurrent_streams: u32,
     /// Bytes of one tunnel that may wait in HTTP/2's send queue (for the
     /// connection's socket, TLS, to take them). The splice does not read
@@ -91,7 +95,7 @@ impl Default for TunnelSettings {
             stream_window: 4 * MIB,
             connection_window: 32 * MIB,
             max_frame_size: MIB,
-            max_concurrent_streams: 100,
+            max_concurrent_streams: 1000,
             send_buffer: MIB,
             splice_buffer: 256 * KIB,
             // Certificates live for hours and are renewed at half-life; a

@@ -294,7 +294,11 @@ async fn failing_streams_leave_the_others_alone() {
 async fn thousand_concurrent_tunnels_share_a_few_connections() {
     const TUNNELS: usize = 1000;
     let dest = echo_destination().await;
-    let settings = TunnelSettings::default();
+    // Fewer streams per connection than tunnels, so that they spill over.
+    let settings = TunnelSettings {
+        max_concurrent_streams: 100,
+        ..TunnelSettings::default()
+    };
     let per_connection = settings.max_concurrent_streams as usize;
     let server = ServerAgent::start(settings.clone(), None, connect_to_target).await;
     let pool = Pool::new(settings);
