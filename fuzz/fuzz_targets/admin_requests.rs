@@ -24,7 +24,10 @@ async fn answer(filter: LogFilter, req: Request<Incoming>) -> Response<Full<Byte
     let routed = route(&req, TOKEN);
     if routed != AdminRequest::Unauthorized {
         let auth = req.headers().get(http::header::AUTHORIZATION);
-        assert_eq!(auth.map(|v| v.as_bytes()), Some(format!("Bearer {TOKEN}").as_bytes()));
+        assert_eq!(
+            auth.map(|v| v.as_bytes()),
+            Some(format!("Bearer {TOKEN}").as_bytes())
+        );
     }
     if let AdminRequest::SetLogFilter(directives) = routed {
         let directives = match directives {
@@ -56,7 +59,8 @@ fuzz_target!(|data: &[u8]| {
             let filter = filter.clone();
             async move { Ok::<_, Infallible>(answer(filter, req).await) }
         });
-        let serving = tokio::spawn(http1::Builder::new().serve_connection(TokioIo::new(server), service));
+        let serving =
+            tokio::spawn(http1::Builder::new().serve_connection(TokioIo::new(server), service));
         let (mut read, mut write) = tokio::io::split(client);
         let mut replies = Vec::new();
         let _ = tokio::join!(

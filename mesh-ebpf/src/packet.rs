@@ -5,8 +5,8 @@
 use aya_ebpf::{
     EbpfContext as _, helpers::generated::bpf_skb_load_bytes_relative, programs::TcContext,
 };
-pub use mesh_common::packet::Parsed;
 use mesh_common::packet::PacketBytes;
+pub use mesh_common::packet::Parsed;
 
 /// `bpf_skb_load_bytes_relative`: offsets count from the network header.
 const BPF_HDR_START_NET: u32 = 1;
