@@ -23,7 +23,7 @@ use crate::{
     mtls::Mtls,
     signal::ShutdownSignals,
 };
-use mesh_datapath::{Datapath, maps::PinnedMaps, pins::PinDir};
+use mesh_datapath::{Datapath, features::KernelFeatures, maps::PinnedMaps, pins::PinDir};
 use mesh_policy::state::NodeState;
 
 /// Editors and `kubectl`-like tools write a file in several steps; changes
@@ -45,6 +45,21 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let pins = PinDir::lock(&config.bpffs)?;
+    let kernel = KernelFeatures::probe();
+    if let Some(refusal) = kernel.refusal() {
+        anyhow::bail!(refusal);
+    }
+    for missing in kernel.features.iter().filter(|f| !f.present) {
+        warn!(
+            feature = %missing.name,
+            since = %missing.since,
+            instead = %missing.without,
+            "this kernel lacks a feature the mesh can do without"
+        );
+    }
+    std::fs::create_dir_all(&config.state_dir)
+        .and_then(|()| kernel.write(&config.state_dir))
+        .context("writing kernel.json to the state directory")?;
     // Each tunnelled connection holds a descriptor on each node: the
     // container runtime's soft limit (often 1,024) would cap them long
     // before the tunnel's own bounds.

@@ -16,7 +16,7 @@ use mesh_agent::agent;
 use mesh_agent::config::{
     CaSource, Config, EndpointsConfig, KubernetesConfig, LogFormat, MtlsConfig,
 };
-use mesh_datapath::{DatapathConfig, maps::PinnedMaps};
+use mesh_datapath::{DatapathConfig, TcAttach, maps::PinnedMaps};
 use mesh_policy::state::NodeState;
 
 #[derive(Debug, Parser)]
@@ -188,6 +188,12 @@ pub struct RunArgs {
     /// each checks it against policy.
     #[arg(long, value_delimiter = ',', env = ENV_INTERFACES)]
     pub interfaces: Vec<String>,
+
+    /// How the tc programs are attached to interfaces: `tcx` links (Linux
+    /// 6.6+), `netlink` clsact filters (older kernels), or `auto`, the
+    /// best the kernel has (docs/kernels.md).
+    #[arg(long, default_value = "auto", env = ENV_TC_ATTACH, value_parser = ["auto", "tcx", "netlink"])]
+    pub tc_attach: String,
 
     /// The SPIFFE trust domain of the mesh's identities.
     #[arg(long, default_value = "cluster.local", env = ENV_TRUST_DOMAIN)]
@@ -399,6 +405,11 @@ impl RunArgs {
             datapath: DatapathConfig {
                 cgroup,
                 interfaces: args.interfaces,
+                tc_attach: match args.tc_attach.as_str() {
+                    "tcx" => TcAttach::Tcx,
+                    "netlink" => TcAttach::Netlink,
+                    _ => TcAttach::Auto,
+                },
                 short_circuit: args.short_circuit.map(|s| s == OnOff::On),
                 revoke_established: args.established == Established::Revoke,
                 max_sockets: args.max_sockets,

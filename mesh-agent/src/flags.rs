@@ -13,6 +13,7 @@ pub const ENV_INTERFACES: &str = "MESH_INTERFACES";
 // Every other flag of `run`: `MESH_` and the flag's name, so a ConfigMap can
 // configure the agent with `envFrom`.
 pub const ENV_SHORT_CIRCUIT: &str = "MESH_SHORT_CIRCUIT";
+pub const ENV_TC_ATTACH: &str = "MESH_TC_ATTACH";
 pub const ENV_MAX_SOCKETS: &str = "MESH_MAX_SOCKETS";
 pub const ENV_KUBERNETES: &str = "MESH_KUBERNETES";
 pub const ENV_KUBECONFIG: &str = "MESH_KUBECONFIG";

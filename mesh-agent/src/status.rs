@@ -25,7 +25,7 @@ use mesh_agent::endpoints::metrics::seconds_until;
 use mesh_agent::health::HealthReport;
 use mesh_common::policy::ENDPOINT_LOCAL;
 use mesh_datapath::maps::{MapFill, PinnedMaps};
-use mesh_datapath::{CGROUP_HOOKS, TcLinkState};
+use mesh_datapath::{CGROUP_HOOKS, TcLinkState, TcMode, features::KernelFeatures};
 use mesh_pki::rotation::CertState;
 use mesh_policy::state::NodeState;
 
@@ -86,6 +86,10 @@ pub struct Inputs {
     pub certs: Option<Result<CertState, String>>,
     /// The generation `state.json` names, when there is one.
     pub state_generation: Option<u32>,
+    /// How the interfaces' tc programs are attached (from the pins).
+    pub tc_mode: Option<TcMode>,
+    /// What the agent found in the kernel at start (`kernel.json`).
+    pub kernel_features: Option<KernelFeatures>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -192,6 +196,12 @@ pub fn gather(bpffs: &Path, state_dir: &Path, health_address: SocketAddr) -> Inp
         .exists()
         .then(|| NodeState::read(state_dir).ok().map(|s| s.generation))
         .flatten();
+    let tc_mode = pins.as_ref().ok().and_then(|names| {
+        names
+            .iter()
+            .filter(|n| n.starts_with("tc_"))
+            .find_map(|n| mesh_datapath::tc::pinned_mode(&bpffs.join(n)))
+    });
     Inputs {
         bpffs: bpffs.to_owned(),
         agent,
@@ -201,6 +211,8 @@ pub fn gather(bpffs: &Path, state_dir: &Path, health_address: SocketAddr) -> Inp
         kernel,
         certs,
         state_generation,
+        tc_mode,
+        kernel_features: KernelFeatures::read(state_dir).ok(),
     }
 }
 
@@ -409,9 +421,21 @@ pub fn evaluate(inputs: &Inputs, now: SystemTime) -> Report {
                 &inputs.stale_interfaces,
                 &inputs.routes_to_other_nodes,
                 &bpffs.to_string(),
+                inputs.tc_mode,
             );
             check("programs", state, detail);
         }
+    }
+
+    // What the kernel offers, as the agent found it at start: the
+    // fallbacks in force are no fault, but an operator should see them.
+    match &inputs.kernel_features {
+        Some(kernel) => check("features", State::Ok, kernel.summary()),
+        None => check(
+            "features",
+            State::Warn,
+            "unknown: no kernel.json (no agent has started with this state directory)".into(),
+        ),
     }
 
     match &inputs.kernel {
@@ -531,6 +555,7 @@ fn judge_links(
     stale: &[String],
     routes_to_other_nodes: &[(String, IpAddr)],
     bpffs: &str,
+    tc_mode: Option<TcMode>,
 ) -> (State, String) {
     let Some(cgroup) = names.iter().find_map(|n| n.strip_prefix("sockops_cgroup_")) else {
         return (
@@ -617,7 +642,12 @@ fn judge_links(
         1 => "; checks on 1 workload interface".to_string(),
         n => format!("; checks on {n} workload interfaces"),
     };
-    (State::Ok, format!("{hooks}; tc on {tc}{checks}"))
+    let how = match tc_mode {
+        Some(TcMode::Tcx) => " (TCX links)",
+        Some(TcMode::Netlink) => " (clsact filters)",
+        None => "",
+    };
+    (State::Ok, format!("{hooks}; tc on {tc}{how}{checks}"))
 }
 
 fn judge_certificates(
@@ -780,12 +810,53 @@ mod tests {
                 None,
             )]),
             state_generation: Some(5),
+            tc_mode: Some(TcMode::Tcx),
+            kernel_features: Some(KernelFeatures {
+                release: "6.1.0-50-amd64".into(),
+                features: Vec::new(),
+            }),
         }
     }
 
     fn state_of(report: &Report, name: &str) -> (State, String) {
         let c = report.checks.iter().find(|c| c.check == name).unwrap();
         (c.state, c.detail.clone())
+    }
+
+    #[test]
+    fn kernel_fallbacks_are_shown_and_an_unknown_kernel_warns() {
+        let mut inputs = healthy_inputs();
+        inputs.tc_mode = Some(TcMode::Netlink);
+        inputs.kernel_features = Some(KernelFeatures {
+            release: "6.1.0-50-amd64".into(),
+            features: vec![mesh_datapath::features::Feature {
+                name: "tcx".into(),
+                present: false,
+                need: mesh_datapath::features::Need::Optional,
+                since: "6.6".into(),
+                with: "links".into(),
+                without: "clsact filters".into(),
+            }],
+        });
+        let report = evaluate(&inputs, now());
+        assert!(report.healthy, "{report:#?}");
+        assert_eq!(
+            state_of(&report, "features"),
+            (
+                State::Ok,
+                "Linux 6.1.0-50-amd64: no tcx (Linux 6.6+): clsact filters".into()
+            )
+        );
+        assert!(
+            state_of(&report, "programs")
+                .1
+                .ends_with("tc on eth0 (clsact filters)")
+        );
+        inputs.kernel_features = None;
+        assert_eq!(
+            state_of(&evaluate(&inputs, now()), "features").0,
+            State::Warn
+        );
     }
 
     #[test]
@@ -801,7 +872,11 @@ mod tests {
         assert!(text.contains("CHECK"), "{text}");
         assert_eq!(
             state_of(&report, "programs").1,
-            "10 cgroup hooks on cgroup 4242; tc on eth0"
+            "10 cgroup hooks on cgroup 4242; tc on eth0 (TCX links)"
+        );
+        assert_eq!(
+            state_of(&report, "features").1,
+            "Linux 6.1.0-50-amd64: every feature the mesh uses"
         );
         assert_eq!(
             state_of(&report, "maps").1,
@@ -924,7 +999,7 @@ mod tests {
             state_of(&evaluate(&inputs, now()), "programs"),
             (
                 State::Ok,
-                "10 cgroup hooks on cgroup 4242; tc on eth0; checks on 2 workload interfaces"
+                "10 cgroup hooks on cgroup 4242; tc on eth0 (TCX links); checks on 2 workload interfaces"
                     .into()
             )
         );

@@ -16,7 +16,7 @@ use std::{
 use mesh_tests::{
     agent::{self, Agent},
     process::Spawned,
-    topology::{TestBed, wait_for_line},
+    topology::{TestBed, UPLINK, wait_for_line},
 };
 use serde_json::Value;
 
@@ -37,6 +37,8 @@ struct Scene {
     agents: Vec<Agent>,
     ca: PathBuf,
     config_dir: PathBuf,
+    /// Further flags of every agent.
+    extra: Vec<&'static str>,
 }
 
 impl Drop for Scene {
@@ -52,6 +54,11 @@ impl Drop for Scene {
 /// Two connected nodes, db allowing web and api only, a mesh CA; agents
 /// of `bin` on both nodes.
 fn scene(test: &str, bin: &Path) -> Scene {
+    scene_with(test, bin, &[])
+}
+
+/// [`scene`], the agents run with the flags `extra`.
+fn scene_with(test: &str, bin: &Path, extra: &[&'static str]) -> Scene {
     let mut bed = TestBed::new(test).unwrap();
     bed.add_node().unwrap();
     bed.connect_nodes().unwrap();
@@ -81,6 +88,7 @@ fn scene(test: &str, bin: &Path) -> Scene {
         agents: Vec::new(),
         ca,
         config_dir,
+        extra: extra.to_vec(),
     };
     scene.agents = (0..2).map(|n| scene.start(n, bin).unwrap()).collect();
     scene
@@ -96,12 +104,14 @@ impl Scene {
     }
 
     fn args(&self) -> Vec<&str> {
-        vec![
+        let mut args = vec![
             "--config-dir",
             self.config_dir.to_str().unwrap(),
             "--ca-dir",
             self.ca.to_str().unwrap(),
-        ]
+        ];
+        args.extend_from_slice(&self.extra);
+        args
     }
 
     fn db(&self) -> String {
@@ -250,13 +260,140 @@ fn twenty_restarts_under_traffic_pass_no_denied_flow_and_break_no_allowed_connec
         slowest.0,
         slowest.1
     );
-    // Every hook kept the first agent's pinned link: swapped, never detached.
+    // Every hook kept the first agent's attachment: swapped, never detached.
     for node in 0..2 {
         let log = s.agents[node].log();
         assert!(log.contains("adopted_pins=true"), "{log}");
-        // 10 cgroup hooks and tc in both directions on the uplink.
-        assert_eq!(log.matches("adopted pinned link").count(), 12, "{log}");
+        // 10 cgroup hooks and tc in both directions on the uplink (TCX
+        // links, or clsact filters on a kernel without TCX).
+        let adopted = log.matches("adopted pinned link").count()
+            + log
+                .matches("replaced the program of the mesh's tc filter")
+                .count();
+        assert_eq!(adopted, 12, "{log}");
     }
+}
+
+/// The mesh's tc filters on node `node`'s uplink, from `tc` itself:
+/// (hook, priority, handle, program name, program id).
+fn uplink_filters(s: &Scene, node: usize) -> Vec<(String, u64, String, String, u64)> {
+    let mut found = Vec::new();
+    for hook in ["ingress", "egress"] {
+        let out = s.bed.nodes[node]
+            .netns
+            .exec("tc", &["-j", "filter", "show", "dev", UPLINK, hook])
+            .unwrap();
+        let filters: Value = serde_json::from_str(&out).unwrap_or(Value::Array(vec![]));
+        for f in filters.as_array().unwrap() {
+            let Some(options) = f.get("options") else {
+                continue; // the entry of the priority itself
+            };
+            found.push((
+                hook.to_string(),
+                f["pref"].as_u64().unwrap(),
+                options["handle"].as_str().unwrap_or_default().to_string(),
+                options["bpf_name"].as_str().unwrap_or_default().to_string(),
+                options["prog"]["id"].as_u64().unwrap_or_default(),
+            ));
+        }
+    }
+    found
+}
+
+/// On kernels without TCX (forced here with `--tc-attach netlink`) the tc
+/// programs are clsact filters, which cannot be pinned: a restart must give
+/// the mesh's filter its new program in place, never leaving the uplink
+/// without one (plaintext from outside the mesh would pass) and never
+/// adding a second filter beside the first.
+#[test]
+fn restarts_on_clsact_filters_replace_their_program_in_place() {
+    let mut s = scene_with(
+        "restart-clsact",
+        &agent::agent_bin(),
+        &["--tc-attach", "netlink"],
+    );
+    let first = uplink_filters(&s, 1);
+    let ours =
+        |filters: &[(String, u64, String, String, u64)]| -> Vec<(String, u64, String, String)> {
+            filters
+                .iter()
+                .map(|(hook, pref, handle, name, _)| {
+                    (hook.clone(), *pref, handle.clone(), name.clone())
+                })
+                .collect()
+        };
+    // One filter per hook, first in the chain, with the mesh's handle.
+    assert_eq!(
+        ours(&first),
+        [
+            (
+                "ingress".into(),
+                1,
+                "0x6d657368".into(),
+                "mesh_ingress".into()
+            ),
+            (
+                "egress".into(),
+                1,
+                "0x6d657368".into(),
+                "mesh_egress".into()
+            ),
+        ],
+        "{first:?}"
+    );
+    // What is pinned for the hook is the filter's program.
+    let pinned = Command::new("bpftool")
+        .args(["-j", "prog", "show", "pinned"])
+        .arg(s.bed.pin_dir(1).join("tc_ingress_uplink"))
+        .output()
+        .unwrap();
+    let pinned: Value = serde_json::from_slice(&pinned.stdout).unwrap();
+    assert_eq!(pinned["id"].as_u64(), Some(first[0].4), "{pinned}");
+    let traffic = Traffic::start(&s);
+    let mut programs = vec![first.iter().map(|f| f.4).collect::<Vec<_>>()];
+    for i in 0..8 {
+        let node = if i % 4 < 2 { 1 } else { 0 };
+        s.replace(node, &agent::agent_bin(), i % 2 == 0);
+        if node == 1 {
+            let now = uplink_filters(&s, 1);
+            assert_eq!(ours(&now), ours(&first), "restart {i}: {now:?}");
+            programs.push(now.iter().map(|f| f.4).collect());
+        }
+    }
+    traffic.finish();
+    // Each restart of node 1's agent gave the same filters new programs.
+    for pair in programs.windows(2) {
+        assert!(
+            pair[0][0] != pair[1][0] && pair[0][1] != pair[1][1],
+            "a restart left a filter's program as it was: {programs:?}"
+        );
+    }
+    let log = s.agents[1].log();
+    assert!(
+        log.contains("tc=\"netlink\"") || log.contains("tc=netlink"),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("replaced the program of the mesh's tc filter")
+            .count(),
+        2,
+        "{log}"
+    );
+    // status reads the pinned programs: the uplink is guarded.
+    let status = s.bed.nodes[1]
+        .netns
+        .exec(
+            agent::agent_bin().to_str().unwrap(),
+            &[
+                "--bpffs",
+                s.bed.pin_dir(1).to_str().unwrap(),
+                "--state-dir",
+                s.bed.state_dir(1).to_str().unwrap(),
+                "status",
+            ],
+        )
+        .unwrap_or_else(|e| format!("{e:#}"));
+    assert!(status.contains("tc on uplink (clsact filters)"), "{status}");
 }
 
 /// `bpftool map show` of a pin, as JSON.

@@ -7,11 +7,13 @@
 //! - the maps, by name (`SOCK_HASH`, `POLICY`, …);
 //! - `sockops_cgroup_<id>`, `connect4_cgroup_<id>`, `sock_create_cgroup_<id>`,
 //!   …: the cgroup links;
-//! - `tc_ingress_<ifname>`, `tc_egress_<ifname>`: the TCX links of the
-//!   node's interfaces.
+//! - `tc_ingress_<ifname>`, `tc_egress_<ifname>`: the tc attachments of the
+//!   node's interfaces (a TCX link, or on kernels without TCX the program of
+//!   a clsact filter: see `tc`).
 //!
 //! Every link is pinned, and a restarted agent swaps the program of each
-//! pinned link in place (`BPF_LINK_UPDATE`): no hook is ever left empty.
+//! pinned link in place (`BPF_LINK_UPDATE`; a clsact filter's in place by
+//! netlink): no hook is ever left empty.
 //! Maps pinned by an agent with an older layout are migrated first, and
 //! pins of a newer agent are refused (see `migrate`).
 //! The sk_msg program is attached to `SOCK_HASH` itself, so it lives as long
@@ -21,12 +23,14 @@
 
 pub mod cgroup;
 pub mod cidr;
+pub mod features;
 pub mod maps;
 pub mod migrate;
 pub mod netlink;
 pub mod netns;
 pub mod pins;
 pub mod sys;
+pub mod tc;
 
 use std::{
     collections::BTreeMap,
@@ -38,15 +42,15 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, SockHash},
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, LinkOrder, SchedClassifier, SkMsg, SockOps,
-        TcAttachType, links::FdLink, tc::TcAttachOptions,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, SkMsg, SockOps, TcAttachType, links::FdLink,
     },
 };
 use mesh_common::{MAP_LAYOUT_VERSION, SocketKey, map_names};
-use tracing::{info, warn};
+use tracing::info;
 
 use maps::{MapsError, PinnedMaps};
 use pins::PinDir;
+pub use tc::{TcAttach, TcLinkState, TcMode, tc_link_pin, tc_link_state};
 
 /// The programs' object, built by `cargo xtask build-ebpf` (see build.rs).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
@@ -133,6 +137,12 @@ pub enum DatapathError {
          serves one cgroup: use another --bpffs, or remove the old pins first"
     )]
     OtherCgroup { dir: PathBuf, other: String },
+    #[error("this kernel lacks {feature} (Linux {since}+); {instead}")]
+    Unsupported {
+        feature: &'static str,
+        since: &'static str,
+        instead: &'static str,
+    },
 }
 
 /// The loaded and attached data path. Dropping it leaves everything attached.
@@ -144,6 +154,8 @@ pub struct DatapathConfig {
     pub cgroup: PathBuf,
     /// Interfaces where traffic from other nodes arrives.
     pub interfaces: Vec<String>,
+    /// How tc programs are attached (TCX or clsact filters).
+    pub tc_attach: TcAttach,
     /// `Some` when given on the command line; `None` keeps what is pinned.
     pub short_circuit: Option<bool>,
     pub revoke_established: bool,
@@ -162,6 +174,7 @@ pub struct Datapath {
     ebpf: Ebpf,
     dir: PathBuf,
     interfaces: Vec<String>,
+    tc_mode: TcMode,
     /// The node's side of each local workload's interface → its identity.
     workloads: BTreeMap<u32, u64>,
 }
@@ -191,6 +204,7 @@ impl Datapath {
             });
         }
 
+        let tc_mode = TcMode::choose(config.tc_attach)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(dir)
             .map_max_entries(map_names::SOCK_HASH, config.max_sockets)
@@ -231,7 +245,7 @@ impl Datapath {
         for interface in &config.interfaces {
             for (program, direction, attach_type) in TC_PROGRAMS {
                 let pin = tc_link_pin(dir, direction, interface);
-                attach_tc(&mut ebpf, program, interface, attach_type, &pin)?;
+                tc::attach(&mut ebpf, tc_mode, program, interface, attach_type, &pin)?;
             }
         }
 
@@ -244,18 +258,20 @@ impl Datapath {
             cgroup = %config.cgroup.display(),
             cgroup_id,
             interfaces = ?config.interfaces,
+            tc = tc_mode.name(),
             adopted_pins = !fresh,
             short_circuit = maps.short_circuit()?,
             "kernel programs attached"
         );
         // Loaded now, so that a new workload's checks are a link away.
         for (name, _, _) in WORKLOAD_PROGRAMS {
-            loaded_classifier(&mut ebpf, name)?;
+            tc::loaded_classifier(&mut ebpf, name)?;
         }
         let mut datapath = Self {
             ebpf,
             dir: dir.to_owned(),
             interfaces: config.interfaces.clone(),
+            tc_mode,
             // A restarted agent keeps its predecessor's checks until the
             // first applied configuration says which workloads are here.
             workloads: maps.workload_interfaces()?.into_iter().collect(),
@@ -277,7 +293,14 @@ impl Datapath {
             }
             for (program, direction, attach_type) in TC_PROGRAMS {
                 let pin = tc_link_pin(&self.dir, direction, interface);
-                let again = guard_link(&mut self.ebpf, program, interface, attach_type, &pin)?;
+                let again = tc::guard(
+                    &mut self.ebpf,
+                    self.tc_mode,
+                    program,
+                    interface,
+                    attach_type,
+                    &pin,
+                )?;
                 if again && attached.last() != Some(interface) {
                     attached.push(interface.clone());
                 }
@@ -313,7 +336,14 @@ impl Datapath {
                 let pin = self
                     .dir
                     .join(format!("{WORKLOAD_LINK_PREFIX}{direction}_{ifindex}"));
-                guard_link(&mut self.ebpf, program, &name, attach_type, &pin)?;
+                tc::guard(
+                    &mut self.ebpf,
+                    self.tc_mode,
+                    program,
+                    &name,
+                    attach_type,
+                    &pin,
+                )?;
             }
         }
         // Links of interfaces that are no workload's any more: unpinned, so
@@ -336,55 +366,9 @@ impl Datapath {
     }
 }
 
-/// Attaches `program` to `interface` unless the link pinned at `pin`
-/// already guards it (a stale link is replaced by `attach_tc`); whether it
-/// attached.
-fn guard_link(
-    ebpf: &mut Ebpf,
-    program: &'static str,
-    interface: &str,
-    attach_type: TcAttachType,
-    pin: &Path,
-) -> Result<bool, DatapathError> {
-    if tc_link_state(pin, interface) == TcLinkState::Guarding {
-        return Ok(false);
-    }
-    attach_tc(ebpf, program, interface, attach_type, pin)?;
-    Ok(true)
-}
-
-/// Where the TCX link of `direction` on `interface` is pinned.
-pub fn tc_link_pin(dir: &Path, direction: &str, interface: &str) -> PathBuf {
-    dir.join(format!("tc_{direction}_{interface}"))
-}
-
-/// Whether a pinned tc link still guards its interface.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TcLinkState {
-    /// Attached to the interface that now has the name.
-    Guarding,
-    /// Attached to nothing: the interface was deleted (and perhaps created
-    /// again under the same name, with a new index).
-    Stale,
-    /// No link pinned, or none readable.
-    Missing,
-}
-
-/// The state of the tc link pinned at `pin` for `interface`.
-pub fn tc_link_state(pin: &Path, interface: &str) -> TcLinkState {
-    let Ok(link) = sys::obj_get(pin) else {
-        return TcLinkState::Missing;
-    };
-    let Ok(linked) = sys::tcx_link_ifindex(link.as_fd()) else {
-        return TcLinkState::Missing;
-    };
-    match nix::net::if_::if_nametoindex(interface) {
-        Ok(current) if linked != 0 && linked == current => TcLinkState::Guarding,
-        _ => TcLinkState::Stale,
-    }
-}
-
-fn program_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> DatapathError {
+pub(crate) fn program_err(
+    name: &'static str,
+) -> impl FnOnce(aya::programs::ProgramError) -> DatapathError {
     move |source| DatapathError::Program { name, source }
 }
 
@@ -458,69 +442,14 @@ fn attach_cgroup(
     }
 }
 
-/// The tc program `name`, loaded into the kernel (once).
-fn loaded_classifier<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<&'a mut SchedClassifier, DatapathError> {
-    let program: &mut SchedClassifier = ebpf
-        .program_mut(name)
-        .expect("the object defines the tc programs")
-        .try_into()
-        .map_err(program_err(name))?;
-    if program.fd().is_err() {
-        program.load().map_err(program_err(name))?;
-    }
-    Ok(program)
-}
-
-fn attach_tc(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-    interface: &str,
-    attach_type: TcAttachType,
-    link_pin: &Path,
-) -> Result<(), DatapathError> {
-    let program = loaded_classifier(ebpf, name)?;
-    let prog_fd = dup_program_fd(program.fd().map_err(program_err(name))?.as_fd())?;
-    if link_pin.exists() && tc_link_state(link_pin, interface) != TcLinkState::Guarding {
-        // Adopting it would leave the interface unguarded: a new link.
-        warn!(
-            link = %link_pin.display(),
-            interface,
-            "pinned tc link guards nothing (the interface was deleted or re-created): attaching anew"
-        );
-        std::fs::remove_file(link_pin).map_err(|source| DatapathError::Io {
-            what: format!("removing stale link {}", link_pin.display()),
-            source,
-        })?;
-    }
-    attach_pinned(link_pin, prog_fd.as_fd(), || {
-        // TCX (Linux 6.6+): a bpf_link, so it can be pinned and updated in
-        // place, and it coexists with other tc programs on the interface.
-        // First in the chain: a program before it that returned TC_ACT_OK
-        // would end the chain and skip the mesh's verdict. (A program
-        // attached later with "first" still goes before: docs/architecture.md.)
-        let id = program
-            .attach_with_options(
-                interface,
-                attach_type,
-                TcAttachOptions::TcxOrder(LinkOrder::first()),
-            )
-            .map_err(program_err(name))?;
-        let link = program.take_link(id).map_err(program_err(name))?;
-        FdLink::try_from(link).map_err(not_a_bpf_link)
-    })
-}
-
-fn dup_program_fd(fd: BorrowedFd<'_>) -> Result<std::os::fd::OwnedFd, DatapathError> {
+pub(crate) fn dup_program_fd(fd: BorrowedFd<'_>) -> Result<std::os::fd::OwnedFd, DatapathError> {
     fd.try_clone_to_owned().map_err(|source| DatapathError::Io {
         what: "duplicating a program descriptor".into(),
         source,
     })
 }
 
-fn not_a_bpf_link(e: aya::programs::links::LinkError) -> DatapathError {
+pub(crate) fn not_a_bpf_link(e: aya::programs::links::LinkError) -> DatapathError {
     DatapathError::Io {
         what: "the kernel gave an attachment that is not a bpf_link".into(),
         source: std::io::Error::other(e),
@@ -530,7 +459,7 @@ fn not_a_bpf_link(e: aya::programs::links::LinkError) -> DatapathError {
 /// The one way every hook is attached: when a previous agent pinned a link
 /// at `link_pin`, swap its program in place (`BPF_LINK_UPDATE`), so the hook
 /// is never empty; otherwise `attach` and pin the new link.
-fn attach_pinned(
+pub(crate) fn attach_pinned(
     link_pin: &Path,
     prog_fd: BorrowedFd<'_>,
     attach: impl FnOnce() -> Result<FdLink, DatapathError>,

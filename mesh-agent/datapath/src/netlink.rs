@@ -3,7 +3,9 @@
 //! veth of a namespace (`RTM_GETLINK`), which interface the route to an
 //! address leaves through (`RTM_GETROUTE`), and, of sock_diag, which
 //! connected UDP sockets there are, to abort some (`SOCK_DESTROY`, what
-//! `ss -K` sends). All are asked of the calling thread's network namespace.
+//! `ss -K` sends), and which tc filters an interface has (`RTM_GETTFILTER`),
+//! where a kernel without TCX keeps the mesh's tc programs. All are asked
+//! of the calling thread's network namespace.
 use std::{collections::BTreeSet, io, net::IpAddr, os::fd::AsRawFd as _};
 
 use nix::sys::socket::{
@@ -21,6 +23,17 @@ const RTM_NEWLINK: u16 = 16;
 const RTM_GETLINK: u16 = 18;
 const RTM_NEWROUTE: u16 = 24;
 const RTM_GETROUTE: u16 = 26;
+const RTM_NEWTFILTER: u16 = 44;
+const RTM_GETTFILTER: u16 = 46;
+/// `struct tcmsg`: family, padding, ifindex, handle, parent, info.
+const TCMSG_LEN: usize = 20;
+const TCA_KIND: u16 = 1;
+const TCA_OPTIONS: u16 = 2;
+const TCA_BPF_NAME: u16 = 7;
+const TCA_BPF_ID: u16 = 11;
+/// The clsact qdisc's two hooks, as a filter's parent.
+const TC_H_CLSACT_INGRESS: u32 = 0xffff_fff2;
+const TC_H_CLSACT_EGRESS: u32 = 0xffff_fff3;
 /// `struct ifinfomsg` and `struct rtmsg`: what follows the header.
 const IFINFO_LEN: usize = 16;
 const RTMSG_LEN: usize = 12;
@@ -128,7 +141,8 @@ fn attributes(payload: &[u8], skip: usize) -> impl Iterator<Item = (u16, &[u8])>
         if len < 4 || at + len > payload.len() {
             return None;
         }
-        let attr = (u16_at(payload, at + 2), &payload[at + 4..at + len]);
+        // The type without its NLA_F_NESTED / NLA_F_NET_BYTEORDER flags.
+        let attr = (u16_at(payload, at + 2) & 0x3fff, &payload[at + 4..at + len]);
         at += (len + 3) & !3;
         Some(attr)
     })
@@ -153,6 +167,71 @@ pub fn peer_interfaces() -> io::Result<Vec<u32>> {
             peer.filter(|_| elsewhere)
         })
         .collect())
+}
+
+/// One tc filter of a clsact hook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcFilter {
+    pub priority: u16,
+    pub handle: u32,
+    /// The classifier: `bpf` for a program.
+    pub kind: String,
+    /// Of a `bpf` filter: the name it was given and its program's id.
+    pub name: String,
+    pub program_id: u32,
+}
+
+/// The filters on the clsact `ingress` (or egress) hook of interface
+/// `ifindex`: none when it has no clsact qdisc.
+pub fn tc_filters(ifindex: u32, ingress: bool) -> io::Result<Vec<TcFilter>> {
+    let mut body = [0u8; TCMSG_LEN];
+    body[4..8].copy_from_slice(&ifindex.to_ne_bytes());
+    let parent = if ingress {
+        TC_H_CLSACT_INGRESS
+    } else {
+        TC_H_CLSACT_EGRESS
+    };
+    body[12..16].copy_from_slice(&parent.to_ne_bytes());
+    let answers = ask(RTM_GETTFILTER, NLM_F_DUMP, &body, RTM_NEWTFILTER)?;
+    Ok(answers
+        .iter()
+        .filter_map(|answer| parse_tc_filter(answer))
+        .collect())
+}
+
+/// A `RTM_NEWTFILTER` answer; `None` for the entry of a priority with no
+/// filter yet (handle 0), or one cut short.
+fn parse_tc_filter(answer: &[u8]) -> Option<TcFilter> {
+    let handle = u32_at(answer, 8)?;
+    let info = u32_at(answer, 16)?;
+    if handle == 0 {
+        return None;
+    }
+    let text =
+        |v: &[u8]| String::from_utf8_lossy(v.split(|b| *b == 0).next().unwrap_or(&[])).into_owned();
+    let mut filter = TcFilter {
+        priority: (info >> 16) as u16,
+        handle,
+        kind: String::new(),
+        name: String::new(),
+        program_id: 0,
+    };
+    for (kind, value) in attributes(answer, TCMSG_LEN) {
+        match kind {
+            TCA_KIND => filter.kind = text(value),
+            TCA_OPTIONS => {
+                for (option, value) in attributes(value, 0) {
+                    match option {
+                        TCA_BPF_NAME => filter.name = text(value),
+                        TCA_BPF_ID => filter.program_id = u32_at(value, 0).unwrap_or(0),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(filter)
 }
 
 /// The index of the interface the route to `dst` leaves through, if there

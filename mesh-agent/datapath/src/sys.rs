@@ -2,8 +2,9 @@
 //! bpf(2) commands aya 0.14 does not expose (BPF_OBJ_GET of a pinned link,
 //! and BPF_LINK_UPDATE, which swaps the program behind a link atomically, so
 //! an upgraded agent never leaves a moment with no program attached, and
-//! BPF_OBJ_GET_INFO_BY_FD of a TCX link, for the interface it guards),
-//! reading plain records out of a ring buffer, and `SO_NETNS_COOKIE`.
+//! BPF_OBJ_GET_INFO_BY_FD of a TCX link, for the interface it guards, and
+//! BPF_PROG_QUERY, to learn whether the kernel has TCX at all), reading
+//! plain records out of a ring buffer, and `SO_NETNS_COOKIE`.
 #![allow(unsafe_code)]
 
 use std::{
@@ -105,6 +106,59 @@ pub fn tcx_link_ifindex(link: BorrowedFd<'_>) -> io::Result<u32> {
     }
     // SAFETY: the kernel filled the union's `tcx` member for a TCX link.
     Ok(unsafe { info.__bindgen_anon_1.tcx.ifindex })
+}
+
+/// `bpf_attr.query`, up to `prog_cnt` (the kernel zero-fills the rest).
+#[repr(C)]
+struct ProgQueryAttr {
+    target_ifindex: u32,
+    attach_type: u32,
+    query_flags: u32,
+    attach_flags: u32,
+    prog_ids: u64,
+    prog_cnt: u32,
+}
+
+/// Whether the kernel has TCX (Linux 6.6+): it answers a query of the TCX
+/// hooks of the loopback interface, which older kernels refuse as an
+/// unknown attach type (`EINVAL`). A query attaches nothing, so probing
+/// leaves no trace, and it recognises backports where a version check
+/// would not.
+pub fn tcx_supported() -> io::Result<bool> {
+    use aya_obj::generated::bpf_attach_type;
+    let attr = ProgQueryAttr {
+        target_ifindex: 1, // lo: index 1 in every network namespace
+        attach_type: bpf_attach_type::BPF_TCX_INGRESS as u32,
+        query_flags: 0,
+        attach_flags: 0,
+        prog_ids: 0,
+        prog_cnt: 0,
+    };
+    match bpf(bpf_cmd::BPF_PROG_QUERY, &attr) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// What a descriptor of a pinned bpf object holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BpfObject {
+    Link,
+    Program,
+    Other,
+}
+
+/// The kind of bpf object behind `fd`, from the name of its anonymous inode
+/// (`anon_inode:bpf-link`, `anon_inode:bpf-prog`): the kernel's own label,
+/// where the info of BPF_OBJ_GET_INFO_BY_FD has no field that says.
+pub fn bpf_object_kind(fd: BorrowedFd<'_>) -> io::Result<BpfObject> {
+    let target = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+    Ok(match target.to_str() {
+        Some("anon_inode:bpf-link") => BpfObject::Link,
+        Some("anon_inode:bpf-prog") => BpfObject::Program,
+        _ => BpfObject::Other,
+    })
 }
 
 /// A `T` from the start of `bytes` (a ring buffer record the kernel wrote),

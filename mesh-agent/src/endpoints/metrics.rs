@@ -100,6 +100,8 @@ pub struct Readings {
     /// SPIFFE ID → seconds until its certificate expires (negative: expired).
     pub certificates: Vec<(String, f64)>,
     pub ready: Option<bool>,
+    /// What the agent found in the kernel at start: feature → present.
+    pub kernel_features: Vec<(String, bool)>,
 }
 
 /// The real readings: the pins under `bpffs`, `certs.json` in `state_dir`,
@@ -121,6 +123,13 @@ pub fn node_readings(
             }
             readings.maps = maps.fill().unwrap_or_default();
             readings.policy_generation = maps.policy_generation().ok();
+        }
+        if let Ok(kernel) = mesh_datapath::features::KernelFeatures::read(&state_dir) {
+            readings.kernel_features = kernel
+                .features
+                .into_iter()
+                .map(|f| (f.name, f.present))
+                .collect();
         }
         if let Ok(state) = mesh_pki::rotation::read_state(&state_dir) {
             let now = SystemTime::now();
@@ -210,6 +219,19 @@ impl Collector for NodeCollector {
             for (identity, seconds) in &r.certificates {
                 let labels = [("identity", identity.as_str())];
                 ConstGauge::new(*seconds).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        if !r.kernel_features.is_empty() {
+            let mut m = encoder.encode_descriptor(
+                "kernel_feature",
+                "1 for each kernel feature the agent found at start, 0 for each it did not \
+                 (docs/kernels.md: what the mesh does without it).",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (feature, present) in &r.kernel_features {
+                let labels = [("feature", feature.as_str())];
+                ConstGauge::new(i64::from(*present)).encode(m.encode_family(&labels)?)?;
             }
         }
         if let Some(ready) = r.ready {
@@ -304,6 +326,7 @@ mod tests {
 
     fn fake_readings() -> Readings {
         Readings {
+            kernel_features: vec![("tcx".into(), true), ("bpf_lsm".into(), false)],
             counters: vec![("policy_denied", 3), ("bytes_redirected", 1024)],
             maps: vec![(
                 "POLICY",
@@ -382,6 +405,8 @@ mod tests {
             "mesh_policy_generation 7",
             &format!("mesh_certificate_expires_in_seconds{{identity=\"{CART}\"}} 3600.0"),
             "mesh_ready 1",
+            "mesh_kernel_feature{feature=\"tcx\"} 1",
+            "mesh_kernel_feature{feature=\"bpf_lsm\"} 0",
         ] {
             assert!(l.contains(&want), "no line {want:?} in:\n{text}");
         }
