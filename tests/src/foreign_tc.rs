@@ -1,9 +1,12 @@
 //! Another project's tc program on an interface, as a CNI would attach
 //! one: a two-instruction classifier that returns one verdict for every
 //! packet (`TC_ACT_OK`: pass, and end the TCX chain; `TC_ACT_SHOT`: drop),
-//! attached through its own TCX link after whatever is there. The tests use
-//! it to check that the mesh's tc programs run whatever else is attached,
-//! and let the others run after them.
+//! attached through its own TCX link after whatever is there. On a kernel
+//! without TCX, where tools attach clsact filters instead, it is a
+//! `matchall` filter with that verdict at priority 100 (after the mesh's at
+//! 1), made by `tc` itself. The tests use it to check that the mesh's tc
+//! programs run whatever else is attached, and let the others run after
+//! them.
 //!
 //! Made with bpf(2) directly: loading two instructions needs no object
 //! file, and the tests then depend on nothing the mesh itself uses.
@@ -57,10 +60,71 @@ fn put_u64(attr: &mut [u8; 128], offset: usize, value: u64) {
     attr[offset..offset + 8].copy_from_slice(&value.to_ne_bytes());
 }
 
-/// Attaches a classifier answering `verdict` at the ingress of `interface`
-/// in `ns`, after whatever is there; the link lasts as long as the
-/// returned descriptor.
-pub fn attach_ingress(ns: &Netns, interface: &str, verdict: Verdict) -> anyhow::Result<OwnedFd> {
+/// A foreign program on an interface, there until dropped.
+pub enum Foreign {
+    /// A TCX link, which lasts as long as its descriptor.
+    Link(OwnedFd),
+    /// A clsact filter, deleted on drop.
+    Filter { ns: String, interface: String },
+}
+
+impl Drop for Foreign {
+    fn drop(&mut self) {
+        if let Foreign::Filter { ns, interface } = self {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "exec", ns, "tc", "filter", "del", "dev", interface])
+                .args(["ingress", "prio", FILTER_PRIORITY])
+                .status();
+        }
+    }
+}
+
+const FILTER_PRIORITY: &str = "100";
+
+/// Attaches a program answering `verdict` at the ingress of `interface` in
+/// `ns`, after whatever is there: a TCX link, or a clsact filter where the
+/// kernel has no TCX.
+pub fn attach_ingress(ns: &Netns, interface: &str, verdict: Verdict) -> anyhow::Result<Foreign> {
+    match attach_tcx(ns, interface, verdict) {
+        Ok(link) => Ok(Foreign::Link(link)),
+        // No TCX (before Linux 6.6): an unknown attach type.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::raw_os_error)
+                == Some(libc::EINVAL) =>
+        {
+            // The qdisc may be there already (the mesh's): fine.
+            let _ = ns.exec("tc", &["qdisc", "add", "dev", interface, "clsact"]);
+            let action = match verdict {
+                Verdict::Pass => "pass",
+                Verdict::Drop => "drop",
+            };
+            ns.exec(
+                "tc",
+                &[
+                    "filter",
+                    "add",
+                    "dev",
+                    interface,
+                    "ingress",
+                    "prio",
+                    FILTER_PRIORITY,
+                    "matchall",
+                    "action",
+                    action,
+                ],
+            )
+            .context("attaching the foreign matchall filter")?;
+            Ok(Foreign::Filter {
+                ns: ns.name().to_string(),
+                interface: interface.to_string(),
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn attach_tcx(ns: &Netns, interface: &str, verdict: Verdict) -> anyhow::Result<OwnedFd> {
     let license = c"GPL";
     let insns = program(verdict);
     let mut load = [0u8; 128];
@@ -78,6 +142,6 @@ pub fn attach_ingress(ns: &Netns, interface: &str, verdict: Verdict) -> anyhow::
         put_u32(&mut link, 0, std::os::fd::AsRawFd::as_raw_fd(&prog) as u32);
         put_u32(&mut link, 4, ifindex);
         put_u32(&mut link, 8, BPF_TCX_INGRESS);
-        bpf(BPF_LINK_CREATE, &mut link).context("attaching the foreign classifier (TCX)")
+        Ok(bpf(BPF_LINK_CREATE, &mut link)?)
     })
 }

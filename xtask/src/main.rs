@@ -4,6 +4,7 @@ mod demo;
 mod ebpf;
 mod fuzz;
 mod image;
+mod kernels;
 mod modules;
 mod previous;
 mod setup;
@@ -26,9 +27,15 @@ enum Task {
     Setup,
     /// Build the kernel programs (mesh-ebpf) for bpfel-unknown-none.
     BuildEbpf,
-    /// Set up, build everything, and run every test (unit and kernel).
+    /// Set up, build everything, and run every test (unit and kernel) on
+    /// this machine's kernel, then the kernel tests on 6.1 and 6.12 in VMs.
     Test {
-        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        /// `host`: this machine's kernel only; `6.1` or `6.12`: that kernel
+        /// only, in a VM; `all`: each in turn.
+        #[arg(long, default_value = "all")]
+        kernel: String,
+        /// Extra arguments for `cargo test` on the host (e.g. a test name
+        /// filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
@@ -73,7 +80,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Setup => setup::run(),
         Task::BuildEbpf => ebpf::build(),
-        Task::Test { args } => test(&args),
+        Task::Test { kernel, args } => test(&kernel, &args),
         Task::Demo => demo::run(),
         Task::PreviousAgent => previous::build().map(|bin| eprintln!("xtask: {}", bin.display())),
         Task::Bench { which, args } => bench(&which, &args),
@@ -142,8 +149,28 @@ fn build_binaries(release: bool) -> anyhow::Result<()> {
     run(&mut cmd)
 }
 
-fn test(args: &[String]) -> anyhow::Result<()> {
+fn test(kernel: &str, args: &[String]) -> anyhow::Result<()> {
+    let (host, in_vms) = kernels::select(kernel)?;
     build_binaries(false)?;
+    if host {
+        test_on_host(args)?;
+    }
+    if !in_vms.is_empty() {
+        let binaries = kernels::test_binaries()?;
+        for kernel in in_vms {
+            let (passed, _) = kernels::run(kernel, &binaries)?;
+            println!(
+                "xtask test: kernel {}: {passed} passed, 0 failed",
+                kernel.name
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Every test, unit and kernel, on this machine's kernel; the style checks
+/// and a short run of each fuzz target.
+fn test_on_host(args: &[String]) -> anyhow::Result<()> {
     // The upgrade tests start from the agent of the previous map layout.
     let previous_agent = previous::build()?;
     check_style()?;
@@ -223,7 +250,7 @@ fn gen_crds() -> anyhow::Result<()> {
 }
 
 /// `test result: ok. 9 passed; 0 failed; …` → (9, 0).
-fn parse_test_result(line: &str) -> Option<(u64, u64)> {
+pub fn parse_test_result(line: &str) -> Option<(u64, u64)> {
     let rest = line.strip_prefix("test result: ")?;
     let count = |word: &str| {
         rest.split(';').find_map(|part| {

@@ -24,7 +24,16 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "iptables",
     "buildah",
+    // The kernel matrix (`test --kernel`): qemu and busybox for virtme-ng,
+    // and the kernels it boots.
+    "qemu-system-x86",
+    "busybox-static",
+    crate::kernels::KERNELS[0].package,
+    crate::kernels::KERNELS[1].package,
 ];
+/// virtme-ng, which boots a kernel with this machine's files shared in: a
+/// Python package (Debian 12 has none).
+const VIRTME_NG: &str = "virtme-ng";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// Debian's rustc, which can build for bpfel-unknown-none.
@@ -60,6 +69,9 @@ fn missing() -> Option<String> {
     if !bpf_linker_ok() {
         what.push(format!("bpf-linker {BPF_LINKER_VERSION} (feature llvm-22)"));
     }
+    if crate::kernels::vng().is_none() {
+        what.push(format!("{VIRTME_NG} (pip)"));
+    }
     (!what.is_empty()).then(|| what.join("; "))
 }
 
@@ -81,7 +93,8 @@ pub fn run() -> anyhow::Result<()> {
             "cannot install {what}: {}. Install by hand:\n  \
              apt-get install -y {}\n  \
              LLVM_PREFIX={LLVM_PREFIX} LLVM_SYS_221_PREFIX={LLVM_PREFIX} cargo install bpf-linker \
-             --version {BPF_LINKER_VERSION} --no-default-features --features llvm-22",
+             --version {BPF_LINKER_VERSION} --no-default-features --features llvm-22\n  \
+             python3 -m pip install --break-system-packages {VIRTME_NG}",
             if !root {
                 "not running as root"
             } else {
@@ -93,7 +106,7 @@ pub fn run() -> anyhow::Result<()> {
     let packages = missing_packages();
     if !packages.is_empty() {
         eprintln!(
-            "xtask setup: step 1/2: Debian packages {}",
+            "xtask setup: step 1/3: Debian packages {}",
             packages.join(" ")
         );
         crate::run(Command::new("apt-get").arg("update"))?;
@@ -104,11 +117,11 @@ pub fn run() -> anyhow::Result<()> {
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )?;
     } else {
-        eprintln!("xtask setup: step 1/2: Debian packages already installed");
+        eprintln!("xtask setup: step 1/3: Debian packages already installed");
     }
     if !bpf_linker_ok() {
         eprintln!(
-            "xtask setup: step 2/2: bpf-linker {BPF_LINKER_VERSION} (compiles for a few minutes)"
+            "xtask setup: step 2/3: bpf-linker {BPF_LINKER_VERSION} (compiles for a few minutes)"
         );
         crate::run(
             crate::cargo()
@@ -118,7 +131,17 @@ pub fn run() -> anyhow::Result<()> {
                 .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX),
         )?;
     } else {
-        eprintln!("xtask setup: step 2/2: bpf-linker already installed");
+        eprintln!("xtask setup: step 2/3: bpf-linker already installed");
+    }
+    if crate::kernels::vng().is_none() {
+        eprintln!("xtask setup: step 3/3: {VIRTME_NG}");
+        crate::run(
+            Command::new("python3")
+                .args(["-m", "pip", "install", "--quiet", "--break-system-packages"])
+                .arg(VIRTME_NG),
+        )?;
+    } else {
+        eprintln!("xtask setup: step 3/3: {VIRTME_NG} already installed");
     }
     ensure!(
         missing().is_none(),

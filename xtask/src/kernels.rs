@@ -1,0 +1,306 @@
+//! `cargo xtask test --kernel <name>|all`: the kernel tests on the kernels
+//! users run, each booted in a VM. virtme-ng boots a Debian kernel package
+//! with this machine's file system shared in (9p), so the test binaries
+//! built here run there unchanged; qemu runs under TCG (this machine's
+//! /dev/kvm boots no stock kernel), several times slower than native, so
+//! each VM runs a subset that covers every program type and hook, and no
+//! figure measured there means anything.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail, ensure};
+
+/// A kernel of the matrix: its name on the command line, the Debian
+/// package `setup` installs for it, and its images' prefix in /boot.
+pub struct Kernel {
+    pub name: &'static str,
+    pub package: &'static str,
+    image_prefix: &'static str,
+}
+
+/// The kernels booted in VMs. `host` (the running kernel) runs every test
+/// natively instead.
+pub const KERNELS: [Kernel; 2] = [
+    // Debian 12's kernel, and the oldest long-term kernel the mesh supports
+    // (no TCX: tc programs are clsact filters there).
+    Kernel {
+        name: "6.1",
+        package: "linux-image-amd64",
+        image_prefix: "vmlinuz-6.1.",
+    },
+    // Debian 12's backports kernel, the newest long-term one.
+    Kernel {
+        name: "6.12",
+        package: "linux-image-6.12-amd64",
+        image_prefix: "vmlinuz-6.12.",
+    },
+];
+
+/// What runs in each VM: a test binary of `tests/` and name filters (any
+/// test whose name contains one; all of the binary when none). Together
+/// they load and attach every program and hook: the cgroup hooks and
+/// sockops (policy), tc on the uplink after another tool's program and
+/// on the pods' veths (policy), the packet parser on real frames
+/// (ingress_frames), sk_msg (same_node), the tunnels (mtls), restarts on
+/// pinned links or filters under traffic (upgrade), Kubernetes mode against
+/// a real API server (kubernetes), and Services behind kube-proxy's
+/// iptables rules (services). Under TCG a test takes 30 to 60 s, so the
+/// rest of each file runs on the host only (docs/kernels.md says what ran
+/// where).
+pub const IN_VM: &[(&str, &[&str])] = &[
+    (
+        "policy",
+        &[
+            "connectivity_matrix_six_workloads",
+            "another_tc_program_on_the_interface",
+            "a_syn_in_tiny_fragments",
+        ],
+    ),
+    ("ingress_frames", &[]),
+    ("same_node", &["redirected_bytes_arrive_intact"]),
+    ("mtls", &["cross_node_traffic_is_unchanged"]),
+    ("upgrade", &["twenty_restarts_under_traffic"]),
+    ("kubernetes", &["mesh_policy_is_enforced"]),
+    ("services", &["clients_reach_a_service_by_its_address"]),
+];
+
+/// Kernel modules the tests need that Debian builds as modules (the host
+/// kernel has them built in): loaded before the tests, so a missing one
+/// fails loudly rather than as a test's odd errno.
+const MODULES: &[&str] = &[
+    "tun",
+    "veth",
+    "sch_ingress",
+    "cls_bpf",
+    "cls_matchall",
+    "act_gact",
+    "tls",
+];
+
+/// Where virtme-ng is: the Python package `setup` installs.
+pub fn vng() -> Option<PathBuf> {
+    let found = Command::new("sh")
+        .args(["-c", "command -v vng"])
+        .output()
+        .ok()?;
+    let path = String::from_utf8_lossy(&found.stdout).trim().to_string();
+    (found.status.success() && !path.is_empty()).then(|| path.into())
+}
+
+/// The newest image in /boot of `kernel`.
+pub fn image(kernel: &Kernel) -> Option<PathBuf> {
+    let mut images: Vec<PathBuf> = std::fs::read_dir("/boot")
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(kernel.image_prefix))
+        })
+        .collect();
+    images.sort_by_key(|p| version_key(p));
+    images.pop()
+}
+
+/// `vmlinuz-6.1.0-50-amd64` → [6, 1, 0, 50], for ordering.
+fn version_key(image: &Path) -> Vec<u64> {
+    image
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|part| part.parse().ok())
+        .collect()
+}
+
+/// The kernels named by `--kernel`: `all`, `host`, or a name of [`KERNELS`].
+pub fn select(name: &str) -> anyhow::Result<(bool, Vec<&'static Kernel>)> {
+    match name {
+        "all" => Ok((true, KERNELS.iter().collect())),
+        "host" => Ok((true, Vec::new())),
+        _ => match KERNELS.iter().find(|k| k.name == name) {
+            Some(kernel) => Ok((false, vec![kernel])),
+            None => bail!(
+                "unknown kernel `{name}` (known: all, host, {})",
+                KERNELS
+                    .iter()
+                    .map(|k| k.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        },
+    }
+}
+
+/// The test binaries of `tests/`, built for the host: name → executable.
+pub fn test_binaries() -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let out = crate::cargo()
+        .args([
+            "test",
+            "--package",
+            "mesh-tests",
+            "--no-run",
+            "--message-format",
+            "json",
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("building the kernel tests")?;
+    ensure!(out.status.success(), "building the kernel tests failed");
+    let mut found = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let (Some(exe), Some(name), true) = (
+            message["executable"].as_str(),
+            message["target"]["name"].as_str(),
+            message["target"]["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "test")),
+        ) else {
+            continue;
+        };
+        found.push((name.to_string(), PathBuf::from(exe)));
+    }
+    Ok(found)
+}
+
+/// The shell script a VM runs: the modules, then each test binary of
+/// [`IN_VM`] with its filters, one test at a time (two TCG vCPUs).
+fn script(binaries: &[(String, PathBuf)], tests_dir: &Path) -> anyhow::Result<String> {
+    let mut script = String::from("set -u\nfailed=0\n");
+    for module in MODULES {
+        script.push_str(&format!(
+            "modprobe {module} || {{ echo 'xtask-vm: cannot load module {module}'; failed=1; }}\n"
+        ));
+    }
+    script.push_str(&format!("cd {}\n", tests_dir.display()));
+    for (name, filters) in IN_VM {
+        let exe = binaries
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, exe)| exe)
+            .with_context(|| format!("no test binary `{name}`"))?;
+        // libtest runs the tests that match any of its filters.
+        let filters = filters.join(" ");
+        script.push_str(&format!(
+            "echo \"xtask-vm: {name} $(date +%T)\"\nCI=true {} --test-threads 1 {filters} || failed=1\n",
+            exe.display(),
+        ));
+    }
+    script.push_str("echo \"xtask-vm: done failed=$failed\"\n");
+    Ok(script)
+}
+
+/// Boots `kernel` and runs the tests of [`IN_VM`] there; the passed and
+/// failed counts.
+pub fn run(kernel: &Kernel, binaries: &[(String, PathBuf)]) -> anyhow::Result<(u64, u64)> {
+    let vng = vng().context(
+        "virtme-ng (`vng`) is not installed: `cargo xtask setup` installs it (pip install virtme-ng)",
+    )?;
+    let image = image(kernel).with_context(|| {
+        format!(
+            "no kernel {} in /boot: `cargo xtask setup` installs it (Debian package {})",
+            kernel.name, kernel.package
+        )
+    })?;
+    let tests_dir = crate::workspace_root().join("tests");
+    let script_path = crate::workspace_root().join(format!("target/vm-{}.sh", kernel.name));
+    std::fs::write(&script_path, script(binaries, &tests_dir)?)?;
+    eprintln!(
+        "xtask: kernel {} ({}) in a VM, tests: {}",
+        kernel.name,
+        image.display(),
+        IN_VM.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+    );
+    let started = Instant::now();
+    let mut child = Command::new(vng)
+        .arg("--run")
+        .arg(&image)
+        // Under TCG: the paravirtual KVM here boots no stock kernel.
+        .args([
+            "--disable-kvm",
+            "--force-9p",
+            "--memory",
+            "4G",
+            "--cpus",
+            "2",
+        ])
+        .arg("--")
+        .arg(format!("sh {}", script_path.display()))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting the VM")?;
+    let stdout = child.stdout.take().context("VM stdout")?;
+    let (mut passed, mut failed, mut done) = (0u64, 0u64, None);
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line?;
+        println!("[{}] {line}", kernel.name);
+        if let Some((p, f)) = crate::parse_test_result(&line) {
+            passed += p;
+            failed += f;
+        }
+        if let Some(rest) = line.trim().strip_prefix("xtask-vm: done failed=") {
+            done = Some(rest.trim() == "0");
+        }
+    }
+    let status = child.wait()?;
+    eprintln!(
+        "xtask: kernel {}: {passed} passed, {failed} failed in {:.0?}",
+        kernel.name,
+        started.elapsed()
+    );
+    ensure!(
+        done.is_some(),
+        "the VM of kernel {} ended ({status}) before its tests did",
+        kernel.name
+    );
+    ensure!(
+        done == Some(true) && failed == 0,
+        "kernel tests failed on {} ({failed} failed)",
+        kernel.name
+    );
+    ensure!(passed > 0, "no test ran on kernel {}", kernel.name);
+    Ok((passed, failed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_order_by_version_not_by_name() {
+        let mut images = [
+            "vmlinuz-6.1.0-9-amd64",
+            "vmlinuz-6.1.0-50-amd64",
+            "vmlinuz-6.1.0-41-amd64",
+        ]
+        .map(PathBuf::from)
+        .to_vec();
+        images.sort_by_key(|p| version_key(p));
+        assert_eq!(images.last().unwrap(), Path::new("vmlinuz-6.1.0-50-amd64"));
+    }
+
+    #[test]
+    fn the_script_runs_each_filter_and_reports_failures() {
+        let binaries: Vec<(String, PathBuf)> = IN_VM
+            .iter()
+            .map(|(n, _)| (n.to_string(), PathBuf::from(format!("/t/{n}-abc"))))
+            .collect();
+        let s = script(&binaries, Path::new("/w/tests")).unwrap();
+        assert!(s.contains("modprobe cls_bpf"), "{s}");
+        assert!(s.contains(
+            "CI=true /t/policy-abc --test-threads 1 connectivity_matrix_six_workloads \
+             another_tc_program_on_the_interface a_syn_in_tiny_fragments || failed=1"
+        ));
+        assert!(s.contains("CI=true /t/ingress_frames-abc --test-threads 1  || failed=1"));
+        assert!(s.ends_with("echo \"xtask-vm: done failed=$failed\"\n"));
+        assert!(select("5.4").is_err());
+        assert_eq!(select("6.12").unwrap().1.len(), 1);
+    }
+}
