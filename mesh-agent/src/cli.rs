@@ -16,6 +16,7 @@ use mesh_agent::agent;
 use mesh_agent::config::{
     CaSource, Config, EndpointsConfig, KubernetesConfig, LogFormat, MtlsConfig,
 };
+use mesh_common::ShortCircuit;
 use mesh_datapath::{DatapathConfig, TcAttach, maps::PinnedMaps};
 use mesh_policy::state::NodeState;
 
@@ -51,8 +52,9 @@ pub enum Command {
         #[command(subcommand)]
         what: InspectWhat,
     },
-    /// Switch the same-node short-circuit on or off at runtime, or show it.
-    /// Open connections keep working either way.
+    /// Switch the same-node short-circuit at runtime (`on`: every socket;
+    /// `opted-in`: workloads labelled `mesh.dev/short-circuit: enabled`;
+    /// `off`), or show it. Open connections keep working either way.
     ShortCircuit {
         #[arg(value_enum)]
         state: SwitchState,
@@ -136,13 +138,15 @@ pub struct RunArgs {
     #[arg(long, env = ENV_CGROUP)]
     pub cgroup: Option<PathBuf>,
 
-    /// Redirect payload between local sockets, skipping the TCP/IP stack.
-    /// Opt-in: see docs/short-circuit.md for the applications it does not
+    /// Redirect payload between local sockets, skipping the TCP/IP stack:
+    /// for the workloads that opt in (`opted-in`, their label
+    /// `mesh.dev/short-circuit: enabled`), every socket (`on`), or none
+    /// (`off`); docs/short-circuit.md says which applications it does not
     /// suit. When not given, a restarted agent keeps the setting in force
     /// (an operator's runtime switch survives restarts); a new pin
-    /// directory starts with `off`.
+    /// directory starts with `opted-in`.
     #[arg(long, value_enum, env = ENV_SHORT_CIRCUIT)]
-    pub short_circuit: Option<OnOff>,
+    pub short_circuit: Option<ShortCircuitArg>,
 
     /// Capacity of the socket maps (only used when they are created).
     #[arg(long, default_value_t = mesh_common::DEFAULT_MAX_SOCKETS, env = ENV_MAX_SOCKETS)]
@@ -323,15 +327,31 @@ pub enum InspectWhat {
     Certs,
 }
 
+/// Whose sockets the short-circuit is for (docs/short-circuit.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum OnOff {
-    On,
+pub enum ShortCircuitArg {
+    /// Nobody's: the node's kill switch.
     Off,
+    /// Workloads labelled `mesh.dev/short-circuit: enabled`, both ends.
+    OptedIn,
+    /// Every socket of the pods' cgroup.
+    On,
+}
+
+impl From<ShortCircuitArg> for ShortCircuit {
+    fn from(arg: ShortCircuitArg) -> Self {
+        match arg {
+            ShortCircuitArg::Off => ShortCircuit::Off,
+            ShortCircuitArg::OptedIn => ShortCircuit::OptedIn,
+            ShortCircuitArg::On => ShortCircuit::All,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum SwitchState {
     On,
+    OptedIn,
     Off,
     Status,
 }
@@ -410,7 +430,7 @@ impl RunArgs {
                     "netlink" => TcAttach::Netlink,
                     _ => TcAttach::Auto,
                 },
-                short_circuit: args.short_circuit.map(|s| s == OnOff::On),
+                short_circuit: args.short_circuit.map(ShortCircuit::from),
                 revoke_established: args.established == Established::Revoke,
                 max_sockets: args.max_sockets,
                 max_endpoints: args.max_endpoints,
@@ -522,14 +542,15 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
         Command::ShortCircuit { state } => {
             let maps = PinnedMaps::open(&cli.bpffs)?;
             match state {
-                SwitchState::On => maps.set_short_circuit(true)?,
-                SwitchState::Off => maps.set_short_circuit(false)?,
+                SwitchState::On => maps.set_short_circuit(ShortCircuit::All)?,
+                SwitchState::OptedIn => maps.set_short_circuit(ShortCircuit::OptedIn)?,
+                SwitchState::Off => maps.set_short_circuit(ShortCircuit::Off)?,
                 SwitchState::Status => {}
             }
-            let on = maps
+            let now = maps
                 .short_circuit()
                 .context("reading the short-circuit setting")?;
-            println!("short-circuit: {}", if on { "on" } else { "off" });
+            println!("short-circuit: {}", mesh_datapath::short_circuit_word(now));
             Ok(())
         }
     }

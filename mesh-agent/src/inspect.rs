@@ -88,14 +88,15 @@ pub fn sockets(maps: &PinnedMaps, output: Output) -> Result<String, MapsError> {
 
 #[derive(Debug, Serialize)]
 pub struct Stats {
-    pub short_circuit: bool,
+    /// `off`, `opted-in` or `on`.
+    pub short_circuit: &'static str,
     pub counters: std::collections::BTreeMap<&'static str, u64>,
     pub maps: std::collections::BTreeMap<&'static str, MapFill>,
 }
 
 pub fn collect_stats(maps: &PinnedMaps) -> Result<Stats, MapsError> {
     Ok(Stats {
-        short_circuit: maps.short_circuit()?,
+        short_circuit: mesh_datapath::short_circuit_word(maps.short_circuit()?),
         counters: maps
             .counters()?
             .into_iter()
@@ -110,10 +111,7 @@ pub fn stats(maps: &PinnedMaps, output: Output) -> Result<String, MapsError> {
     Ok(match output {
         Output::Json => json(&stats),
         Output::Table => {
-            let mut text = format!(
-                "short-circuit: {}\n\n",
-                if stats.short_circuit { "on" } else { "off" }
-            );
+            let mut text = format!("short-circuit: {}\n\n", stats.short_circuit);
             let counters: Vec<Vec<String>> = Counter::ALL
                 .iter()
                 .map(|c| vec![c.name().to_string(), stats.counters[c.name()].to_string()])

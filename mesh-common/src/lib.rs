@@ -323,8 +323,8 @@ pub const MAX_COUNTERS: u32 = 32;
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Setting {
-    /// `SHORT_CIRCUIT_ON` to redirect between local sockets; anything else
-    /// sends everything through the TCP/IP stack.
+    /// Which local sockets redirect to each other ([`ShortCircuit`]);
+    /// an unknown value sends everything through the TCP/IP stack.
     ShortCircuit = 0,
     /// Bumped by the agent after each policy change: conntrack entries and
     /// socket verdicts computed under an older generation are re-checked.
@@ -367,8 +367,36 @@ pub const AGENT_SOCKET_MARK: u32 = 0x4d53_0000;
 
 /// Capacity of `SETTINGS`.
 pub const MAX_SETTINGS: u32 = 16;
-pub const SHORT_CIRCUIT_ON: u32 = 1;
-pub const SHORT_CIRCUIT_OFF: u32 = 0;
+
+/// `Setting::ShortCircuit`: whose sockets on this node are short-circuited.
+/// The kernel's redirect path has defects some applications notice
+/// (docs/short-circuit.md), so it is for the workloads that opt in.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShortCircuit {
+    /// Nobody's: everything takes the TCP/IP stack (the node's kill switch).
+    Off = 0,
+    /// Every socket of the pods' cgroup.
+    All = 1,
+    /// The sockets of workloads labelled [`SHORT_CIRCUIT_LABEL`]`: enabled`
+    /// (their endpoints carry `ENDPOINT_SHORT_CIRCUIT`), with both ends
+    /// opted in. Agents before it read the value as off.
+    OptedIn = 2,
+}
+
+impl ShortCircuit {
+    pub const fn from_setting(value: u32) -> Self {
+        match value {
+            1 => ShortCircuit::All,
+            2 => ShortCircuit::OptedIn,
+            _ => ShortCircuit::Off,
+        }
+    }
+}
+
+/// The label (on a Workload or a Pod) with which a workload opts in to the
+/// short-circuit: `enabled` or `disabled`.
+pub const SHORT_CIRCUIT_LABEL: &str = "mesh.dev/short-circuit";
 
 #[cfg(feature = "user")]
 #[allow(unsafe_code)]

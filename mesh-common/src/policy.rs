@@ -51,6 +51,9 @@ pub const ENDPOINT_LOCAL: u32 = 1;
 /// (through its node agent) and workloads of its own node; plaintext from
 /// other nodes or from non-mesh processes is refused.
 pub const ENDPOINT_STRICT: u32 = 2;
+/// A local workload that opted in to the short-circuit
+/// (`mesh.dev/short-circuit: enabled`).
+pub const ENDPOINT_SHORT_CIRCUIT: u32 = 4;
 
 /// Key of `POLICY`.
 #[repr(C)]

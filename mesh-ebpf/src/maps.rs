@@ -10,8 +10,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use mesh_common::{
-    Counter, DEFAULT_MAX_SOCKETS, MAX_COUNTERS, MAX_SETTINGS, SHORT_CIRCUIT_ON, Setting,
-    SocketInfo, SocketKey,
+    Counter, DEFAULT_MAX_SOCKETS, MAX_COUNTERS, MAX_SETTINGS, Setting, ShortCircuit, SocketInfo,
+    SocketKey,
     policy::{
         DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_LOCAL_NETNS, DEFAULT_MAX_POLICY,
         DEFAULT_MAX_REDIRECTS, Endpoint, FLOWS_RING_BYTES, FlowBudget, FlowKey, FlowSourceKey,
@@ -180,8 +180,8 @@ pub(crate) fn setting(setting: Setting) -> u32 {
 }
 
 #[inline(always)]
-pub(crate) fn short_circuit_on() -> bool {
-    setting(Setting::ShortCircuit) == SHORT_CIRCUIT_ON
+pub(crate) fn short_circuit() -> ShortCircuit {
+    ShortCircuit::from_setting(setting(Setting::ShortCircuit))
 }
 
 #[inline(always)]

@@ -1,4 +1,5 @@
-//! Same-node short-circuit for allowed connections.
+//! Same-node short-circuit for allowed connections, between the workloads
+//! the node's setting names (by default those that opted in).
 //!
 //! `mesh_sockops` tracks established TCP sockets in `SOCK_HASH` (and their
 //! state in `SOCKETS`) when the connection is allowed; `mesh_msg_redirect`
@@ -19,13 +20,13 @@ use aya_ebpf::{
     programs::{SkMsgContext, SockOpsContext},
 };
 use mesh_common::{
-    Counter, RawTuple, SOCKET_ACTIVE, SOCKET_STACK_ONLY, SocketInfo, SocketKey,
-    policy::{PROTO_TCP, decide},
+    Counter, RawTuple, SOCKET_ACTIVE, SOCKET_STACK_ONLY, ShortCircuit, SocketInfo, SocketKey,
+    policy::{ENDPOINT_LOCAL, ENDPOINT_SHORT_CIRCUIT, PROTO_TCP, decide},
 };
 
 use crate::maps::{
     SOCK_HASH, SOCKETS, count, endpoint, identity_of_address, policy_entry, policy_generation,
-    short_circuit_on,
+    short_circuit,
 };
 
 #[sock_ops]
@@ -74,13 +75,29 @@ fn connection_allowed(key: &SocketKey, active: bool) -> bool {
         .passes()
 }
 
-fn track_established(ctx: &SockOpsContext, side: u32) {
-    if !short_circuit_on() {
-        return;
+/// Whether the connection of socket `key` may be short-circuited now: the
+/// node's setting, and under `OptedIn` the labels of the workloads at both
+/// ends, which must be local and opted in (a loopback connection has no
+/// workload address: only under `All`). Checked again before every
+/// redirect, so a label taken away takes effect at the next message.
+#[inline(always)]
+fn may_short_circuit(key: &SocketKey) -> bool {
+    const OPTED_IN: u32 = ENDPOINT_LOCAL | ENDPOINT_SHORT_CIRCUIT;
+    let opted_in = |ip| endpoint(ip).is_some_and(|e| e.flags & OPTED_IN == OPTED_IN);
+    match short_circuit() {
+        ShortCircuit::All => true,
+        ShortCircuit::OptedIn => opted_in(&key.local_ip) && opted_in(&key.remote_ip),
+        ShortCircuit::Off => false,
     }
+}
+
+fn track_established(ctx: &SockOpsContext, side: u32) {
     let Some(mut key) = sockops_key(ctx) else {
         return;
     };
+    if !may_short_circuit(&key) {
+        return;
+    }
     let generation = policy_generation();
     if !connection_allowed(&key, side == SOCKET_ACTIVE) {
         return;
@@ -156,7 +173,7 @@ fn try_msg_redirect(ctx: &SkMsgContext) -> Result<(), ()> {
     let generation = policy_generation();
     let revoked = info.policy_generation != generation
         && !connection_allowed(&key, info.flags & SOCKET_ACTIVE != 0);
-    if revoked || !short_circuit_on() {
+    if revoked || !may_short_circuit(&key) {
         info.flags |= SOCKET_STACK_ONLY;
         count(Counter::MsgsStackOnly, 1);
         return Ok(());

@@ -154,7 +154,7 @@ impl Agent {
     }
 
     fn wait_ready(mut agent: Self) -> anyhow::Result<Self> {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(20) * crate::slowdown();
         loop {
             if agent.says_ready() {
                 return Ok(agent);
@@ -168,7 +168,8 @@ impl Agent {
             }
             anyhow::ensure!(
                 Instant::now() < deadline,
-                "agent not ready after 20 s:\n{}",
+                "agent not ready after {} s:\n{}",
+                20 * crate::slowdown(),
                 agent.log()
             );
             std::thread::sleep(Duration::from_millis(10));

@@ -47,3 +47,16 @@ pub fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
     );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// How many times slower than native this machine runs the tests: 1, or
+/// `MESH_TEST_SLOWDOWN` where it says (the kernel matrix's VMs run under
+/// qemu's TCG, where an agent takes half a minute to verify its programs).
+/// It stretches how long a test waits for an agent to start, never a bound
+/// a test asserts.
+pub fn slowdown() -> u32 {
+    std::env::var("MESH_TEST_SLOWDOWN")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&f| f >= 1)
+        .unwrap_or(1)
+}

@@ -1703,6 +1703,85 @@ fn short_circuit_only_for_allowed_pairs_and_stops_when_policy_denies_them() {
     assert_eq!(probe_one(&bed, 0, &format!("tcp:{to}")), "eperm");
 }
 
+/// Frontend and cart opted in to the short-circuit, robot not.
+const OPTED_IN: [W; 3] = [
+    w(
+        0,
+        "shop",
+        "frontend",
+        &[("mesh.dev/short-circuit", "enabled")],
+    ),
+    w(0, "shop", "robot", &[]),
+    w(0, "shop", "cart", &[("mesh.dev/short-circuit", "enabled")]),
+];
+
+/// By default (`opted-in`) the short-circuit is for the workloads labelled
+/// `mesh.dev/short-circuit: enabled`, both ends of a connection: a
+/// workload without the label is never in the socket maps, and taking the
+/// label away sends an open connection's next messages through the stack,
+/// in order, without breaking it.
+#[test]
+fn only_workloads_that_opt_in_are_short_circuited() {
+    let (bed, _servers) = bed_with("optin", 1, &OPTED_IN);
+    let agent = Agent::start_node(&bed, 0, &[]).unwrap();
+    assert_eq!(
+        agent::cli(&bed.pin_dir(0), &["short-circuit", "status"])
+            .unwrap()
+            .trim(),
+        "short-circuit: opted-in"
+    );
+    let to = bed.pods[2].addr(false, 8080).to_string();
+    let pingpong = |pod: usize, seconds: &str| {
+        bed.workload(pod, &["pingpong", "--to", &to, "--seconds", seconds])
+            .unwrap()
+    };
+    // robot (no label) to cart: neither end is tracked.
+    let robot = pingpong(1, "1").wait_output(T).unwrap();
+    assert!(robot.status.success(), "{robot:?}");
+    assert_eq!(counter(&bed, "sockets_tracked"), 0);
+    assert_eq!(counter(&bed, "msgs_redirected"), 0);
+    // frontend to cart: both opted in.
+    let pinger = pingpong(0, "4");
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(counter(&bed, "sockets_tracked"), 2);
+    assert!(
+        counter(&bed, "msgs_redirected") > 0,
+        "opted-in pair not short-circuited"
+    );
+    // cart opts out: the open connection leaves the short-circuit.
+    bed.register_workload(2, "shop", "cart", &[]).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let redirected = counter(&bed, "msgs_redirected");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        counter(&bed, "msgs_redirected"),
+        redirected,
+        "a pair no longer opted in is still being redirected"
+    );
+    assert!(counter(&bed, "msgs_stack_only") > 0);
+    let out = pinger.wait_output(T).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // A label value the mesh does not know is refused, with the field.
+    bed.register_workload(1, "shop", "robot", &[("mesh.dev/short-circuit", "yes")])
+        .unwrap();
+    agent.wait_log("configuration refused", 1, T).unwrap();
+    let log = agent.log();
+    let refusal = log
+        .lines()
+        .find(|l| l.contains("configuration refused"))
+        .unwrap();
+    assert!(
+        refusal.contains("Workload shop/pod-1")
+            && refusal.contains("metadata.labels.mesh.dev/short-circuit")
+            && refusal.contains("`yes`"),
+        "{refusal}"
+    );
+}
+
 /// `count` remote workloads `bulk-<i>` (one address each, on a node that is
 /// not in the bed) in one document file.
 fn bulk_workloads(count: usize) -> String {

@@ -45,7 +45,7 @@ use aya::{
         CgroupAttachMode, CgroupSock, CgroupSockAddr, SkMsg, SockOps, TcAttachType, links::FdLink,
     },
 };
-use mesh_common::{MAP_LAYOUT_VERSION, SocketKey, map_names};
+use mesh_common::{MAP_LAYOUT_VERSION, ShortCircuit, SocketKey, map_names};
 use tracing::info;
 
 use maps::{MapsError, PinnedMaps};
@@ -145,6 +145,26 @@ pub enum DatapathError {
     },
 }
 
+/// How the short-circuit setting is written on the command line, in logs
+/// and by the CLI: `off`, `on` (every socket), `opted-in`.
+pub fn short_circuit_word(setting: ShortCircuit) -> &'static str {
+    match setting {
+        ShortCircuit::Off => "off",
+        ShortCircuit::All => "on",
+        ShortCircuit::OptedIn => "opted-in",
+    }
+}
+
+fn short_circuit_name<S: serde::Serializer>(
+    setting: &Option<ShortCircuit>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match setting {
+        Some(s) => serializer.serialize_some(short_circuit_word(*s)),
+        None => serializer.serialize_none(),
+    }
+}
+
 /// The loaded and attached data path. Dropping it leaves everything attached.
 /// What the kernel side is told at start-up (a part of the agent's
 /// configuration).
@@ -157,7 +177,8 @@ pub struct DatapathConfig {
     /// How tc programs are attached (TCX or clsact filters).
     pub tc_attach: TcAttach,
     /// `Some` when given on the command line; `None` keeps what is pinned.
-    pub short_circuit: Option<bool>,
+    #[serde(serialize_with = "short_circuit_name")]
+    pub short_circuit: Option<ShortCircuit>,
     pub revoke_established: bool,
     pub max_sockets: u32,
     pub max_endpoints: u32,
@@ -223,11 +244,12 @@ impl Datapath {
         }
 
         // Settings first: the programs read them from their first run. The
-        // short-circuit is opt-in (docs/short-circuit.md says which kernel
-        // defects make it unsafe for some applications).
+        // short-circuit is for the workloads that opt in
+        // (docs/short-circuit.md says which kernel defects make it unsafe
+        // for some applications).
         match (config.short_circuit, fresh) {
-            (Some(on), _) => maps.set_short_circuit(on)?,
-            (None, true) => maps.set_short_circuit(false)?,
+            (Some(to), _) => maps.set_short_circuit(to)?,
+            (None, true) => maps.set_short_circuit(ShortCircuit::OptedIn)?,
             (None, false) => {}
         }
         maps.set_revoke_established(config.revoke_established)?;
@@ -260,7 +282,7 @@ impl Datapath {
             interfaces = ?config.interfaces,
             tc = tc_mode.name(),
             adopted_pins = !fresh,
-            short_circuit = maps.short_circuit()?,
+            short_circuit = short_circuit_word(maps.short_circuit()?),
             "kernel programs attached"
         );
         // Loaded now, so that a new workload's checks are a link away.

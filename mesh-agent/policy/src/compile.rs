@@ -26,9 +26,10 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use mesh_common::policy::{
-    ANY_IDENTITY, ANY_PORT, Action, ENDPOINT_LOCAL, ENDPOINT_STRICT, Endpoint, FIRST_POLICY_RULE,
-    IpKey, PolicyKey, RULE_MESH_DEFAULT, RULE_NO_POLICY, RULE_NON_MESH, RULE_NOT_ALLOWED,
-    RULE_REFUSED_IDENTITY, RULE_REFUSED_POLICY, RULE_STRICT_MTLS, Verdict, WORLD_IDENTITY,
+    ANY_IDENTITY, ANY_PORT, Action, ENDPOINT_LOCAL, ENDPOINT_SHORT_CIRCUIT, ENDPOINT_STRICT,
+    Endpoint, FIRST_POLICY_RULE, IpKey, PolicyKey, RULE_MESH_DEFAULT, RULE_NO_POLICY,
+    RULE_NON_MESH, RULE_NOT_ALLOWED, RULE_REFUSED_IDENTITY, RULE_REFUSED_POLICY, RULE_STRICT_MTLS,
+    Verdict, WORLD_IDENTITY,
 };
 
 use super::documents::{
@@ -880,6 +881,9 @@ fn compile_policy(
         let mut flags = if k.local { ENDPOINT_LOCAL } else { 0 };
         if mode == MtlsMode::Strict {
             flags |= ENDPOINT_STRICT;
+        }
+        if k.local && w.short_circuit() {
+            flags |= ENDPOINT_SHORT_CIRCUIT;
         }
         for ip in &w.spec.ips {
             out.endpoints.insert(
@@ -2431,6 +2435,44 @@ mod mtls_mode_tests {
             c.endpoints[&IpKey::from(ip.parse::<IpAddr>().unwrap())].flags & ENDPOINT_STRICT != 0
         };
         assert!(strict("10.0.0.1") && !strict("10.0.0.2") && strict("10.0.0.3"));
+    }
+
+    #[test]
+    fn only_local_workloads_labelled_enabled_opt_in_to_the_short_circuit() {
+        let local = |name: &str, ip: &str, label: &str| {
+            format!(
+                "apiVersion: mesh.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {name}, namespace: shop, labels: {{{label}}}}}\nspec: {{serviceAccount: {name}, ips: ['{ip}'], node: node-a, netns: /run/netns/{name}}}\n---\n"
+            )
+        };
+        let yaml = [
+            local("in", "10.0.0.1", "mesh.dev/short-circuit: enabled"),
+            local("out", "10.0.0.2", "mesh.dev/short-circuit: disabled"),
+            local("none", "10.0.0.3", ""),
+            "apiVersion: mesh.dev/v1alpha1\nkind: Workload\nmetadata: {name: far, namespace: shop, labels: {mesh.dev/short-circuit: enabled}}\nspec: {serviceAccount: far, ips: ['10.0.0.4'], node: node-b}\n---\n".to_string(),
+        ]
+        .concat();
+        let here = MeshSettings {
+            node: "node-a".into(),
+            ..MeshSettings::default()
+        };
+        let c = compile(&parse_str("t.yaml", &yaml).unwrap(), &here).unwrap();
+        let opted = |ip: &str| {
+            c.endpoints[&IpKey::from(ip.parse::<IpAddr>().unwrap())].flags
+                & ENDPOINT_SHORT_CIRCUIT
+                != 0
+        };
+        assert!(opted("10.0.0.1"));
+        assert!(!opted("10.0.0.2") && !opted("10.0.0.3"));
+        // Another node's workload: its own agent decides.
+        assert!(!opted("10.0.0.4"));
+        let bad = local("odd", "10.0.0.5", "mesh.dev/short-circuit: 'yes'");
+        let e = parse_str("t.yaml", &bad).unwrap_err().to_string();
+        assert!(
+            e.contains("Workload shop/odd")
+                && e.contains("metadata.labels.mesh.dev/short-circuit")
+                && e.contains("`yes`"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -797,6 +797,29 @@ fn parse_document(
 
 pub(crate) type FieldError = (String, String);
 
+/// What a value of the `mesh.dev/short-circuit` label says: opted in,
+/// opted out, or nothing this agent knows (`None`).
+pub fn short_circuit_opt_in(value: &str) -> Option<bool> {
+    match value {
+        "enabled" => Some(true),
+        "disabled" => Some(false),
+        _ => None,
+    }
+}
+
+impl Workload {
+    /// Whether the workload opted in to the same-node short-circuit. From
+    /// the API server a Pod's label is not checked beforehand: a value
+    /// other than `enabled` leaves it out.
+    pub fn short_circuit(&self) -> bool {
+        self.metadata
+            .labels
+            .get(mesh_common::SHORT_CIRCUIT_LABEL)
+            .and_then(|v| short_circuit_opt_in(v))
+            .unwrap_or(false)
+    }
+}
+
 fn validate_meta(meta: &ObjectMeta) -> Result<(), FieldError> {
     if !is_dns_subdomain(&meta.name) {
         return Err((
@@ -870,6 +893,14 @@ fn check_labels(field: &str, labels: &BTreeMap<String, String>) -> Result<(), Fi
 
 fn validate_workload(w: &Workload) -> Result<(), FieldError> {
     validate_meta(&w.metadata)?;
+    if let Some(value) = w.metadata.labels.get(mesh_common::SHORT_CIRCUIT_LABEL)
+        && short_circuit_opt_in(value).is_none()
+    {
+        return Err((
+            format!("metadata.labels.{}", mesh_common::SHORT_CIRCUIT_LABEL),
+            format!("`{value}`: the short-circuit is `enabled` or `disabled`"),
+        ));
+    }
     check_label("spec.serviceAccount", &w.spec.service_account)?;
     if w.spec.ips.is_empty() {
         return Err(("spec.ips".into(), "at least one address is required".into()));

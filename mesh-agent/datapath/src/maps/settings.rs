@@ -2,7 +2,7 @@
 //! short-circuit, the policy generation, the tunnel port, the layout
 //! version, revoking established connections).
 use aya::maps::{Array, MapData, MapType};
-use mesh_common::{SHORT_CIRCUIT_OFF, SHORT_CIRCUIT_ON, Setting, map_names};
+use mesh_common::{Setting, ShortCircuit, map_names};
 
 use super::{MapLayout, MapsError, PinnedMaps, layout};
 
@@ -14,22 +14,17 @@ impl PinnedMaps {
         self.map(name)?.try_into().map_err(self.err(name))
     }
 
-    pub fn short_circuit(&self) -> Result<bool, MapsError> {
+    pub fn short_circuit(&self) -> Result<ShortCircuit, MapsError> {
         let value = self
             .settings()?
             .get(&(Setting::ShortCircuit as u32), 0)
             .map_err(self.err(map_names::SETTINGS))?;
-        Ok(value == SHORT_CIRCUIT_ON)
+        Ok(ShortCircuit::from_setting(value))
     }
 
-    pub fn set_short_circuit(&self, on: bool) -> Result<(), MapsError> {
-        let value = if on {
-            SHORT_CIRCUIT_ON
-        } else {
-            SHORT_CIRCUIT_OFF
-        };
+    pub fn set_short_circuit(&self, to: ShortCircuit) -> Result<(), MapsError> {
         self.settings()?
-            .set(Setting::ShortCircuit as u32, value, 0)
+            .set(Setting::ShortCircuit as u32, to as u32, 0)
             .map_err(self.err(map_names::SETTINGS))
     }
 
