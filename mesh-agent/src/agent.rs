@@ -107,7 +107,23 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 scrapes: endpoints::Scrapes::default(),
             },
         );
-        let datapath = Arc::new(Mutex::new(Datapath::install(&config.datapath, &pins)?));
+        let mut installed = Datapath::install(&config.datapath, &pins)?;
+        // Which of the redirect path's defects this kernel has: a second or
+        // two, off the async workers; kernel.json and status say when done.
+        let self_test = installed.self_test()?;
+        let state_dir = config.state_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut kernel = kernel;
+            let defects = self_test.run();
+            for d in &defects {
+                info!(defect = %d.name, present = ?d.present, detail = %d.detail, "short-circuit self-test");
+            }
+            kernel.short_circuit_defects = Some(defects);
+            if let Err(e) = kernel.write(&state_dir) {
+                warn!(error = %e, "could not write the self-test's results to kernel.json");
+            }
+        });
+        let datapath = Arc::new(Mutex::new(installed));
         tokio::spawn(guard_interfaces(datapath.clone()));
         hub.set_names(NodeState::read(&config.state_dir).unwrap_or_default());
         tokio::spawn(log_failure(

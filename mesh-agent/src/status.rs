@@ -430,7 +430,10 @@ pub fn evaluate(inputs: &Inputs, now: SystemTime) -> Report {
     // What the kernel offers, as the agent found it at start: the
     // fallbacks in force are no fault, but an operator should see them.
     match &inputs.kernel_features {
-        Some(kernel) => check("features", State::Ok, kernel.summary()),
+        Some(kernel) => {
+            check("features", State::Ok, kernel.summary());
+            check("redirect path", State::Ok, kernel.defects_summary());
+        }
         None => check(
             "features",
             State::Warn,
@@ -814,6 +817,7 @@ mod tests {
             kernel_features: Some(KernelFeatures {
                 release: "6.1.0-50-amd64".into(),
                 features: Vec::new(),
+                short_circuit_defects: None,
             }),
         }
     }
@@ -837,6 +841,18 @@ mod tests {
                 with: "links".into(),
                 without: "clsact filters".into(),
             }],
+            short_circuit_defects: Some(vec![
+                mesh_datapath::self_test::Defect {
+                    name: "splice_misses_redirected_bytes".into(),
+                    present: Some(true),
+                    detail: "splice read 0 of 4096".into(),
+                },
+                mesh_datapath::self_test::Defect {
+                    name: "blocking_read_eagain".into(),
+                    present: None,
+                    detail: "could not tell".into(),
+                },
+            ]),
         });
         let report = evaluate(&inputs, now());
         assert!(report.healthy, "{report:#?}");
@@ -851,6 +867,11 @@ mod tests {
             state_of(&report, "programs")
                 .1
                 .ends_with("tc on eth0 (clsact filters)")
+        );
+        assert_eq!(
+            state_of(&report, "redirect path").1,
+            "the redirect path has splice_misses_redirected_bytes: opt in only workloads with \
+             event-loop I/O (could not tell: blocking_read_eagain)"
         );
         inputs.kernel_features = None;
         assert_eq!(

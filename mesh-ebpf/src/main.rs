@@ -12,6 +12,8 @@
 //! - Same-node short-circuit (`short_circuit`): `mesh_sockops` tracks the
 //!   established TCP sockets of allowed connections in `SOCK_HASH`;
 //!   `mesh_msg_redirect` hands each message straight to the local peer.
+//!   `mesh_self_test_redirect` (`self_test`) does the same in the agent's
+//!   start-up test of the kernel's redirect path.
 //!
 //! - Services (`service`): a connect or sendmsg to a Service address goes
 //!   to one of its backends, chosen before policy, so the verdict and the
@@ -33,6 +35,7 @@ mod attempt;
 mod enforce;
 mod maps;
 mod packet;
+mod self_test;
 mod service;
 mod short_circuit;
 mod sock_addr;

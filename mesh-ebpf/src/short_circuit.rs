@@ -20,13 +20,14 @@ use aya_ebpf::{
     programs::{SkMsgContext, SockOpsContext},
 };
 use mesh_common::{
-    Counter, RawTuple, SOCKET_ACTIVE, SOCKET_STACK_ONLY, ShortCircuit, SocketInfo, SocketKey,
-    policy::{ENDPOINT_LOCAL, ENDPOINT_SHORT_CIRCUIT, PROTO_TCP, decide},
+    AGENT_SOCKET_MARK, Counter, RawTuple, SOCKET_ACTIVE, SOCKET_STACK_ONLY, ShortCircuit,
+    SocketInfo, SocketKey,
+    policy::{ENDPOINT_LOCAL, ENDPOINT_SHORT_CIRCUIT, PROTO_TCP, WORLD_IDENTITY, decide},
 };
 
 use crate::maps::{
-    SOCK_HASH, SOCKETS, count, endpoint, identity_of_address, policy_entry, policy_generation,
-    short_circuit,
+    SOCK_HASH, SOCKETS, count, endpoint, identity_of_address, identity_of_caller, policy_entry,
+    policy_generation, short_circuit,
 };
 
 #[sock_ops]
@@ -91,7 +92,24 @@ fn may_short_circuit(key: &SocketKey) -> bool {
     }
 }
 
+/// The agent's own sockets outside every workload's namespace (those of
+/// its start-up self-test, which redirect through a map of their own) are
+/// not the mesh's to track.
+#[inline(always)]
+fn is_agent_socket(ctx: &SockOpsContext) -> bool {
+    // SAFETY: the kernel's context for this call; `sk` is checked for null
+    // before its u32 field is read.
+    let marked = unsafe {
+        let sk = (*ctx.ops).__bindgen_anon_2.sk;
+        !sk.is_null() && core::ptr::read_volatile(&raw const (*sk).mark) == AGENT_SOCKET_MARK
+    };
+    marked && identity_of_caller(ctx) == WORLD_IDENTITY
+}
+
 fn track_established(ctx: &SockOpsContext, side: u32) {
+    if is_agent_socket(ctx) {
+        return;
+    }
     let Some(mut key) = sockops_key(ctx) else {
         return;
     };

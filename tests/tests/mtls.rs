@@ -78,9 +78,12 @@ impl Mesh {
         self.bed.client(pod, true, args, T).unwrap()
     }
 
+    /// One connection attempt, given a second (more in a VM under TCG,
+    /// where a tunnel's first handshake alone can take that long).
     fn probe(&self, pod: usize, in_mesh: bool, target: &str) -> String {
+        let ms = 1000 * u64::from(mesh_tests::slowdown());
         self.bed
-            .probe(pod, in_mesh, &format!("tcp:{target}"), 1000)
+            .probe(pod, in_mesh, &format!("tcp:{target}"), ms)
             .unwrap()
     }
 }

@@ -61,7 +61,13 @@ pub const IN_VM: &[(&str, &[&str])] = &[
         ],
     ),
     ("ingress_frames", &[]),
-    ("same_node", &["redirected_bytes_arrive_intact"]),
+    (
+        "same_node",
+        &[
+            "redirected_bytes_arrive_intact",
+            "the_self_test_finds_the_redirect_paths_defects",
+        ],
+    ),
     ("mtls", &["flows_report_the_identity_mutual_tls_verified"]),
     ("kubernetes", &["mesh_policy_is_enforced"]),
     ("services", &["clients_reach_a_service_by_its_address"]),

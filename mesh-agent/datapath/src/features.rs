@@ -49,6 +49,10 @@ pub struct Feature {
 pub struct KernelFeatures {
     pub release: String,
     pub features: Vec<Feature>,
+    /// What the start-up self-test found in the redirect path
+    /// (`self_test`); `None` until it has run.
+    #[serde(default)]
+    pub short_circuit_defects: Option<Vec<crate::self_test::Defect>>,
 }
 
 impl KernelFeatures {
@@ -145,7 +149,11 @@ impl KernelFeatures {
                 "TLS records in user space (rustls)",
             ),
         ];
-        Self { release, features }
+        Self {
+            release,
+            features,
+            short_circuit_defects: None,
+        }
     }
 
     /// `(major, minor)` of the release, if it reads as one.
@@ -202,6 +210,35 @@ impl KernelFeatures {
         Ok(serde_json::from_slice(&std::fs::read(Self::path(
             state_dir,
         ))?)?)
+    }
+
+    /// One line: what the self-test found, or that it has not run.
+    pub fn defects_summary(&self) -> String {
+        let Some(defects) = &self.short_circuit_defects else {
+            return "self-test not run yet".into();
+        };
+        let present: Vec<&str> = defects
+            .iter()
+            .filter(|d| d.present == Some(true))
+            .map(|d| d.name.as_str())
+            .collect();
+        let unknown: Vec<&str> = defects
+            .iter()
+            .filter(|d| d.present.is_none())
+            .map(|d| d.name.as_str())
+            .collect();
+        let mut line = if present.is_empty() {
+            "the redirect path has none of the known defects".to_string()
+        } else {
+            format!(
+                "the redirect path has {}: opt in only workloads with event-loop I/O",
+                present.join(", ")
+            )
+        };
+        if !unknown.is_empty() {
+            line.push_str(&format!(" (could not tell: {})", unknown.join(", ")));
+        }
+        line
     }
 
     /// One line: the release, and each optional feature missing with what

@@ -29,6 +29,7 @@ pub mod migrate;
 pub mod netlink;
 pub mod netns;
 pub mod pins;
+pub mod self_test;
 pub mod sys;
 pub mod tc;
 
@@ -331,6 +332,12 @@ impl Datapath {
         Ok(attached)
     }
 
+    /// The start-up self-test of the kernel's redirect path
+    /// (`self_test`), ready to run away from the data path.
+    pub fn self_test(&mut self) -> Result<self_test::SelfTest, DatapathError> {
+        self_test::prepare(&mut self.ebpf)
+    }
+
     /// Puts the checks of [`WORKLOAD_PROGRAMS`] on the node's side of each
     /// local workload's interface (`desired`: interface index → identity),
     /// and takes them off interfaces no longer a workload's.
@@ -369,7 +376,9 @@ impl Datapath {
             }
         }
         // Links of interfaces that are no workload's any more: unpinned, so
-        // the kernel lets them go (a deleted veth's link guards nothing).
+        // the kernel lets them go (a deleted veth's link guards nothing); a
+        // clsact filter, which no pin holds, is deleted from an interface
+        // still there.
         let entries = std::fs::read_dir(&self.dir).map_err(|source| DatapathError::Io {
             what: format!("listing {}", self.dir.display()),
             source,
@@ -381,6 +390,13 @@ impl Datapath {
             };
             let ifindex = rest.rsplit('_').next().and_then(|i| i.parse::<u32>().ok());
             if ifindex.is_none_or(|i| !desired.contains_key(&i)) {
+                let attach_type = WORKLOAD_PROGRAMS
+                    .iter()
+                    .find(|(_, direction, _)| rest.starts_with(&format!("{direction}_")))
+                    .map(|(_, _, attach_type)| *attach_type);
+                if let (Some(ifindex), Some(attach_type)) = (ifindex, attach_type) {
+                    tc::detach_filter(&entry.path(), ifindex, attach_type);
+                }
                 let _ = std::fs::remove_file(entry.path());
             }
         }

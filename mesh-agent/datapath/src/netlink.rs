@@ -169,6 +169,16 @@ pub fn peer_interfaces() -> io::Result<Vec<u32>> {
         .collect())
 }
 
+/// Brings interface `ifindex` up (`ip link set … up`).
+pub fn set_link_up(ifindex: u32) -> io::Result<()> {
+    let mut body = [0u8; IFINFO_LEN];
+    body[4..8].copy_from_slice(&ifindex.to_ne_bytes());
+    let up = libc::IFF_UP as u32;
+    body[8..12].copy_from_slice(&up.to_ne_bytes()); // flags
+    body[12..16].copy_from_slice(&up.to_ne_bytes()); // change
+    ask(RTM_NEWLINK, NLM_F_ACK, &body, NLMSG_ERROR).map(drop)
+}
+
 /// One tc filter of a clsact hook.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TcFilter {

@@ -162,6 +162,31 @@ pub fn pinned_mode(pin: &Path) -> Option<TcMode> {
     }
 }
 
+/// Deletes the mesh's clsact filter from interface `ifindex`'s hook when
+/// what is pinned at `pin` is the program of one (a TCX link goes with its
+/// pin instead). An interface already gone took its filters with it.
+pub(crate) fn detach_filter(pin: &Path, ifindex: u32, attach_type: TcAttachType) {
+    if pinned_mode(pin) != Some(TcMode::Netlink) {
+        return;
+    }
+    let Ok(interface) = nix::net::if_::if_indextoname(ifindex) else {
+        return;
+    };
+    let interface = interface.to_string_lossy();
+    let link = SchedClassifierLink::attached(
+        &interface,
+        attach_type,
+        FILTER_PRIORITY,
+        FILTER_HANDLE,
+        None,
+    );
+    if let Ok(link) = link
+        && let Err(e) = aya::programs::links::Link::detach(link)
+    {
+        warn!(interface = %interface, error = %e, "could not delete the mesh's tc filter");
+    }
+}
+
 /// The tc program `name`, loaded into the kernel (once).
 pub(crate) fn loaded_classifier<'a>(
     ebpf: &'a mut Ebpf,

@@ -2457,8 +2457,7 @@ mod mtls_mode_tests {
         };
         let c = compile(&parse_str("t.yaml", &yaml).unwrap(), &here).unwrap();
         let opted = |ip: &str| {
-            c.endpoints[&IpKey::from(ip.parse::<IpAddr>().unwrap())].flags
-                & ENDPOINT_SHORT_CIRCUIT
+            c.endpoints[&IpKey::from(ip.parse::<IpAddr>().unwrap())].flags & ENDPOINT_SHORT_CIRCUIT
                 != 0
         };
         assert!(opted("10.0.0.1"));

@@ -102,6 +102,8 @@ pub struct Readings {
     pub ready: Option<bool>,
     /// What the agent found in the kernel at start: feature → present.
     pub kernel_features: Vec<(String, bool)>,
+    /// What the self-test found in the redirect path: defect → present.
+    pub kernel_defects: Vec<(String, bool)>,
 }
 
 /// The real readings: the pins under `bpffs`, `certs.json` in `state_dir`,
@@ -129,6 +131,12 @@ pub fn node_readings(
                 .features
                 .into_iter()
                 .map(|f| (f.name, f.present))
+                .collect();
+            readings.kernel_defects = kernel
+                .short_circuit_defects
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|d| Some((d.name, d.present?)))
                 .collect();
         }
         if let Ok(state) = mesh_pki::rotation::read_state(&state_dir) {
@@ -234,6 +242,19 @@ impl Collector for NodeCollector {
                 ConstGauge::new(i64::from(*present)).encode(m.encode_family(&labels)?)?;
             }
         }
+        if !r.kernel_defects.is_empty() {
+            let mut m = encoder.encode_descriptor(
+                "kernel_defect",
+                "1 for each defect of the kernel's redirect path the start-up self-test \
+                 reproduced, 0 for each it did not (docs/short-circuit.md).",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (defect, present) in &r.kernel_defects {
+                let labels = [("defect", defect.as_str())];
+                ConstGauge::new(i64::from(*present)).encode(m.encode_family(&labels)?)?;
+            }
+        }
         if let Some(ready) = r.ready {
             let m = encoder.encode_descriptor(
                 "ready",
@@ -327,6 +348,7 @@ mod tests {
     fn fake_readings() -> Readings {
         Readings {
             kernel_features: vec![("tcx".into(), true), ("bpf_lsm".into(), false)],
+            kernel_defects: vec![("splice_misses_redirected_bytes".into(), true)],
             counters: vec![("policy_denied", 3), ("bytes_redirected", 1024)],
             maps: vec![(
                 "POLICY",
@@ -407,6 +429,7 @@ mod tests {
             "mesh_ready 1",
             "mesh_kernel_feature{feature=\"tcx\"} 1",
             "mesh_kernel_feature{feature=\"bpf_lsm\"} 0",
+            "mesh_kernel_defect{defect=\"splice_misses_redirected_bytes\"} 1",
         ] {
             assert!(l.contains(&want), "no line {want:?} in:\n{text}");
         }
