@@ -153,6 +153,11 @@ impl Agent {
         )
     }
 
+    /// Waits until an agent started with a `spawn_*` says it is ready.
+    pub fn wait_until_ready(self) -> anyhow::Result<Self> {
+        Self::wait_ready(self)
+    }
+
     fn wait_ready(mut agent: Self) -> anyhow::Result<Self> {
         let deadline = Instant::now() + Duration::from_secs(20) * crate::slowdown();
         loop {

@@ -1927,3 +1927,54 @@ fn wait_applied(agent: &Agent, workloads: usize) {
         std::thread::sleep(Duration::from_millis(2));
     }
 }
+
+/// `--tc-attach tcx` takes TCX links where the kernel has them, and
+/// elsewhere (before 6.6: the 6.1 of the kernel matrix) refuses to start,
+/// naming the feature and the kernel that has it, before it changes
+/// anything; `auto` there attaches clsact filters instead.
+#[test]
+fn asked_for_tcx_the_agent_uses_it_or_refuses_naming_it() {
+    let mut bed = TestBed::new("tcxask").unwrap();
+    bed.add_node().unwrap();
+    bed.connect_nodes().unwrap();
+    // The kernel's answer, asked independently of the agent: a TCX link of
+    // another program, or a clsact filter where there is no TCX.
+    let foreign = mesh_tests::foreign_tc::attach_ingress(
+        &bed.nodes[1].netns,
+        mesh_tests::topology::UPLINK,
+        mesh_tests::foreign_tc::Verdict::Pass,
+    )
+    .unwrap();
+    let has_tcx = matches!(foreign, mesh_tests::foreign_tc::Foreign::Link(_));
+    drop(foreign);
+    let mut agent = Agent::spawn_node(&bed, 0, &["--tc-attach", "tcx"]).unwrap();
+    if has_tcx {
+        agent = agent.wait_until_ready().unwrap();
+        assert!(agent.log().contains("tc=\"tcx\""), "{}", agent.log());
+    } else {
+        let status = agent.wait_exit(T).unwrap();
+        assert!(!status.success(), "{}", agent.log());
+        let log = agent.log();
+        assert!(
+            log.contains(
+                "this kernel lacks TCX links for tc programs (--tc-attach tcx) (Linux 6.6+)"
+            ),
+            "{log}"
+        );
+        // Nothing was attached: no pin of any hook.
+        let pins: Vec<String> = std::fs::read_dir(bed.pin_dir(0))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(
+            pins.iter()
+                .all(|p| !p.contains("_cgroup_") && !p.starts_with("tc_")),
+            "{pins:?}"
+        );
+        let agent = Agent::start_node(&bed, 0, &[]).unwrap();
+        assert!(agent.log().contains("tc=\"netlink\""), "{}", agent.log());
+    }
+}
