@@ -136,9 +136,9 @@ impl KernelFeatures {
                     ))),
                 Need::Optional,
                 "5.7 (and `bpf` in the lsm= boot parameter)",
-                "splice(2) from a short-circuited socket fails with EINVAL, so splice \
-                 readers fall back to read(2)",
-                "no splice guard: the short-circuit stays off for workloads that splice",
+                "nothing yet: a guard making splice(2) from a short-circuited socket \
+                 fail cleanly is planned (docs/short-circuit.md)",
+                "workloads that read with splice(2) must not opt in to the short-circuit",
             ),
             feature(
                 "ktls",
