@@ -1684,23 +1684,30 @@ fn short_circuit_only_for_allowed_pairs_and_stops_when_policy_denies_them() {
         &policy("shop", "deny", "  selector:\n    serviceAccount: cart\n  action: DENY\n  rules:\n  - from:\n    - namespace: shop\n"),
     )
     .unwrap();
+    leaves_the_short_circuit_unbroken(&bed, pinger, "a denied pair");
+    // A new connection is refused.
+    assert_eq!(probe_one(&bed, 0, &format!("tcp:{to}")), "eperm");
+}
+
+/// After a change that takes a short-circuited pair off the redirect path:
+/// within half a second no message of `pinger`'s connection is redirected
+/// any more, they take the stack, and the connection ends well.
+fn leaves_the_short_circuit_unbroken(bed: &TestBed, pinger: Spawned, pair: &str) {
     std::thread::sleep(Duration::from_millis(500));
-    let redirected_after_deny = counter(&bed, "msgs_redirected");
+    let redirected = counter(bed, "msgs_redirected");
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
-        counter(&bed, "msgs_redirected"),
-        redirected_after_deny,
-        "a denied pair is still being redirected"
+        counter(bed, "msgs_redirected"),
+        redirected,
+        "{pair} is still being redirected"
     );
-    assert!(counter(&bed, "msgs_stack_only") > 0);
+    assert!(counter(bed, "msgs_stack_only") > 0);
     let out = pinger.wait_output(T).unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    // A new connection is refused.
-    assert_eq!(probe_one(&bed, 0, &format!("tcp:{to}")), "eperm");
 }
 
 /// Frontend and cart opted in to the short-circuit, robot not.
@@ -1750,21 +1757,7 @@ fn only_workloads_that_opt_in_are_short_circuited() {
     );
     // cart opts out: the open connection leaves the short-circuit.
     bed.register_workload(2, "shop", "cart", &[]).unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    let redirected = counter(&bed, "msgs_redirected");
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(
-        counter(&bed, "msgs_redirected"),
-        redirected,
-        "a pair no longer opted in is still being redirected"
-    );
-    assert!(counter(&bed, "msgs_stack_only") > 0);
-    let out = pinger.wait_output(T).unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    leaves_the_short_circuit_unbroken(&bed, pinger, "a pair no longer opted in");
     // A label value the mesh does not know is refused, with the field.
     bed.register_workload(1, "shop", "robot", &[("mesh.dev/short-circuit", "yes")])
         .unwrap();
