@@ -1,8 +1,9 @@
 //! `mesh-bench same-node|policy|cross-node|control-plane|services` (run them with
 //! `cargo xtask bench …`):
 //!
-//! - `same-node`: plain TCP between two pods against the same pods with the
-//!   mesh's short-circuit, alternating rounds in one run, medians and ratios.
+//! - `same-node`: plain TCP between two pods against two pods of the mesh
+//!   that opted in to its short-circuit, on one node, alternating rounds in
+//!   one run, medians and ratios.
 //! - `policy`: the new-connection rate with 10, 1,000 and 100,000 allow
 //!   rules, the mesh's compiled policy against iptables holding the same
 //!   rules (and no rules at all), alternating rounds, medians and ratios.
@@ -130,30 +131,36 @@ fn same_node(cli: &SameNode, out: &Path) -> anyhow::Result<()> {
     let latency = hold_cpu_dma_latency();
 
     let mut bed = TestBed::new("bench")?;
-    bed.add_pod(0)?;
-    bed.add_pod(0)?;
-    let _agent = Agent::start(&bed, &["--short-circuit", "on"])?;
-    // Plain: processes outside the mesh's cgroup, which no program sees.
-    // Mesh: the same tool inside it, short-circuited.
+    for _ in 0..4 {
+        bed.add_pod(0)?;
+    }
+    // Mesh: pods 0 and 1, two workloads that opted in, under the default
+    // setting: the path an operator's opted-in pair takes (both ends'
+    // labels checked per message). Plain: pods 2 and 3, no workloads, their
+    // processes outside the mesh's cgroup: no program sees them.
+    let opted_in = [("mesh.dev/short-circuit", "enabled")];
+    bed.register_workload(0, "bench", "client", &opted_in)?;
+    bed.register_workload(1, "bench", "server", &opted_in)?;
+    let _agent = Agent::start_node(&bed, 0, &[])?;
     let echo = bed.pods[1].addr(false, 8080);
     let sink = bed.pods[1].addr(false, 8081);
-    let plain_echo = bed.pods[1].addr(false, 9080);
-    let plain_sink = bed.pods[1].addr(false, 9081);
+    let plain_echo = bed.pods[3].addr(false, 8080);
+    let plain_sink = bed.pods[3].addr(false, 8081);
     let _servers = [
         bed.server(1, true, echo, "echo")?,
         bed.server(1, true, sink, "sink")?,
-        bed.server(1, false, plain_echo, "echo")?,
-        bed.server(1, false, plain_sink, "sink")?,
+        bed.server(3, false, plain_echo, "echo")?,
+        bed.server(3, false, plain_sink, "sink")?,
     ];
 
     let mut samples: Vec<(&str, Value)> = Vec::new();
     for round in 0..cli.rounds {
-        for (variant, in_mesh, echo, sink) in [
-            ("plain", false, plain_echo, plain_sink),
-            ("mesh", true, echo, sink),
+        for (variant, client, in_mesh, echo, sink) in [
+            ("plain", 2, false, plain_echo, plain_sink),
+            ("mesh", 0, true, echo, sink),
         ] {
             let ping = bed.client(
-                0,
+                client,
                 in_mesh,
                 &[
                     "pingpong",
@@ -167,7 +174,7 @@ fn same_node(cli: &SameNode, out: &Path) -> anyhow::Result<()> {
                 T,
             )?;
             let stream = bed.client(
-                0,
+                client,
                 in_mesh,
                 &[
                     "stream",
@@ -187,6 +194,13 @@ fn same_node(cli: &SameNode, out: &Path) -> anyhow::Result<()> {
             samples.push((variant, json!({ "p50_ns": ping["p50_ns"], "p99_ns": ping["p99_ns"], "gbit_per_s": stream["gbit_per_s"] })));
         }
     }
+
+    // The mesh's figures are the short-circuit's only if it carried them.
+    let redirected = agent::counter(&bed.pin_dir(0), "bytes_redirected")?;
+    anyhow::ensure!(
+        redirected > 0,
+        "the opted-in pair was not short-circuited: nothing was redirected"
+    );
 
     let median = |variant: &str, key: &str| {
         let mut v: Vec<f64> = samples
