@@ -72,14 +72,9 @@ impl TcMode {
         })?;
         match (asked, tcx) {
             (TcAttach::Auto | TcAttach::Tcx, true) => Ok(TcMode::Tcx),
-            (TcAttach::Netlink, _) => Ok(TcMode::Netlink),
-            (TcAttach::Auto, false) => {
-                info!(
-                    "this kernel has no TCX (Linux 6.6+): tc programs are attached as clsact \
-                     filters (netlink), replaced in place on restart"
-                );
-                Ok(TcMode::Netlink)
-            }
+            // The fallback's one log line is the agent's, for every missing
+            // feature (`features`); the start line says `tc="netlink"`.
+            (TcAttach::Netlink, _) | (TcAttach::Auto, false) => Ok(TcMode::Netlink),
             (TcAttach::Tcx, false) => Err(DatapathError::Unsupported {
                 feature: "TCX links for tc programs (--tc-attach tcx)",
                 since: "6.6",
