@@ -225,14 +225,11 @@ pub(crate) fn attach(
     attach_type: TcAttachType,
     pin: &Path,
 ) -> Result<(), DatapathError> {
-    let pinned = sys::obj_get(pin)
-        .ok()
-        .and_then(|fd| sys::bpf_object_kind(fd.as_fd()).ok());
     // A filter stays with its interface, pinned or not: whatever was pinned,
     // a mesh filter found there is replaced in place. A pinned TCX link is
     // kept as the way this hook is attached, even under --tc-attach netlink.
-    let mode = match pinned {
-        Some(sys::BpfObject::Link) => TcMode::Tcx,
+    let mode = match pinned_mode(pin) {
+        Some(TcMode::Tcx) => TcMode::Tcx,
         _ => mode,
     };
     match mode {
