@@ -122,6 +122,7 @@ impl Scene {
     /// first), and returns how long after it said ready a new connection
     /// from web (node 0) to db (node 1) first got through.
     fn replace(&mut self, node: usize, bin: &Path, kill: bool) -> Duration {
+        eprintln!("{} replacing the agent of node {node}", unix_ms());
         if kill {
             self.agents[node].kill().unwrap();
         } else {
@@ -129,6 +130,7 @@ impl Scene {
             assert!(status.success(), "the agent stopped with {status}");
         }
         self.agents[node] = self.start(node, bin).unwrap();
+        eprintln!("{} the new agent of node {node} is ready", unix_ms());
         let ready = Instant::now();
         while ready.elapsed() < Duration::from_secs(5) {
             if self.probe_db(WEB) == "connected" {
@@ -139,9 +141,11 @@ impl Scene {
     }
 
     /// One connection attempt from `pod` to db: connected, eperm, timeout…
+    /// It waits up to the whole bound on resuming (1 s): an attempt given
+    /// up early would only start the tunnel again and blur the figure.
     fn probe_db(&self, pod: usize) -> String {
         let target = format!("tcp:{}", self.db());
-        self.bed.probe(pod, true, &target, 300).unwrap()
+        self.bed.probe(pod, true, &target, 1000).unwrap()
     }
 
     fn pin(&self, node: usize, map: &str) -> PathBuf {
@@ -160,7 +164,10 @@ struct Traffic {
 impl Traffic {
     fn start(s: &Scene) -> Self {
         let target = format!("tcp:{}", s.db());
-        let probe = ["probe", "--targets", &target, "--timeout-ms", "200"];
+        // Under the SYN's first retransmission (1 s), so a dropped SYN
+        // still fails a probe, and far over what a loaded machine takes to
+        // schedule the echo (the machines are shared: 200 ms was not).
+        let probe = ["probe", "--targets", &target, "--timeout-ms", "900"];
         let probe = [&probe[..], &["--repeat-ms", "600000"]].concat();
         let started = |mut p: Spawned| {
             wait_for_line(&mut p, "probing").unwrap();
@@ -219,9 +226,20 @@ fn sigterm_report(p: Spawned) -> Value {
         .unwrap_or_else(|_| panic!("no report: {text}{}", String::from_utf8_lossy(&out.stderr)))
 }
 
+/// The wall clock in milliseconds, as the probes report their failures.
+fn unix_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+}
+
 /// Result → how often it came up.
 fn probe_counts(p: Spawned) -> BTreeMap<String, u64> {
     let report = sigterm_report(p);
+    if let Some(failures) = report["failures"].as_array().filter(|f| !f.is_empty()) {
+        eprintln!("probes that did not connect: {failures:?}");
+    }
     let counts = report["counts"]
         .as_object()
         .unwrap()
