@@ -625,14 +625,25 @@ fn echo(conn: TcpStream) -> anyhow::Result<()> {
     }
 }
 
+/// Echo with splice(2) as Go's `io.Copy` between sockets does: a socket
+/// splice refuses with EINVAL (the mesh's splice guard on a short-circuited
+/// socket) is echoed by reading and writing instead.
 fn splice_echo(conn: TcpStream) -> anyhow::Result<()> {
     use nix::fcntl::{SpliceFFlags, splice};
     let (pipe_r, pipe_w) = nix::unistd::pipe()?;
     loop {
         let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
-        let n = retry(&conn, READABLE, || {
+        let n = match retry(&conn, READABLE, || {
             splice(conn.as_fd(), None, pipe_w.as_fd(), None, 1 << 20, flags).map_err(Into::into)
-        })?;
+        }) {
+            Err(e)
+                if e.downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| e.raw_os_error() == Some(libc::EINVAL)) =>
+            {
+                return echo(conn);
+            }
+            other => other?,
+        };
         if n == 0 {
             conn.shutdown(Shutdown::Write)?;
             return Ok(());
@@ -1578,6 +1589,11 @@ fn connect_tcp(
     }
 }
 
+thread_local! {
+    /// Whether the last TCP probe connected before it failed.
+    static ECHO_PHASE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 fn probe(target: &str, timeout: Duration, mark: Option<u32>) -> anyhow::Result<String> {
     let (proto, addr) = target.split_once(':').with_context(|| {
         format!("target {target:?} is not tcp:ADDR, udp:ADDR, udp-sendto:ADDR, udplite:ADDR, udplite-sendto:ADDR or raw-syn:ADDR")
@@ -1592,6 +1608,7 @@ fn probe(target: &str, timeout: Duration, mark: Option<u32>) -> anyhow::Result<S
                 Ok(c) => c,
                 Err(e) => return Ok(classify(&e)),
             };
+            ECHO_PHASE.set(true);
             conn.set_read_timeout(Some(timeout))?;
             conn.write_all(PAYLOAD)?;
             let mut back = [0u8; PAYLOAD.len()];
@@ -1685,16 +1702,33 @@ fn probe_repeatedly(
 ) -> anyhow::Result<serde_json::Value> {
     let mut counts: std::collections::BTreeMap<&str, std::collections::BTreeMap<String, u64>> =
         Default::default();
+    // When a probe that did not connect ran, and how far it got: what a
+    // test needs to tell a dropped SYN (connect) from a lost echo, and to
+    // line the failure up with the agents' logs.
+    let mut failures = Vec::new();
     let deadline = Instant::now() + duration;
     println!("probing");
     std::io::stdout().flush()?;
     while Instant::now() < deadline && !stop_requested() {
         for target in targets {
+            let at = std::time::SystemTime::now();
+            let began = Instant::now();
+            ECHO_PHASE.set(false);
             let result = probe(target, timeout, mark)?;
+            if result != "connected" && failures.len() < 20 {
+                let at = at.duration_since(std::time::UNIX_EPOCH)?;
+                failures.push(json!({
+                    "target": target,
+                    "result": result,
+                    "unix_ms": at.as_millis() as u64,
+                    "took_ms": began.elapsed().as_millis() as u64,
+                    "phase": if ECHO_PHASE.get() { "echo" } else { "connect" },
+                }));
+            }
             *counts.entry(target).or_default().entry(result).or_default() += 1;
         }
     }
-    Ok(json!({ "ok": true, "counts": counts }))
+    Ok(json!({ "ok": true, "counts": counts, "failures": failures }))
 }
 
 fn monotonic_ns() -> u64 {
