@@ -57,8 +57,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             "this kernel lacks a feature the mesh can do without"
         );
     }
-    std::fs::create_dir_all(&config.state_dir)
-        .and_then(|()| kernel.write(&config.state_dir))
+    std::fs::create_dir_all(&config.state_dir).context("creating the state directory")?;
+    let earlier_defects = kernel.defects_of_this_boot(&config.state_dir);
+    kernel
+        .write(&config.state_dir)
         .context("writing kernel.json to the state directory")?;
     // Each tunnelled connection holds a descriptor on each node: the
     // container runtime's soft limit (often 1,024) would cap them long
@@ -110,19 +112,35 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         let mut installed = Datapath::install(&config.datapath, &pins)?;
         // Which of the redirect path's defects this kernel has: a second or
         // two, off the async workers; kernel.json and status say when done.
-        let self_test = installed.self_test()?;
+        // A restart in the same boot reuses what the last agent found.
         let state_dir = config.state_dir.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut kernel = kernel;
-            let defects = self_test.run();
-            for d in &defects {
-                info!(defect = %d.name, present = ?d.present, detail = %d.detail, "short-circuit self-test");
+        match earlier_defects {
+            Some(defects) => {
+                let mut kernel = kernel;
+                kernel.short_circuit_defects = Some(defects);
+                info!(
+                    found = %kernel.defects_summary(mesh_datapath::splice_guard::attached(&config.bpffs)),
+                    "short-circuit self-test: this boot's results reused"
+                );
+                kernel
+                    .write(&state_dir)
+                    .context("writing kernel.json to the state directory")?;
             }
-            kernel.short_circuit_defects = Some(defects);
-            if let Err(e) = kernel.write(&state_dir) {
-                warn!(error = %e, "could not write the self-test's results to kernel.json");
+            None => {
+                let self_test = installed.self_test()?;
+                tokio::task::spawn_blocking(move || {
+                    let mut kernel = kernel;
+                    let defects = self_test.run();
+                    for d in &defects {
+                        info!(defect = %d.name, present = ?d.present, detail = %d.detail, "short-circuit self-test");
+                    }
+                    kernel.short_circuit_defects = Some(defects);
+                    if let Err(e) = kernel.write(&state_dir) {
+                        warn!(error = %e, "could not write the self-test's results to kernel.json");
+                    }
+                });
             }
-        });
+        }
         let datapath = Arc::new(Mutex::new(installed));
         tokio::spawn(guard_interfaces(datapath.clone()));
         hub.set_names(NodeState::read(&config.state_dir).unwrap_or_default());

@@ -90,6 +90,8 @@ pub struct Inputs {
     pub tc_mode: Option<TcMode>,
     /// What the agent found in the kernel at start (`kernel.json`).
     pub kernel_features: Option<KernelFeatures>,
+    /// Whether the splice guard's link is pinned.
+    pub splice_guard: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -213,6 +215,7 @@ pub fn gather(bpffs: &Path, state_dir: &Path, health_address: SocketAddr) -> Inp
         state_generation,
         tc_mode,
         kernel_features: KernelFeatures::read(state_dir).ok(),
+        splice_guard: mesh_datapath::splice_guard::attached(bpffs),
     }
 }
 
@@ -432,7 +435,11 @@ pub fn evaluate(inputs: &Inputs, now: SystemTime) -> Report {
     match &inputs.kernel_features {
         Some(kernel) => {
             check("features", State::Ok, kernel.summary());
-            check("redirect path", State::Ok, kernel.defects_summary());
+            check(
+                "redirect path",
+                State::Ok,
+                kernel.defects_summary(inputs.splice_guard),
+            );
         }
         None => check(
             "features",
@@ -816,9 +823,11 @@ mod tests {
             tc_mode: Some(TcMode::Tcx),
             kernel_features: Some(KernelFeatures {
                 release: "6.1.0-50-amd64".into(),
+                boot_id: String::new(),
                 features: Vec::new(),
                 short_circuit_defects: None,
             }),
+            splice_guard: false,
         }
     }
 
@@ -833,6 +842,7 @@ mod tests {
         inputs.tc_mode = Some(TcMode::Netlink);
         inputs.kernel_features = Some(KernelFeatures {
             release: "6.1.0-50-amd64".into(),
+            boot_id: String::new(),
             features: vec![mesh_datapath::features::Feature {
                 name: "tcx".into(),
                 present: false,
@@ -872,6 +882,13 @@ mod tests {
             state_of(&report, "redirect path").1,
             "the redirect path has splice_misses_redirected_bytes: opt in only workloads with \
              event-loop I/O (could not tell: blocking_read_eagain)"
+        );
+        inputs.splice_guard = true;
+        assert_eq!(
+            state_of(&evaluate(&inputs, now()), "redirect path").1,
+            "the redirect path has splice_misses_redirected_bytes: opt in only workloads with \
+             event-loop I/O; splice(2) from short-circuited sockets fails with EINVAL (splice \
+             guard) (could not tell: blocking_read_eagain)"
         );
         inputs.kernel_features = None;
         assert_eq!(

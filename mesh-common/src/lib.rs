@@ -20,6 +20,9 @@ pub mod map_names {
     pub const SOCK_HASH: &str = "SOCK_HASH";
     /// Per-socket state ([`crate::SocketInfo`]) for the sockets in `SOCK_HASH`.
     pub const SOCKETS: &str = "SOCKETS";
+    /// Socket cookie → 0 for the sockets in `SOCK_HASH`: whose splice(2)
+    /// the splice guard refuses.
+    pub const SPLICE_GUARDED: &str = "SPLICE_GUARDED";
     /// Per-CPU counters indexed by [`crate::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
     /// Runtime settings indexed by [`crate::Setting`].
@@ -265,10 +268,13 @@ pub enum Counter {
     FlowEventsSuppressed = 17,
     /// Of those, denials.
     DeniedEventsSuppressed = 18,
+    /// splice(2) calls from a short-circuited socket refused with EINVAL
+    /// (the splice guard); the caller reads instead.
+    SpliceRefused = 19,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 19] = [
+    pub const ALL: [Counter; 20] = [
         Counter::SocketsTracked,
         Counter::SocketsTrackFailed,
         Counter::SocketsClosed,
@@ -288,6 +294,7 @@ impl Counter {
         Counter::SpoofedSource,
         Counter::FlowEventsSuppressed,
         Counter::DeniedEventsSuppressed,
+        Counter::SpliceRefused,
     ];
 
     /// The counter's name in `inspect stats` and metrics.
@@ -312,6 +319,7 @@ impl Counter {
             Counter::SpoofedSource => "spoofed_source",
             Counter::FlowEventsSuppressed => "flow_events_suppressed",
             Counter::DeniedEventsSuppressed => "denied_events_suppressed",
+            Counter::SpliceRefused => "splice_refused",
         }
     }
 }

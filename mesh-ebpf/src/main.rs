@@ -39,6 +39,7 @@ mod self_test;
 mod service;
 mod short_circuit;
 mod sock_addr;
+mod splice_guard;
 mod tunnel;
 
 #[cfg(not(test))]

@@ -31,6 +31,11 @@ pub(crate) static SOCK_HASH: SockHash<SocketKey> = SockHash::pinned(DEFAULT_MAX_
 #[map]
 pub(crate) static SOCKETS: HashMap<SocketKey, SocketInfo> = HashMap::pinned(DEFAULT_MAX_SOCKETS, 0);
 
+/// Cookies of the sockets in `SOCK_HASH`: what the splice guard refuses
+/// splice(2) from (`splice_guard`).
+#[map]
+pub(crate) static SPLICE_GUARDED: HashMap<u64, u32> = HashMap::pinned(DEFAULT_MAX_SOCKETS, 0);
+
 #[map]
 pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(MAX_COUNTERS, 0);
 

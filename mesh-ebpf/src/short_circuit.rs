@@ -26,8 +26,8 @@ use mesh_common::{
 };
 
 use crate::maps::{
-    SOCK_HASH, SOCKETS, count, endpoint, identity_of_address, identity_of_caller, policy_entry,
-    policy_generation, short_circuit,
+    SOCK_HASH, SOCKETS, SPLICE_GUARDED, count, endpoint, identity_of_address, identity_of_caller,
+    policy_entry, policy_generation, short_circuit,
 };
 
 #[sock_ops]
@@ -143,6 +143,10 @@ fn track_established(ctx: &SockOpsContext, side: u32) {
         count(Counter::SocketsTrackFailed, 1);
         return;
     }
+    // Bytes may now be redirected to this socket: splice(2) from it would
+    // miss them (`splice_guard`). Best effort: where the guard does not
+    // run, docs/short-circuit.md tells splice readers not to opt in.
+    let _ = SPLICE_GUARDED.insert(cookie, 0, BPF_ANY as u64);
     // Ask for state changes so the info entry is removed when the socket
     // closes (the kernel removes sockhash entries by itself).
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
@@ -153,6 +157,9 @@ fn untrack_closed(ctx: &SockOpsContext) {
     if let Some(key) = sockops_key(ctx)
         && SOCKETS.remove(key).is_ok()
     {
+        // SAFETY: a helper that only reads the context it is given.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let _ = SPLICE_GUARDED.remove(cookie);
         count(Counter::SocketsClosed, 1);
     }
 }

@@ -210,6 +210,52 @@ fn sendfile_sender_and_splice_receiver_get_every_byte() {
     );
 }
 
+/// With the splice guard (a BPF LSM program: the kernel matrix's Debian
+/// kernels have the BPF LSM active, this machine's kernel may not), a
+/// splice(2) reader of a short-circuited socket gets EINVAL instead of
+/// missing the redirected bytes, reads instead, and gets every byte; the
+/// guard outlives a restart of the agent.
+#[test]
+#[ignore = "needs the BPF LSM (`bpf` in lsm=): runs in the kernel matrix's VMs (cargo xtask test --kernel 6.1)"]
+fn splice_readers_of_short_circuited_sockets_fall_back_and_get_every_byte() {
+    let lsms = std::fs::read_to_string("/sys/kernel/security/lsm").unwrap_or_default();
+    assert!(
+        lsms.split(',').any(|l| l == "bpf"),
+        "this kernel's active LSMs lack bpf (/sys/kernel/security/lsm): run this test in the \
+         kernel matrix (cargo xtask test --kernel 6.1)"
+    );
+    let (bed, mut agent, _server, addr) = two_pods(
+        "spliceguard",
+        &["--short-circuit", "on"],
+        "splice-echo",
+        false,
+    );
+    assert!(
+        bed.pin_dir(0).join("lsm_splice_guard").exists(),
+        "{}",
+        agent.log()
+    );
+    let sizes = "1,65536,16777216";
+    let sent = 1 + 65536 + 16777216;
+    let report = transfer(&bed, true, &addr.to_string(), sizes, &[]);
+    assert_eq!(report["bytes_checked"], sent);
+    assert!(
+        counter(&bed, "bytes_redirected") >= sent,
+        "the transfer was not short-circuited"
+    );
+    let refused = counter(&bed, "splice_refused");
+    assert!(refused >= 1, "no splice was refused:\n{}", agent.log());
+
+    // A restart attaches the new guard before the old one goes.
+    assert!(agent.stop().unwrap().success());
+    let agent = Agent::start(&bed, &["--short-circuit", "on"]).unwrap();
+    let log = agent.log();
+    assert!(log.contains("splice guard attached"), "{log}");
+    let report = transfer(&bed, true, &addr.to_string(), sizes, &[]);
+    assert_eq!(report["bytes_checked"], sent);
+    assert!(counter(&bed, "splice_refused") > refused);
+}
+
 #[test]
 fn sendfile_sender_is_redirected_intact() {
     let (bed, _agent, _server, addr) =
@@ -466,4 +512,15 @@ fn the_self_test_finds_the_redirect_paths_defects_of_this_kernel() {
             && status.contains("splice_misses_redirected_bytes"),
         "{status}"
     );
+    // A restart in the same boot reuses the results instead of spending
+    // the CPU again while tunnels resume.
+    let mut agent = agent;
+    assert!(agent.stop().unwrap().success());
+    let agent = Agent::start_node(&bed, 0, &["--short-circuit", "on"]).unwrap();
+    let log = agent.log();
+    assert!(log.contains("this boot's results reused"), "{log}");
+    assert!(!log.contains("short-circuit self-test defect="), "{log}");
+    let kernel: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&kernel_json).unwrap()).unwrap();
+    assert_eq!(kernel["short_circuit_defects"], defects);
 }

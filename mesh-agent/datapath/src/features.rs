@@ -48,6 +48,11 @@ pub struct Feature {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KernelFeatures {
     pub release: String,
+    /// The boot these were found in (`/proc/sys/kernel/random/boot_id`):
+    /// the kernel cannot change without a reboot, so a restarted agent
+    /// reuses the self-test's results of the same boot.
+    #[serde(default)]
+    pub boot_id: String,
     pub features: Vec<Feature>,
     /// What the start-up self-test found in the redirect path
     /// (`self_test`); `None` until it has run.
@@ -64,8 +69,7 @@ impl KernelFeatures {
         fn yes<E>(probe: Result<bool, E>) -> bool {
             probe.unwrap_or(false)
         }
-        let lsm_active = std::fs::read_to_string("/sys/kernel/security/lsm")
-            .is_ok_and(|list| list.split(',').any(|l| l.trim() == "bpf"));
+        let lsm_active = crate::splice_guard::bpf_lsm_active();
         let feature = |name: &str, present, need, since: &str, with: &str, without: &str| Feature {
             name: name.into(),
             present,
@@ -136,8 +140,8 @@ impl KernelFeatures {
                     ))),
                 Need::Optional,
                 "5.7 (and `bpf` in the lsm= boot parameter)",
-                "nothing yet: a guard making splice(2) from a short-circuited socket \
-                 fail cleanly is planned (docs/short-circuit.md)",
+                "the splice guard: splice(2) from a short-circuited socket fails with \
+                 EINVAL, and callers read instead (docs/short-circuit.md)",
                 "workloads that read with splice(2) must not opt in to the short-circuit",
             ),
             feature(
@@ -151,9 +155,26 @@ impl KernelFeatures {
         ];
         Self {
             release,
+            boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+                .map(|id| id.trim().to_owned())
+                .unwrap_or_default(),
             features,
             short_circuit_defects: None,
         }
+    }
+
+    /// The self-test's results an earlier agent found in this same boot, if
+    /// `state_dir` has them: a restart need not spend the CPU again (a
+    /// second or two under load, while tunnels resume).
+    pub fn defects_of_this_boot(
+        &self,
+        state_dir: &std::path::Path,
+    ) -> Option<Vec<crate::self_test::Defect>> {
+        let earlier = Self::read(state_dir).ok()?;
+        let same_boot = !self.boot_id.is_empty()
+            && earlier.boot_id == self.boot_id
+            && earlier.release == self.release;
+        same_boot.then_some(earlier.short_circuit_defects).flatten()
     }
 
     /// `(major, minor)` of the release, if it reads as one.
@@ -212,8 +233,9 @@ impl KernelFeatures {
         ))?)?)
     }
 
-    /// One line: what the self-test found, or that it has not run.
-    pub fn defects_summary(&self) -> String {
+    /// One line: what the self-test found, or that it has not run, and
+    /// whether the splice guard answers `splice_misses_redirected_bytes`.
+    pub fn defects_summary(&self, splice_guarded: bool) -> String {
         let Some(defects) = &self.short_circuit_defects else {
             return "self-test not run yet".into();
         };
@@ -235,6 +257,11 @@ impl KernelFeatures {
                 present.join(", ")
             )
         };
+        if splice_guarded && present.contains(&"splice_misses_redirected_bytes") {
+            line.push_str(
+                "; splice(2) from short-circuited sockets fails with EINVAL (splice guard)",
+            );
+        }
         if !unknown.is_empty() {
             line.push_str(&format!(" (could not tell: {})", unknown.join(", ")));
         }
@@ -328,5 +355,36 @@ mod tests {
             here.has("tcx"),
             crate::sys::tcx_supported().unwrap_or(false)
         );
+    }
+
+    #[test]
+    fn the_self_tests_results_are_reused_within_one_boot_only() {
+        let dir = std::env::temp_dir().join(format!("mesh-kernel-json-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let defects = vec![crate::self_test::Defect {
+            name: "splice_misses_redirected_bytes".into(),
+            present: Some(true),
+            detail: "0 of 4096".into(),
+        }];
+        let mut earlier = kernel("6.1.0-50-amd64", &[]);
+        earlier.boot_id = "boot-a".into();
+        // Not run yet: nothing to reuse.
+        earlier.write(&dir).unwrap();
+        assert_eq!(earlier.defects_of_this_boot(&dir), None);
+        earlier.short_circuit_defects = Some(defects.clone());
+        earlier.write(&dir).unwrap();
+
+        let mut now = kernel("6.1.0-50-amd64", &[]);
+        now.boot_id = "boot-a".into();
+        assert_eq!(now.defects_of_this_boot(&dir), Some(defects));
+        now.boot_id = "boot-b".into();
+        assert_eq!(now.defects_of_this_boot(&dir), None, "another boot");
+        now.boot_id = String::new();
+        assert_eq!(
+            now.defects_of_this_boot(&dir),
+            None,
+            "no boot id to compare"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

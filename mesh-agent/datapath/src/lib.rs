@@ -30,6 +30,7 @@ pub mod netlink;
 pub mod netns;
 pub mod pins;
 pub mod self_test;
+pub mod splice_guard;
 pub mod sys;
 pub mod tc;
 
@@ -231,6 +232,7 @@ impl Datapath {
             .default_map_pin_directory(dir)
             .map_max_entries(map_names::SOCK_HASH, config.max_sockets)
             .map_max_entries(map_names::SOCKETS, config.max_sockets)
+            .map_max_entries(map_names::SPLICE_GUARDED, config.max_sockets)
             .map_max_entries(map_names::ENDPOINTS, config.max_endpoints)
             .map_max_entries(map_names::POLICY, config.max_policy)
             .map_max_entries(map_names::CONNTRACK, config.max_conntrack)
@@ -272,6 +274,15 @@ impl Datapath {
             }
         }
 
+        // Without the guard, splice readers must not opt in (status and
+        // the start-up warning say so); the rest of the mesh is unaffected.
+        let splice_guard = splice_guard::available()
+            && splice_guard::attach(&mut ebpf, dir)
+                .inspect_err(|e| {
+                    tracing::warn!(error = %error_chain(e), "the splice guard could not be attached");
+                })
+                .is_ok();
+
         migration.finish()?;
         maps.set_layout_version(MAP_LAYOUT_VERSION)?;
 
@@ -284,6 +295,7 @@ impl Datapath {
             tc = tc_mode.name(),
             adopted_pins = !fresh,
             short_circuit = short_circuit_word(maps.short_circuit()?),
+            splice_guard,
             "kernel programs attached"
         );
         // Loaded now, so that a new workload's checks are a link away.
@@ -402,6 +414,18 @@ impl Datapath {
         }
         Ok(())
     }
+}
+
+/// `e` and its sources, one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
 }
 
 pub(crate) fn program_err(

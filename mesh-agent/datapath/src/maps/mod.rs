@@ -77,9 +77,10 @@ const fn layout<K, V>(map_type: MapType) -> MapLayout {
 
 /// The maps this agent's kernel programs use, with their layouts, from the
 /// module of each.
-pub const EXPECTED_MAPS: [(&str, MapLayout); 21] = [
+pub const EXPECTED_MAPS: [(&str, MapLayout); 22] = [
     sockets::SOCK_HASH,
     sockets::SOCKETS,
+    sockets::SPLICE_GUARDED,
     counters::COUNTERS,
     settings::SETTINGS,
     endpoints::ENDPOINTS,

@@ -13,6 +13,8 @@ pub const SOCKETS: (&str, MapLayout) = (
     map_names::SOCKETS,
     layout::<SocketKey, SocketInfo>(MapType::Hash),
 );
+pub const SPLICE_GUARDED: (&str, MapLayout) =
+    (map_names::SPLICE_GUARDED, layout::<u64, u32>(MapType::Hash));
 
 impl PinnedMaps {
     /// The tracked sockets with what the kernel keeps about each.
