@@ -23,7 +23,12 @@ use crate::{
     mtls::Mtls,
     signal::ShutdownSignals,
 };
-use mesh_datapath::{Datapath, features::KernelFeatures, maps::PinnedMaps, pins::PinDir};
+use mesh_datapath::{
+    Datapath,
+    features::{DefectAnswers, KernelFeatures},
+    maps::PinnedMaps,
+    pins::PinDir,
+};
 use mesh_policy::state::NodeState;
 
 /// Editors and `kubectl`-like tools write a file in several steps; changes
@@ -119,7 +124,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 let mut kernel = kernel;
                 kernel.short_circuit_defects = Some(defects);
                 info!(
-                    found = %kernel.defects_summary(mesh_datapath::splice_guard::attached(&config.bpffs)),
+                    found = %kernel.defects_summary(&DefectAnswers::attached(&config.bpffs)),
                     "short-circuit self-test: this boot's results reused"
                 );
                 kernel

@@ -25,7 +25,10 @@ use mesh_agent::endpoints::metrics::seconds_until;
 use mesh_agent::health::HealthReport;
 use mesh_common::policy::ENDPOINT_LOCAL;
 use mesh_datapath::maps::{MapFill, PinnedMaps};
-use mesh_datapath::{CGROUP_HOOKS, TcLinkState, TcMode, features::KernelFeatures};
+use mesh_datapath::{
+    CGROUP_HOOKS, TcLinkState, TcMode,
+    features::{DefectAnswers, KernelFeatures},
+};
 use mesh_pki::rotation::CertState;
 use mesh_policy::state::NodeState;
 
@@ -90,8 +93,8 @@ pub struct Inputs {
     pub tc_mode: Option<TcMode>,
     /// What the agent found in the kernel at start (`kernel.json`).
     pub kernel_features: Option<KernelFeatures>,
-    /// Whether the splice guard's link is pinned.
-    pub splice_guard: bool,
+    /// What is attached against the redirect path's defects (from the pins).
+    pub defect_answers: DefectAnswers,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -215,7 +218,7 @@ pub fn gather(bpffs: &Path, state_dir: &Path, health_address: SocketAddr) -> Inp
         state_generation,
         tc_mode,
         kernel_features: KernelFeatures::read(state_dir).ok(),
-        splice_guard: mesh_datapath::splice_guard::attached(bpffs),
+        defect_answers: DefectAnswers::attached(bpffs),
     }
 }
 
@@ -438,7 +441,7 @@ pub fn evaluate(inputs: &Inputs, now: SystemTime) -> Report {
             check(
                 "redirect path",
                 State::Ok,
-                kernel.defects_summary(inputs.splice_guard),
+                kernel.defects_summary(&inputs.defect_answers),
             );
         }
         None => check(
@@ -827,7 +830,7 @@ mod tests {
                 features: Vec::new(),
                 short_circuit_defects: None,
             }),
-            splice_guard: false,
+            defect_answers: DefectAnswers::default(),
         }
     }
 
@@ -883,7 +886,10 @@ mod tests {
             "the redirect path has splice_misses_redirected_bytes: opt in only workloads with \
              event-loop I/O (could not tell: blocking_read_eagain)"
         );
-        inputs.splice_guard = true;
+        inputs.defect_answers = DefectAnswers {
+            splice_guard: true,
+            backlog_bound: Some(6 << 20),
+        };
         assert_eq!(
             state_of(&evaluate(&inputs, now()), "redirect path").1,
             "the redirect path has splice_misses_redirected_bytes: opt in only workloads with \

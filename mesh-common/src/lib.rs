@@ -20,9 +20,9 @@ pub mod map_names {
     pub const SOCK_HASH: &str = "SOCK_HASH";
     /// Per-socket state ([`crate::SocketInfo`]) for the sockets in `SOCK_HASH`.
     pub const SOCKETS: &str = "SOCKETS";
-    /// Socket cookie → 0 for the sockets in `SOCK_HASH`: whose splice(2)
-    /// the splice guard refuses.
-    pub const SPLICE_GUARDED: &str = "SPLICE_GUARDED";
+    /// Socket cookie → [`crate::Inbox`] for the sockets in `SOCK_HASH`:
+    /// the receivers' backlogs, and whose splice(2) the guard refuses.
+    pub const SOCKET_INBOX: &str = "SOCKET_INBOX";
     /// Per-CPU counters indexed by [`crate::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
     /// Runtime settings indexed by [`crate::Setting`].
@@ -214,6 +214,31 @@ pub struct SocketInfo {
     pub established_ns: u64,
 }
 
+/// What a tracked socket has been sent through the short-circuit and has
+/// read of it, by its cookie (`SOCKET_INBOX`): the receiver's backlog in
+/// the redirect path, which has no per-socket bound of its own. The sender
+/// adds what it redirects; a tracing program on the receive path adds what
+/// the receiver reads.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Inbox {
+    pub redirected: u64,
+    pub read: u64,
+}
+
+impl Inbox {
+    /// Bytes redirected to the socket and not read yet.
+    pub const fn backlog(&self) -> u64 {
+        self.redirected.saturating_sub(self.read)
+    }
+
+    /// Whether `more` bytes would take the backlog past `bound` (0: no
+    /// bound, as on pins of an agent that never set one).
+    pub const fn would_overflow(&self, more: u64, bound: u64) -> bool {
+        bound != 0 && self.backlog() + more > bound
+    }
+}
+
 /// The socket has sent data through the TCP/IP stack (no local peer yet,
 /// or short-circuit off): it must keep doing so, because bytes redirected
 /// now would overtake the bytes still travelling through the stack.
@@ -271,10 +296,14 @@ pub enum Counter {
     /// splice(2) calls from a short-circuited socket refused with EINVAL
     /// (the splice guard); the caller reads instead.
     SpliceRefused = 19,
+    /// Connections sent back to the TCP/IP stack because their receiver's
+    /// unread redirected bytes reached the bound (`RedirectBacklogBytes`):
+    /// from then on TCP's own flow control pushes back on the sender.
+    RedirectBackpressure = 20,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 20] = [
+    pub const ALL: [Counter; 21] = [
         Counter::SocketsTracked,
         Counter::SocketsTrackFailed,
         Counter::SocketsClosed,
@@ -295,6 +324,7 @@ impl Counter {
         Counter::FlowEventsSuppressed,
         Counter::DeniedEventsSuppressed,
         Counter::SpliceRefused,
+        Counter::RedirectBackpressure,
     ];
 
     /// The counter's name in `inspect stats` and metrics.
@@ -320,6 +350,7 @@ impl Counter {
             Counter::FlowEventsSuppressed => "flow_events_suppressed",
             Counter::DeniedEventsSuppressed => "denied_events_suppressed",
             Counter::SpliceRefused => "splice_refused",
+            Counter::RedirectBackpressure => "redirect_backpressure",
         }
     }
 }
@@ -353,6 +384,10 @@ pub enum Setting {
     /// Flow events each source may report per second (0: no limit); past
     /// it, and its bursts, events are left out and counted.
     FlowEventsPerSource = 5,
+    /// Unread bytes a receiver may have in the redirect path before its
+    /// sender goes back to the TCP/IP stack (0: no bound). The agent sets
+    /// the node's `tcp_rmem` maximum: what TCP would hold for it.
+    RedirectBacklogBytes = 6,
 }
 
 /// Version of the pinned maps' layout (key and value formats, map types),
@@ -422,6 +457,7 @@ mod pod {
     pod!(
         super::SocketKey,
         super::SocketInfo,
+        super::Inbox,
         super::policy::IpKey,
         super::policy::Endpoint,
         super::policy::PolicyKey,
@@ -468,6 +504,26 @@ mod tests {
         assert_eq!(offset_of!(SocketInfo, flags), 0);
         assert_eq!(offset_of!(SocketInfo, cookie), 8);
         assert_eq!(offset_of!(SocketInfo, established_ns), 16);
+    }
+
+    #[test]
+    fn inbox_layout_is_pinned_and_its_bound_holds() {
+        assert_eq!(size_of::<Inbox>(), 16);
+        assert_eq!(offset_of!(Inbox, read), 8);
+        let inbox = Inbox {
+            redirected: 300,
+            read: 100,
+        };
+        assert_eq!(inbox.backlog(), 200);
+        assert!(!inbox.would_overflow(56, 256));
+        assert!(inbox.would_overflow(57, 256));
+        assert!(!inbox.would_overflow(u32::MAX as u64, 0), "0: no bound");
+        // Reads counted before the sender's add (they race) never wrap.
+        let ahead = Inbox {
+            redirected: 10,
+            read: 20,
+        };
+        assert_eq!(ahead.backlog(), 0);
     }
 
     #[test]

@@ -33,6 +33,7 @@
 mod arrival;
 mod attempt;
 mod enforce;
+mod inbox;
 mod maps;
 mod packet;
 mod self_test;

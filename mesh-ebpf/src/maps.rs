@@ -10,8 +10,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use mesh_common::{
-    Counter, DEFAULT_MAX_SOCKETS, MAX_COUNTERS, MAX_SETTINGS, Setting, ShortCircuit, SocketInfo,
-    SocketKey,
+    Counter, DEFAULT_MAX_SOCKETS, Inbox, MAX_COUNTERS, MAX_SETTINGS, Setting, ShortCircuit,
+    SocketInfo, SocketKey,
     policy::{
         DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_LOCAL_NETNS, DEFAULT_MAX_POLICY,
         DEFAULT_MAX_REDIRECTS, Endpoint, FLOWS_RING_BYTES, FlowBudget, FlowKey, FlowSourceKey,
@@ -31,10 +31,11 @@ pub(crate) static SOCK_HASH: SockHash<SocketKey> = SockHash::pinned(DEFAULT_MAX_
 #[map]
 pub(crate) static SOCKETS: HashMap<SocketKey, SocketInfo> = HashMap::pinned(DEFAULT_MAX_SOCKETS, 0);
 
-/// Cookies of the sockets in `SOCK_HASH`: what the splice guard refuses
-/// splice(2) from (`splice_guard`).
+/// The sockets in `SOCK_HASH`, by cookie: what each was sent through the
+/// short-circuit and has read of it (`inbox`), and whose splice(2) the
+/// guard refuses (`splice_guard`).
 #[map]
-pub(crate) static SPLICE_GUARDED: HashMap<u64, u32> = HashMap::pinned(DEFAULT_MAX_SOCKETS, 0);
+pub(crate) static SOCKET_INBOX: HashMap<u64, Inbox> = HashMap::pinned(DEFAULT_MAX_SOCKETS, 0);
 
 #[map]
 pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(MAX_COUNTERS, 0);

@@ -20,14 +20,14 @@ use aya_ebpf::{
     programs::{SkMsgContext, SockOpsContext},
 };
 use mesh_common::{
-    AGENT_SOCKET_MARK, Counter, RawTuple, SOCKET_ACTIVE, SOCKET_STACK_ONLY, ShortCircuit,
-    SocketInfo, SocketKey,
+    AGENT_SOCKET_MARK, Counter, Inbox, RawTuple, SOCKET_ACTIVE, SOCKET_STACK_ONLY, Setting,
+    ShortCircuit, SocketInfo, SocketKey,
     policy::{ENDPOINT_LOCAL, ENDPOINT_SHORT_CIRCUIT, PROTO_TCP, WORLD_IDENTITY, decide},
 };
 
 use crate::maps::{
-    SOCK_HASH, SOCKETS, SPLICE_GUARDED, count, endpoint, identity_of_address, identity_of_caller,
-    policy_entry, policy_generation, short_circuit,
+    SOCK_HASH, SOCKET_INBOX, SOCKETS, count, endpoint, identity_of_address, identity_of_caller,
+    lookup, policy_entry, policy_generation, setting, short_circuit,
 };
 
 #[sock_ops]
@@ -143,10 +143,15 @@ fn track_established(ctx: &SockOpsContext, side: u32) {
         count(Counter::SocketsTrackFailed, 1);
         return;
     }
-    // Bytes may now be redirected to this socket: splice(2) from it would
-    // miss them (`splice_guard`). Best effort: where the guard does not
-    // run, docs/short-circuit.md tells splice readers not to opt in.
-    let _ = SPLICE_GUARDED.insert(cookie, 0, BPF_ANY as u64);
+    // Bytes may now be redirected to this socket: its inbox bounds them
+    // (`inbox`), and splice(2) from it would miss them (`splice_guard`).
+    // With no inbox the socket is never sent to (`try_msg_redirect`).
+    if SOCKET_INBOX
+        .insert(cookie, Inbox::default(), BPF_ANY as u64)
+        .is_err()
+    {
+        count(Counter::SocketsTrackFailed, 1);
+    }
     // Ask for state changes so the info entry is removed when the socket
     // closes (the kernel removes sockhash entries by itself).
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
@@ -159,9 +164,16 @@ fn untrack_closed(ctx: &SockOpsContext) {
     {
         // SAFETY: a helper that only reads the context it is given.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        let _ = SPLICE_GUARDED.remove(cookie);
+        let _ = SOCKET_INBOX.remove(cookie);
         count(Counter::SocketsClosed, 1);
     }
+}
+
+/// The inbox of the local socket `peer`, if it is tracked.
+#[inline(always)]
+fn peer_inbox(peer: &SocketKey) -> Option<*mut Inbox> {
+    let cookie = lookup(&SOCKETS, peer)?.cookie;
+    SOCKET_INBOX.get_ptr_mut(cookie)
 }
 
 #[sk_msg]
@@ -205,7 +217,29 @@ fn try_msg_redirect(ctx: &SkMsgContext) -> Result<(), ()> {
     }
     info.policy_generation = generation;
     let size = ctx.size() as u64;
-    if SOCK_HASH.redirect_msg(ctx, key.peer(), BPF_F_INGRESS as u64) == SK_PASS as i64 {
+    let peer = key.peer();
+    // The receiver's unread bytes in the redirect path, which the kernel
+    // does not bound: past the node's bound this connection takes the
+    // stack for good, where TCP's flow control pushes back (in order:
+    // what was redirected is read first).
+    // SAFETY: a live hash-map value; `redirected` is written only here,
+    // under this sender's socket lock, `read` only by the receiver's reads.
+    let inbox = peer_inbox(&peer).map(|inbox| unsafe { &mut *inbox });
+    let bound = u64::from(setting(Setting::RedirectBacklogBytes));
+    if let Some(inbox) = &inbox
+        && inbox.would_overflow(size, bound)
+    {
+        info.flags |= SOCKET_STACK_ONLY;
+        count(Counter::RedirectBackpressure, 1);
+        count(Counter::MsgsStackOnly, 1);
+        return Ok(());
+    }
+    // A peer with no inbox is no tracked local socket (yet): the redirect
+    // is not even tried.
+    if let Some(inbox) = inbox
+        && SOCK_HASH.redirect_msg(ctx, peer, BPF_F_INGRESS as u64) == SK_PASS as i64
+    {
+        inbox.redirected += size;
         count(Counter::MsgsRedirected, 1);
         count(Counter::BytesRedirected, size);
     } else {

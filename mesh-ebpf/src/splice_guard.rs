@@ -11,7 +11,7 @@
 //! they read the socket instead, and get every byte.
 //!
 //! Everything else is left as it was: other syscalls, other files, and
-//! sockets the short-circuit never tracked (`SPLICE_GUARDED`, filled by
+//! sockets the short-circuit never tracked (`SOCKET_INBOX`, filled by
 //! `mesh_sockops` when a socket enters the sockhash).
 
 use aya_ebpf::{
@@ -24,7 +24,7 @@ use aya_ebpf::{
 };
 use mesh_common::Counter;
 
-use crate::maps::{SPLICE_GUARDED, count, lookup};
+use crate::maps::{SOCKET_INBOX, count, lookup};
 
 /// `MAY_READ` of `include/linux/fs.h`.
 const MAY_READ: i32 = 4;
@@ -56,7 +56,7 @@ pub fn mesh_splice_guard(ctx: LsmContext) -> i32 {
     }
     let file: *mut c_void = ctx.arg(0);
     match socket_cookie(file) {
-        Some(cookie) if lookup(&SPLICE_GUARDED, &cookie).is_some() => {
+        Some(cookie) if lookup(&SOCKET_INBOX, &cookie).is_some() => {
             count(Counter::SpliceRefused, 1);
             -EINVAL
         }

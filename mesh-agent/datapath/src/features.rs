@@ -215,6 +215,35 @@ impl KernelFeatures {
     }
 }
 
+/// What the mesh has attached against the redirect path's defects.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DefectAnswers {
+    /// The splice guard is attached (`splice_guard`).
+    pub splice_guard: bool,
+    /// Reads are counted (`inbox`), and this is the bound on a receiver's
+    /// unread redirected bytes.
+    pub backlog_bound: Option<u32>,
+}
+
+impl DefectAnswers {
+    /// What is attached under the pin directory `pins`.
+    pub fn attached(pins: &std::path::Path) -> Self {
+        let backlog_bound = crate::inbox::attached(pins)
+            .then(|| {
+                crate::maps::PinnedMaps::open(pins)
+                    .ok()?
+                    .redirect_backlog_bytes()
+                    .ok()
+            })
+            .flatten()
+            .filter(|bound| *bound != 0);
+        Self {
+            splice_guard: crate::splice_guard::attached(pins),
+            backlog_bound,
+        }
+    }
+}
+
 impl KernelFeatures {
     /// Where the agent leaves what it found, for `status` and `/metrics`.
     pub fn path(state_dir: &std::path::Path) -> std::path::PathBuf {
@@ -234,8 +263,8 @@ impl KernelFeatures {
     }
 
     /// One line: what the self-test found, or that it has not run, and
-    /// whether the splice guard answers `splice_misses_redirected_bytes`.
-    pub fn defects_summary(&self, splice_guarded: bool) -> String {
+    /// what the mesh does about it where it can.
+    pub fn defects_summary(&self, answers: &DefectAnswers) -> String {
         let Some(defects) = &self.short_circuit_defects else {
             return "self-test not run yet".into();
         };
@@ -257,10 +286,18 @@ impl KernelFeatures {
                 present.join(", ")
             )
         };
-        if splice_guarded && present.contains(&"splice_misses_redirected_bytes") {
+        if answers.splice_guard && present.contains(&"splice_misses_redirected_bytes") {
             line.push_str(
                 "; splice(2) from short-circuited sockets fails with EINVAL (splice guard)",
             );
+        }
+        if let Some(bound) = answers.backlog_bound
+            && present.contains(&"no_receiver_backpressure")
+        {
+            line.push_str(&format!(
+                "; past {} KiB unread a connection takes the stack (back-pressure)",
+                bound / 1024
+            ));
         }
         if !unknown.is_empty() {
             line.push_str(&format!(" (could not tell: {})", unknown.join(", ")));
@@ -386,5 +423,33 @@ mod tests {
             "no boot id to compare"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_summary_says_what_the_mesh_does_about_each_defect() {
+        let mut k = kernel("6.12.117", &[]);
+        let defect = |name: &str| crate::self_test::Defect {
+            name: name.into(),
+            present: Some(true),
+            detail: String::new(),
+        };
+        k.short_circuit_defects = Some(vec![
+            defect("splice_misses_redirected_bytes"),
+            defect("no_receiver_backpressure"),
+        ]);
+        let bare = "the redirect path has splice_misses_redirected_bytes, \
+                    no_receiver_backpressure: opt in only workloads with event-loop I/O";
+        assert_eq!(k.defects_summary(&DefectAnswers::default()), bare);
+        let answered = DefectAnswers {
+            splice_guard: true,
+            backlog_bound: Some(6 << 20),
+        };
+        assert_eq!(
+            k.defects_summary(&answered),
+            format!(
+                "{bare}; splice(2) from short-circuited sockets fails with EINVAL (splice \
+                 guard); past 6144 KiB unread a connection takes the stack (back-pressure)"
+            )
+        );
     }
 }

@@ -24,6 +24,7 @@
 pub mod cgroup;
 pub mod cidr;
 pub mod features;
+pub mod inbox;
 pub mod maps;
 pub mod migrate;
 pub mod netlink;
@@ -228,11 +229,19 @@ impl Datapath {
         }
 
         let tc_mode = TcMode::choose(config.tc_attach)?;
+        // Parsed once, for the loader and for the programs attached by BTF
+        // (the receive path's, below).
+        let btf = aya::Btf::from_sys_fs()
+            .inspect_err(|e| {
+                tracing::warn!(error = %error_chain(e), "no kernel BTF: no splice guard, no bound on redirected backlogs")
+            })
+            .ok();
         let mut ebpf = EbpfLoader::new()
+            .btf(btf.as_ref())
             .default_map_pin_directory(dir)
             .map_max_entries(map_names::SOCK_HASH, config.max_sockets)
             .map_max_entries(map_names::SOCKETS, config.max_sockets)
-            .map_max_entries(map_names::SPLICE_GUARDED, config.max_sockets)
+            .map_max_entries(map_names::SOCKET_INBOX, config.max_sockets)
             .map_max_entries(map_names::ENDPOINTS, config.max_endpoints)
             .map_max_entries(map_names::POLICY, config.max_policy)
             .map_max_entries(map_names::CONNTRACK, config.max_conntrack)
@@ -274,14 +283,32 @@ impl Datapath {
             }
         }
 
-        // Without the guard, splice readers must not opt in (status and
-        // the start-up warning say so); the rest of the mesh is unaffected.
-        let splice_guard = splice_guard::available()
-            && splice_guard::attach(&mut ebpf, dir)
+        // The receive path's programs, attached by the kernel's BTF. Each
+        // is optional: without the guard, splice readers must not opt in;
+        // without the inbox reads, the backlog bound is left off. Status
+        // and the start-up warnings say so; the rest is unaffected.
+        let splice_guard = match &btf {
+            Some(btf) if splice_guard::available() => splice_guard::attach(&mut ebpf, btf, dir)
                 .inspect_err(|e| {
                     tracing::warn!(error = %error_chain(e), "the splice guard could not be attached");
                 })
-                .is_ok();
+                .is_ok(),
+            _ => false,
+        };
+        let backlog_bound = if let Some(btf) = &btf
+            && inbox::attach(&mut ebpf, btf, dir)
+                .inspect_err(|e| {
+                    tracing::warn!(error = %error_chain(e), "the redirect path's reads cannot be counted: its backlogs are not bounded");
+                })
+                .is_ok()
+        {
+            inbox::node_bound()
+        } else {
+            0
+        };
+        // Bounded only where reads are counted: else every backlog would
+        // look unread, and every connection would take the stack.
+        maps.set_redirect_backlog_bytes(backlog_bound)?;
 
         migration.finish()?;
         maps.set_layout_version(MAP_LAYOUT_VERSION)?;
@@ -296,6 +323,7 @@ impl Datapath {
             adopted_pins = !fresh,
             short_circuit = short_circuit_word(maps.short_circuit()?),
             splice_guard,
+            redirect_backlog_bytes = backlog_bound,
             "kernel programs attached"
         );
         // Loaded now, so that a new workload's checks are a link away.
@@ -543,6 +571,28 @@ pub(crate) fn attach_pinned(
         })?;
     }
     Ok(())
+}
+
+/// Pins `link` at `dir`/`name` in place of an earlier agent's link there,
+/// for the hooks whose links cannot swap their program (BPF LSM, fexit):
+/// the new link is attached already, and the old one goes when its pin
+/// does, so the hook is never without a program. Returns whether there was
+/// one to replace.
+pub(crate) fn pin_over(link: FdLink, dir: &Path, name: &str) -> Result<bool, DatapathError> {
+    let pin = dir.join(name);
+    let replacing = pin.exists();
+    // Staged under a name of its own (bpffs refuses dots in names).
+    let staged = dir.join(format!("{name}_new"));
+    let _ = std::fs::remove_file(&staged);
+    link.pin(&staged).map_err(|e| DatapathError::Io {
+        what: format!("pinning link at {}", staged.display()),
+        source: std::io::Error::other(e),
+    })?;
+    std::fs::rename(&staged, &pin).map_err(|source| DatapathError::Io {
+        what: format!("moving a link's pin to {}", pin.display()),
+        source,
+    })?;
+    Ok(replacing)
 }
 
 /// A sockops link pinned in `dir` for a cgroup other than `ours`, if any.

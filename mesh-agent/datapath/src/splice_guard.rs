@@ -17,7 +17,7 @@ use aya::{
 };
 use tracing::info;
 
-use crate::{DatapathError, program_err};
+use crate::{DatapathError, pin_over, program_err};
 
 const PROGRAM: &str = "mesh_splice_guard";
 const HOOK: &str = "file_permission";
@@ -38,34 +38,17 @@ pub fn bpf_lsm_active() -> bool {
 
 /// Attaches the guard and pins its link at `dir`/[`LINK_PIN`], replacing an
 /// earlier agent's.
-pub fn attach(ebpf: &mut Ebpf, dir: &Path) -> Result<(), DatapathError> {
-    let btf = Btf::from_sys_fs().map_err(|e| DatapathError::Io {
-        what: "reading the kernel's BTF (/sys/kernel/btf/vmlinux) for the splice guard".into(),
-        source: std::io::Error::other(e),
-    })?;
+pub fn attach(ebpf: &mut Ebpf, btf: &Btf, dir: &Path) -> Result<(), DatapathError> {
     let program: &mut Lsm = ebpf
         .program_mut(PROGRAM)
         .expect("the object defines the splice guard")
         .try_into()
         .map_err(program_err(PROGRAM))?;
-    program.load(HOOK, &btf).map_err(program_err(PROGRAM))?;
+    program.load(HOOK, btf).map_err(program_err(PROGRAM))?;
     let id = program.attach().map_err(program_err(PROGRAM))?;
     let link = FdLink::from(program.take_link(id).map_err(program_err(PROGRAM))?);
-    let pin = dir.join(LINK_PIN);
-    let replacing = pin.exists();
-    // (bpffs refuses names with a dot.)
-    let staged = dir.join(format!("{LINK_PIN}_new"));
-    let _ = std::fs::remove_file(&staged);
-    link.pin(&staged).map_err(|e| DatapathError::Io {
-        what: format!("pinning link at {}", staged.display()),
-        source: std::io::Error::other(e),
-    })?;
-    // The old link goes when its pin does: after the new one guards.
-    std::fs::rename(&staged, &pin).map_err(|source| DatapathError::Io {
-        what: format!("moving the splice guard's link to {}", pin.display()),
-        source,
-    })?;
-    info!(link = %pin.display(), replaced = replacing, "splice guard attached");
+    let replaced = pin_over(link, dir, LINK_PIN)?;
+    info!(link = LINK_PIN, replaced, "splice guard attached");
     Ok(())
 }
 

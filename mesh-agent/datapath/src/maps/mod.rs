@@ -80,7 +80,7 @@ const fn layout<K, V>(map_type: MapType) -> MapLayout {
 pub const EXPECTED_MAPS: [(&str, MapLayout); 22] = [
     sockets::SOCK_HASH,
     sockets::SOCKETS,
-    sockets::SPLICE_GUARDED,
+    sockets::SOCKET_INBOX,
     counters::COUNTERS,
     settings::SETTINGS,
     endpoints::ENDPOINTS,

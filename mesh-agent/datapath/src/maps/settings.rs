@@ -72,6 +72,19 @@ impl PinnedMaps {
             .map_err(self.err(map_names::SETTINGS))
     }
 
+    /// The bound on a receiver's unread redirected bytes (0: none).
+    pub fn set_redirect_backlog_bytes(&self, bytes: u32) -> Result<(), MapsError> {
+        self.settings()?
+            .set(Setting::RedirectBacklogBytes as u32, bytes, 0)
+            .map_err(self.err(map_names::SETTINGS))
+    }
+
+    pub fn redirect_backlog_bytes(&self) -> Result<u32, MapsError> {
+        self.settings()?
+            .get(&(Setting::RedirectBacklogBytes as u32), 0)
+            .map_err(self.err(map_names::SETTINGS))
+    }
+
     pub fn set_revoke_established(&self, on: bool) -> Result<(), MapsError> {
         self.settings()?
             .set(Setting::RevokeEstablished as u32, on as u32, 0)

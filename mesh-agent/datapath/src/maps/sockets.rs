@@ -1,7 +1,7 @@
 //! `SOCK_HASH` (the sockhash sk_msg redirects through) and `SOCKETS` (what
 //! the kernel keeps about each tracked socket): the same-node short-circuit.
 use aya::maps::{HashMap, MapData, MapType, SockHash};
-use mesh_common::{SocketInfo, SocketKey, map_names};
+use mesh_common::{Inbox, SocketInfo, SocketKey, map_names};
 
 use super::{MapLayout, MapsError, PinnedMaps, layout};
 
@@ -13,8 +13,8 @@ pub const SOCKETS: (&str, MapLayout) = (
     map_names::SOCKETS,
     layout::<SocketKey, SocketInfo>(MapType::Hash),
 );
-pub const SPLICE_GUARDED: (&str, MapLayout) =
-    (map_names::SPLICE_GUARDED, layout::<u64, u32>(MapType::Hash));
+pub const SOCKET_INBOX: (&str, MapLayout) =
+    (map_names::SOCKET_INBOX, layout::<u64, Inbox>(MapType::Hash));
 
 impl PinnedMaps {
     /// The tracked sockets with what the kernel keeps about each.
