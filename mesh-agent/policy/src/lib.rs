@@ -35,7 +35,7 @@ pub use documents::{
     KIND_MESH_POLICY, KIND_PEER_AUTHENTICATION, KIND_WORKLOAD, MeshNode, MeshNodeSpec, MeshPolicy,
     MeshPolicyResource, MeshPolicySpec, MtlsMode, NodeMeta, ObjectMeta, Origin, PeerAuthentication,
     PeerAuthenticationResource, PeerAuthenticationSpec, PolicyAction, PortEntry, Protocol, Rule,
-    Selector, Workload, WorkloadSpec, load_dir, parse_str, parse_value,
+    Selector, Workload, WorkloadSpec, load_dir, parse_str, parse_value, short_circuit_opt_in,
 };
 pub use identity::{COLLIDING_SERVICE_ACCOUNTS, IdentityPattern, numeric_identity, spiffe_id};
 pub use services::{

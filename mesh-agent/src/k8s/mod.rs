@@ -312,7 +312,7 @@ struct Cluster {
     peer_authentication_resource: ApiResource,
     traffic_split_resource: ApiResource,
     pods: Mirror<PodInfo>,
-    namespaces: Mirror<bool>,
+    namespaces: Mirror<translate::NamespaceInfo>,
     nodes: Mirror<NodeInfo>,
     /// Nodes' podCIDRs bound their pods' addresses.
     enforce_pod_cidrs: bool,
@@ -409,11 +409,9 @@ impl Cluster {
         };
         Ok(match change {
             Change::Pod(e) => state(self.pods.apply((*e)?, key, translate::pod_info)),
-            Change::Namespace(e) => state(self.namespaces.apply(
-                (*e)?,
-                key,
-                translate::namespace_opted_out,
-            )),
+            Change::Namespace(e) => {
+                state(self.namespaces.apply((*e)?, key, translate::namespace_info))
+            }
             Change::Node(e) => {
                 let enforce = self.enforce_pod_cidrs;
                 state(

@@ -132,12 +132,26 @@ pub fn pod_info(pod: &Pod) -> Option<PodInfo> {
     })
 }
 
-/// Whether a namespace keeps its pods out of the mesh (`Some(false)`: it
-/// does not; every namespace is kept so that a label change is seen).
-pub fn namespace_opted_out(ns: &Namespace) -> Option<bool> {
-    Some(opted_out(
-        ns.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()),
-    ))
+/// What the mesh keeps of a Namespace (every one, so that a label change
+/// is seen).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NamespaceInfo {
+    /// Its pods are kept out of the mesh.
+    pub opted_out: bool,
+    /// Its `mesh.dev/short-circuit` label, for the pods that carry none of
+    /// their own: `Some(true)` for `enabled`, `Some(false)` for `disabled`
+    /// (another value: no say, as for a Pod's).
+    pub short_circuit: Option<bool>,
+}
+
+pub fn namespace_info(ns: &Namespace) -> Option<NamespaceInfo> {
+    let labels = ns.metadata.labels.as_ref();
+    Some(NamespaceInfo {
+        opted_out: opted_out(labels.unwrap_or(&BTreeMap::new())),
+        short_circuit: labels
+            .and_then(|l| l.get(mesh_common::SHORT_CIRCUIT_LABEL))
+            .and_then(|v| mesh_policy::short_circuit_opt_in(v)),
+    })
 }
 
 /// What the agent keeps of a Node.
@@ -319,6 +333,18 @@ pub fn in_force(
     docs
 }
 
+/// A pod's labels as its Workload's: the namespace's short-circuit label
+/// where the pod has none (a pod's own, `disabled` included, wins).
+fn workload_labels(pod: &PodInfo, namespace: Option<&NamespaceInfo>) -> BTreeMap<String, String> {
+    let mut labels = pod.labels.clone();
+    if let Some(enabled) = namespace.and_then(|n| n.short_circuit) {
+        labels
+            .entry(mesh_common::SHORT_CIRCUIT_LABEL.into())
+            .or_insert_with(|| if enabled { "enabled" } else { "disabled" }.into());
+    }
+    labels
+}
+
 /// The Workload and MeshNode documents of a cluster's state. `netns` gives
 /// the network namespace of the pods of `this_node` that have been found
 /// (by pod uid). An IP claimed by two pods belongs to the newer one: the
@@ -329,7 +355,7 @@ pub fn in_force(
 /// added to `refused` (pod key → address), logged once while it lasts.
 pub fn cluster_documents(
     pods: &BTreeMap<String, PodInfo>,
-    namespaces_opted_out: &BTreeMap<String, bool>,
+    namespaces: &BTreeMap<String, NamespaceInfo>,
     nodes: &BTreeMap<String, NodeInfo>,
     netns: &PodNamespaces,
     this_node: &str,
@@ -337,7 +363,7 @@ pub fn cluster_documents(
 ) -> Documents {
     let mut by_age: Vec<&PodInfo> = pods
         .values()
-        .filter(|p| namespaces_opted_out.get(&p.namespace) != Some(&true))
+        .filter(|p| !namespaces.get(&p.namespace).is_some_and(|n| n.opted_out))
         .collect();
     // Newest first; ties broken by uid so every node decides alike.
     by_age.sort_by(|a, b| b.created.cmp(&a.created).then_with(|| a.uid.cmp(&b.uid)));
@@ -373,7 +399,7 @@ pub fn cluster_documents(
             metadata: ObjectMeta {
                 name: pod.name.clone(),
                 namespace: pod.namespace.clone(),
-                labels: pod.labels.clone(),
+                labels: workload_labels(pod, namespaces.get(&pod.namespace)),
             },
             spec: WorkloadSpec {
                 service_account: pod.service_account.clone(),
@@ -647,7 +673,13 @@ mod tests {
             &mut BTreeSet::new(),
         );
         assert_eq!(docs.workloads[0].spec.netns, None);
-        let opted = BTreeMap::from([("shop".to_string(), true)]);
+        let opted = BTreeMap::from([(
+            "shop".to_string(),
+            NamespaceInfo {
+                opted_out: true,
+                short_circuit: None,
+            },
+        )]);
         let docs = cluster_documents(
             &pods,
             &opted,
@@ -657,6 +689,41 @@ mod tests {
             &mut BTreeSet::new(),
         );
         assert!(docs.workloads.is_empty());
+    }
+
+    #[test]
+    fn a_namespace_opts_its_pods_in_to_the_short_circuit_unless_a_pod_says_otherwise() {
+        let ns = |labels: serde_json::Value| -> Namespace {
+            serde_json::from_value(json!({"metadata": {"name": "shop", "labels": labels}})).unwrap()
+        };
+        let enabled = namespace_info(&ns(json!({"mesh.dev/short-circuit": "enabled"}))).unwrap();
+        assert_eq!(enabled.short_circuit, Some(true));
+        assert!(!enabled.opted_out);
+        let odd = namespace_info(&ns(json!({"mesh.dev/short-circuit": "yes"}))).unwrap();
+        assert_eq!(odd.short_circuit, None, "an unknown value has no say");
+
+        let plain = pod_info(&pod("plain", "10.0.0.1", T0, json!({}))).unwrap();
+        let mut out = pod_info(&pod("out", "10.0.0.2", T0, json!({}))).unwrap();
+        out.labels
+            .insert("mesh.dev/short-circuit".into(), "disabled".into());
+        let pods = BTreeMap::from([
+            ("shop/plain".to_string(), plain),
+            ("shop/out".to_string(), out),
+        ]);
+        let docs = cluster_documents(
+            &pods,
+            &BTreeMap::from([("shop".to_string(), enabled)]),
+            &BTreeMap::new(),
+            &PodNamespaces::default(),
+            "n",
+            &mut BTreeSet::new(),
+        );
+        let opted: BTreeMap<&str, bool> = docs
+            .workloads
+            .iter()
+            .map(|w| (w.metadata.name.as_str(), w.short_circuit()))
+            .collect();
+        assert_eq!(opted, BTreeMap::from([("out", false), ("plain", true)]));
     }
 
     fn policy_object(generation: i64, spec: serde_json::Value) -> DynamicObject {
