@@ -32,15 +32,19 @@ struct ObjGetAttr {
 }
 
 /// Issues one bpf(2) command with `attr` as its (prefix of) `bpf_attr`.
-fn bpf<T>(cmd: bpf_cmd, attr: &T) -> std::io::Result<libc::c_long> {
-    // SAFETY: `attr` is a fully initialised #[repr(C)] prefix of bpf_attr
-    // that outlives the call, and its size is passed so the kernel reads no
-    // further; any pointers or fds it holds are kept alive by the caller.
+/// Mutable: some commands write results back into it (BPF_PROG_QUERY its
+/// counts and revision, BPF_OBJ_GET_INFO_BY_FD the info's length), so each
+/// `T` must reach as far as its command writes.
+fn bpf<T>(cmd: bpf_cmd, attr: &mut T) -> std::io::Result<libc::c_long> {
+    // SAFETY: `attr` is a fully initialised #[repr(C)] prefix of bpf_attr,
+    // exclusively borrowed for the call, and covers every field its command
+    // reads or writes (its size is passed too); any pointers or fds it
+    // holds are kept alive by the caller.
     let ret = unsafe {
         libc::syscall(
             libc::SYS_bpf,
             cmd as libc::c_long,
-            attr as *const T,
+            attr as *mut T,
             std::mem::size_of::<T>() as libc::c_uint,
         )
     };
@@ -52,13 +56,13 @@ fn bpf<T>(cmd: bpf_cmd, attr: &T) -> std::io::Result<libc::c_long> {
 
 /// Replaces the program of `link` with `prog`.
 pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> std::io::Result<()> {
-    let attr = LinkUpdateAttr {
+    let mut attr = LinkUpdateAttr {
         link_fd: link.as_raw_fd() as u32,
         new_prog_fd: prog.as_raw_fd() as u32,
         flags: 0,
         old_prog_fd: 0,
     };
-    bpf(bpf_cmd::BPF_LINK_UPDATE, &attr).map(drop)
+    bpf(bpf_cmd::BPF_LINK_UPDATE, &mut attr).map(drop)
 }
 
 /// Opens a pinned bpf object (here: a link) and returns its descriptor.
@@ -67,12 +71,12 @@ pub fn obj_get(path: &std::path::Path) -> std::io::Result<OwnedFd> {
 
     let path = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let attr = ObjGetAttr {
+    let mut attr = ObjGetAttr {
         pathname: path.as_ptr() as u64,
         bpf_fd: 0,
         file_flags: 0,
     };
-    let fd = bpf(bpf_cmd::BPF_OBJ_GET, &attr)?;
+    let fd = bpf(bpf_cmd::BPF_OBJ_GET, &mut attr)?;
     // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
@@ -92,12 +96,12 @@ pub fn tcx_link_ifindex(link: BorrowedFd<'_>) -> io::Result<u32> {
     // SAFETY: bpf_link_info is integers and unions of integers, for which
     // all zeroes is a valid value.
     let mut info: bpf_link_info = unsafe { std::mem::zeroed() };
-    let attr = InfoByFdAttr {
+    let mut attr = InfoByFdAttr {
         bpf_fd: link.as_raw_fd() as u32,
         info_len: size_of::<bpf_link_info>() as u32,
         info: (&raw mut info) as u64,
     };
-    bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &attr)?;
+    bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
     if info.type_ != bpf_link_type::BPF_LINK_TYPE_TCX as u32 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -108,7 +112,9 @@ pub fn tcx_link_ifindex(link: BorrowedFd<'_>) -> io::Result<u32> {
     Ok(unsafe { info.__bindgen_anon_1.tcx.ifindex })
 }
 
-/// `bpf_attr.query`, up to `prog_cnt` (the kernel zero-fills the rest).
+/// `bpf_attr.query`, whole: the kernel writes the counts, and on TCX hooks
+/// the `revision` at its end, whatever size it is given (a shorter struct
+/// had its caller's stack overwritten, and a release build crashed).
 #[repr(C)]
 struct ProgQueryAttr {
     target_ifindex: u32,
@@ -117,6 +123,11 @@ struct ProgQueryAttr {
     attach_flags: u32,
     prog_ids: u64,
     prog_cnt: u32,
+    _pad: u32,
+    prog_attach_flags: u64,
+    link_ids: u64,
+    link_attach_flags: u64,
+    revision: u64,
 }
 
 /// Whether the kernel has TCX (Linux 6.6+): it answers a query of the TCX
@@ -126,15 +137,20 @@ struct ProgQueryAttr {
 /// would not.
 pub fn tcx_supported() -> io::Result<bool> {
     use aya_obj::generated::bpf_attach_type;
-    let attr = ProgQueryAttr {
+    let mut attr = ProgQueryAttr {
         target_ifindex: 1, // lo: index 1 in every network namespace
         attach_type: bpf_attach_type::BPF_TCX_INGRESS as u32,
         query_flags: 0,
         attach_flags: 0,
         prog_ids: 0,
         prog_cnt: 0,
+        _pad: 0,
+        prog_attach_flags: 0,
+        link_ids: 0,
+        link_attach_flags: 0,
+        revision: 0,
     };
-    match bpf(bpf_cmd::BPF_PROG_QUERY, &attr) {
+    match bpf(bpf_cmd::BPF_PROG_QUERY, &mut attr) {
         Ok(_) => Ok(true),
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
         Err(e) => Err(e),
