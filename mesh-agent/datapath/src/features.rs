@@ -129,8 +129,9 @@ impl KernelFeatures {
                 std::path::Path::new("/sys/kernel/btf/vmlinux").exists(),
                 Need::Optional,
                 "5.4",
-                "kernel type information (not needed by the mesh's programs)",
-                "nothing changes",
+                "the programs attached by kernel type: the splice guard, and the read \
+                 counter of the short-circuit's back-pressure",
+                "no splice guard, and no bound on what a short-circuited receiver leaves unread",
             ),
             feature(
                 "bpf_lsm",
