@@ -48,6 +48,13 @@ pub fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Whether the tests run in a VM of the kernel matrix (`cargo xtask test
+/// --kernel …` sets `MESH_TEST_IN_VM`), whose Debian kernels load every
+/// program type the mesh uses.
+pub fn in_vm() -> bool {
+    std::env::var_os("MESH_TEST_IN_VM").is_some()
+}
+
 /// How many times slower than native this machine runs the tests: 1, or
 /// `MESH_TEST_SLOWDOWN` where it says (the kernel matrix's VMs run under
 /// qemu's TCG, where an agent takes half a minute to verify its programs).

@@ -555,8 +555,24 @@ fn the_daemonsets_capabilities_are_enough_to_find_pods_and_enforce_policy() {
     // were found (setns, /proc/<pid>/ns/net of other processes).
     wait_probe(&bed, FRONTEND, CART, "connected");
     assert_eq!(probe(&bed, ROBOT, CART), "eperm");
+    // Nothing refused for want of a capability. One refusal is the
+    // kernel's, not the capabilities': this project's 6.18 machines refuse
+    // fexit programs with EPERM to every process, root with all
+    // capabilities included. The kernel matrix's VMs, whose kernels load
+    // them, run this test too, so a capability missing for them fails there.
     let log = agent.log();
-    assert!(!log.contains("Operation not permitted"), "{log}");
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Operation not permitted"))
+        .filter(|l| !l.contains("the redirect path's reads cannot be counted"))
+        .collect();
+    assert!(refused.is_empty(), "{log}");
+    if mesh_tests::in_vm() {
+        assert!(
+            log.contains("redirected reads counted") && log.contains("splice guard attached"),
+            "{log}"
+        );
+    }
     assert_rbac(&cluster);
 }
 

@@ -75,7 +75,14 @@ pub const IN_VM: &[(&str, &[&str])] = &[
         ],
     ),
     ("mtls", &["flows_report_the_identity_mutual_tls_verified"]),
-    ("kubernetes", &["mesh_policy_is_enforced"]),
+    (
+        "kubernetes",
+        &[
+            "mesh_policy_is_enforced",
+            // The DaemonSet's capabilities load every program type there.
+            "the_daemonsets_capabilities_are_enough",
+        ],
+    ),
     ("services", &["clients_reach_a_service_by_its_address"]),
 ];
 
@@ -207,7 +214,7 @@ fn script(binaries: &[(String, PathBuf)], tests_dir: &Path) -> anyhow::Result<St
         // needs the BPF LSM) is ignored there and run here.
         let filters = filters.join(" ");
         script.push_str(&format!(
-            "echo \"xtask-vm: {name} $(date +%T)\"\nCI=true MESH_TEST_SLOWDOWN={SLOWDOWN} {} --test-threads 1 --include-ignored {filters} || failed=1\n",
+            "echo \"xtask-vm: {name} $(date +%T)\"\nCI=true MESH_TEST_IN_VM=1 MESH_TEST_SLOWDOWN={SLOWDOWN} {} --test-threads 1 --include-ignored {filters} || failed=1\n",
             exe.display(),
         ));
     }
