@@ -332,13 +332,14 @@ mod tests {
         let s = script(&binaries, Path::new("/w/tests")).unwrap();
         assert!(s.contains("modprobe cls_bpf"), "{s}");
         assert!(s.contains(
-            "CI=true MESH_TEST_SLOWDOWN=5 /t/policy-abc --test-threads 1 \
-             connectivity_matrix_six_workloads another_tc_program_on_the_interface \
+            "CI=true MESH_TEST_IN_VM=1 MESH_TEST_SLOWDOWN=5 /t/policy-abc --test-threads 1 \
+             --include-ignored connectivity_matrix_six_workloads another_tc_program_on_the_interface \
              sigkill_keeps_enforcing_and_a_restarted_agent_adopts \
              asked_for_tcx_the_agent_uses_it_or_refuses_naming_it || failed=1"
         ));
         assert!(s.contains(
-            "CI=true MESH_TEST_SLOWDOWN=5 /t/ingress_frames-abc --test-threads 1  || failed=1"
+            "CI=true MESH_TEST_IN_VM=1 MESH_TEST_SLOWDOWN=5 /t/ingress_frames-abc --test-threads 1 \
+             --include-ignored  || failed=1"
         ));
         assert!(s.ends_with("echo \"xtask-vm: done failed=$failed\"\n"));
         assert!(select("5.4").is_err());
