@@ -29,7 +29,7 @@ fuzz_target!(|data: &[u8]| {
         }
         2 => {
             if let Ok(ns) = serde_json::from_slice::<Namespace>(json) {
-                let _ = translate::namespace_opted_out(&ns);
+                let _ = translate::namespace_info(&ns);
             }
         }
         3 => {
