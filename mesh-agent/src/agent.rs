@@ -50,7 +50,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let pins = PinDir::lock(&config.bpffs)?;
-    let kernel = KernelFeatures::probe();
+    let mut kernel = KernelFeatures::probe();
     if let Some(refusal) = kernel.refusal() {
         anyhow::bail!(refusal);
     }
@@ -63,7 +63,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         );
     }
     std::fs::create_dir_all(&config.state_dir).context("creating the state directory")?;
-    let earlier_defects = kernel.defects_of_this_boot(&config.state_dir);
+    // A restart in the same boot reuses what the last agent's self-test
+    // found (below).
+    kernel.short_circuit_defects = kernel.defects_of_this_boot(&config.state_dir);
     kernel
         .write(&config.state_dir)
         .context("writing kernel.json to the state directory")?;
@@ -118,33 +120,24 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         // Which of the redirect path's defects this kernel has: a second or
         // two, off the async workers; kernel.json and status say when done.
         // A restart in the same boot reuses what the last agent found.
-        let state_dir = config.state_dir.clone();
-        match earlier_defects {
-            Some(defects) => {
-                let mut kernel = kernel;
+        if kernel.short_circuit_defects.is_some() {
+            info!(
+                found = %kernel.defects_summary(&DefectAnswers::attached(&config.bpffs)),
+                "short-circuit self-test: this boot's results reused"
+            );
+        } else {
+            let self_test = installed.self_test()?;
+            let state_dir = config.state_dir.clone();
+            tokio::task::spawn_blocking(move || {
+                let defects = self_test.run();
+                for d in &defects {
+                    info!(defect = %d.name, present = ?d.present, detail = %d.detail, "short-circuit self-test");
+                }
                 kernel.short_circuit_defects = Some(defects);
-                info!(
-                    found = %kernel.defects_summary(&DefectAnswers::attached(&config.bpffs)),
-                    "short-circuit self-test: this boot's results reused"
-                );
-                kernel
-                    .write(&state_dir)
-                    .context("writing kernel.json to the state directory")?;
-            }
-            None => {
-                let self_test = installed.self_test()?;
-                tokio::task::spawn_blocking(move || {
-                    let mut kernel = kernel;
-                    let defects = self_test.run();
-                    for d in &defects {
-                        info!(defect = %d.name, present = ?d.present, detail = %d.detail, "short-circuit self-test");
-                    }
-                    kernel.short_circuit_defects = Some(defects);
-                    if let Err(e) = kernel.write(&state_dir) {
-                        warn!(error = %e, "could not write the self-test's results to kernel.json");
-                    }
-                });
-            }
+                if let Err(e) = kernel.write(&state_dir) {
+                    warn!(error = %e, "could not write the self-test's results to kernel.json");
+                }
+            });
         }
         let datapath = Arc::new(Mutex::new(installed));
         tokio::spawn(guard_interfaces(datapath.clone()));
