@@ -77,15 +77,32 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         Err(e) => warn!(error = %e, "could not raise the open-files limit"),
     }
 
-    // Two workers: tunnels encrypt and copy on one while the other serves
-    // the control loop and the flows (these machines have two cores; more
-    // threads than cores only add wake-ups).
+    // The control plane (watches, policy, maps, flows, endpoints) runs on
+    // one worker; the tunnels on a runtime of their own (`--tunnel-threads`),
+    // so that a tunnel's socket, HTTP/2 and TLS work stays on one thread
+    // (measured on two cores: 10 µs less added round trip than sharing one
+    // worker with the control plane, 12–35 µs less than sharing two) and
+    // a policy compile never delays a tunnel.
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(1)
+        .thread_name("mesh-control")
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(async {
+    let tunnels = config
+        .mtls
+        .as_ref()
+        .map(|m| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(m.tunnel_threads)
+                .thread_name("mesh-tunnel")
+                .enable_all()
+                .build()
+                .context("starting the tunnels' runtime")
+        })
+        .transpose()?;
+    let tunnels_handle = tunnels.as_ref().map(|rt| rt.handle().clone());
+    let ran = runtime.block_on(async {
         let mut signals = ShutdownSignals::install()?;
         let health = Health::new(&config.state_dir);
         let metrics = Metrics::new(
@@ -152,7 +169,15 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         ));
 
         let mut mtls = match &config.mtls {
-            Some(_) => Some(Mtls::start(&config, hub.clone(), metrics.tunnels.clone()).await?),
+            Some(_) => Some(
+                Mtls::start(
+                    &config,
+                    hub.clone(),
+                    metrics.tunnels.clone(),
+                    tunnels_handle.clone().expect("a tunnels' runtime with mTLS"),
+                )
+                .await?,
+            ),
             None => {
                 // Plaintext between nodes: nothing may be steered to a
                 // listener that does not exist.
@@ -196,7 +221,13 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             mtls.shutdown(SHUTDOWN_GRACE).await;
         }
         anyhow::Ok(())
-    })
+    });
+    // Whatever the grace period left running is cut here, outside the
+    // control runtime (a runtime cannot be dropped from inside another).
+    if let Some(tunnels) = tunnels {
+        tunnels.shutdown_background();
+    }
+    ran
 }
 
 /// How often the tc links are checked against the interfaces they guard.

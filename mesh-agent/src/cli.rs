@@ -305,6 +305,14 @@ pub struct MtlsArgs {
     /// Renew each certificate when this fraction of its lifetime has passed.
     #[arg(long, default_value_t = 0.5, env = ENV_RENEW_FRACTION)]
     pub renew_fraction: f64,
+
+    /// Threads that carry the tunnels (their own runtime, apart from the
+    /// control plane's). One keeps each tunnel's socket, HTTP/2 and TLS
+    /// work on one thread, with no cross-thread wake-ups: the lowest
+    /// latency, and about 5 Gbit/s of mTLS per node on a current core.
+    /// More carry more tunnels at once on larger nodes.
+    #[arg(long, default_value_t = 1, env = ENV_TUNNEL_THREADS)]
+    pub tunnel_threads: usize,
 }
 
 #[derive(Debug, Subcommand)]
@@ -410,6 +418,11 @@ impl RunArgs {
                 m.tunnel_port != 0 && m.outbound_port != 0 && m.tunnel_port != m.outbound_port,
                 "--tunnel-port and --outbound-port must be two different non-zero ports"
             );
+            anyhow::ensure!(
+                (1..=256).contains(&m.tunnel_threads),
+                "--tunnel-threads must be between 1 and 256, got {}",
+                m.tunnel_threads
+            );
         }
         let mtls = ca.map(|ca| MtlsConfig {
             ca,
@@ -417,6 +430,7 @@ impl RunArgs {
             outbound_port: m.outbound_port,
             svid_lifetime: m.svid_lifetime,
             renew_fraction: m.renew_fraction,
+            tunnel_threads: m.tunnel_threads,
         });
         Ok(Config {
             mtls,

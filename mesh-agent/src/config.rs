@@ -104,6 +104,8 @@ pub struct MtlsConfig {
     #[serde(with = "humantime_serde_secs")]
     pub svid_lifetime: std::time::Duration,
     pub renew_fraction: f64,
+    /// Worker threads of the tunnels' runtime.
+    pub tunnel_threads: usize,
 }
 
 mod humantime_serde_secs {

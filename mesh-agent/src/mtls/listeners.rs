@@ -66,6 +66,8 @@ impl Drop for Running {
 }
 
 pub struct OutboundListeners {
+    /// The tunnels' runtime: it drives the listeners and their connections.
+    runtime: tokio::runtime::Handle,
     port: u16,
     orig: Arc<OrigTable>,
     handler: Handler,
@@ -73,8 +75,14 @@ pub struct OutboundListeners {
 }
 
 impl OutboundListeners {
-    pub fn new(port: u16, orig: Arc<OrigTable>, handler: Handler) -> Self {
+    pub fn new(
+        runtime: tokio::runtime::Handle,
+        port: u16,
+        orig: Arc<OrigTable>,
+        handler: Handler,
+    ) -> Self {
         Self {
+            runtime,
             port,
             orig,
             handler,
@@ -118,9 +126,10 @@ impl OutboundListeners {
             Ok((cookie, listeners))
         })?;
         let mut tasks = Vec::new();
+        let _tunnels = self.runtime.enter();
         for (family, listener) in listeners {
             let listener = tokio::net::TcpListener::from_std(listener)?;
-            tasks.push(tokio::spawn(accept_loop(
+            tasks.push(self.runtime.spawn(accept_loop(
                 listener,
                 family,
                 netns_cookie,

@@ -60,10 +60,13 @@ impl Mtls {
     /// Starts certificate management and the tunnel listener. Nothing is
     /// steered to the agent until the first configuration is applied and
     /// the outbound listeners exist.
+    /// The tunnels (listeners, their connections and tasks) run on
+    /// `tunnels`, a runtime of their own; certificates stay on the caller's.
     pub async fn start(
         config: &Config,
         flows: FlowHub,
         metrics: TunnelMetrics,
+        tunnels: tokio::runtime::Handle,
     ) -> anyhow::Result<Self> {
         let m = config.mtls.as_ref().expect("mTLS is configured");
         let td = &config.mesh.trust_domain;
@@ -124,12 +127,17 @@ impl Mtls {
             metrics: metrics.clone(),
         });
         allow_time_wait_reuse();
-        let listener = tunnel_listener(m.tunnel_port)?;
-        let inbound = tokio::spawn(inbound.run(listener, shutdown.subscribe()));
+        // The listener's socket is driven by the tunnels' runtime, which
+        // its accepted connections then belong to.
+        let listener = {
+            let _tunnels = tunnels.enter();
+            tunnel_listener(m.tunnel_port)?
+        };
+        let inbound = tunnels.spawn(inbound.run(listener, shutdown.subscribe()));
 
         let carrying = tokio_util::task::TaskTracker::new();
         let pool = Pool::new(settings);
-        tokio::spawn(sweep_now_and_then(pool.clone()));
+        tunnels.spawn(sweep_now_and_then(pool.clone()));
         let outbound = Arc::new(outbound::Outbound {
             view: view.clone(),
             store,
@@ -141,6 +149,7 @@ impl Mtls {
         });
         let orig = Arc::new(OrigTable::new(maps.tunnel_orig()?));
         let listeners = OutboundListeners::new(
+            tunnels,
             m.outbound_port,
             orig,
             Arc::new(move |accepted| outbound.handle(accepted)),
