@@ -40,6 +40,8 @@ macro_rules! progress {
 mod control_plane;
 #[path = "mesh-bench/cross_node.rs"]
 mod cross_node;
+#[path = "mesh-bench/plot.rs"]
+mod plot;
 #[path = "mesh-bench/services.rs"]
 mod services;
 #[path = "mesh-bench/soak.rs"]

@@ -92,6 +92,10 @@ enum Cmd {
         to: SocketAddr,
         #[arg(long)]
         count: usize,
+        /// Close each connection with a reset (SO_LINGER 0), as clients
+        /// that avoid TIME_WAIT do, instead of a FIN.
+        #[arg(long)]
+        rst: bool,
     },
     /// Ping-pong round trips of `size` bytes; reports the RTT distribution.
     Pingpong {
@@ -382,7 +386,7 @@ fn main() {
             sendfile,
             connections,
         } => transfer_many(to, &sizes, chunk, sendfile, connections),
-        Cmd::Short { to, count } => short(to, count),
+        Cmd::Short { to, count, rst } => short(to, count, rst),
         Cmd::Pingpong {
             to,
             size,
@@ -844,7 +848,7 @@ fn transfer_many(
     }))
 }
 
-fn short(to: SocketAddr, count: usize) -> anyhow::Result<serde_json::Value> {
+fn short(to: SocketAddr, count: usize, rst: bool) -> anyhow::Result<serde_json::Value> {
     let start = Instant::now();
     // Each connection's time, connect to echo: what a client waits.
     let mut micros = Vec::with_capacity(count);
@@ -856,6 +860,14 @@ fn short(to: SocketAddr, count: usize) -> anyhow::Result<serde_json::Value> {
         let mut back = [0u8; 1];
         read_exact(&conn, &mut back).with_context(|| format!("connection {i}: no echo"))?;
         ensure!(back == byte, "connection {i}: echo differs");
+        if rst {
+            let abort = nix::sys::socket::sockopt::Linger;
+            let now = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            nix::sys::socket::setsockopt(&conn, abort, &now).context("SO_LINGER 0")?;
+        }
         micros.push(began.elapsed().as_secs_f64() * 1e6);
     }
     let seconds = start.elapsed().as_secs_f64();
@@ -869,6 +881,7 @@ fn short(to: SocketAddr, count: usize) -> anyhow::Result<serde_json::Value> {
     Ok(json!({
         "ok": true,
         "connections": count,
+        "close": if rst { "rst" } else { "fin" },
         "seconds": seconds,
         "per_second": count as f64 / seconds,
         "p50_us": at(0.50),

@@ -53,7 +53,7 @@ struct Sample {
     fds: [u64; 2],
 }
 
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+pub(crate) fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     super::status_kib(pid, "VmRSS")
 }
 
