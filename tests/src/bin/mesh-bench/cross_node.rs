@@ -951,7 +951,7 @@ fn measure(
             "plain": "mesh-pod in the client pod on node 0, outside the mesh's cgroup: plain TCP over the veths, node bridges and the fabric (past the mesh's tc programs on the uplinks)",
             "mesh": "the same tool in node 0's mesh cgroup: steered by the kernel to node 0's agent, HBONE (HTTP/2 CONNECT over mutual TLS 1.3) to node 1's agent, which connects to the server",
         },
-        "agents": "mesh-agent run --ca-dir <CA>: default settings (2 runtime workers, default TunnelSettings)",
+        "agents": "mesh-agent run --ca-dir <CA>: default settings (one control-plane worker, one tunnel thread, default TunnelSettings)",
         "cpu_dma_latency_held_at_0": if latency_held { "during the ping-pong runs" } else { "no (could not open /dev/cpu_dma_latency)" },
         "waited_for_node_1_time_wait_s": settled_seconds,
         "sysctls": {
