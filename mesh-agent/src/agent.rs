@@ -101,7 +101,6 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 .context("starting the tunnels' runtime")
         })
         .transpose()?;
-    let tunnels_handle = tunnels.as_ref().map(|rt| rt.handle().clone());
     let ran = runtime.block_on(async {
         let mut signals = ShutdownSignals::install()?;
         let health = Health::new(&config.state_dir);
@@ -168,13 +167,14 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             hub.clone().serve(flows::socket_path(&config.state_dir)),
         ));
 
-        let mut mtls = match &config.mtls {
-            Some(_) => Some(
+        // The tunnels' runtime exists exactly when mTLS is configured.
+        let mut mtls = match &tunnels {
+            Some(tunnels) => Some(
                 Mtls::start(
                     &config,
                     hub.clone(),
                     metrics.tunnels.clone(),
-                    tunnels_handle.clone().expect("a tunnels' runtime with mTLS"),
+                    tunnels.handle().clone(),
                 )
                 .await?,
             ),

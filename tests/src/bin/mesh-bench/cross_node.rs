@@ -834,7 +834,6 @@ fn measure(
     // Targets: throughput and latency from the rounds' medians; the
     // connection rate over the whole sustained run (against plain's
     // sustained run, else against the rounds' plain median).
-    let added_p50 = p50.1 - p50.0;
     let sustained_ratio = mesh_run.and_then(|m| {
         let mesh = m["per_second"].as_f64()?;
         let plain = rate_of(plain_run, "per_second").unwrap_or(conns.0);
@@ -844,37 +843,28 @@ fn measure(
     let sustained_ok = mesh_complete
         && cli.sustained >= 200_000
         && sustained_ratio.is_some_and(|r| r >= TARGET_CONNECTION_RATIO);
+    // A (plain, mesh) pair against a least ratio, or a most added µs.
+    let ratio = |what: &str, (plain, mesh): (f64, f64), least: f64| {
+        json!({
+            "target": format!("{what} >= {least}x plain"),
+            "measured": mesh / plain,
+            "met": mesh / plain >= least,
+        })
+    };
+    let added = |what: &str, (plain, mesh): (f64, f64), most: f64| {
+        json!({
+            "target": format!("added {what} <= {most} µs"),
+            "measured": mesh - plain,
+            "met": mesh - plain <= most,
+        })
+    };
     let targets = json!([
-        {
-            "target": format!("throughput >= {TARGET_THROUGHPUT_RATIO}x plain"),
-            "measured": gbit.1 / gbit.0,
-            "met": gbit.1 / gbit.0 >= TARGET_THROUGHPUT_RATIO,
-        },
-        {
-            "target": format!("throughput in 128 KiB writes >= {TARGET_THROUGHPUT_RATIO}x plain"),
-            "measured": gbit_iperf.1 / gbit_iperf.0,
-            "met": gbit_iperf.1 / gbit_iperf.0 >= TARGET_THROUGHPUT_RATIO,
-        },
-        {
-            "target": format!("added p50 RTT <= {TARGET_ADDED_P50_US} µs"),
-            "measured": added_p50,
-            "met": added_p50 <= TARGET_ADDED_P50_US,
-        },
-        {
-            "target": format!("added p99 RTT <= {TARGET_ADDED_P99_US} µs"),
-            "measured": p99.1 - p99.0,
-            "met": p99.1 - p99.0 <= TARGET_ADDED_P99_US,
-        },
-        {
-            "target": format!("new-connection rate >= {TARGET_CONNECTION_RATIO}x plain (rounds)"),
-            "measured": conns.1 / conns.0,
-            "met": conns.1 / conns.0 >= TARGET_CONNECTION_RATIO,
-        },
-        {
-            "target": format!("new-connection rate, RST close, >= {TARGET_RST_CONNECTION_RATIO}x plain"),
-            "measured": rst_conns.1 / rst_conns.0,
-            "met": rst_conns.1 / rst_conns.0 >= TARGET_RST_CONNECTION_RATIO,
-        },
+        ratio("throughput", gbit, TARGET_THROUGHPUT_RATIO),
+        ratio("throughput in 128 KiB writes", gbit_iperf, TARGET_THROUGHPUT_RATIO),
+        added("p50 RTT", p50, TARGET_ADDED_P50_US),
+        added("p99 RTT", p99, TARGET_ADDED_P99_US),
+        ratio("new-connection rate (rounds)", conns, TARGET_CONNECTION_RATIO),
+        ratio("new-connection rate, RST close,", rst_conns, TARGET_RST_CONNECTION_RATIO),
         {
             "target": format!("new-connection rate >= {TARGET_CONNECTION_RATIO}x plain, sustained over 200,000 connections"),
             "measured": sustained_ratio,
