@@ -115,7 +115,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 health.watch(),
             ),
         );
-        let hub = FlowHub::new(metrics.flows.clone());
+        let hub = FlowHub::new(metrics.flows.clone(), config.mtls.is_some());
         // Before anything changes in the kernel: a port in use stops the
         // agent here, naming the flag.
         let listeners = Listeners::bind(&config.endpoints)?;

@@ -61,6 +61,10 @@ pub enum Command {
     },
     /// Show the kernel's verdicts as they happen (from the running agent).
     Flows(FlowsArgs),
+    /// Draw this node's service map: identities and Services by namespace,
+    /// arrows counting connections by verdict and path (same node, mTLS,
+    /// plaintext), denials in red. SVG, Graphviz DOT or JSON on stdout.
+    Graph(GraphArgs),
     /// Say what policy decides for a connection, and which rule decides it,
     /// from the entries the kernel itself looks up.
     Explain(ExplainArgs),
@@ -74,6 +78,17 @@ pub enum Command {
     /// its readiness, the kernel programs, map fill, certificates. Exits
     /// 0 when healthy, 1 when not.
     Status(StatusArgs),
+    /// Print the completion script of a shell (bash, zsh, fish, elvish,
+    /// powershell), e.g. `mesh-agent completions bash >
+    /// /etc/bash_completion.d/mesh-agent`.
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages of `mesh-agent` and each of its commands
+    /// (roff) into a directory; `cargo xtask man` calls it.
+    #[command(hide = true)]
+    ManPages {
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -84,6 +99,38 @@ pub struct StatusArgs {
     pub health_address: SocketAddr,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct GraphArgs {
+    /// Only connections of this last while (e.g. `5m`; counted per
+    /// minute, at most `1h`); all since the agent started when absent.
+    #[arg(long, value_parser = parse_since)]
+    pub since: Option<std::time::Duration>,
+    /// Only connections with an end (or the Service) in this namespace.
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// Only connections from or to this identity (a SPIFFE ID, a prefix of
+    /// one ending in `*`, or `world`).
+    #[arg(long)]
+    pub identity: Option<String>,
+    #[arg(short, long, value_enum, default_value_t = crate::graph::Format::Svg)]
+    pub output: crate::graph::Format,
+}
+
+/// `--since`: a duration of at most the hour the agent keeps per minute.
+fn parse_since(text: &str) -> Result<std::time::Duration, String> {
+    let since: std::time::Duration = text
+        .parse::<humantime::Duration>()
+        .map_err(|e| format!("{e} (e.g. 30s, 5m, 1h)"))?
+        .into();
+    let most = std::time::Duration::from_secs(mesh_agent::flows::map::WINDOW_MINUTES * 60);
+    if since.is_zero() || since > most {
+        return Err(format!(
+            "{text} is not within 1s..=1h: the agent counts connections per minute for the last hour"
+        ));
+    }
+    Ok(since)
 }
 
 #[derive(Debug, clap::Args)]
@@ -539,6 +586,16 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
                 output: args.output,
             },
         ),
+        Command::Graph(args) => {
+            let reply = crate::graph::fetch(&cli.state_dir, args.since)?;
+            let filter = crate::graph::Filter {
+                namespace: args.namespace,
+                identity: args.identity,
+            };
+            let map = crate::graph::ServiceMap::build(&reply, &filter);
+            print!("{}", map.render(args.output)?);
+            Ok(())
+        }
         Command::Explain(args) => {
             let maps = PinnedMaps::open(&cli.bpffs)?;
             let names = NodeState::read(&cli.state_dir)?;
@@ -553,6 +610,18 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status(_) => unreachable!("handled in dispatch"),
+        Command::Completions { shell } => {
+            let mut cli = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cli, "mesh-agent", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::ManPages { out_dir } => {
+            std::fs::create_dir_all(&out_dir)
+                .with_context(|| format!("creating {}", out_dir.display()))?;
+            let cli = <Cli as clap::CommandFactory>::command();
+            clap_mangen::generate_to(cli, &out_dir)
+                .with_context(|| format!("writing man pages into {}", out_dir.display()))
+        }
         Command::ShortCircuit { state } => {
             let maps = PinnedMaps::open(&cli.bpffs)?;
             match state {
@@ -573,6 +642,54 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn since_is_a_duration_within_the_hour_counted() {
+        assert_eq!(parse_since("5m"), Ok(std::time::Duration::from_secs(300)));
+        assert_eq!(parse_since("1h"), Ok(std::time::Duration::from_secs(3600)));
+        for bad in ["0s", "2h", "five", "-1m"] {
+            let e = parse_since(bad).expect_err(bad);
+            assert!(!e.is_empty(), "{bad}");
+        }
+        let e = parse_since("90m").unwrap_err();
+        assert!(e.contains("last hour"), "{e}");
+    }
+
+    #[test]
+    fn completions_know_every_command_and_flag() {
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut cli = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cli, "mesh-agent", &mut script);
+            let script = String::from_utf8(script).unwrap();
+            for word in ["inspect", "flows", "explain", "graph", "--tunnel-threads"] {
+                assert!(script.contains(word), "{shell}: no {word}");
+            }
+        }
+    }
+
+    #[test]
+    fn man_pages_cover_each_command() {
+        let dir = std::env::temp_dir().join(format!("mesh-man-{}", std::process::id()));
+        let cli = Cli::try_parse_from([
+            "mesh-agent",
+            "man-pages",
+            "--out-dir",
+            dir.to_str().unwrap(),
+        ])
+        .unwrap();
+        run_command(cli).unwrap();
+        let page = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+        let top = page("mesh-agent.1");
+        assert!(top.contains(".TH mesh-agent 1"), "{top}");
+        assert!(page("mesh-agent-flows.1").contains("\\-\\-follow"));
+        assert!(page("mesh-agent-run.1").contains("tunnel\\-threads"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     /// `mesh-agent run ARGS`, with the cgroup and node given so that the
     /// machine's own do not matter, made into a configuration.

@@ -402,6 +402,7 @@ pub fn flows(state_dir: &Path, args: FlowsQuery) -> anyhow::Result<()> {
     })?;
     let mut request = serde_json::to_vec(&Request {
         follow: args.follow,
+        ..Request::default()
     })?;
     request.push(b'\n');
     conn.write_all(&request)?;

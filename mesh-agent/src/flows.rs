@@ -36,6 +36,7 @@ use tracing::{debug, warn};
 use mesh_datapath::sys::{async_ring_buf, read_pod};
 use series::BoundedFamily;
 
+pub mod map;
 mod series;
 use mesh_policy::state::NodeState;
 
@@ -179,15 +180,21 @@ pub struct FlowHub {
     /// it without a copy).
     names: Arc<Mutex<Arc<NodeState>>>,
     metrics: FlowMetrics,
+    /// Who talks to whom, for `mesh-agent graph`.
+    map: map::ServiceMap,
+    /// Whether connections to other nodes' workloads go through tunnels.
+    mtls: bool,
 }
 
 impl FlowHub {
-    pub fn new(metrics: FlowMetrics) -> Self {
+    pub fn new(metrics: FlowMetrics, mtls: bool) -> Self {
         Self {
             history: Arc::default(),
             live: broadcast::channel(HISTORY).0,
             names: Arc::default(),
             metrics,
+            map: map::ServiceMap::default(),
+            mtls,
         }
     }
 
@@ -266,6 +273,17 @@ impl FlowHub {
             "flow"
         );
         self.metrics.record(&record);
+        if let Some(verdict) = map::Verdict::of(&record) {
+            let path = map::path_of(&record, &self.names.lock().unwrap(), self.mtls);
+            let key = map::EdgeKey {
+                src: record.src.identity.clone(),
+                dst: record.dst.identity.clone(),
+                service: record.service.clone(),
+                verdict,
+                path,
+            };
+            self.map.count(key, record.time as u64);
+        }
         let record = Arc::new(record);
         let mut history = self.history.lock().unwrap();
         if history.len() == HISTORY {
@@ -328,6 +346,17 @@ impl FlowHub {
         let mut line = String::new();
         BufReader::new(read).read_line(&mut line).await?;
         let request: Request = serde_json::from_str(line.trim()).context("bad request")?;
+        if let Some(query) = request.map {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or(Duration::ZERO)
+                .as_secs();
+            let since = query.since_secs.map(Duration::from_secs);
+            let mut reply = serde_json::to_vec(&self.map.edges(since, now))?;
+            reply.push(b'\n');
+            write.write_all(&reply).await?;
+            return Ok(());
+        }
         // Subscribe before copying the history, so no event falls between.
         let mut live = self.live.subscribe();
         let history: Vec<Arc<FlowRecord>> = self.history.lock().unwrap().iter().cloned().collect();
@@ -359,9 +388,22 @@ async fn write_record(
     Ok(())
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+/// One line a client of the agent's socket sends: the flows (recent, and
+/// new ones with `follow`), or the service map's edges with `map`.
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Request {
+    #[serde(default)]
     pub follow: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub map: Option<MapQuery>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct MapQuery {
+    /// Only connections of the last this many seconds (whole minutes, at
+    /// most an hour); all since the agent started when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_secs: Option<u64>,
 }
 
 pub fn socket_path(state_dir: &Path) -> PathBuf {

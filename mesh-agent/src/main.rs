@@ -8,6 +8,7 @@ mod ca;
 mod cli;
 mod explain;
 mod flags;
+mod graph;
 mod inspect;
 mod status;
 mod table;

@@ -887,3 +887,117 @@ fn a_host_holding_handshakes_open_cannot_hold_the_tunnel_listener() {
     );
     drop(held);
 }
+
+/// `mesh-agent graph` on `node`, as `format`.
+fn graph(m: &Mesh, node: usize, format: &str) -> String {
+    let state = m.bed.state_dir(node);
+    agent::cli(
+        &m.bed.pin_dir(node),
+        &[
+            "--state-dir",
+            state.to_str().unwrap(),
+            "graph",
+            "-o",
+            format,
+        ],
+    )
+    .unwrap()
+}
+
+/// The arcs of a JSON service map: (from's label, to's label, verdict,
+/// path) → connections.
+fn arcs(json: &str) -> std::collections::BTreeMap<(String, String, String, String), u64> {
+    let map: Value = serde_json::from_str(json).unwrap_or_else(|_| panic!("{json}"));
+    let label = |id: &Value| {
+        let id = id.as_str().unwrap();
+        id.rsplit('/').next().unwrap().to_string()
+    };
+    map["arcs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let s = |k: &str| a[k].as_str().unwrap().to_string();
+            (
+                (label(&a["from"]), label(&a["to"]), s("verdict"), s("path")),
+                a["connections"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_service_map_shows_real_connections_by_verdict_and_path() {
+    let docs = [
+        (
+            "db.yaml",
+            allow_only("shop", "db-from-web", "db", &id("shop", "web")),
+        ),
+        (
+            "cache.yaml",
+            allow_only("shop", "cache-from-web", "cache", &id("shop", "web")),
+        ),
+    ];
+    let m = mesh(
+        "graph",
+        &[
+            w(0, "shop", "web"),
+            w(1, "shop", "db"),
+            w(0, "shop", "cache"),
+            w(0, "lab", "robot"),
+        ],
+        &docs,
+        &[],
+    );
+    let (db, cache) = (m.server_addr(1, false), m.server_addr(2, false));
+    for _ in 0..2 {
+        assert_eq!(m.probe(0, true, &cache), "connected");
+    }
+    assert_eq!(m.probe(0, true, &db), "connected");
+    for _ in 0..3 {
+        assert_ne!(m.probe(3, true, &cache), "connected");
+    }
+    let key = |from: &str, to: &str, verdict: &str, path: &str| {
+        (from.into(), to.into(), verdict.into(), path.into())
+    };
+    // The flow events reach the agent a moment after the connection.
+    let deadline = Instant::now() + T;
+    let source_node = loop {
+        let arcs = arcs(&graph(&m, 0, "json"));
+        if arcs.get(&key("robot", "cache", "denied", "same-node")) == Some(&3)
+            || Instant::now() > deadline
+        {
+            break arcs;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        source_node,
+        [
+            (key("robot", "cache", "denied", "same-node"), 3),
+            (key("web", "cache", "allowed", "same-node"), 2),
+            (key("web", "db", "allowed", "mtls"), 1),
+        ]
+        .into_iter()
+        .collect(),
+    );
+    // The destination's node counts what came through its tunnel.
+    let dest_node = arcs(&graph(&m, 1, "json"));
+    assert_eq!(
+        dest_node.get(&key("web", "db", "allowed", "mtls")),
+        Some(&1),
+        "{dest_node:?}"
+    );
+    // The pictures of the same counters.
+    let dot = graph(&m, 0, "dot");
+    assert!(
+        dot.contains("subgraph cluster_") && dot.contains("label=\"lab\""),
+        "{dot}"
+    );
+    assert!(dot.contains("\"3 denied, same node\""), "{dot}");
+    let svg = graph(&m, 0, "svg");
+    assert!(
+        svg.contains("<svg") && svg.contains("3 denied, same node"),
+        "{svg}"
+    );
+}

@@ -64,6 +64,9 @@ enum Task {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
+    /// Write the man pages of `mesh-agent` and its commands (clap_mangen)
+    /// into target/man.
+    Man,
     /// Benchmarks, run against a baseline in the same run.
     Bench {
         /// Which benchmark: same-node, policy, cross-node, control-plane or
@@ -86,11 +89,27 @@ fn main() -> anyhow::Result<()> {
         Task::Bench { which, args } => bench(&which, &args),
         Task::Fuzz { targets, seconds } => fuzz::fuzz(&targets, seconds),
         Task::GenCrds => gen_crds(),
+        Task::Man => man_pages(),
         // The archive's path alone on stdout, for scripts.
         Task::Image { profile } => {
             image::build(&profile).map(|archive| println!("{}", archive.display()))
         }
     }
+}
+
+/// The man pages, from the agent's own command definitions: it writes them
+/// (a hidden `man-pages` command), so they never drift from `--help`.
+fn man_pages() -> anyhow::Result<()> {
+    ebpf::build()?;
+    run(cargo().args(["build", "--package", "mesh-agent", "--bin", "mesh-agent"]))?;
+    let root = workspace_root();
+    let out = root.join("target/man");
+    run(Command::new(root.join("target/debug/mesh-agent"))
+        .arg("man-pages")
+        .arg("--out-dir")
+        .arg(&out))?;
+    eprintln!("xtask: man pages in {}", out.display());
+    Ok(())
 }
 
 /// Runs a command with inherited output, failing on a non-zero exit.

@@ -87,6 +87,16 @@ pub fn is_workload_id(id: &str, trust_domain: &str) -> bool {
         && is_dns_label(segments[3])
 }
 
+/// The namespace and service account of a workload ID
+/// (`spiffe://<td>/ns/<namespace>/sa/<service-account>`), of any trust
+/// domain.
+pub fn workload_of(id: &str) -> Option<(&str, &str)> {
+    let (_, path) = parse(id)?;
+    let (namespace, service_account) = path.strip_prefix("/ns/")?.split_once("/sa/")?;
+    (is_dns_label(namespace) && is_dns_label(service_account))
+        .then_some((namespace, service_account))
+}
+
 /// The node name of a node ID of `trust_domain`.
 pub fn node_name<'a>(id: &'a str, trust_domain: &str) -> Option<&'a str> {
     let (td, path) = parse(id)?;
@@ -157,6 +167,23 @@ mod tests {
             "http://td/ns/a/sa/b",
         ] {
             assert_eq!(parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_workload_id_names_its_namespace_and_service_account() {
+        assert_eq!(
+            workload_of("spiffe://other.td/ns/shop/sa/cart"),
+            Some(("shop", "cart"))
+        );
+        for not in [
+            "spiffe://td/ns/shop",
+            "spiffe://td/ns/shop/sa/cart/x",
+            "spiffe://td/mesh/node/n1",
+            "spiffe://td/ns/Shop/sa/cart",
+            "world",
+        ] {
+            assert_eq!(workload_of(not), None, "{not}");
         }
     }
 

@@ -41,6 +41,9 @@ pub struct NodeState {
     /// event took a core of a 2-vCPU node.
     #[serde(skip)]
     service_index: OnceLock<HashMap<mesh_common::service::ServiceKey, usize>>,
+    /// `workloads` by address, built on first use, for the same reason.
+    #[serde(skip)]
+    workload_index: OnceLock<HashMap<std::net::IpAddr, usize>>,
 }
 
 /// `services.json`: the Services and the generation they were applied with.
@@ -82,6 +85,7 @@ impl NodeState {
             nodes: Arc::new(compiled.nodes.clone()),
             services: compiled.services.clone(),
             service_index: OnceLock::new(),
+            workload_index: OnceLock::new(),
         }
     }
 
@@ -97,6 +101,7 @@ impl NodeState {
             nodes: self.nodes.clone(),
             services,
             service_index: OnceLock::new(),
+            workload_index: OnceLock::new(),
         }
     }
 
@@ -177,6 +182,20 @@ impl NodeState {
             index
         });
         index.get(key).map(|&i| &self.services[i])
+    }
+
+    /// The workload that has address `ip`.
+    pub fn workload_at(&self, ip: std::net::IpAddr) -> Option<&WorkloadInfo> {
+        let index = self.workload_index.get_or_init(|| {
+            let mut index = HashMap::new();
+            for (i, w) in self.workloads.iter().enumerate() {
+                for ip in &w.ips {
+                    index.entry(ip.to_canonical()).or_insert(i);
+                }
+            }
+            index
+        });
+        index.get(&ip.to_canonical()).map(|&i| &self.workloads[i])
     }
 
     /// "shop/cart-allow rule 0 (ALLOW)" or the reserved rule's description.

@@ -25,11 +25,43 @@ pub struct BoundedFamily<L: Clone + Hash + Eq> {
     evicted: Counter,
 }
 
+/// Which keys were counted least recently, for bounded collections of
+/// counters: the series here, the service map's edges.
 #[derive(Debug)]
-struct Recency<L> {
+pub(crate) struct Recency<L> {
     tick: u64,
     last_counted: HashMap<L, u64>,
     by_tick: BTreeMap<u64, L>,
+}
+
+impl<L: Clone + Hash + Eq> Recency<L> {
+    pub(crate) fn new() -> Self {
+        Self {
+            tick: 0,
+            last_counted: HashMap::new(),
+            by_tick: BTreeMap::new(),
+        }
+    }
+
+    /// Marks `key` as counted now; returns the keys dropped to keep at
+    /// most `bound`, least recently counted first.
+    pub(crate) fn touch(&mut self, key: &L, bound: usize) -> Vec<L> {
+        self.tick += 1;
+        let tick = self.tick;
+        if let Some(previous) = self.last_counted.insert(key.clone(), tick) {
+            self.by_tick.remove(&previous);
+        }
+        self.by_tick.insert(tick, key.clone());
+        let mut dropped = Vec::new();
+        while self.last_counted.len() > bound {
+            let Some((_, oldest)) = self.by_tick.pop_first() else {
+                break;
+            };
+            self.last_counted.remove(&oldest);
+            dropped.push(oldest);
+        }
+        dropped
+    }
 }
 
 impl<L> BoundedFamily<L>
@@ -40,11 +72,7 @@ where
     pub fn new(bound: usize, evicted: Counter) -> Self {
         Self {
             family: Family::default(),
-            recency: Arc::new(Mutex::new(Recency {
-                tick: 0,
-                last_counted: HashMap::new(),
-                by_tick: BTreeMap::new(),
-            })),
+            recency: Arc::new(Mutex::new(Recency::new())),
             bound,
             evicted,
         }
@@ -58,18 +86,8 @@ where
     /// Counts one for `labels`, dropping the least recently counted series
     /// when a new one would pass the bound.
     pub fn inc(&self, labels: &L) {
-        let mut r = self.recency.lock().unwrap_or_else(|p| p.into_inner());
-        r.tick += 1;
-        let tick = r.tick;
-        if let Some(previous) = r.last_counted.insert(labels.clone(), tick) {
-            r.by_tick.remove(&previous);
-        }
-        r.by_tick.insert(tick, labels.clone());
-        while r.last_counted.len() > self.bound {
-            let Some((_, oldest)) = r.by_tick.pop_first() else {
-                break;
-            };
-            r.last_counted.remove(&oldest);
+        let mut recency = self.recency.lock().unwrap_or_else(|p| p.into_inner());
+        for oldest in recency.touch(labels, self.bound) {
             self.family.remove(&oldest);
             self.evicted.inc();
         }
