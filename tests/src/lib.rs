@@ -15,6 +15,7 @@ pub mod bpffs;
 pub mod capture;
 pub mod cgroup;
 pub mod cluster;
+pub mod dashboard;
 pub mod deploy;
 pub mod foreign_tc;
 pub mod kube_proxy;

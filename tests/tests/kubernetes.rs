@@ -14,6 +14,7 @@ use std::{
 use mesh_tests::{
     agent::{self, Agent},
     cluster::{Cluster, PodRef},
+    dashboard,
     process::Spawned,
     topology::TestBed,
 };
@@ -645,6 +646,18 @@ fn mesh_policy_is_enforced_and_an_invalid_edit_keeps_the_previous_one() {
     );
     wait_probe(&bed, ROBOT, CART, "connected");
     assert_rbac(&cluster);
+
+    // The dashboard's API watch panel reads what this agent exports (the
+    // other panels are checked by the Services test, with tunnels).
+    let metrics = agent::scrape_metrics(&bed, 0).unwrap();
+    let dashboard = dashboard::load().unwrap();
+    let problems = dashboard::unknown_references(&dashboard, &[&metrics], |refs| {
+        refs.metrics
+            .iter()
+            .any(|m| m.starts_with("mesh_kubernetes_"))
+    })
+    .unwrap();
+    assert!(problems.is_empty(), "{problems:#?}\n{metrics}");
 }
 
 #[test]

@@ -8,6 +8,7 @@ use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 use mesh_tests::{
     agent::{self, Agent},
     capture::{self, Capture},
+    dashboard,
     kube_proxy::{self, ServicePort},
     process::Spawned,
     topology::{TestBed, is_uplink_address, probe_counts, wait_for_line},
@@ -441,6 +442,35 @@ fn a_backend_on_another_node_is_reached_in_mutual_tls_permissive_and_strict() {
     secret_crosses_in_tls(&m, "SERVICE-SECRET-STRICT-0c2d");
     // And policy is still the backend's, across the tunnel too.
     assert_eq!(m.probe(ROBOT, "tcp:10.96.0.12:90"), "eperm");
+
+    // The Grafana dashboard reads what these agents export after this
+    // traffic, and after a configuration they refused.
+    m.bed
+        .write_config("bad.yaml", "kind: MeshPolicy\nspec: [not, a, policy]\n")
+        .unwrap();
+    let deadline = std::time::Instant::now() + T;
+    let scrapes = loop {
+        let scrapes: Vec<String> = (0..2)
+            .map(|n| agent::scrape_metrics(&m.bed, n).unwrap())
+            .collect();
+        if scrapes[0].contains("mesh_reconcile_failures_total{")
+            || std::time::Instant::now() > deadline
+        {
+            break scrapes;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let scrapes: Vec<&str> = scrapes.iter().map(String::as_str).collect();
+    let dashboard = dashboard::load().unwrap();
+    // The API watch's panel is checked by the Kubernetes tests.
+    let problems = dashboard::unknown_references(&dashboard, &scrapes, |refs| {
+        !refs
+            .metrics
+            .iter()
+            .any(|m| m.starts_with("mesh_kubernetes_"))
+    })
+    .unwrap();
+    assert!(problems.is_empty(), "{problems:#?}\n{}", scrapes[0]);
 }
 
 #[test]

@@ -5,7 +5,8 @@
 //! nodes (and a capture of the wire proving it carries only TLS), the flows
 //! that say why, a Service (its address translated in the kernel before
 //! policy, a canary split), and the same-node short-circuit carrying an
-//! allowed connection.
+//! allowed connection. It ends by drawing node-0's service map
+//! (target/demo/service-map-node-0.svg).
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -368,6 +369,14 @@ pub fn run() -> anyhow::Result<()> {
         stats["counters"]["policy_allowed"],
         stats["counters"]["policy_denied"]
     );
+
+    println!("\n== mesh-agent graph (node-0): the service map of what the demo did");
+    let map = crate::workspace_root().join("target/demo/service-map-node-0.svg");
+    std::fs::create_dir_all(map.parent().context("a parent")?)?;
+    std::fs::write(&map, cli(&bed, 0, &["graph"])?)
+        .with_context(|| format!("writing {}", map.display()))?;
+    print_indented(&cli(&bed, 0, &["graph", "-o", "dot"])?);
+    println!("   Open {} to see it.", map.display());
 
     println!("\n== Stopping the agents (the programs stay attached) and cleaning up");
     for mut agent in agents {
