@@ -193,7 +193,7 @@ fn same_node(cli: &SameNode, out: &Path) -> anyhow::Result<()> {
                 ping["p99_ns"].as_f64().unwrap() / 1e3,
                 stream["gbit_per_s"].as_f64().unwrap()
             );
-            samples.push((variant, json!({ "p50_ns": ping["p50_ns"], "p99_ns": ping["p99_ns"], "gbit_per_s": stream["gbit_per_s"] })));
+            samples.push((variant, json!({ "round": round, "p50_ns": ping["p50_ns"], "p99_ns": ping["p99_ns"], "gbit_per_s": stream["gbit_per_s"] })));
         }
     }
 
@@ -253,6 +253,34 @@ fn same_node(cli: &SameNode, out: &Path) -> anyhow::Result<()> {
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("writing {}", path.display()))?;
     println!("\nJSON: {}", path.display());
+    let rounds: Vec<Value> = samples
+        .iter()
+        .map(|(variant, s)| {
+            let mut s = s.clone();
+            s["variant"] = json!(variant);
+            s
+        })
+        .collect();
+    let panel = |title: &str, unit, key: &str, scale: f64| {
+        plot::Panel::of_rounds(
+            title,
+            unit,
+            &rounds,
+            &["plain", "mesh"],
+            |_| true,
+            key,
+            scale,
+        )
+    };
+    plot::beside(
+        &path,
+        "same-node: two pods on one node, plain TCP vs the mesh's short-circuit",
+        &[
+            panel("single-stream throughput", "Gbit/s", "gbit_per_s", 1.0),
+            panel("64-byte round trip, p50", "µs", "p50_ns", 1e-3),
+            panel("64-byte round trip, p99", "µs", "p99_ns", 1e-3),
+        ],
+    )?;
     Ok(())
 }
 
@@ -794,6 +822,26 @@ fn policy(cli: &Policy, out: &Path) -> anyhow::Result<()> {
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("writing {}", path.display()))?;
     println!("\ntotal {total:.0} s\nJSON: {}", path.display());
+    let panels: Vec<plot::Panel> = shapes
+        .iter()
+        .map(|shape| {
+            let n = shape.rules;
+            plot::Panel::of_rounds(
+                format!("new connections per second, {n} rules"),
+                "conn/s",
+                &samples,
+                &["none", "iptables", "mesh"],
+                |s| s["rules"] == n,
+                "per_second",
+                1.0,
+            )
+        })
+        .collect();
+    plot::beside(
+        &path,
+        "policy: new connections per second under growing rule sets, iptables vs the mesh",
+        &panels,
+    )?;
     drop(agent);
     Ok(())
 }

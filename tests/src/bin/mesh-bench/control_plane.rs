@@ -1302,6 +1302,7 @@ pub fn run(cli: &ControlPlane, out: &Path) -> anyhow::Result<()> {
     let path = out.join("control-plane.json");
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("writing {}", path.display()))?;
+    plot_rounds(&k8s, &standalone, &path)?;
     println!(
         "\ntotal {total:.0} s (load average {load_at_start} at the start, {} at the end; {steal_pct:.1}% of the CPU time stolen)\nJSON: {}",
         loadavg(),
@@ -1355,4 +1356,67 @@ mod tests {
         assert_eq!(percentile(&v, 1.0), 100.0);
         assert_eq!(percentile(&[3.0], 0.99), 3.0);
     }
+}
+
+/// Each round of both modes: time to the first full apply, the agent's
+/// memory, and how long changes took to reach the maps.
+fn plot_rounds(
+    k8s: &[KubernetesRound],
+    standalone: &[StandaloneRound],
+    json: &Path,
+) -> anyhow::Result<()> {
+    let events_p50 = |events: &[Event]| {
+        (!events.is_empty()).then(|| crate::median(events.iter().map(|e| e.latency_ms).collect()))
+    };
+    let mut rounds: Vec<Value> = k8s
+        .iter()
+        .enumerate()
+        .map(|(round, r)| {
+            json!({
+                "variant": "kubernetes", "round": round,
+                "sync_ms": r.sync.agent_ms,
+                "rss_mib": mib(r.memory_after_events.rss_kib),
+                "pods_ms": events_p50(&r.pods),
+                "policies_ms": events_p50(&r.policies),
+                "slices_ms": events_p50(&r.slices),
+            })
+        })
+        .collect();
+    rounds.extend(standalone.iter().enumerate().map(|(round, r)| {
+        json!({
+            "variant": "standalone", "round": round,
+            "sync_ms": r.sync.agent_ms,
+            "rss_mib": mib(r.sync.memory.rss_kib),
+        })
+    }));
+    let both = ["kubernetes", "standalone"];
+    let panel = |title: &str, unit, variants: &[&'static str], key: &str| {
+        super::plot::Panel::of_rounds(title, unit, &rounds, variants, |_| true, key, 1.0)
+    };
+    super::plot::beside(
+        json,
+        "control-plane: Kubernetes mode against the in-test API server vs the same state as files",
+        &[
+            panel("first full apply", "ms", &both, "sync_ms"),
+            panel(
+                "agent RSS (Kubernetes: after the events)",
+                "MiB",
+                &both,
+                "rss_mib",
+            ),
+            panel("pod event to maps, p50", "ms", &["kubernetes"], "pods_ms"),
+            panel(
+                "MeshPolicy event to maps, p50",
+                "ms",
+                &["kubernetes"],
+                "policies_ms",
+            ),
+            panel(
+                "EndpointSlice event to maps, p50",
+                "ms",
+                &["kubernetes"],
+                "slices_ms",
+            ),
+        ],
+    )
 }

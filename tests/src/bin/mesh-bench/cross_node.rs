@@ -1011,20 +1011,16 @@ fn measure(
 
 /// Each round's figures, plain and mesh side by side.
 fn plot_rounds(samples: &[Value], path: &Path) -> anyhow::Result<()> {
-    let panel = |title: &str, unit, key: &str, scale: f64| super::plot::Panel {
-        title: title.into(),
-        unit,
-        series: ["plain", "mesh"]
-            .into_iter()
-            .map(|variant| {
-                let line = samples
-                    .iter()
-                    .filter(|s| s["variant"] == variant)
-                    .filter_map(|s| Some((s["round"].as_f64()?, s[key].as_f64()? * scale)))
-                    .collect();
-                (variant, line)
-            })
-            .collect(),
+    let panel = |title: &str, unit, key: &str, scale: f64| {
+        super::plot::Panel::of_rounds(
+            title,
+            unit,
+            samples,
+            &["plain", "mesh"],
+            |_| true,
+            key,
+            scale,
+        )
     };
     super::plot::rounds(
         path,

@@ -5,12 +5,57 @@ use std::path::Path;
 
 use anyhow::Context as _;
 use plotters::prelude::*;
+use serde_json::Value;
 
-/// One metric: a line of (round, value) points per variant.
+/// One metric: a line of (x, value) points per variant; x is the round
+/// unless `x` says otherwise.
 pub(crate) struct Panel {
     pub title: String,
     pub unit: &'static str,
+    pub x: &'static str,
     pub series: Vec<(&'static str, Vec<(f64, f64)>)>,
+}
+
+impl Panel {
+    /// A panel over rounds: for each variant, the samples of it that
+    /// `keep` keeps, as (their `round`, their `key` × `scale`).
+    pub fn of_rounds(
+        title: impl Into<String>,
+        unit: &'static str,
+        samples: &[Value],
+        variants: &[&'static str],
+        keep: impl Fn(&Value) -> bool,
+        key: &str,
+        scale: f64,
+    ) -> Self {
+        let series = variants
+            .iter()
+            .map(|&variant| {
+                let line = samples
+                    .iter()
+                    .filter(|s| s["variant"] == variant && keep(s))
+                    .filter_map(|s| Some((s["round"].as_f64()?, s[key].as_f64()? * scale)))
+                    .collect();
+                (variant, line)
+            })
+            .collect();
+        Self {
+            title: title.into(),
+            unit,
+            x: "round",
+            series,
+        }
+    }
+}
+
+/// Writes the plot beside the report `json_path` (same name, `.svg`) and
+/// says where; a plot that cannot be drawn fails the run like a report
+/// that cannot be written.
+pub(crate) fn beside(json_path: &Path, title: &str, panels: &[Panel]) -> anyhow::Result<()> {
+    let svg = json_path.with_extension("svg");
+    rounds(&svg, title, panels)?;
+    println!("plot: {}", svg.display());
+    Ok(())
 }
 
 /// Colours of the variants, in the order they are given.
@@ -57,9 +102,9 @@ fn chart<'a>(
         .build_cartesian_2d(-0.25..x_max + 0.25, 0.0..y_max * 1.15 + f64::EPSILON)?;
     chart
         .configure_mesh()
-        .x_desc("round")
+        .x_desc(panel.x)
         .y_desc(panel.unit)
-        .x_labels(x_max as usize + 1)
+        .x_labels((x_max as usize + 1).min(12))
         .x_label_formatter(&|x| format!("{x:.0}"))
         .draw()?;
     for ((name, line), colour) in panel.series.iter().zip(COLOURS.iter().cycle()) {

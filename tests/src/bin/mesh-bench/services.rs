@@ -256,6 +256,34 @@ pub fn run(cli: &Services, out: &Path) -> anyhow::Result<()> {
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("writing {}", path.display()))?;
     println!("\ntotal {total:.0} s\nJSON: {}", path.display());
+    let mut panels = Vec::new();
+    for size in &sizes {
+        let n = size["services"].clone();
+        let keep = |s: &Value| s["services"] == n;
+        panels.push(super::plot::Panel::of_rounds(
+            format!("new connections per second, {n} Services"),
+            "conn/s",
+            &samples,
+            &VARIANTS,
+            keep,
+            "per_second",
+            1.0,
+        ));
+        panels.push(super::plot::Panel::of_rounds(
+            format!("connection latency p99, {n} Services"),
+            "µs",
+            &samples,
+            &VARIANTS,
+            keep,
+            "p99_us",
+            1.0,
+        ));
+    }
+    super::plot::beside(
+        &path,
+        "services: connections through a Service address, kube-proxy (iptables) vs the mesh",
+        &panels,
+    )?;
     drop(setups);
     Ok(())
 }

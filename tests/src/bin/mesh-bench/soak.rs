@@ -234,6 +234,34 @@ fn soak(cli: &Soak, c: &Cluster, out: &Path) -> anyhow::Result<()> {
     let path = out.join("soak.json");
     std::fs::write(&path, serde_json::to_string_pretty(&result)?)
         .with_context(|| format!("writing {}", path.display()))?;
+    let over_time = |title: &str, unit, key: &str, scale: f64| super::plot::Panel {
+        title: title.into(),
+        unit,
+        x: "seconds",
+        series: [(0, "node 0 (clients)"), (1, "node 1 (servers)")]
+            .into_iter()
+            .map(|(side, name)| {
+                let line = result["samples"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| Some((s["at_s"].as_f64()?, s[key][side].as_f64()? * scale)))
+                    .collect();
+                (name, line)
+            })
+            .collect(),
+    };
+    super::plot::beside(
+        &path,
+        &format!(
+            "soak: {} cross-node connections held through the tunnels",
+            cli.connections
+        ),
+        &[
+            over_time("agent RSS", "MiB", "rss_kib", 1.0 / 1024.0),
+            over_time("agent file descriptors", "fds", "fds", 1.0),
+        ],
+    )?;
     println!(
         "soak: {} connections held {} s, {} ping-pongs, {} failures, {} closed",
         cli.connections, cli.seconds, report["pings"], report["failures"], report["closed"]
