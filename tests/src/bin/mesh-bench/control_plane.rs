@@ -1311,53 +1311,6 @@ pub fn run(cli: &ControlPlane, out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cli() -> ControlPlane {
-        ControlPlane {
-            pods: 10_000,
-            policies: 1_000,
-            namespaces: 100,
-            service_accounts: 50,
-            nodes: 20,
-            rounds: 1,
-            events: 0,
-            policy_events: 0,
-            services: 2_000,
-            slice_events: 0,
-            max_endpoints: 1,
-            max_policy: 1,
-        }
-    }
-
-    #[test]
-    fn the_state_has_the_shape_asked_for() {
-        let state = State::generate(&cli());
-        assert_eq!(state.identities(), 5_000);
-        let ips: std::collections::BTreeSet<_> = state.pods.iter().map(|p| p.ip).collect();
-        assert_eq!(ips.len(), 10_000);
-        assert!(state.pods.iter().all(|p| p.node != "node-0"));
-        let names: std::collections::BTreeSet<String> = state
-            .policies
-            .iter()
-            .map(|p| format!("{}/{}", p["metadata"]["namespace"], p["metadata"]["name"]))
-            .collect();
-        assert_eq!(names.len(), 1_000, "policy names are unique");
-        assert_eq!(state.count_actions()["DENY"], 100);
-    }
-
-    #[test]
-    fn percentiles_are_nearest_rank() {
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&v, 0.5), 50.0);
-        assert_eq!(percentile(&v, 0.99), 99.0);
-        assert_eq!(percentile(&v, 1.0), 100.0);
-        assert_eq!(percentile(&[3.0], 0.99), 3.0);
-    }
-}
-
 /// Each round of both modes: time to the first full apply, the agent's
 /// memory, and how long changes took to reach the maps.
 fn plot_rounds(
@@ -1419,4 +1372,51 @@ fn plot_rounds(
             ),
         ],
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli() -> ControlPlane {
+        ControlPlane {
+            pods: 10_000,
+            policies: 1_000,
+            namespaces: 100,
+            service_accounts: 50,
+            nodes: 20,
+            rounds: 1,
+            events: 0,
+            policy_events: 0,
+            services: 2_000,
+            slice_events: 0,
+            max_endpoints: 1,
+            max_policy: 1,
+        }
+    }
+
+    #[test]
+    fn the_state_has_the_shape_asked_for() {
+        let state = State::generate(&cli());
+        assert_eq!(state.identities(), 5_000);
+        let ips: std::collections::BTreeSet<_> = state.pods.iter().map(|p| p.ip).collect();
+        assert_eq!(ips.len(), 10_000);
+        assert!(state.pods.iter().all(|p| p.node != "node-0"));
+        let names: std::collections::BTreeSet<String> = state
+            .policies
+            .iter()
+            .map(|p| format!("{}/{}", p["metadata"]["namespace"], p["metadata"]["name"]))
+            .collect();
+        assert_eq!(names.len(), 1_000, "policy names are unique");
+        assert_eq!(state.count_actions()["DENY"], 100);
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.5), 50.0);
+        assert_eq!(percentile(&v, 0.99), 99.0);
+        assert_eq!(percentile(&v, 1.0), 100.0);
+        assert_eq!(percentile(&[3.0], 0.99), 3.0);
+    }
 }
