@@ -647,6 +647,32 @@ fn mesh_policy_is_enforced_and_an_invalid_edit_keeps_the_previous_one() {
     wait_probe(&bed, ROBOT, CART, "connected");
     assert_rbac(&cluster);
 
+    // The service map in Kubernetes mode: robot's refusals and frontend's
+    // connections to cart, as the edges of the identities the pods run as.
+    let map: Value =
+        serde_json::from_str(&agent::node_cli(&bed, 0, &["graph", "-o", "json"]).unwrap()).unwrap();
+    let arc = |from: &str, verdict: &str| {
+        map["arcs"].as_array().unwrap().iter().find(|a| {
+            a["from"] == spiffe("web", from)
+                && a["to"] == spiffe("shop", "cart")
+                && a["verdict"] == verdict
+                && a["path"] == "same-node"
+        })
+    };
+    for (from, verdict) in [
+        ("robot", "denied"),
+        ("robot", "allowed"),
+        ("frontend", "allowed"),
+    ] {
+        let found = arc(from, verdict).unwrap_or_else(|| panic!("no {from} {verdict}: {map}"));
+        assert!(found["connections"].as_u64() >= Some(1), "{found}");
+    }
+    assert_eq!(
+        map["namespaces"]["web"].as_array().unwrap().len(),
+        2,
+        "{map}"
+    );
+
     // The dashboard's API watch panel reads what this agent exports (the
     // other panels are checked by the Services test, with tunnels).
     let metrics = agent::scrape_metrics(&bed, 0).unwrap();
