@@ -8,7 +8,6 @@ use std::{
     cell::RefCell,
     io::{BufRead as _, BufReader, Write as _},
     net::IpAddr,
-    os::unix::net::UnixStream,
     path::Path,
 };
 
@@ -392,20 +391,13 @@ fn matches_identity(filter: &str, end: &flows::FlowEnd) -> bool {
 }
 
 pub fn flows(state_dir: &Path, args: FlowsQuery) -> anyhow::Result<()> {
-    let socket = flows::socket_path(state_dir);
-    let mut conn = UnixStream::connect(&socket).with_context(|| {
-        format!(
-            "connecting to the agent at {} (is `mesh-agent run` running with --state-dir {}?)",
-            socket.display(),
-            state_dir.display()
-        )
-    })?;
-    let mut request = serde_json::to_vec(&Request {
-        follow: args.follow,
-        ..Request::default()
-    })?;
-    request.push(b'\n');
-    conn.write_all(&request)?;
+    let conn = flows::ask(
+        state_dir,
+        &Request {
+            follow: args.follow,
+            ..Request::default()
+        },
+    )?;
     let verdict = args.verdict.map(|v| match v {
         VerdictFilter::Allow => "ALLOW",
         VerdictFilter::Deny => "DENY",

@@ -410,6 +410,24 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join("agent.sock")
 }
 
+/// A client's connection to the agent's socket, with `request` sent
+/// (`flows` and `graph` are its clients; they block, the agent does not).
+pub fn ask(state_dir: &Path, request: &Request) -> anyhow::Result<std::os::unix::net::UnixStream> {
+    use std::io::Write as _;
+    let socket = socket_path(state_dir);
+    let mut conn = std::os::unix::net::UnixStream::connect(&socket).with_context(|| {
+        format!(
+            "connecting to the agent at {} (is `mesh-agent run` running with --state-dir {}?)",
+            socket.display(),
+            state_dir.display()
+        )
+    })?;
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    conn.write_all(&line)?;
+    Ok(conn)
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VerdictLabels {
     hook: String,

@@ -8,8 +8,7 @@
 //! agent's reply, so the pictures are tested as snapshots.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::{BufRead as _, BufReader, Write as _},
-    os::unix::net::UnixStream,
+    io::{BufRead as _, BufReader},
     path::Path as FsPath,
     time::Duration,
 };
@@ -53,28 +52,19 @@ pub struct Filter {
 
 /// Asks the agent for its edges (of the last `since`).
 pub fn fetch(state_dir: &FsPath, since: Option<Duration>) -> anyhow::Result<MapReply> {
-    let socket = flows::socket_path(state_dir);
-    let mut conn = UnixStream::connect(&socket).with_context(|| {
-        format!(
-            "connecting to the agent at {} (is `mesh-agent run` running with --state-dir {}?)",
-            socket.display(),
-            state_dir.display()
-        )
-    })?;
-    let mut request = serde_json::to_vec(&Request {
+    let request = Request {
         map: Some(MapQuery {
             since_secs: since.map(|d| d.as_secs().max(1)),
         }),
         ..Request::default()
-    })?;
-    request.push(b'\n');
-    conn.write_all(&request)?;
+    };
+    let conn = flows::ask(state_dir, &request)?;
     let mut line = String::new();
     BufReader::new(conn).read_line(&mut line)?;
     serde_json::from_str(&line).with_context(|| {
         format!(
             "the agent at {} did not answer with a service map (is it older than this command?)",
-            socket.display()
+            flows::socket_path(state_dir).display()
         )
     })
 }
