@@ -666,7 +666,8 @@ mod tests {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut cli, "mesh-agent", &mut script);
             let script = String::from_utf8(script).unwrap();
-            for word in ["inspect", "flows", "explain", "graph", "--tunnel-threads"] {
+            // fish spells a long flag `-l tunnel-threads`.
+            for word in ["inspect", "flows", "explain", "graph", "tunnel-threads"] {
                 assert!(script.contains(word), "{shell}: no {word}");
             }
         }
