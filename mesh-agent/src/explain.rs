@@ -383,11 +383,9 @@ pub fn explain(maps: &PinnedMaps, names: &NodeState, args: &Query) -> anyhow::Re
     })
 }
 
+/// The filter names the end by its SPIFFE ID, or by its number.
 fn matches_identity(filter: &str, end: &flows::FlowEnd) -> bool {
-    match filter.strip_suffix('*') {
-        Some(prefix) => end.identity.starts_with(prefix),
-        None => end.identity == filter || end.id == filter,
-    }
+    flows::identity_matches(filter, &end.identity) || end.id == filter
 }
 
 pub fn flows(state_dir: &Path, args: FlowsQuery) -> anyhow::Result<()> {

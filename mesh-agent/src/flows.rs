@@ -154,17 +154,20 @@ pub struct TunnelFlow {
     pub mtls: Option<String>,
 }
 
+/// Now, since the Unix epoch.
+fn wall_clock() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+}
+
 /// Wall-clock seconds at CLOCK_MONOTONIC zero (the kernel stamps events
 /// with bpf_ktime_get_ns, which is CLOCK_MONOTONIC).
 fn monotonic_epoch() -> f64 {
     let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9)
         .unwrap_or(0.0);
-    let wall = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_secs_f64();
-    wall - mono
+    wall_clock().as_secs_f64() - mono
 }
 
 /// The agent's side: the recent events, the live stream, and the verdicts
@@ -224,12 +227,8 @@ impl FlowHub {
             ip,
             port,
         };
-        let wall = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or(Duration::ZERO)
-            .as_secs_f64();
         let record = FlowRecord {
-            time: wall,
+            time: wall_clock().as_secs_f64(),
             verdict: if flow.allowed { "ALLOW" } else { "DENY" }.into(),
             hook: flow.hook.into(),
             proto: "tcp".into(),
@@ -250,8 +249,9 @@ impl FlowHub {
             suppressed: 0,
             suppressed_denied: 0,
         };
+        let path = map::path_of(&record, &names, self.mtls);
         drop(names);
-        self.publish(record);
+        self.publish(record, path);
     }
 
     /// The name of a rule, from the names in force.
@@ -259,7 +259,9 @@ impl FlowHub {
         self.names.lock().unwrap().rule_name(rule)
     }
 
-    fn publish(&self, record: FlowRecord) {
+    /// Logs, counts and keeps `record`, which took `path` (found by the
+    /// caller under the names lock it made the record under).
+    fn publish(&self, record: FlowRecord, path: map::Path) {
         debug!(
             verdict = %record.verdict,
             hook = %record.hook,
@@ -274,7 +276,6 @@ impl FlowHub {
         );
         self.metrics.record(&record);
         if let Some(verdict) = map::Verdict::of(&record) {
-            let path = map::path_of(&record, &self.names.lock().unwrap(), self.mtls);
             let key = map::EdgeKey {
                 src: record.src.identity.clone(),
                 dst: record.dst.identity.clone(),
@@ -309,8 +310,11 @@ impl FlowHub {
                 let event = read_pod::<FlowEvent>(&item);
                 drop(item);
                 if let Some(ev) = event {
-                    let record = FlowRecord::from_event(&ev, &self.names.lock().unwrap(), epoch);
-                    self.publish(record);
+                    let names = self.names.lock().unwrap();
+                    let record = FlowRecord::from_event(&ev, &names, epoch);
+                    let path = map::path_of(&record, &names, self.mtls);
+                    drop(names);
+                    self.publish(record, path);
                 }
                 // A pod retrying a denied connect in a tight loop produces
                 // events as fast as this loop reads them: without a yield
@@ -347,12 +351,9 @@ impl FlowHub {
         BufReader::new(read).read_line(&mut line).await?;
         let request: Request = serde_json::from_str(line.trim()).context("bad request")?;
         if let Some(query) = request.map {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or(Duration::ZERO)
-                .as_secs();
             let since = query.since_secs.map(Duration::from_secs);
-            let mut reply = serde_json::to_vec(&self.map.edges(since, now))?;
+            let reply = self.map.edges(since, wall_clock().as_secs());
+            let mut reply = serde_json::to_vec(&reply)?;
             reply.push(b'\n');
             write.write_all(&reply).await?;
             return Ok(());
@@ -404,6 +405,15 @@ pub struct MapQuery {
     /// most an hour); all since the agent started when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since_secs: Option<u64>,
+}
+
+/// Whether `identity` (a SPIFFE ID, `world`, a number) is what the
+/// operator's `--identity` filter names: equal, or a prefix ending in `*`.
+pub fn identity_matches(filter: &str, identity: &str) -> bool {
+    match filter.strip_suffix('*') {
+        Some(prefix) => identity.starts_with(prefix),
+        None => identity == filter,
+    }
 }
 
 pub fn socket_path(state_dir: &Path) -> PathBuf {

@@ -107,6 +107,18 @@ pub struct ServiceMap {
     pub evicted: u64,
 }
 
+/// An identity's namespace: its workload ID's, else none (`""`).
+fn identity_namespace(id: &str) -> &str {
+    mesh_pki::spiffe::workload_of(id).map_or("", |(namespace, _)| namespace)
+}
+
+/// A Service's namespace, when it is named `namespace/name`.
+fn service_namespace(service: &str) -> &str {
+    service
+        .split_once('/')
+        .map_or("", |(namespace, _)| namespace)
+}
+
 /// The namespace and label of an identity.
 fn identity_node(id: &str) -> (String, Node) {
     match mesh_pki::spiffe::workload_of(id) {
@@ -145,27 +157,21 @@ fn service_node(service: &str) -> (String, Node) {
     )
 }
 
-fn matches_identity(filter: &str, id: &str) -> bool {
-    match filter.strip_suffix('*') {
-        Some(prefix) => id.starts_with(prefix),
-        None => id == filter,
-    }
-}
-
 impl Filter {
     fn keeps(&self, edge: &Edge) -> bool {
         let k = &edge.key;
         let in_namespace = |ns: &str| {
-            [&k.src, &k.dst].iter().any(|id| identity_node(id).0 == ns)
+            [&k.src, &k.dst]
+                .iter()
+                .any(|id| identity_namespace(id) == ns)
                 || k.service
                     .as_deref()
-                    .is_some_and(|s| service_node(s).0 == ns)
+                    .is_some_and(|s| service_namespace(s) == ns)
         };
         self.namespace.as_deref().is_none_or(in_namespace)
-            && self
-                .identity
-                .as_deref()
-                .is_none_or(|f| matches_identity(f, &k.src) || matches_identity(f, &k.dst))
+            && self.identity.as_deref().is_none_or(|f| {
+                flows::identity_matches(f, &k.src) || flows::identity_matches(f, &k.dst)
+            })
     }
 }
 
