@@ -31,7 +31,8 @@ enum Task {
     /// this machine's kernel, then the kernel tests on 6.1 and 6.12 in VMs.
     Test {
         /// `host`: this machine's kernel only; `6.1` or `6.12`: that kernel
-        /// only, in a VM; `all`: each in turn.
+        /// only, in a VM; `vms`: both VMs (side by side); `all`: the host,
+        /// then the VMs.
         #[arg(long, default_value = "all")]
         kernel: String,
         /// Extra arguments for `cargo test` on the host (e.g. a test name
@@ -87,7 +88,7 @@ fn main() -> anyhow::Result<()> {
         Task::Demo => demo::run(),
         Task::PreviousAgent => previous::build().map(|bin| eprintln!("xtask: {}", bin.display())),
         Task::Bench { which, args } => bench(&which, &args),
-        Task::Fuzz { targets, seconds } => fuzz::fuzz(&targets, seconds),
+        Task::Fuzz { targets, seconds } => fuzz::fuzz(fuzz::Build::Campaign, &targets, seconds),
         Task::GenCrds => gen_crds(),
         Task::Man => man_pages(),
         // The archive's path alone on stdout, for scripts.
@@ -170,29 +171,75 @@ fn build_binaries(release: bool) -> anyhow::Result<()> {
 
 fn test(kernel: &str, args: &[String]) -> anyhow::Result<()> {
     let (host, in_vms) = kernels::select(kernel)?;
-    build_binaries(false)?;
-    if host {
-        test_on_host(args)?;
-    }
-    if !in_vms.is_empty() {
-        let binaries = kernels::test_binaries()?;
-        for kernel in in_vms {
-            let (passed, _) = kernels::run(kernel, &binaries)?;
-            println!(
+    let mut steps = Steps::default();
+    let result = (|| {
+        steps.time("build", || build_binaries(false))?;
+        if host {
+            test_on_host(&mut steps, args)?;
+        }
+        if !in_vms.is_empty() {
+            let binaries = steps.time("build the VMs' tests", kernels::test_binaries)?;
+            steps.time("kernels in VMs", || test_in_vms(&in_vms, &binaries))?;
+        }
+        anyhow::Ok(())
+    })();
+    steps.report();
+    result
+}
+
+/// The kernel tests in a VM of each kernel. The VMs run side by side, one
+/// vCPU each: a VM of two vCPUs under TCG keeps only about one of this
+/// machine's two cores busy (its tests run one at a time), so the pair
+/// takes 10 min where one after the other took 13.
+fn test_in_vms(
+    in_vms: &[&kernels::Kernel],
+    binaries: &[(String, std::path::PathBuf)],
+) -> anyhow::Result<()> {
+    let results: Vec<_> = std::thread::scope(|scope| {
+        let runs: Vec<_> = in_vms
+            .iter()
+            .map(|kernel| scope.spawn(|| kernels::run(kernel, binaries)))
+            .collect();
+        runs.into_iter()
+            .map(|run| run.join().expect("a VM's thread panicked"))
+            .collect()
+    });
+    let mut failures = Vec::new();
+    for (kernel, result) in in_vms.iter().zip(results) {
+        match result {
+            Ok((passed, _)) => println!(
                 "xtask test: kernel {}: {passed} passed, 0 failed",
                 kernel.name
-            );
+            ),
+            Err(error) => failures.push(format!("kernel {}: {error:#}", kernel.name)),
         }
     }
+    ensure!(failures.is_empty(), "{}", failures.join("\n"));
     Ok(())
 }
 
 /// Every test, unit and kernel, on this machine's kernel; the style checks
 /// and a short run of each fuzz target.
-fn test_on_host(args: &[String]) -> anyhow::Result<()> {
+fn test_on_host(steps: &mut Steps, args: &[String]) -> anyhow::Result<()> {
     // The upgrade tests start from the agent of the previous map layout.
-    let previous_agent = previous::build()?;
-    check_style()?;
+    let previous_agent = steps.time("build the previous agent", previous::build)?;
+    steps.time("style and lints", check_style)?;
+    steps.time("tests on this kernel", || {
+        run_tests_on_host(args, &previous_agent)
+    })?;
+    // A short run of every fuzz target: its corpus still passes, and a few
+    // seconds of new inputs find no crash.
+    steps.time("fuzz", || {
+        fuzz::fuzz(fuzz::Build::Smoke, &[], FUZZ_SECONDS_IN_TEST)
+    })?;
+    println!(
+        "xtask test: {} fuzz targets ran {FUZZ_SECONDS_IN_TEST} s each without a crash",
+        fuzz::TARGETS.len()
+    );
+    Ok(())
+}
+
+fn run_tests_on_host(args: &[String], previous_agent: &std::path::Path) -> anyhow::Result<()> {
     let mut cmd = cargo();
     cmd.args(["test", "--workspace"])
         .args(args)
@@ -215,14 +262,41 @@ fn test_on_host(args: &[String]) -> anyhow::Result<()> {
     println!("xtask test: {passed} passed, {failed} failed");
     ensure!(status.success(), "cargo test failed with {status}");
     ensure!(passed > 0, "no test ran");
-    // A short run of every fuzz target: its corpus still passes, and a few
-    // seconds of new inputs find no crash.
-    fuzz::fuzz(&[], FUZZ_SECONDS_IN_TEST)?;
-    println!(
-        "xtask test: {} fuzz targets ran {FUZZ_SECONDS_IN_TEST} s each without a crash",
-        fuzz::TARGETS.len()
-    );
     Ok(())
+}
+
+/// The wall-clock time of each step of `test`, printed at its end: a CI run
+/// has a time budget (docs/development.md), and this says where it went.
+#[derive(Default)]
+struct Steps(Vec<(&'static str, std::time::Duration)>);
+
+impl Steps {
+    fn time<T>(
+        &mut self,
+        name: &'static str,
+        step: impl FnOnce() -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let started = std::time::Instant::now();
+        let result = step();
+        self.0.push((name, started.elapsed()));
+        result
+    }
+
+    fn report(&self) {
+        let total: std::time::Duration = self.0.iter().map(|(_, took)| *took).sum();
+        let steps: Vec<String> = self
+            .0
+            .iter()
+            .map(|(name, took)| format!("{name} {}", minutes(*took)))
+            .collect();
+        println!("xtask test: took {} ({})", minutes(total), steps.join(", "));
+    }
+}
+
+/// `754 s` → `12m34s`.
+fn minutes(took: std::time::Duration) -> String {
+    let secs = took.as_secs();
+    format!("{}m{:02}s", secs / 60, secs % 60)
 }
 
 /// How long `test` runs each fuzz target.
@@ -319,6 +393,14 @@ pub fn workspace_root() -> std::path::PathBuf {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn step_times_read_in_minutes() {
+        let took = |secs| super::minutes(std::time::Duration::from_secs(secs));
+        assert_eq!(took(754), "12m34s");
+        assert_eq!(took(59), "0m59s");
+        assert_eq!(took(3600), "60m00s");
+    }
+
     #[test]
     fn parses_cargo_test_summaries() {
         let line = "test result: ok. 11 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 16.53s";
