@@ -579,7 +579,19 @@ fn measure(
         .iter()
         .map(|a| super::soak::rss_kib(a.pid()))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    progress!("agents' idle RSS: {idle_rss_kib:?} KiB");
+    // Where it goes: the binary's pages (file) or the heap and stacks (anon).
+    let idle_split = cluster
+        .agents
+        .iter()
+        .map(|a| {
+            let field = |name| super::status_kib(a.pid(), name).unwrap_or(0);
+            format!("anon {} + file {}", field("RssAnon"), field("RssFile"))
+        })
+        .collect::<Vec<_>>();
+    progress!(
+        "agents' idle RSS: {idle_rss_kib:?} KiB ({})",
+        idle_split.join("; ")
+    );
 
     // Warm-up: caches, the agents' pooled tunnel connection, and the
     // calibration of each variant's stream length.
