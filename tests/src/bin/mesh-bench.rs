@@ -557,13 +557,24 @@ fn times(ratio: f64) -> String {
 
 /// A memory field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`), in KiB.
 fn status_kib(pid: u32, name: &str) -> anyhow::Result<u64> {
+    let [kib] = status_kibs(pid, [name])?;
+    Ok(kib)
+}
+
+/// Several memory fields of `/proc/<pid>/status`, in KiB, from one read of
+/// it (so that they describe the same moment).
+fn status_kibs<const N: usize>(pid: u32, names: [&str; N]) -> anyhow::Result<[u64; N]> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .with_context(|| format!("no {name} in /proc/{pid}/status"))
+    let mut kibs = [0; N];
+    for (kib, name) in kibs.iter_mut().zip(names) {
+        *kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .with_context(|| format!("no {name} in /proc/{pid}/status"))?;
+    }
+    Ok(kibs)
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -875,4 +886,18 @@ fn machine() -> String {
             .unwrap_or(0),
         kernel.trim()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn memory_fields_come_from_one_read_and_add_up() {
+        let pid = std::process::id();
+        let [rss, anon, file, shmem] =
+            super::status_kibs(pid, ["VmRSS", "RssAnon", "RssFile", "RssShmem"]).unwrap();
+        assert!(rss > 0);
+        assert_eq!(rss, anon + file + shmem);
+        let missing = super::status_kibs(pid, ["VmRSS", "NoSuchField"]).unwrap_err();
+        assert!(missing.to_string().contains("no NoSuchField"), "{missing}");
+    }
 }

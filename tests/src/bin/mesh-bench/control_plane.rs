@@ -409,10 +409,8 @@ struct Memory {
 
 impl Memory {
     fn of(pid: u32) -> anyhow::Result<Self> {
-        Ok(Self {
-            rss_kib: super::status_kib(pid, "VmRSS")?,
-            hwm_kib: super::status_kib(pid, "VmHWM")?,
-        })
+        let [rss_kib, hwm_kib] = super::status_kibs(pid, ["VmRSS", "VmHWM"])?;
+        Ok(Self { rss_kib, hwm_kib })
     }
 
     fn json(&self) -> Value {

@@ -574,20 +574,18 @@ fn measure(
     cluster.wait_until_tunnelling(&variants)?;
     // Idle: ready, one pooled tunnel connection, nothing carried.
     std::thread::sleep(Duration::from_secs(2));
-    let idle_rss_kib = cluster
+    // Each agent's RSS, and where it goes: the binary's pages (file) or the
+    // heap and stacks (anon), from one read so that they add up.
+    let idle = cluster
         .agents
         .iter()
-        .map(|a| super::soak::rss_kib(a.pid()))
+        .map(|a| super::status_kibs(a.pid(), ["VmRSS", "RssAnon", "RssFile"]))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    // Where it goes: the binary's pages (file) or the heap and stacks (anon).
-    let idle_split = cluster
-        .agents
+    let idle_rss_kib: Vec<u64> = idle.iter().map(|[rss, ..]| *rss).collect();
+    let idle_split: Vec<String> = idle
         .iter()
-        .map(|a| {
-            let field = |name| super::status_kib(a.pid(), name).unwrap_or(0);
-            format!("anon {} + file {}", field("RssAnon"), field("RssFile"))
-        })
-        .collect::<Vec<_>>();
+        .map(|[_, anon, file]| format!("anon {anon} + file {file}"))
+        .collect();
     progress!(
         "agents' idle RSS: {idle_rss_kib:?} KiB ({})",
         idle_split.join("; ")
