@@ -279,6 +279,11 @@ fn sendfile_sender_is_redirected_intact() {
 /// bytes); every byte arrived, in order, or the flood fails.
 fn flood_a_receiver_that_holds(bed: &TestBed, bytes: usize) -> serde_json::Value {
     let addr = bed.pods[1].addr(false, 8080);
+    // The receiver reads nothing until the writer has been pushed back (or
+    // has written everything): a timed hold would end early when the
+    // writer is slow, as a debug build under TCG is.
+    let release = bed.files.path().join("flood-released");
+    let release = release.to_str().unwrap();
     let mut server = bed
         .workload(
             1,
@@ -288,8 +293,8 @@ fn flood_a_receiver_that_holds(bed: &TestBed, bytes: usize) -> serde_json::Value
                 &addr.to_string(),
                 "--mode",
                 "hold",
-                "--hold-ms",
-                "1500",
+                "--release",
+                release,
             ],
         )
         .unwrap();
@@ -303,6 +308,8 @@ fn flood_a_receiver_that_holds(bed: &TestBed, bytes: usize) -> serde_json::Value
             &addr.to_string(),
             "--bytes",
             &bytes.to_string(),
+            "--release",
+            release,
         ],
         T,
     )

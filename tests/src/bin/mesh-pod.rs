@@ -6,6 +6,7 @@ use std::{
     io::{ErrorKind, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     os::fd::AsFd as _,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -33,6 +34,11 @@ enum Cmd {
         /// For `hold`: how long to leave the first bytes unread.
         #[arg(long, default_value_t = 1000)]
         hold_ms: u64,
+        /// For `hold`: leave them unread until this file exists instead
+        /// (`flood --release` creates it), so the hold does not depend on
+        /// how fast the writer is (a debug build under TCG is slow).
+        #[arg(long)]
+        release: Option<PathBuf>,
         /// `udp` serves datagrams: each is echoed to its sender.
         #[arg(long, value_enum, default_value_t = Proto::Tcp)]
         proto: Proto,
@@ -244,6 +250,10 @@ enum Cmd {
         to: SocketAddr,
         #[arg(long)]
         bytes: usize,
+        /// Create this file once pushed back (or once every byte is
+        /// taken), for a server started with `hold --release`.
+        #[arg(long)]
+        release: Option<PathBuf>,
     },
     /// An echo server on one thread with event-loop I/O, for many
     /// thousands of connections at once (`serve` spends a thread on each).
@@ -285,7 +295,8 @@ enum Mode {
     SpliceEcho,
     /// Read and count; on EOF answer with the byte count (8 bytes, LE).
     Sink,
-    /// Leave the first bytes unread for hold_ms, then sink with a checksum.
+    /// Leave the first bytes unread for hold_ms (or until `--release`),
+    /// then sink with a checksum.
     Hold,
     /// Answer each connection with the address it reached (the server's
     /// own end) and close: which backend a Service picked.
@@ -348,9 +359,16 @@ fn main() {
             listen,
             mode,
             hold_ms,
+            release,
             proto: Proto::Tcp,
             ..
-        } => serve(listen, mode, Duration::from_millis(hold_ms)).map(|()| json!({})),
+        } => {
+            let hold = match release {
+                Some(file) => Hold::Until(file),
+                None => Hold::For(Duration::from_millis(hold_ms)),
+            };
+            serve(listen, mode, hold).map(|()| json!({}))
+        }
         Cmd::Probe {
             targets,
             timeout_ms,
@@ -394,7 +412,7 @@ fn main() {
             seconds,
         } => pingpong(to, size, count, seconds),
         Cmd::Stream { to, bytes, chunk } => stream(to, bytes, chunk),
-        Cmd::Flood { to, bytes } => flood(to, bytes),
+        Cmd::Flood { to, bytes, release } => flood(to, bytes, release.as_deref()),
         Cmd::AsyncEcho { listen } => many::echo(listen).map(|()| json!({})),
         Cmd::Hold {
             to,
@@ -563,20 +581,42 @@ fn read_exact(conn: &TcpStream, mut buf: &mut [u8]) -> anyhow::Result<()> {
 
 // ---------------------------------------------------------------- servers
 
-fn serve(listen: SocketAddr, mode: Mode, hold: Duration) -> anyhow::Result<()> {
+/// How long a `hold` server leaves the first bytes unread.
+#[derive(Clone)]
+enum Hold {
+    For(Duration),
+    /// Until the file exists: the writer says when it is done.
+    Until(PathBuf),
+}
+
+impl Hold {
+    fn wait(&self) {
+        match self {
+            Hold::For(time) => std::thread::sleep(*time),
+            Hold::Until(file) => {
+                while !file.exists() {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+}
+
+fn serve(listen: SocketAddr, mode: Mode, hold: Hold) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
     println!("listening {}", listener.local_addr()?);
     std::io::stdout().flush()?;
     for conn in listener.incoming() {
         let conn = conn?;
+        let hold = hold.clone();
         std::thread::spawn(move || {
             let _ = conn.set_nodelay(true);
             let _ = conn.set_nonblocking(true);
             let result = match mode {
                 Mode::Echo => echo(conn),
                 Mode::SpliceEcho => splice_echo(conn),
-                Mode::Sink => sink(conn, Duration::ZERO),
-                Mode::Hold => sink(conn, hold),
+                Mode::Sink => sink(conn, None),
+                Mode::Hold => sink(conn, Some(&hold)),
                 Mode::Whoami => whoami(conn),
             };
             if let Err(e) = result {
@@ -669,8 +709,12 @@ fn fnv1a(hash: u64, bytes: &[u8]) -> u64 {
 }
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
-fn sink(conn: TcpStream, hold: Duration) -> anyhow::Result<()> {
-    std::thread::sleep(hold);
+/// Counts what arrives; held, it first leaves the bytes unread, then also
+/// checksums them.
+fn sink(conn: TcpStream, hold: Option<&Hold>) -> anyhow::Result<()> {
+    if let Some(hold) = hold {
+        hold.wait();
+    }
     let mut buf = vec![0u8; 256 * 1024];
     let (mut total, mut hash) = (0u64, FNV_OFFSET);
     loop {
@@ -679,7 +723,7 @@ fn sink(conn: TcpStream, hold: Duration) -> anyhow::Result<()> {
             break;
         }
         total += n as u64;
-        if !hold.is_zero() {
+        if hold.is_some() {
             hash = fnv1a(hash, &buf[..n]);
         }
     }
@@ -951,7 +995,11 @@ fn stream(to: SocketAddr, bytes: u64, chunk: usize) -> anyhow::Result<serde_json
     )
 }
 
-fn flood(to: SocketAddr, bytes: usize) -> anyhow::Result<serde_json::Value> {
+fn flood(
+    to: SocketAddr,
+    bytes: usize,
+    release: Option<&Path>,
+) -> anyhow::Result<serde_json::Value> {
     let conn = connect(to)?;
     let seed = 7;
     let mut buf = vec![0u8; 64 * 1024];
@@ -971,6 +1019,9 @@ fn flood(to: SocketAddr, bytes: usize) -> anyhow::Result<serde_json::Value> {
         }
     }
     let accepted_before_pushback = sent;
+    if let Some(file) = release {
+        std::fs::write(file, b"").with_context(|| format!("releasing {}", file.display()))?;
+    }
     // Phase 2: the rest, as the server starts reading.
     while sent < bytes {
         let n = buf.len().min(bytes - sent);
