@@ -81,7 +81,7 @@ impl Outbound {
     /// The tunnel for `a`, with its socket and its ends (source and
     /// destination identities, destination address); `None` once refused
     /// (the socket reset, the refusal reported).
-    async fn open(&self, a: Accepted) -> Option<(Tunnel, TcpStream, (u64, u64, SocketAddr))> {
+    async fn open(&self, mut a: Accepted) -> Option<(Tunnel, TcpStream, (u64, u64, SocketAddr))> {
         let dst = SocketAddr::new(IpKey { ip: a.orig.ip }.into(), a.orig.port);
         let src = &a.source;
         let refuse = |stream: TcpStream, dst_identity: u64, reason: String| {
@@ -167,7 +167,7 @@ impl Outbound {
         let span = error_span!("tunnel", src = %src.spiffe_id, dst = %peer.spiffe_id);
         let opened = self
             .pool
-            .open(&key, connect, dst, HeaderMap::new())
+            .open(&key, connect, dst, HeaderMap::new(), &mut a.stream)
             .instrument(span.clone())
             .await;
         match opened {

@@ -32,6 +32,7 @@ use tokio::sync::oneshot;
 
 use super::TunnelSettings;
 use super::client::{self, Connection, HandshakeError, OpenError, StreamSlot, Tunnel};
+use super::splice::{FirstRead, Socket};
 
 /// Why the pool could not reach the peer. Cloneable: every caller waiting
 /// on a handshake gets its outcome.
@@ -121,28 +122,35 @@ where
         }
     }
 
-    /// Opens a tunnel to `target` on a pooled connection for `key`, making
+    /// Opens a tunnel to `target` for the workload's `socket` (whose first
+    /// bytes go out behind the `CONNECT`) on a pooled connection for `key`, making
     /// one with `connect` (which returns the peer's mutual-TLS stream) when
     /// none has room. `connect` is called at most once per handshake, with
     /// the pool locked (it should only build the future); the future runs
     /// in a task of its own, so it completes for the other waiters even if
     /// this caller gives up.
-    pub async fn open<F, Fut, IO>(
+    pub async fn open<F, Fut, IO, S>(
         &self,
         key: &K,
         connect: F,
         target: SocketAddr,
         headers: HeaderMap,
+        socket: &mut S,
     ) -> Result<Tunnel, PoolError>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = io::Result<IO>> + Send + 'static,
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: Socket,
     {
+        let mut first = FirstRead::Unread;
         let mut attempt = 1;
         loop {
             let (connection, slot) = self.reserve(key, &connect).await?;
-            match connection.open_in(slot, target, headers.clone()).await {
+            let opened = connection
+                .open_in(slot, target, headers.clone(), socket, &mut first)
+                .await;
+            match opened {
                 Err(error) if error.is_retryable() && attempt < OPEN_ATTEMPTS => {
                     tracing::debug!(%error, %target, "tunnel connection unavailable; trying another");
                     attempt += 1;

@@ -127,7 +127,10 @@ where
         let Some((upstream, send, recv, target)) = answering.await else {
             return;
         };
-        match splice::splice(upstream, send, recv, splice_buffer).await {
+        // Nothing read from the destination yet; what the source sent
+        // early waits in the stream.
+        let first = splice::FirstRead::Unread;
+        match splice::splice(upstream, send, recv, splice_buffer, first).await {
             Ok(stats) => tracing::debug!(%target, ?stats, "tunnel closed"),
             Err(error) => tracing::debug!(%target, %error, "tunnel reset"),
         }

@@ -97,8 +97,59 @@ const BURST: usize = 16;
 /// reaches it within a few reads).
 const FIRST_READ: usize = 16 * 1024;
 
+/// The workload's first read, made while the `CONNECT` is in flight and
+/// sent right behind it (optimistic CONNECT): a client that speaks first
+/// does not wait for the peer agent's answer, one round trip between the
+/// nodes, before its request leaves. One read at most goes out before the
+/// answer; the splice reads the rest.
+#[derive(Debug, Default)]
+pub enum FirstRead {
+    /// Nothing read before the answer came.
+    #[default]
+    Unread,
+    /// Read, and sent before the answer. Kept until the answer comes, so
+    /// that a stream the peer did not process can carry them again on
+    /// another connection.
+    Sent(Bytes),
+    /// The workload closed its end before sending anything; the splice
+    /// finds the end of stream again.
+    Ended,
+    /// The socket failed; the splice resets both ends as soon as it starts.
+    Failed(io::Error),
+}
+
+impl FirstRead {
+    /// Reads the socket once, if it has something (or its end) to read.
+    /// Takes a buffer only once the socket is readable, as the splice
+    /// does.
+    pub fn poll_read<S: Socket>(socket: &mut S, cx: &mut Context<'_>) -> Poll<Self> {
+        if let Err(error) = ready!(socket.poll_read_ready(cx)) {
+            return Poll::Ready(Self::Failed(error));
+        }
+        let mut buffer = BytesMut::with_capacity(FIRST_READ);
+        let read = {
+            let mut limited = (&mut buffer).limit(FIRST_READ);
+            let read = pin!(socket.read_buf(&mut limited));
+            ready!(read.poll(cx))
+        };
+        Poll::Ready(match read {
+            Ok(0) => Self::Ended,
+            Ok(_) => Self::Sent(buffer.freeze()),
+            Err(error) => Self::Failed(error),
+        })
+    }
+
+    fn sent(&self) -> u64 {
+        match self {
+            Self::Sent(bytes) => bytes.len() as u64,
+            _ => 0,
+        }
+    }
+}
+
 /// Copies bytes both ways between `socket` and a tunnel stream until both
-/// directions have ended; `buffer_size` is the largest socket read. A
+/// directions have ended; `buffer_size` is the largest socket read, and
+/// `first` what was read before the stream was answered. A
 /// socket with nothing to read holds no buffer, so a held idle connection
 /// costs its stream and its task, not a read buffer (`mesh-bench soak`).
 ///
@@ -110,7 +161,16 @@ pub fn splice<S: Socket>(
     send: SendStream<Bytes>,
     recv: RecvStream,
     buffer_size: usize,
+    first: FirstRead,
 ) -> impl Future<Output = Result<SpliceStats, SpliceError>> + Send {
+    let stats = SpliceStats {
+        socket_to_tunnel: first.sent(),
+        tunnel_to_socket: 0,
+    };
+    let first_failure = match first {
+        FirstRead::Failed(error) => Some(SpliceFailure::Socket(error)),
+        _ => None,
+    };
     let mut splice = Splice {
         socket,
         send,
@@ -122,11 +182,14 @@ pub fn splice<S: Socket>(
         down_done: false,
         incoming: Bytes::new(),
         unflushed: false,
-        stats: SpliceStats::default(),
+        stats,
         finished: false,
     };
     async move {
-        let result = poll_fn(|cx| splice.poll(cx)).await;
+        let result = match first_failure {
+            Some(failure) => Err(failure),
+            None => poll_fn(|cx| splice.poll(cx)).await,
+        };
         let stats = splice.stats;
         match result {
             Ok(()) => {

@@ -320,10 +320,13 @@ pub fn client_agent_on(
     let addr = listener.local_addr().unwrap();
     let connect = connector(peer, tls);
     tokio::spawn(async move {
-        while let Ok((socket, _)) = listener.accept().await {
+        while let Ok((mut socket, _)) = listener.accept().await {
             let (pool, connect) = (pool.clone(), connect.clone());
             tokio::spawn(async move {
-                match pool.open(&0, connect, target, HeaderMap::new()).await {
+                match pool
+                    .open(&0, connect, target, HeaderMap::new(), &mut socket)
+                    .await
+                {
                     Ok(tunnel) => {
                         if let Err(error) = tunnel.splice(socket).await {
                             tracing::debug!(%error, "test client agent: tunnel reset");

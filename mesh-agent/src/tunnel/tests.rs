@@ -14,8 +14,9 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use super::client::{self, OpenError};
-use super::pool::Pool;
+use super::pool::{Pool, PoolError};
 use super::server::{ConnectRequest, Refusal};
+use super::splice::SpliceFailure;
 use super::testing::*;
 use super::{REASON_HEADER, TunnelSettings};
 
@@ -181,7 +182,8 @@ async fn refusal_carries_status_and_reason() {
         "spiffe://mesh.test/ns/a/sa/web".parse().unwrap(),
     );
     let target: SocketAddr = "10.1.2.3:8080".parse().unwrap();
-    match conn.open(target, headers).await {
+    let (_app, mut agent_side) = tcp_pair().await;
+    match conn.open(target, headers, &mut agent_side).await {
         Err(OpenError::Refused { status, reason }) => {
             assert_eq!(status, StatusCode::FORBIDDEN);
             assert_eq!(
@@ -248,8 +250,11 @@ async fn failing_streams_leave_the_others_alone() {
     .await;
     let conn = connection(&server, &settings).await;
 
-    let tunnel = conn.open(dest, HeaderMap::new()).await.unwrap();
-    let (app, agent_side) = tcp_pair().await;
+    let (app, mut agent_side) = tcp_pair().await;
+    let tunnel = conn
+        .open(dest, HeaderMap::new(), &mut agent_side)
+        .await
+        .unwrap();
     let spliced = tokio::spawn(tunnel.splice(agent_side));
     let exchanged = tokio::spawn(exchange(app, up, down));
 
@@ -262,7 +267,8 @@ async fn failing_streams_leave_the_others_alone() {
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             };
             let target = SocketAddr::from(([127, 0, 0, 1], port));
-            match conn.open(target, HeaderMap::new()).await {
+            let (_app, mut agent_side) = tcp_pair().await;
+            match conn.open(target, HeaderMap::new(), &mut agent_side).await {
                 Err(OpenError::Refused { status: got, .. }) => assert_eq!(got, status),
                 other => panic!("port {port}: expected a refusal, got {other:?}"),
             }
@@ -278,8 +284,11 @@ async fn failing_streams_leave_the_others_alone() {
     assert_eq!(stats.tunnel_to_socket, 8 * MIB as u64);
     // And the connection still opens tunnels.
     let (dest, mut outcomes) = exchange_destination(Bytes::from("a"), Bytes::from("b")).await;
-    let tunnel = conn.open(dest, HeaderMap::new()).await.unwrap();
-    let (app, agent_side) = tcp_pair().await;
+    let (app, mut agent_side) = tcp_pair().await;
+    let tunnel = conn
+        .open(dest, HeaderMap::new(), &mut agent_side)
+        .await
+        .unwrap();
     tokio::spawn(tunnel.splice(agent_side));
     within("application", exchange(app, "a".into(), "b".into()))
         .await
@@ -360,10 +369,10 @@ async fn concurrent_callers_share_one_handshake() {
         .map(|_| {
             let (pool, connect) = (pool.clone(), slow_connect.clone());
             tokio::spawn(async move {
+                let (mut app, mut agent_side) = tcp_pair().await;
                 let tunnel = pool
-                    .open(&"peer-b", connect, dest, HeaderMap::new())
+                    .open(&"peer-b", connect, dest, HeaderMap::new(), &mut agent_side)
                     .await?;
-                let (mut app, agent_side) = tcp_pair().await;
                 tokio::spawn(tunnel.splice(agent_side));
                 write_and_shut(&mut app, b"ping").await?;
                 read_exact_stream(&mut app, b"ping").await?;
@@ -510,8 +519,11 @@ async fn an_abandoned_splice_resets_both_ends() {
     let settings = TunnelSettings::default();
     let server = ServerAgent::start(settings.clone(), None, connect_to_target).await;
     let conn = connection(&server, &settings).await;
-    let tunnel = conn.open(dest, HeaderMap::new()).await.unwrap();
-    let (mut app, agent_side) = tcp_pair().await;
+    let (mut app, mut agent_side) = tcp_pair().await;
+    let tunnel = conn
+        .open(dest, HeaderMap::new(), &mut agent_side)
+        .await
+        .unwrap();
     let spliced = tokio::spawn(tunnel.splice(agent_side));
     app.write_all(b"hello").await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -532,11 +544,17 @@ async fn an_abandoned_splice_resets_both_ends() {
 /// Opens a tunnel to an echo destination through the pool and returns the
 /// application's end.
 async fn pooled_echo(pool: &Pool<u8>, server: &ServerAgent, echo: SocketAddr) -> TcpStream {
+    let (app, mut agent_side) = tcp_pair().await;
     let tunnel = pool
-        .open(&0, connector(server.addr, None), echo, HeaderMap::new())
+        .open(
+            &0,
+            connector(server.addr, None),
+            echo,
+            HeaderMap::new(),
+            &mut agent_side,
+        )
         .await
         .unwrap();
-    let (app, agent_side) = tcp_pair().await;
     tokio::spawn(tunnel.splice(agent_side));
     app
 }
@@ -612,8 +630,11 @@ async fn graceful_shutdown_drains_open_tunnels_and_turns_new_ones_away() {
     let pool = Pool::new(settings.clone());
     let conn = connection(&server, &settings).await;
 
-    let tunnel = conn.open(echo, HeaderMap::new()).await.unwrap();
-    let (mut app, agent_side) = tcp_pair().await;
+    let (mut app, mut agent_side) = tcp_pair().await;
+    let tunnel = conn
+        .open(echo, HeaderMap::new(), &mut agent_side)
+        .await
+        .unwrap();
     let spliced = tokio::spawn(tunnel.splice(agent_side));
     ping(&mut app, b"before").await;
     let mut pooled = pooled_echo(&pool, &server, echo).await;
@@ -621,7 +642,8 @@ async fn graceful_shutdown_drains_open_tunnels_and_turns_new_ones_away() {
 
     server.shut_down();
     eventually("GOAWAY seen", || !conn.is_usable()).await;
-    match conn.open(echo, HeaderMap::new()).await {
+    let (_app, mut agent_side) = tcp_pair().await;
+    match conn.open(echo, HeaderMap::new(), &mut agent_side).await {
         Err(error @ OpenError::Unavailable(_)) => assert!(error.is_retryable()),
         other => panic!("expected the connection to be unavailable, got {other:?}"),
     }
@@ -683,4 +705,177 @@ async fn a_crashed_peer_restarted_on_its_port_is_reached_at_once() {
         "a new connection replaced the dead one"
     );
     assert_eq!(pool.connections(), 1, "the dead connection left the pool");
+}
+
+/// What a [`scripted_peer`] does with a stream once it has its first DATA
+/// frame.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    /// Answers 200 and echoes the stream.
+    Answer,
+    /// Resets the stream with REFUSED_STREAM: not processed.
+    Refuse,
+    /// Drops the whole connection without a word, as a crashing peer
+    /// does after acting on the request.
+    Crash,
+}
+
+/// A peer agent that answers a `CONNECT` only after its first DATA frame
+/// has arrived, so a client that waits for the answer before sending its
+/// workload's bytes never gets one. The n-th stream (over all
+/// connections) follows `script[n]` (`Answer` past its end); the first
+/// frame of every stream is reported.
+async fn scripted_peer(
+    script: Vec<Step>,
+) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Bytes>) {
+    let listener = tokio::net::TcpListener::bind(LOCALHOST).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (seen, seen_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut streams = 0;
+        while let Ok((tcp, _)) = listener.accept().await {
+            let Ok(mut connection) = h2::server::handshake(tcp).await else {
+                continue;
+            };
+            'connection: while let Some(Ok((request, mut respond))) = connection.accept().await {
+                let mut body = request.into_body();
+                let Some(Ok(first)) = body.data().await else {
+                    continue;
+                };
+                let _ = body.flow_control().release_capacity(first.len());
+                let _ = seen.send(first.clone());
+                let step = script.get(streams).copied().unwrap_or(Step::Answer);
+                streams += 1;
+                match step {
+                    Step::Answer => {
+                        let response = http::Response::new(());
+                        let mut send = respond.send_response(response, false).unwrap();
+                        tokio::spawn(async move {
+                            send.send_data(first, false)?;
+                            while let Some(more) = body.data().await {
+                                let more = more?;
+                                let _ = body.flow_control().release_capacity(more.len());
+                                send.send_data(more, false)?;
+                            }
+                            send.send_data(Bytes::new(), true)
+                        });
+                    }
+                    Step::Refuse => respond.send_reset(h2::Reason::REFUSED_STREAM),
+                    Step::Crash => break 'connection,
+                }
+            }
+        }
+    });
+    (addr, seen_rx)
+}
+
+#[tokio::test]
+async fn the_first_bytes_leave_behind_the_connect_without_waiting_for_the_answer() {
+    let (peer, mut seen) = scripted_peer(vec![Step::Answer]).await;
+    let settings = TunnelSettings::default();
+    let conn = client::handshake(TcpStream::connect(peer).await.unwrap(), &settings)
+        .await
+        .unwrap();
+    let (mut app, mut agent_side) = tcp_pair().await;
+    app.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let target: SocketAddr = "10.1.2.3:80".parse().unwrap();
+    let tunnel = within(
+        "the answer",
+        conn.open(target, HeaderMap::new(), &mut agent_side),
+    )
+    .await
+    .unwrap();
+    assert_eq!(seen.recv().await.unwrap(), "GET / HTTP/1.1\r\n\r\n");
+    let spliced = tokio::spawn(tunnel.splice(agent_side));
+    app.shutdown().await.unwrap();
+    within(
+        "echo",
+        read_exact_stream(&mut app, b"GET / HTTP/1.1\r\n\r\n"),
+    )
+    .await
+    .unwrap();
+    let stats = within("splice", spliced).await.unwrap().unwrap();
+    assert_eq!(stats.socket_to_tunnel, 18, "the first read is counted");
+    assert_eq!(stats.tunnel_to_socket, 18);
+}
+
+#[tokio::test]
+async fn a_refused_stream_carries_its_first_bytes_again_on_the_retry() {
+    let (peer, mut seen) = scripted_peer(vec![Step::Refuse]).await;
+    let pool = Pool::new(TunnelSettings::default());
+    let (mut app, mut agent_side) = tcp_pair().await;
+    app.write_all(b"hello").await.unwrap();
+    let target: SocketAddr = "10.1.2.3:80".parse().unwrap();
+    let opening = pool.open(
+        &0u8,
+        connector(peer, None),
+        target,
+        HeaderMap::new(),
+        &mut agent_side,
+    );
+    let tunnel = within("the retry", opening).await.unwrap();
+    assert_eq!(seen.recv().await.unwrap(), "hello", "the refused stream");
+    assert_eq!(seen.recv().await.unwrap(), "hello", "the retried stream");
+    tokio::spawn(tunnel.splice(agent_side));
+    app.shutdown().await.unwrap();
+    // Echoed once: the refused stream's copy went nowhere.
+    within("echo", read_exact_stream(&mut app, b"hello"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn first_bytes_are_not_sent_again_after_the_peer_may_have_acted_on_them() {
+    let (peer, mut seen) = scripted_peer(vec![Step::Crash]).await;
+    let pool = Pool::new(TunnelSettings::default());
+    let (mut app, mut agent_side) = tcp_pair().await;
+    app.write_all(b"transfer 100").await.unwrap();
+    let target: SocketAddr = "10.1.2.3:80".parse().unwrap();
+    let opening = pool.open(
+        &0u8,
+        connector(peer, None),
+        target,
+        HeaderMap::new(),
+        &mut agent_side,
+    );
+    match within("the failure", opening).await {
+        Err(PoolError::Open(error @ OpenError::Failed(_))) => assert!(!error.is_retryable()),
+        other => panic!("expected the open to fail for good, got {other:?}"),
+    }
+    assert_eq!(seen.recv().await.unwrap(), "transfer 100");
+    assert!(
+        seen.try_recv().is_err(),
+        "the bytes were sent on one stream only"
+    );
+}
+
+#[tokio::test]
+async fn a_workload_reset_before_the_answer_resets_the_destination() {
+    let (dest, mut outcomes) = destination(|mut stream| async move {
+        let mut buf = [0; 16];
+        match stream.read(&mut buf).await {
+            Err(error) if error.kind() == io::ErrorKind::ConnectionReset => Ok(()),
+            other => Err(io::Error::other(format!("expected a reset, got {other:?}"))),
+        }
+    })
+    .await;
+    let settings = TunnelSettings::default();
+    let server = ServerAgent::start(settings.clone(), None, connect_to_target).await;
+    let conn = connection(&server, &settings).await;
+    let (app, mut agent_side) = tcp_pair().await;
+    app.set_zero_linger().unwrap();
+    drop(app);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let tunnel = conn
+        .open(dest, HeaderMap::new(), &mut agent_side)
+        .await
+        .unwrap();
+    match within("splice", tunnel.splice(agent_side)).await {
+        Err(error) => assert!(matches!(error.cause, SpliceFailure::Socket(_)), "{error}"),
+        Ok(stats) => panic!("expected a reset, the splice ended cleanly: {stats:?}"),
+    }
+    within("destination", outcomes.recv())
+        .await
+        .unwrap()
+        .expect("the destination sees a reset, not an end of stream");
 }
