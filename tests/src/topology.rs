@@ -414,8 +414,18 @@ impl TestBed {
     }
 
     fn pod_process(&self, pod: usize, args: &[&str], in_mesh: bool) -> anyhow::Result<Spawned> {
+        self.pod_process_to(pod, args, in_mesh, Stdio::piped())
+    }
+
+    fn pod_process_to(
+        &self,
+        pod: usize,
+        args: &[&str],
+        in_mesh: bool,
+        stderr: Stdio,
+    ) -> anyhow::Result<Spawned> {
         let mut cmd = Command::new(pod_tool());
-        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.args(args).stdout(Stdio::piped()).stderr(stderr);
         Spawned::spawn(
             cmd,
             &Placement {
@@ -425,7 +435,11 @@ impl TestBed {
         )
     }
 
-    /// Starts a server in `pod` and waits until it listens.
+    /// Starts a server in `pod` and waits until it listens. Its stderr
+    /// (a line per failed connection) goes to a file in the bed's
+    /// directory: nobody reads a server's pipe, and once thousands of reset
+    /// connections had filled one, every connection thread blocked on it
+    /// and the server stopped answering.
     pub fn server(
         &self,
         pod: usize,
@@ -434,10 +448,18 @@ impl TestBed {
         mode: &str,
     ) -> anyhow::Result<Spawned> {
         let listen = addr.to_string();
-        let mut server = self.pod_process(
+        let log = self.files.path().join(format!(
+            "server-{}-{}-{mode}.log",
+            self.pods[pod].name,
+            addr.port()
+        ));
+        let stderr =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let mut server = self.pod_process_to(
             pod,
             &["serve", "--listen", &listen, "--mode", mode],
             in_mesh,
+            stderr.into(),
         )?;
         wait_for_line(&mut server, "listening").context("server did not start")?;
         Ok(server)
