@@ -799,21 +799,27 @@ async fn the_first_bytes_leave_behind_the_connect_without_waiting_for_the_answer
     assert_eq!(stats.tunnel_to_socket, 18);
 }
 
+/// A workload writes `first`, then its agent opens a pooled tunnel to
+/// `peer`: how the open ended, the application's end and the agent's.
+async fn open_after_writing(
+    peer: SocketAddr,
+    first: &[u8],
+) -> (Result<client::Tunnel, PoolError>, TcpStream, TcpStream) {
+    let pool = Pool::new(TunnelSettings::default());
+    let (mut app, mut agent_side) = tcp_pair().await;
+    app.write_all(first).await.unwrap();
+    let target: SocketAddr = "10.1.2.3:80".parse().unwrap();
+    let connect = connector(peer, None);
+    let opening = pool.open(&0u8, connect, target, HeaderMap::new(), &mut agent_side);
+    let opened = within("the open", opening).await;
+    (opened, app, agent_side)
+}
+
 #[tokio::test]
 async fn a_refused_stream_carries_its_first_bytes_again_on_the_retry() {
     let (peer, mut seen) = scripted_peer(vec![Step::Refuse]).await;
-    let pool = Pool::new(TunnelSettings::default());
-    let (mut app, mut agent_side) = tcp_pair().await;
-    app.write_all(b"hello").await.unwrap();
-    let target: SocketAddr = "10.1.2.3:80".parse().unwrap();
-    let opening = pool.open(
-        &0u8,
-        connector(peer, None),
-        target,
-        HeaderMap::new(),
-        &mut agent_side,
-    );
-    let tunnel = within("the retry", opening).await.unwrap();
+    let (opened, mut app, agent_side) = open_after_writing(peer, b"hello").await;
+    let tunnel = opened.unwrap();
     assert_eq!(seen.recv().await.unwrap(), "hello", "the refused stream");
     assert_eq!(seen.recv().await.unwrap(), "hello", "the retried stream");
     tokio::spawn(tunnel.splice(agent_side));
@@ -827,18 +833,8 @@ async fn a_refused_stream_carries_its_first_bytes_again_on_the_retry() {
 #[tokio::test]
 async fn first_bytes_are_not_sent_again_after_the_peer_may_have_acted_on_them() {
     let (peer, mut seen) = scripted_peer(vec![Step::Crash]).await;
-    let pool = Pool::new(TunnelSettings::default());
-    let (mut app, mut agent_side) = tcp_pair().await;
-    app.write_all(b"transfer 100").await.unwrap();
-    let target: SocketAddr = "10.1.2.3:80".parse().unwrap();
-    let opening = pool.open(
-        &0u8,
-        connector(peer, None),
-        target,
-        HeaderMap::new(),
-        &mut agent_side,
-    );
-    match within("the failure", opening).await {
+    let (opened, _app, _agent_side) = open_after_writing(peer, b"transfer 100").await;
+    match opened {
         Err(PoolError::Open(error @ OpenError::Failed(_))) => assert!(!error.is_retryable()),
         other => panic!("expected the open to fail for good, got {other:?}"),
     }
