@@ -476,17 +476,23 @@ async fn destination_reset_resets_the_application() {
     }
 }
 
+/// A destination's next read: Ok when it finds a reset, an error naming
+/// what it found instead (bytes, or a clean end of stream).
+async fn read_a_reset(stream: &mut TcpStream) -> io::Result<()> {
+    let mut rest = [0; 16];
+    match stream.read(&mut rest).await {
+        Err(error) if error.kind() == io::ErrorKind::ConnectionReset => Ok(()),
+        other => Err(io::Error::other(format!("expected a reset, got {other:?}"))),
+    }
+}
+
 #[tokio::test]
 async fn application_reset_resets_the_destination() {
     // Reports how its read after the request ended.
     let (dest, mut outcomes) = destination(|mut stream| async move {
         let mut request = [0; 5];
         stream.read_exact(&mut request).await?;
-        let mut rest = [0; 16];
-        match stream.read(&mut rest).await {
-            Err(error) if error.kind() == io::ErrorKind::ConnectionReset => Ok(()),
-            other => Err(io::Error::other(format!("expected a reset, got {other:?}"))),
-        }
+        read_a_reset(&mut stream).await
     })
     .await;
     let (_server, agent) = agents(TunnelSettings::default(), dest).await;
@@ -509,11 +515,7 @@ async fn an_abandoned_splice_resets_both_ends() {
     let (dest, mut outcomes) = destination(|mut stream| async move {
         let mut request = [0; 5];
         stream.read_exact(&mut request).await?;
-        let mut rest = [0; 16];
-        match stream.read(&mut rest).await {
-            Err(error) if error.kind() == io::ErrorKind::ConnectionReset => Ok(()),
-            other => Err(io::Error::other(format!("expected a reset, got {other:?}"))),
-        }
+        read_a_reset(&mut stream).await
     })
     .await;
     let settings = TunnelSettings::default();
@@ -847,14 +849,8 @@ async fn first_bytes_are_not_sent_again_after_the_peer_may_have_acted_on_them() 
 
 #[tokio::test]
 async fn a_workload_reset_before_the_answer_resets_the_destination() {
-    let (dest, mut outcomes) = destination(|mut stream| async move {
-        let mut buf = [0; 16];
-        match stream.read(&mut buf).await {
-            Err(error) if error.kind() == io::ErrorKind::ConnectionReset => Ok(()),
-            other => Err(io::Error::other(format!("expected a reset, got {other:?}"))),
-        }
-    })
-    .await;
+    let (dest, mut outcomes) =
+        destination(|mut stream| async move { read_a_reset(&mut stream).await }).await;
     let settings = TunnelSettings::default();
     let server = ServerAgent::start(settings.clone(), None, connect_to_target).await;
     let conn = connection(&server, &settings).await;
