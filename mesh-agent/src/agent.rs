@@ -135,6 +135,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         let mut installed = Datapath::install(&config.datapath, &pins)?;
         // Which of the redirect path's defects this kernel has: a second or
         // two, off the async workers; kernel.json and status say when done.
+        let kernel_tls = kernel.has("ktls");
         // A restart in the same boot reuses what the last agent found.
         if kernel.short_circuit_defects.is_some() {
             info!(
@@ -175,6 +176,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                     hub.clone(),
                     metrics.tunnels.clone(),
                     tunnels.handle().clone(),
+                    kernel_tls,
                 )
                 .await?,
             ),

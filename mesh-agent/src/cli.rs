@@ -360,6 +360,15 @@ pub struct MtlsArgs {
     /// More carry more tunnels at once on larger nodes.
     #[arg(long, default_value_t = 1, env = ENV_TUNNEL_THREADS)]
     pub tunnel_threads: usize,
+
+    /// Destination ports (comma-separated) whose connections to other
+    /// nodes each get a TLS connection of their own, a bulk tunnel: its
+    /// records encrypted by the kernel where it has TLS (CONFIG_TLS), its
+    /// bytes moved by splice(2). For long transfers (backups, replication,
+    /// object storage); each costs a TLS handshake, so short requests are
+    /// better off on the pooled HBONE connections all other ports share.
+    #[arg(long, value_delimiter = ',', env = ENV_BULK_PORTS)]
+    pub bulk_ports: Vec<u16>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -471,6 +480,7 @@ impl RunArgs {
                 m.tunnel_threads
             );
         }
+        let bulk_ports = bulk_ports(m.bulk_ports)?;
         let mtls = ca.map(|ca| MtlsConfig {
             ca,
             tunnel_port: m.tunnel_port,
@@ -478,6 +488,7 @@ impl RunArgs {
             svid_lifetime: m.svid_lifetime,
             renew_fraction: m.renew_fraction,
             tunnel_threads: m.tunnel_threads,
+            bulk_ports,
         });
         Ok(Config {
             mtls,
@@ -638,6 +649,25 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
         }
     }
 }
+
+/// `--bulk-ports`, sorted, each once; port 0 and long lists refused.
+fn bulk_ports(mut ports: Vec<u16>) -> anyhow::Result<Vec<u16>> {
+    anyhow::ensure!(
+        !ports.contains(&0),
+        "--bulk-ports: 0 is not a port a connection can be made to"
+    );
+    ports.sort_unstable();
+    ports.dedup();
+    anyhow::ensure!(
+        ports.len() <= MAX_BULK_PORTS,
+        "--bulk-ports: at most {MAX_BULK_PORTS} ports, got {}",
+        ports.len()
+    );
+    Ok(ports)
+}
+
+/// Bulk tunnels are for a few ports that carry long transfers.
+const MAX_BULK_PORTS: usize = 64;
 
 #[cfg(test)]
 mod tests {

@@ -106,6 +106,8 @@ pub struct MtlsConfig {
     pub renew_fraction: f64,
     /// Worker threads of the tunnels' runtime.
     pub tunnel_threads: usize,
+    /// Destination ports whose connections get bulk tunnels (sorted).
+    pub bulk_ports: Vec<u16>,
 }
 
 mod humantime_serde_secs {

@@ -150,8 +150,9 @@ impl KernelFeatures {
                 ktls_available(&release),
                 Need::Optional,
                 "4.13 (CONFIG_TLS)",
-                "kernel TLS offload of the tunnels' records",
-                "TLS records in user space (rustls)",
+                "bulk tunnels (`--bulk-ports`): TLS records encrypted by the kernel, bytes \
+                 moved by splice(2)",
+                "bulk tunnels encrypt their records in user space (rustls)",
             ),
         ];
         Self {

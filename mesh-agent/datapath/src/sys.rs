@@ -4,7 +4,8 @@
 //! an upgraded agent never leaves a moment with no program attached, and
 //! BPF_OBJ_GET_INFO_BY_FD of a TCX link, for the interface it guards, and
 //! BPF_PROG_QUERY, to learn whether the kernel has TCX at all), reading
-//! plain records out of a ring buffer, and `SO_NETNS_COOKIE`.
+//! plain records out of a ring buffer, `SO_NETNS_COOKIE`, and sending a
+//! TLS control record (close_notify) on a kernel TLS socket.
 #![allow(unsafe_code)]
 
 use std::{
@@ -259,4 +260,44 @@ pub fn async_ring_buf(
     // unchanged until the RingBuf is dropped.
     unsafe { tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
+}
+
+/// Sends `payload` as one record of `record_type` on a kernel TLS socket,
+/// which encrypts it with the connection's current key.
+pub fn send_tls_record(fd: BorrowedFd<'_>, record_type: u8, payload: &[u8]) -> io::Result<()> {
+    // u64s keep the control buffer aligned for `cmsghdr`.
+    let mut control = [0u64; 4];
+    // SAFETY: CMSG_SPACE and CMSG_LEN are arithmetic on their argument.
+    let (space, len) = unsafe { (libc::CMSG_SPACE(1), libc::CMSG_LEN(1)) };
+    assert!(space as usize <= std::mem::size_of_val(&control));
+    let mut iov = libc::iovec {
+        iov_base: payload.as_ptr().cast_mut().cast(),
+        iov_len: payload.len(),
+    };
+    // SAFETY: an all-zero msghdr is valid (no name, no buffers); the
+    // fields set below point at `iov` and `control`, which outlive the
+    // sendmsg call, and the kernel only reads through them. CMSG_FIRSTHDR
+    // of a control buffer of at least CMSG_SPACE(1) bytes is non-null and
+    // has room for the header and its one byte of data.
+    let sent = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_TLS;
+        (*cmsg).cmsg_type = libc::TLS_SET_RECORD_TYPE;
+        (*cmsg).cmsg_len = len as _;
+        *libc::CMSG_DATA(cmsg) = record_type;
+        libc::sendmsg(fd.as_raw_fd(), &msg, libc::MSG_DONTWAIT)
+    };
+    match sent {
+        n if n < 0 => Err(io::Error::last_os_error()),
+        n if n as usize == payload.len() => Ok(()),
+        n => Err(io::Error::other(format!(
+            "sent {n} of a {}-byte TLS record",
+            payload.len()
+        ))),
+    }
 }

@@ -33,8 +33,11 @@ use super::{
 };
 use mesh_policy::numeric_identity;
 
-/// ALPN of every mesh connection: HTTP/2 (HBONE tunnels, the CA's gRPC).
+/// ALPN of mesh connections: HTTP/2 (HBONE tunnels, the CA's gRPC).
 pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN of bulk tunnels: one HTTP/1.1 `CONNECT` per TLS connection, whose
+/// records the kernel may encrypt (the agent's `tunnel::bulk`).
+pub const ALPN_BULK: &[u8] = b"http/1.1";
 
 /// A workload's (or node's) X.509 SVID with its key.
 #[derive(Clone)]
@@ -185,20 +188,24 @@ impl SvidStore {
 
     /// The node's one server configuration: presents the SVID of the
     /// identity named in the SNI, requires a client workload SVID of the
-    /// trust domain (any workload: policy decides), ALPN `h2`. Node and CA
-    /// certificates are refused as sources: they name no workload, yet
+    /// trust domain (any workload: policy decides), ALPN `h2` or, for bulk
+    /// tunnels, `http/1.1` (with the secrets kept for the kernel). Node and
+    /// CA certificates are refused as sources: they name no workload, yet
     /// would match "any identity" rules and count as mutual TLS.
     pub fn server_config(&self) -> Arc<ServerConfig> {
         self.0
             .server_config
             .get_or_init(|| {
-                server_tls_config(
+                let mut config = Arc::unwrap_or_clone(server_tls_config(
                     Arc::new(SniResolver(Arc::downgrade(&self.0))),
                     Arc::new(
                         SpiffeClientVerifier::new(self.0.bundle.clone(), &self.0.trust_domain)
                             .workloads_only(),
                     ),
-                )
+                ));
+                config.alpn_protocols.push(ALPN_BULK.to_vec());
+                config.enable_secret_extraction = true;
+                Arc::new(config)
             })
             .clone()
     }
@@ -227,6 +234,15 @@ impl SvidStore {
         );
         configs.insert(source.to_owned(), (svid.serial.clone(), config.clone()));
         Some(config)
+    }
+
+    /// [`Self::client_config`] for a bulk tunnel: ALPN `http/1.1` only, and
+    /// the traffic secrets kept so the kernel can take the records over.
+    pub fn bulk_client_config(&self, source: &str) -> Option<Arc<ClientConfig>> {
+        let mut config = (*self.client_config(source)?).clone();
+        config.alpn_protocols = vec![ALPN_BULK.to_vec()];
+        config.enable_secret_extraction = true;
+        Some(Arc::new(config))
     }
 }
 
@@ -260,7 +276,9 @@ impl std::fmt::Debug for StoreInner {
 }
 
 /// A TLS 1.3 server configuration of the mesh: the ring provider, ALPN
-/// `h2`, mandatory client certificates, no session resumption.
+/// `h2`, mandatory client certificates, no session resumption and no
+/// tickets (for bulk tunnels, a ticket arriving on a kernel TLS socket
+/// would be a record the kernel cannot pass on).
 pub fn server_tls_config(
     certs: Arc<dyn ResolvesServerCert>,
     clients: Arc<dyn ClientCertVerifier>,

@@ -29,6 +29,8 @@ use crate::{
     mtls::metrics::{Direction, OpenTunnel, TunnelMetrics},
     tunnel::{
         TunnelSettings,
+        bulk::{self, BulkError, RecordReader, TcpSocket},
+        ktls::KernelTls,
         server::{ConnectRequest, Refusal, serve},
         splice::Socket,
     },
@@ -46,6 +48,7 @@ pub struct Inbound {
     pub settings: TunnelSettings,
     pub flows: FlowHub,
     pub metrics: TunnelMetrics,
+    pub kernel_tls: Arc<KernelTls>,
 }
 
 impl Inbound {
@@ -100,7 +103,10 @@ impl Inbound {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let acceptor = tokio_rustls::TlsAcceptor::from(self.store.server_config());
-        let tls = match tokio::time::timeout(TLS_TIMEOUT, acceptor.accept(tcp)).await {
+        // Record by record until the protocol is known: a bulk tunnel may
+        // hand the connection to the kernel mid-stream.
+        let tcp = RecordReader::new(tcp);
+        let mut tls = match tokio::time::timeout(TLS_TIMEOUT, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 // Another trust domain, an expired or missing client
@@ -140,6 +146,28 @@ impl Inbound {
             let source = source.clone();
             async move { this.admit(request, &source, src_identity, expected).await }
         };
+        if tls.get_ref().1.alpn_protocol() == Some(bulk::ALPN) {
+            // One tunnel, carried to its end even through a shutdown, as
+            // open HBONE tunnels are.
+            let metrics = self.metrics.clone();
+            let started = move |records| metrics.bulk(Direction::Inbound, records);
+            let served = bulk::serve(
+                tls,
+                self.settings.handshake_timeout,
+                handler,
+                &self.kernel_tls,
+                started,
+            )
+            .instrument(span)
+            .await;
+            match served {
+                // Reported by `admit`.
+                Ok(()) | Err(BulkError::Refused { .. }) => {}
+                Err(e) => debug!(%peer, %src, %dst, error = %e, "bulk tunnel ended"),
+            }
+            return;
+        }
+        tls.get_mut().0.unbound();
         let stop = async move {
             let _ = shutdown.wait_for(|s| *s).await;
         };
@@ -253,6 +281,12 @@ impl AsyncWrite for Counted {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+impl TcpSocket for Counted {
+    fn tcp(&self) -> &TcpStream {
+        &self.stream
     }
 }
 

@@ -6,6 +6,8 @@ use prometheus_client::{
     registry::Registry,
 };
 
+use crate::tunnel::ktls::Records;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
     /// This agent accepted the tunnel (the destination's node).
@@ -52,6 +54,12 @@ impl HandshakeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BulkLabels {
+    direction: &'static str,
+    records: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RefusedLabels {
     reason: &'static str,
 }
@@ -62,6 +70,7 @@ pub struct TunnelMetrics {
     handshakes: Family<HandshakeLabels, Counter>,
     open: Family<DirectionLabels, Gauge>,
     refused: Family<RefusedLabels, Counter>,
+    bulk: Family<BulkLabels, Counter>,
 }
 
 impl TunnelMetrics {
@@ -87,6 +96,12 @@ impl TunnelMetrics {
              (handshakes), or connections in all (connections)",
             tunnels.refused.clone(),
         );
+        registry.register(
+            "bulk_tunnels",
+            "Bulk tunnels (--bulk-ports) that carried a connection, by direction and by where \
+             their TLS records were encrypted (kernel: kernel TLS and splice; user: rustls)",
+            tunnels.bulk.clone(),
+        );
         if mtls {
             for direction in [Direction::Inbound, Direction::Outbound] {
                 for ok in [true, false] {
@@ -104,6 +119,17 @@ impl TunnelMetrics {
     pub fn handshake(&self, direction: Direction, ok: bool) {
         self.handshakes
             .get_or_create(&HandshakeLabels::new(direction, ok))
+            .inc();
+    }
+
+    /// A bulk tunnel started carrying its connection, its records
+    /// encrypted in the kernel or in user space.
+    pub fn bulk(&self, direction: Direction, records: Records) {
+        self.bulk
+            .get_or_create(&BulkLabels {
+                direction: direction.name(),
+                records: records.name(),
+            })
             .inc();
     }
 

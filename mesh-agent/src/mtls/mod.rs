@@ -30,7 +30,11 @@ use crate::{
     config::{CaSource, Config},
     flows::FlowHub,
     mtls::metrics::TunnelMetrics,
-    tunnel::{TunnelSettings, pool::Pool},
+    tunnel::{
+        TunnelSettings,
+        ktls::{self, KernelTls},
+        pool::Pool,
+    },
 };
 use mesh_datapath::maps::PinnedMaps;
 use mesh_pki::{self as pki, CertManager, SvidStore};
@@ -62,11 +66,13 @@ impl Mtls {
     /// the outbound listeners exist.
     /// The tunnels (listeners, their connections and tasks) run on
     /// `tunnels`, a runtime of their own; certificates stay on the caller's.
+    /// `kernel_tls`: the kernel has TLS, for bulk tunnels.
     pub async fn start(
         config: &Config,
         flows: FlowHub,
         metrics: TunnelMetrics,
         tunnels: tokio::runtime::Handle,
+        kernel_tls: bool,
     ) -> anyhow::Result<Self> {
         let m = config.mtls.as_ref().expect("mTLS is configured");
         let td = &config.mesh.trust_domain;
@@ -117,6 +123,8 @@ impl Mtls {
         let maps = PinnedMaps::open(&config.bpffs)?;
         let view = Arc::new(RwLock::new(Arc::new(MeshView::default())));
         let (shutdown, _) = watch::channel(false);
+        let kernel_tls = Arc::new(KernelTls::new(kernel_tls));
+        ktls::announce(&m.bulk_ports, &kernel_tls);
 
         let inbound = Arc::new(inbound::Inbound {
             admission: admission::Admission::new(admission::Limits::default()),
@@ -125,6 +133,7 @@ impl Mtls {
             settings: settings.clone(),
             flows: flows.clone(),
             metrics: metrics.clone(),
+            kernel_tls: kernel_tls.clone(),
         });
         allow_time_wait_reuse();
         // The listener's socket is driven by the tunnels' runtime, which
@@ -136,7 +145,7 @@ impl Mtls {
         let inbound = tunnels.spawn(inbound.run(listener, shutdown.subscribe()));
 
         let carrying = tokio_util::task::TaskTracker::new();
-        let pool = Pool::new(settings);
+        let pool = Pool::new(settings.clone());
         tunnels.spawn(sweep_now_and_then(pool.clone()));
         let outbound = Arc::new(outbound::Outbound {
             view: view.clone(),
@@ -146,6 +155,9 @@ impl Mtls {
             flows,
             metrics,
             carrying: carrying.clone(),
+            bulk_ports: m.bulk_ports.clone(),
+            kernel_tls,
+            handshake_timeout: settings.handshake_timeout,
         });
         let orig = Arc::new(OrigTable::new(maps.tunnel_orig()?));
         let listeners = OutboundListeners::new(

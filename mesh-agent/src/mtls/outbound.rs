@@ -6,19 +6,28 @@ use std::{
     io,
     net::SocketAddr,
     sync::{Arc, RwLock},
+    time::Duration,
 };
+
+use bytes::Bytes;
+use rustls_pki_types::ServerName;
 
 use http::HeaderMap;
 use mesh_common::policy::IpKey;
 use tokio::net::{TcpSocket, TcpStream};
 use tracing::{Instrument as _, debug, error_span, warn};
 
-use super::{listeners::Accepted, view::MeshView};
+use super::{
+    listeners::Accepted,
+    view::{MeshView, Peer},
+};
 use crate::{
     flows::{FlowHub, TunnelFlow},
     mtls::metrics::{Direction, TunnelMetrics},
     tunnel::{
+        bulk::{self, BulkError, RecordReader},
         client::{OpenError, Tunnel},
+        ktls::{self, KernelTls},
         pool::{Pool, PoolError},
     },
 };
@@ -43,6 +52,11 @@ pub struct Outbound {
     pub metrics: TunnelMetrics,
     /// The connections being carried, which a SIGTERM lets finish.
     pub carrying: tokio_util::task::TaskTracker,
+    /// Destination ports carried by bulk tunnels (sorted).
+    pub bulk_ports: Vec<u16>,
+    pub kernel_tls: Arc<KernelTls>,
+    /// For a bulk tunnel's TLS handshake and its `CONNECT`'s answer.
+    pub handshake_timeout: Duration,
 }
 
 impl Outbound {
@@ -58,30 +72,42 @@ impl Outbound {
         let this = self.clone();
         let opening = Box::pin(async move { this.open(a).await });
         async move {
-            let Some((tunnel, stream, ends)) = opening.await else {
-                return;
+            let (tunnel, stream, ends) = match opening.await {
+                Some(Opened::Hbone(tunnel, stream, ends)) => (tunnel, stream, ends),
+                Some(Opened::Bulk(tls, rest, stream, ends)) => {
+                    let _open = self.metrics.open(Direction::Outbound);
+                    let metrics = self.metrics.clone();
+                    let started = move |records| metrics.bulk(Direction::Outbound, records);
+                    if let Err(e) = ktls::carry(*tls, rest, stream, started).await {
+                        self.ended_with_reset(ends, &e);
+                    }
+                    return;
+                }
+                None => return,
             };
             let _open = self.metrics.open(Direction::Outbound);
             // No span while the bytes flow: a subscriber keeps each span's
             // formatted fields, which would cost every held connection more
             // than its splice does. The names are looked up if it fails.
             if let Err(e) = tunnel.splice(stream).await {
-                let (src, dst, dst_addr) = ends;
-                debug!(
-                    src = %self.flows.identity_name(src),
-                    dst = %self.flows.identity_name(dst),
-                    %dst_addr,
-                    error = %e,
-                    "tunnel ended with a reset"
-                );
+                self.ended_with_reset(ends, &e);
             }
         }
     }
 
-    /// The tunnel for `a`, with its socket and its ends (source and
-    /// destination identities, destination address); `None` once refused
-    /// (the socket reset, the refusal reported).
-    async fn open(&self, mut a: Accepted) -> Option<(Tunnel, TcpStream, (u64, u64, SocketAddr))> {
+    fn ended_with_reset(&self, (src, dst, dst_addr): Ends, error: &dyn std::fmt::Display) {
+        debug!(
+            src = %self.flows.identity_name(src),
+            dst = %self.flows.identity_name(dst),
+            %dst_addr,
+            %error,
+            "tunnel ended with a reset"
+        );
+    }
+
+    /// The tunnel for `a`, with its socket and its ends; `None` once
+    /// refused (the socket reset, the refusal reported).
+    async fn open(&self, mut a: Accepted) -> Option<Opened> {
         let dst = SocketAddr::new(IpKey { ip: a.orig.ip }.into(), a.orig.port);
         let src = &a.source;
         let refuse = |stream: TcpStream, dst_identity: u64, reason: String| {
@@ -141,6 +167,33 @@ impl Outbound {
             peer: peer_addr,
         };
         let server_name = sni_for(peer.identity);
+        let ends = (src.identity, peer.identity, dst);
+        if self.bulk_ports.binary_search(&dst.port()).is_ok() {
+            let bulk = self.open_bulk(src.spiffe_id.as_str(), peer, peer_addr, dst, &server_name);
+            match bulk.await {
+                Ok((tls, rest)) => {
+                    debug!(src = %src.spiffe_id, dst = %peer.spiffe_id, dst_addr = %dst, "bulk tunnel open");
+                    return Some(Opened::Bulk(Box::new(tls), rest, a.stream, ends));
+                }
+                // The peer agent speaks HBONE only (an older version):
+                // this connection takes the pooled path below.
+                Err(BulkOpenError::NotSpoken) => {
+                    debug!(peer = %peer.node, "the peer agent has no bulk tunnels: HBONE instead");
+                }
+                Err(BulkOpenError::Failed(BulkError::Refused { status, reason })) => {
+                    refuse(
+                        a.stream,
+                        peer.identity,
+                        format!("refused by {} ({status}): {reason}", peer.node),
+                    );
+                    return None;
+                }
+                Err(BulkOpenError::Failed(e)) => {
+                    refuse(a.stream, peer.identity, format!("{e}"));
+                    return None;
+                }
+            }
+        }
         let metrics = self.metrics.clone();
         let expected = Arc::new(peer.spiffe_id.clone());
         let connect = move || {
@@ -173,7 +226,7 @@ impl Outbound {
         match opened {
             Ok(tunnel) => {
                 debug!(src = %src.spiffe_id, dst = %peer.spiffe_id, dst_addr = %dst, "tunnel open");
-                Some((tunnel, a.stream, (src.identity, peer.identity, dst)))
+                Some(Opened::Hbone(tunnel, a.stream, ends))
             }
             Err(PoolError::Open(OpenError::Refused { status, reason })) => {
                 refuse(
@@ -189,6 +242,83 @@ impl Outbound {
             }
         }
     }
+}
+
+impl Outbound {
+    /// A bulk tunnel to `dst`: a TLS connection of its own to the peer
+    /// agent, as `src`, and its `CONNECT` answered.
+    async fn open_bulk(
+        &self,
+        src: &str,
+        peer: &Peer,
+        peer_addr: SocketAddr,
+        dst: SocketAddr,
+        server_name: &ServerName<'static>,
+    ) -> Result<(BulkStream, Bytes), BulkOpenError> {
+        let failed = |e: io::Error| BulkOpenError::Failed(BulkError::Io(e));
+        let config = self.store.bulk_client_config(src).ok_or_else(|| {
+            BulkOpenError::Failed(BulkError::Protocol(format!("no certificate yet for {src}")))
+        })?;
+        let handshake = async {
+            let tcp = connect_marked(peer_addr).await?;
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(server_name.clone(), RecordReader::new(tcp))
+                .await?;
+            require_peer(tls.get_ref().1, &peer.spiffe_id).map_err(io::Error::other)?;
+            Ok::<_, io::Error>(tls)
+        };
+        let tls = match tokio::time::timeout(self.handshake_timeout, handshake).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) if refused_protocol(&e) => {
+                self.metrics.handshake(Direction::Outbound, false);
+                return Err(BulkOpenError::NotSpoken);
+            }
+            Ok(Err(e)) => {
+                self.metrics.handshake(Direction::Outbound, false);
+                return Err(failed(e));
+            }
+            Err(_) => {
+                self.metrics.handshake(Direction::Outbound, false);
+                return Err(failed(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no TLS handshake within {:?}", self.handshake_timeout),
+                )));
+            }
+        };
+        self.metrics.handshake(Direction::Outbound, true);
+        bulk::open(tls, dst, self.handshake_timeout, &self.kernel_tls)
+            .await
+            .map_err(BulkOpenError::Failed)
+    }
+}
+
+type Ends = (u64, u64, SocketAddr);
+type BulkStream = tokio_rustls::client::TlsStream<RecordReader>;
+
+/// A workload's connection with the tunnel that carries it.
+enum Opened {
+    Hbone(Tunnel, TcpStream, Ends),
+    /// With the bytes the destination sent behind the answer. Boxed: a
+    /// TLS connection is a kilobyte, an HBONE tunnel a handle.
+    Bulk(Box<BulkStream>, Bytes, TcpStream, Ends),
+}
+
+enum BulkOpenError {
+    /// The peer agent does not offer bulk tunnels.
+    NotSpoken,
+    Failed(BulkError),
+}
+
+/// The peer refused the handshake for want of a common ALPN protocol.
+fn refused_protocol(e: &io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|e| {
+            matches!(
+                e,
+                rustls::Error::AlertReceived(rustls::AlertDescription::NoApplicationProtocol)
+            )
+        })
 }
 
 /// A TCP connection from the agent itself: marked, so the kernel's connect

@@ -13,12 +13,19 @@
 //!   half-close, flow-control back-pressure and resets carried both ways.
 //! - [`pool`]: shares client connections per (source identity, destination
 //!   identity, peer) key, one handshake at a time, retired after a maximum age.
+//! - [`bulk`] and [`ktls`]: bulk tunnels, one TLS connection each (HTTP/1.1
+//!   `CONNECT`), whose records the kernel encrypts where it can, with the
+//!   bytes moved by `splice(2)`.
 
+pub mod bulk;
 pub mod client;
+pub mod ktls;
 pub mod pool;
 pub mod server;
 pub mod splice;
 
+#[cfg(test)]
+mod bulk_tests;
 #[cfg(test)]
 mod testing;
 #[cfg(test)]

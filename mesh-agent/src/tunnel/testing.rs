@@ -346,6 +346,16 @@ pub fn client_agent_on(
 /// Mutual TLS as the agents use it (TLS 1.3, ALPN h2, both ends proving a
 /// certificate of one CA), from throwaway certificates.
 pub fn mutual_tls() -> (TlsAcceptor, TlsConnector) {
+    mutual_tls_for(b"h2")
+}
+
+/// [`mutual_tls`] as bulk tunnels use it: ALPN `http/1.1`, the secrets
+/// kept for the kernel.
+pub fn bulk_mutual_tls() -> (TlsAcceptor, TlsConnector) {
+    mutual_tls_for(super::bulk::ALPN)
+}
+
+fn mutual_tls_for(alpn: &[u8]) -> (TlsAcceptor, TlsConnector) {
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
     use rustls::server::WebPkiClientVerifier;
     use rustls::{ClientConfig, RootCertStore, ServerConfig};
@@ -380,14 +390,17 @@ pub fn mutual_tls() -> (TlsAcceptor, TlsConnector) {
         .with_client_cert_verifier(verifier)
         .with_single_cert(server_chain, server_key)
         .unwrap();
-    server.alpn_protocols = vec![b"h2".to_vec()];
+    server.alpn_protocols = vec![alpn.to_vec()];
+    server.send_tls13_tickets = 0;
+    server.enable_secret_extraction = true;
     let mut client = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .with_root_certificates(roots)
         .with_client_auth_cert(client_chain, client_key)
         .unwrap();
-    client.alpn_protocols = vec![b"h2".to_vec()];
+    client.alpn_protocols = vec![alpn.to_vec()];
+    client.enable_secret_extraction = true;
     (
         TlsAcceptor::from(Arc::new(server)),
         TlsConnector::from(Arc::new(client)),
