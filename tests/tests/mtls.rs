@@ -259,6 +259,88 @@ fn cross_node_traffic_is_unchanged_for_applications_and_the_wire_carries_only_tl
     assert!(application_bytes > 2 * 1000 * 4096, "{application_bytes}");
 }
 
+/// Whether this kernel takes the `tls` upper-layer protocol, asked as the
+/// agent asks; in the kernel matrix's VMs it must.
+fn kernel_has_tls() -> bool {
+    if mesh_tests::in_vm() {
+        return true;
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let socket = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    nix::sys::socket::setsockopt(
+        &socket,
+        nix::sys::socket::sockopt::TcpUlp::default(),
+        b"tls",
+    )
+    .is_ok()
+}
+
+/// The value of the counter series `series` (name and labels), 0 if absent.
+fn counter_value(metrics: &str, series: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn bulk_ports_get_a_tls_connection_each_with_kernel_tls_where_the_kernel_has_it() {
+    let m = mesh(
+        "bulk",
+        &[w(0, "shop", "web"), w(1, "shop", "db")],
+        &[],
+        &["--bulk-ports", &PORT.to_string()],
+    );
+    let db = m.server_addr(1, false);
+    let wire = Capture::start(m.bed.fabric().unwrap(), "n1").unwrap();
+    m.client(0, &["transfer", "--to", &db, "--sizes", "1,65537,67108864"]);
+    const SECRET: &str = "BULK-SECRET-MARKER-3c81d0";
+    m.client(
+        0,
+        &["say", "--to", &db, "--text", SECRET, "--repeat", "500"],
+    );
+    let frames = wire.stop().unwrap();
+
+    assert!(
+        !capture::contains(&frames, SECRET.as_bytes()),
+        "the workload's plaintext appeared on the wire between the nodes"
+    );
+    let segments = capture::segments(&frames);
+    let tunnel: Vec<_> = segments
+        .iter()
+        .filter(|s| is_tunnel_end(&s.src) && is_tunnel_end(&s.dst))
+        .cloned()
+        .collect();
+    let streams = capture::tcp_streams(&tunnel).unwrap();
+    let mut application_bytes = 0;
+    for ((src, dst), bytes) in &streams {
+        let records = capture::tls_records(bytes)
+            .unwrap_or_else(|e| panic!("{src:?} → {dst:?} is not TLS: {e}"));
+        application_bytes += records
+            .iter()
+            .filter(|r| r.0 == 23)
+            .map(|r| r.1)
+            .sum::<usize>();
+    }
+    assert!(
+        application_bytes > 2 * 64 * 1024 * 1024,
+        "{application_bytes}"
+    );
+
+    // Each connection had its TLS connection, and both agents say where
+    // its records were encrypted.
+    let records = if kernel_has_tls() { "kernel" } else { "user" };
+    for (node, direction) in [(0, "outbound"), (1, "inbound")] {
+        let metrics = agent::scrape_metrics(&m.bed, node).unwrap();
+        let series =
+            format!("mesh_bulk_tunnels_total{{direction=\"{direction}\",records=\"{records}\"}}");
+        assert!(
+            counter_value(&metrics, &series) >= 2,
+            "node {node}: {series} should count the transfer's and the marker's connections\n{metrics}"
+        );
+    }
+}
+
 /// A certificate for `spiffe_id` from the CA in `ca`, in `out`.
 fn issue(ca: &Path, spiffe_id: &str, lifetime: &str, out: &Path) -> (String, String) {
     mesh_agent_ok(&[

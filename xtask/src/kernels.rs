@@ -46,8 +46,9 @@ pub const KERNELS: [Kernel; 2] = [
 /// on the pods' veths (policy), the packet parser on real frames
 /// (ingress_frames), sk_msg (same_node), the tunnels (mtls), a restart on
 /// the pins (TCX links or clsact filters, as the kernel has), Kubernetes
-/// mode against a real API server (kubernetes), and Services behind
-/// kube-proxy's iptables rules (services). Under TCG a test takes 20 to
+/// mode against a real API server (kubernetes), Services behind
+/// kube-proxy's iptables rules (services), and kernel TLS (the agent's
+/// unit tests of bulk tunnels, `mesh_agent`). Under TCG a test takes 20 to
 /// 80 s, so the rest of each file runs on the host only, keeping a run of
 /// both kernels near 10 minutes (docs/kernels.md says what ran where).
 pub const IN_VM: &[(&str, &[&str])] = &[
@@ -74,7 +75,13 @@ pub const IN_VM: &[(&str, &[&str])] = &[
             "short_circuited_slow_receiver",
         ],
     ),
-    ("mtls", &["flows_report_the_identity_mutual_tls_verified"]),
+    (
+        "mtls",
+        &[
+            "flows_report_the_identity_mutual_tls_verified",
+            "bulk_ports_get_a_tls_connection_each_with_kernel_tls",
+        ],
+    ),
     (
         "kubernetes",
         &[
@@ -84,6 +91,9 @@ pub const IN_VM: &[(&str, &[&str])] = &[
         ],
     ),
     ("services", &["clients_reach_a_service_by_its_address"]),
+    // The agent's own unit tests of bulk tunnels: with kernel TLS here
+    // (the host's kernel has no CONFIG_TLS), each asserting it was used.
+    ("mesh_agent", &["tunnel::bulk_tests::", "tunnel::ktls::"]),
 ];
 
 /// How much longer tests wait for an agent to start in a VM: under TCG
@@ -160,7 +170,8 @@ pub fn select(name: &str) -> anyhow::Result<(bool, Vec<&'static Kernel>)> {
     }
 }
 
-/// The test binaries of `tests/`, built for the host: name → executable.
+/// The test binaries of `tests/` and the agent's unit tests, built for the
+/// host: name → executable.
 /// Asked of the whole workspace, as the host's run builds them: with
 /// `--package mesh-tests` alone cargo unifies fewer features and compiles a
 /// second copy of a dozen dependencies (80 s of a CI run).
@@ -177,24 +188,33 @@ pub fn test_binaries() -> anyhow::Result<Vec<(String, PathBuf)>> {
         .output()
         .context("building the kernel tests")?;
     ensure!(out.status.success(), "building the kernel tests failed");
-    let tests_manifest = crate::workspace_root()
-        .join("tests/Cargo.toml")
-        .display()
-        .to_string();
+    let manifest = |crate_dir: &str| {
+        crate::workspace_root()
+            .join(crate_dir)
+            .join("Cargo.toml")
+            .display()
+            .to_string()
+    };
+    // (manifest, the kind of target whose test binary runs in VMs)
+    let wanted = [(manifest("tests"), "test"), (manifest("mesh-agent"), "lib")];
     let mut found = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
         };
-        if message["manifest_path"].as_str() != Some(tests_manifest.as_str()) {
+        let Some(kind) = wanted
+            .iter()
+            .find(|(m, _)| message["manifest_path"].as_str() == Some(m.as_str()))
+            .map(|(_, kind)| *kind)
+        else {
             continue;
-        }
+        };
         let (Some(exe), Some(name), true) = (
             message["executable"].as_str(),
             message["target"]["name"].as_str(),
             message["target"]["kind"]
                 .as_array()
-                .is_some_and(|k| k.iter().any(|k| k == "test")),
+                .is_some_and(|k| k.iter().any(|k| k == kind)),
         ) else {
             continue;
         };
