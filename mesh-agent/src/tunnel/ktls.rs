@@ -12,7 +12,7 @@
 //! Limits, and what is done about them:
 //! - Kernels before 6.13 cannot take new keys on a TLS 1.3 socket, so a
 //!   direction that nears its cipher's record limit (2^24 records for
-//!   AES-128-GCM, several hundred GiB) is ended with a reset rather than
+//!   AES-GCM, some 224 GiB of full records) is ended with a reset rather than
 //!   sent on under a worn key; a KeyUpdate from the peer likewise.
 //! - Session tickets are off on every mesh connection, so none arrives on
 //!   a kernel socket (one would fail `recvmsg` for plain readers).
