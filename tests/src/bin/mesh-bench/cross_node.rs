@@ -56,6 +56,11 @@ pub struct CrossNode {
     /// (a collapsed rate would otherwise take the run past any budget).
     #[arg(long, default_value_t = 540)]
     sustained_max_seconds: u64,
+    /// An argument for both agents, after `--ca-dir` (repeat for more):
+    /// `--agent-arg=--bulk-ports=8080,8081` measures bulk tunnels against
+    /// plain TCP.
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    agent_args: Vec<String>,
 }
 
 const TRUST_DOMAIN: &str = "cluster.local";
@@ -101,6 +106,11 @@ pub(crate) struct Cluster {
 
 impl Cluster {
     pub(crate) fn start() -> anyhow::Result<Self> {
+        Self::start_with(&[])
+    }
+
+    /// [`Self::start`] with `extra` arguments for both agents.
+    pub(crate) fn start_with(extra: &[String]) -> anyhow::Result<Self> {
         let mut bed = TestBed::new("xnode-bench")?;
         bed.add_node()?;
         bed.connect_nodes()?;
@@ -148,8 +158,10 @@ impl Cluster {
             String::from_utf8_lossy(&out.stderr)
         );
         let ca = ca.display().to_string();
+        let mut args = vec!["--ca-dir", ca.as_str()];
+        args.extend(extra.iter().map(String::as_str));
         let agents = (0..bed.nodes.len())
-            .map(|n| Agent::start_node(&bed, n, &["--ca-dir", &ca]))
+            .map(|n| Agent::start_node(&bed, n, &args))
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Self {
             bed,
@@ -549,8 +561,11 @@ pub fn run(cli: &CrossNode, out: &Path) -> anyhow::Result<()> {
     ensure!(cli.slice > 0, "--slice must be at least 1");
     let run_started = *crate::STARTED.get_or_init(Instant::now);
     let load_at_start = loadavg();
-    let cluster = Cluster::start()?;
-    progress!("two nodes, a pod on each, agents ready");
+    let cluster = Cluster::start_with(&cli.agent_args)?;
+    progress!(
+        "two nodes, a pod on each, agents ready (extra arguments: {:?})",
+        cli.agent_args
+    );
     let result = measure(cli, &cluster, out, run_started, &load_at_start);
     // Always keep what the agents said; a failure prints where.
     let logs = cluster.save_logs(out)?;
@@ -951,7 +966,8 @@ fn measure(
             "plain": "mesh-pod in the client pod on node 0, outside the mesh's cgroup: plain TCP over the veths, node bridges and the fabric (past the mesh's tc programs on the uplinks)",
             "mesh": "the same tool in node 0's mesh cgroup: steered by the kernel to node 0's agent, HBONE (HTTP/2 CONNECT over mutual TLS 1.3) to node 1's agent, which connects to the server",
         },
-        "agents": "mesh-agent run --ca-dir <CA>: default settings (one control-plane worker, one tunnel thread, default TunnelSettings)",
+        "agents": "mesh-agent run --ca-dir <CA>: default settings (one control-plane worker, one tunnel thread, default TunnelSettings) unless extra arguments are given",
+        "agent_extra_arguments": cli.agent_args,
         "cpu_dma_latency_held_at_0": if latency_held { "during the ping-pong runs" } else { "no (could not open /dev/cpu_dma_latency)" },
         "waited_for_node_1_time_wait_s": settled_seconds,
         "sysctls": {
