@@ -341,6 +341,63 @@ fn bulk_ports_get_a_tls_connection_each_with_kernel_tls_where_the_kernel_has_it(
     }
 }
 
+#[test]
+fn bulk_tunnels_ride_through_certificate_rotation_without_a_failed_request() {
+    let m = mesh(
+        "bulkrot",
+        &[w(0, "shop", "web"), w(1, "shop", "db")],
+        &[],
+        &[
+            "--svid-lifetime",
+            "4s",
+            "--renew-fraction",
+            "0.5",
+            "--bulk-ports",
+            &PORT.to_string(),
+        ],
+    );
+    let db = m.server_addr(1, false);
+    let before = served_serials(&m, 1);
+
+    // A bulk tunnel held for three certificate lifetimes, and new ones (a
+    // handshake each, with whatever certificates are current) all along.
+    let long_lived = m
+        .bed
+        .workload(0, &["pingpong", "--to", &db, "--seconds", "12"])
+        .unwrap();
+    let counts = finish_probing(start_probing(&m, 0, &db, 12_000));
+    let total: u64 = counts.values().sum();
+    assert_eq!(
+        counts.get("connected"),
+        Some(&total),
+        "failed requests: {counts:?}"
+    );
+    assert!(total > 50, "too few requests to say anything: {counts:?}");
+    let out = long_lived.wait_output(T).unwrap();
+    assert!(
+        out.status.success(),
+        "the long-lived bulk tunnel broke: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let after = served_serials(&m, 1);
+    assert_ne!(
+        before[&id("shop", "db")],
+        after[&id("shop", "db")],
+        "never renewed"
+    );
+    // Every one of them was a bulk tunnel.
+    let metrics = agent::scrape_metrics(&m.bed, 0).unwrap();
+    let records = if kernel_has_tls() { "kernel" } else { "user" };
+    let bulk = counter_value(
+        &metrics,
+        &format!("mesh_bulk_tunnels_total{{direction=\"outbound\",records=\"{records}\"}}"),
+    );
+    assert!(
+        bulk > total,
+        "{bulk} bulk tunnels for {total} probes and a held one"
+    );
+}
+
 /// A certificate for `spiffe_id` from the CA in `ca`, in `out`.
 fn issue(ca: &Path, spiffe_id: &str, lifetime: &str, out: &Path) -> (String, String) {
     mesh_agent_ok(&[
