@@ -78,7 +78,10 @@ impl Outbound {
                     let _open = self.metrics.open(Direction::Outbound);
                     let metrics = self.metrics.clone();
                     let started = move |records| metrics.bulk(Direction::Outbound, records);
-                    if let Err(e) = ktls::carry(*tls, rest, stream, started).await {
+                    // Accepted on the workload's loopback, which the short-circuit
+                    // may feed.
+                    let reads = ktls::WorkloadReads::Read;
+                    if let Err(e) = ktls::carry(*tls, rest, stream, reads, started).await {
                         self.ended_with_reset(ends, &e);
                     }
                     return;

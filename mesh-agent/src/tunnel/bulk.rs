@@ -297,7 +297,10 @@ where
         Ok(workload) => {
             tls.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await?;
             tls.flush().await?;
-            Ok(ktls::carry(tls, rest, workload, started).await?)
+            // The agent's own connection to the destination, from the node's
+            // namespace: no short-circuit feeds it.
+            let reads = ktls::WorkloadReads::Splice;
+            Ok(ktls::carry(tls, rest, workload, reads, started).await?)
         }
         Err(refusal) => {
             tls.write_all(refusal_head(&refusal).as_bytes()).await?;

@@ -133,7 +133,9 @@ async fn bulk_agents(dest: SocketAddr, serve: Serve) -> Bed {
                 match bulk::open(tls, dest, PATIENCE, &kernel).await {
                     Ok((tls, rest)) => {
                         let _ = opened.send(Ok(()));
-                        let _ = ktls::carry(tls, rest, app, |r| {
+                        // As the source's agent carries them.
+                        let reads = ktls::WorkloadReads::Read;
+                        let _ = ktls::carry(tls, rest, app, reads, |r| {
                             let _ = started.send(("client", r));
                         })
                         .await;

@@ -170,6 +170,18 @@ fn crypto_info(seq: u64, secrets: &ConnectionTrafficSecrets) -> Option<TlsCrypto
     })
 }
 
+/// How the kernel path takes the workload's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkloadReads {
+    /// `splice(2)` from the workload's socket: no copy at all.
+    Splice,
+    /// `read(2)` into the agent, then a write the kernel encrypts: for a
+    /// socket the same-node short-circuit may feed (the source's agent
+    /// accepts on the workload's loopback, which `--short-circuit on`
+    /// covers), whose redirected bytes a splice would not see.
+    Read,
+}
+
 /// Carries the tunnel until both directions have ended: `rest` (what the
 /// peer sent behind its head) goes to `workload` first. In the kernel if
 /// the socket was readied for it ([`super::bulk::RecordReader::ready_kernel_tls`]),
@@ -179,6 +191,7 @@ pub async fn carry<T: BulkTls, U: TcpSocket>(
     mut tls: T,
     rest: Bytes,
     mut workload: U,
+    reads: WorkloadReads,
     started: impl FnOnce(Records),
 ) -> io::Result<()> {
     if tls.io().kernel_ready() {
@@ -191,7 +204,7 @@ pub async fn carry<T: BulkTls, U: TcpSocket>(
         };
         started(Records::Kernel);
         let result = match secrets.install(&tcp) {
-            Ok(()) => splice_both_ways(&tcp, rest, &mut workload, secrets.limit).await,
+            Ok(()) => splice_both_ways(&tcp, rest, &mut workload, reads, secrets.limit).await,
             Err(e) => Err(e),
         };
         if result.is_err() {
@@ -254,12 +267,13 @@ async fn splice_both_ways<U: TcpSocket>(
     tls: &TcpStream,
     rest: Bytes,
     workload: &mut U,
+    reads: WorkloadReads,
     limit: u64,
 ) -> io::Result<()> {
     workload.write_all(&rest).await?;
     let workload = workload.tcp();
     tokio::try_join!(
-        workload_to_peer(workload, tls, Pipe::new()?, limit),
+        workload_to_peer(workload, tls, Pipe::new()?, reads, limit),
         peer_to_workload(tls, workload, Pipe::new()?),
     )
     .map(|_| ())
@@ -270,19 +284,38 @@ async fn workload_to_peer(
     workload: &TcpStream,
     tls: &TcpStream,
     pipe: Pipe,
+    mut reads: WorkloadReads,
     limit: u64,
 ) -> io::Result<()> {
     // Ended well before the cipher's limit: records are counted from
-    // above (a splice may end a record early), and the margin is wide.
+    // above (a splice or a write may end a record early), and the margin
+    // is wide.
     let allowed = limit - limit / 8;
     let mut records: u64 = 0;
+    let mut buf = Vec::new();
     loop {
-        let n = fill(workload, &pipe).await?;
+        let (n, calls) = match reads {
+            WorkloadReads::Splice => match fill(workload, &pipe).await {
+                Ok(0) => (0, 0),
+                Ok(n) => (n, drain(&pipe, tls, n).await?),
+                // The splice guard refuses a short-circuited socket
+                // (docs/short-circuit.md): read it instead.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    reads = WorkloadReads::Read;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            },
+            WorkloadReads::Read => {
+                buf.resize(PIPE_CHUNK, 0);
+                let n = read_some(workload, &mut buf).await?;
+                (n, write_all(tls, &buf[..n]).await?)
+            }
+        };
         if n == 0 {
             send_close_notify(tls).await?;
             return Ok(shutdown(tls.as_raw_fd(), Shutdown::Write)?);
         }
-        let calls = drain(&pipe, tls, n).await?;
         records += (n.div_ceil(MAX_RECORD) + calls) as u64;
         if records >= allowed {
             warn!(
@@ -290,6 +323,16 @@ async fn workload_to_peer(
                 "a bulk tunnel reached its cipher's record limit, and this kernel cannot rekey: reset"
             );
             return Err(io::Error::other("record limit of the cipher reached"));
+        }
+    }
+}
+
+async fn read_some(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        from.readable().await?;
+        match from.try_read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            read => return read,
         }
     }
 }
@@ -313,7 +356,9 @@ async fn peer_to_workload(tls: &TcpStream, workload: &TcpStream, pipe: Pipe) -> 
                 Record::CloseNotify => {
                     return Ok(shutdown(workload.as_raw_fd(), Shutdown::Write)?);
                 }
-                Record::Data(bytes) => write_all(workload, &bytes).await?,
+                Record::Data(bytes) => {
+                    write_all(workload, &bytes).await?;
+                }
                 Record::Other(what) => {
                     return Err(io::Error::new(io::ErrorKind::InvalidData, what));
                 }
@@ -371,16 +416,21 @@ async fn drain(pipe: &Pipe, to: &TcpStream, mut len: usize) -> io::Result<usize>
     Ok(calls)
 }
 
-async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+/// Writes all of `bytes`; how many writes it took.
+async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> io::Result<usize> {
+    let mut calls = 0;
     while !bytes.is_empty() {
         to.writable().await?;
         match to.try_write(bytes) {
-            Ok(n) => bytes = &bytes[n..],
+            Ok(n) => {
+                bytes = &bytes[n..];
+                calls += 1;
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         }
     }
-    Ok(())
+    Ok(calls)
 }
 
 /// A record read with `recvmsg(2)` from a kernel TLS socket.
