@@ -162,6 +162,8 @@ impl AsyncRead for RecordReader {
     }
 }
 
+/// Writes go straight to the socket, vectored as rustls writes its queued
+/// records (one syscall for many).
 impl AsyncWrite for RecordReader {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -169,6 +171,18 @@ impl AsyncWrite for RecordReader {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
