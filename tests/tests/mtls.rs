@@ -361,24 +361,7 @@ fn bulk_tunnels_ride_through_certificate_rotation_without_a_failed_request() {
 
     // A bulk tunnel held for three certificate lifetimes, and new ones (a
     // handshake each, with whatever certificates are current) all along.
-    let long_lived = m
-        .bed
-        .workload(0, &["pingpong", "--to", &db, "--seconds", "12"])
-        .unwrap();
-    let counts = finish_probing(start_probing(&m, 0, &db, 12_000));
-    let total: u64 = counts.values().sum();
-    assert_eq!(
-        counts.get("connected"),
-        Some(&total),
-        "failed requests: {counts:?}"
-    );
-    assert!(total > 50, "too few requests to say anything: {counts:?}");
-    let out = long_lived.wait_output(T).unwrap();
-    assert!(
-        out.status.success(),
-        "the long-lived bulk tunnel broke: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let total = traffic_through_renewals(&m, &db, 50);
     let after = served_serials(&m, 1);
     assert_ne!(
         before[&id("shop", "db")],
@@ -557,6 +540,34 @@ fn tunnels_are_refused_without_a_valid_certificate_or_when_policy_denies() {
 }
 
 /// Starts `mesh-pod probe` of TCP `target` in `pod`, repeating for `ms`.
+/// New connections from pod 0 to `db` all along for 12 s, and one held
+/// for all of it: each must succeed, and at least `least` connect. Their
+/// count.
+fn traffic_through_renewals(m: &Mesh, db: &str, least: u64) -> u64 {
+    let long_lived = m
+        .bed
+        .workload(0, &["pingpong", "--to", db, "--seconds", "12"])
+        .unwrap();
+    let counts = finish_probing(start_probing(m, 0, db, 12_000));
+    let total: u64 = counts.values().sum();
+    assert_eq!(
+        counts.get("connected"),
+        Some(&total),
+        "failed requests: {counts:?}"
+    );
+    assert!(
+        total > least,
+        "too few requests to say anything: {counts:?}"
+    );
+    let out = long_lived.wait_output(T).unwrap();
+    assert!(
+        out.status.success(),
+        "the long-lived connection broke: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    total
+}
+
 fn start_probing(m: &Mesh, pod: usize, target: &str, ms: u64) -> Spawned {
     m.bed
         .start_probing(pod, &format!("tcp:{target}"), ms)
@@ -618,24 +629,7 @@ fn certificates_rotate_under_continuous_traffic_without_a_failed_request() {
 
     // New connections all along, and one long-lived connection, for three
     // certificate lifetimes (six renewals).
-    let long_lived = m
-        .bed
-        .workload(0, &["pingpong", "--to", &db, "--seconds", "12"])
-        .unwrap();
-    let counts = finish_probing(start_probing(&m, 0, &db, 12_000));
-    let total: u64 = counts.values().sum();
-    assert_eq!(
-        counts.get("connected"),
-        Some(&total),
-        "failed requests: {counts:?}"
-    );
-    assert!(total > 100, "too few requests to say anything: {counts:?}");
-    let out = long_lived.wait_output(T).unwrap();
-    assert!(
-        out.status.success(),
-        "the long-lived connection broke: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    traffic_through_renewals(&m, &db, 100);
 
     let after = served_serials(&m, 1);
     assert_ne!(

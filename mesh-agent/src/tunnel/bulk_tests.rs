@@ -193,17 +193,7 @@ async fn bulk_tunnels_carry_bytes_exactly_both_ways_at_once() {
 async fn a_half_close_is_carried_as_a_half_close() {
     let request = random_bytes(300 * KIB, 21);
     let reply = random_bytes(200 * KIB, 22);
-    // The destination answers only after the application's end: the
-    // direction still open must keep working.
-    let (expect, answer) = (request.clone(), reply.clone());
-    let (dest, mut outcomes) = destination(move |mut stream| {
-        let (expect, answer) = (expect.clone(), answer.clone());
-        async move {
-            read_exact_stream(&mut stream, &expect).await?;
-            write_and_shut(&mut stream, &answer).await
-        }
-    })
-    .await;
+    let (dest, mut outcomes) = answer_after_request(request.clone(), reply.clone()).await;
     let mut bed = bulk_agents(dest, Serve::Connect).await;
     let mut app = TcpStream::connect(bed.agent).await.unwrap();
     within("application", async {

@@ -139,6 +139,20 @@ where
     (addr, rx)
 }
 
+/// A destination that, on every connection, reads all of `expect` (to the
+/// application's FIN), then sends `reply` and closes: the direction still
+/// open must keep working after a half-close.
+pub async fn answer_after_request(expect: Bytes, reply: Bytes) -> (SocketAddr, Outcomes) {
+    destination(move |mut stream| {
+        let (expect, reply) = (expect.clone(), reply.clone());
+        async move {
+            read_exact_stream(&mut stream, &expect).await?;
+            write_and_shut(&mut stream, &reply).await
+        }
+    })
+    .await
+}
+
 /// A destination that, on every connection, receives `expect` and sends
 /// `reply` at the same time.
 pub async fn exchange_destination(expect: Bytes, reply: Bytes) -> (SocketAddr, Outcomes) {

@@ -98,16 +98,7 @@ async fn agents(settings: TunnelSettings, dest: SocketAddr) -> (ServerAgent, Soc
 async fn request_half_close_then_full_reply() {
     let request = random_bytes(100 * KIB, 3);
     let reply = random_bytes(300 * KIB, 4);
-    let (expect, answer) = (request.clone(), reply.clone());
-    // Reads the whole request (to the application's FIN), then answers.
-    let (dest, mut outcomes) = destination(move |mut stream| {
-        let (expect, answer) = (expect.clone(), answer.clone());
-        async move {
-            read_exact_stream(&mut stream, &expect).await?;
-            write_and_shut(&mut stream, &answer).await
-        }
-    })
-    .await;
+    let (dest, mut outcomes) = answer_after_request(request.clone(), reply.clone()).await;
     let (_server, agent) = agents(TunnelSettings::default(), dest).await;
 
     let mut app = TcpStream::connect(agent).await.unwrap();
