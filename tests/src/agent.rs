@@ -330,6 +330,15 @@ pub fn scrape_metrics(bed: &TestBed, node: usize) -> anyhow::Result<String> {
         .map_or(response.clone(), |(_, body)| body.to_string()))
 }
 
+/// The value of the sample whose name and labels are exactly `series` in
+/// a `/metrics` body.
+pub fn metric_sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.split_whitespace().next()?.parse().ok()
+    })
+}
+
 /// `inspect stats -o json`.
 pub fn stats(pins: &Path) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::from_str(&cli(

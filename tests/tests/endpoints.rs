@@ -10,7 +10,7 @@ use std::{
 };
 
 use mesh_tests::{
-    agent::{self, Agent},
+    agent::{self, Agent, metric_sample as sample},
     netns::Netns,
     process::{Placement, Spawned},
     topology::TestBed,
@@ -159,14 +159,6 @@ fn wait_for(what: &str, mut ask: impl FnMut() -> (bool, String)) -> String {
         assert!(Instant::now() < deadline, "{what}; last answer:\n{last}");
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// The value of the sample whose name and labels are exactly `series`.
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics.lines().find_map(|line| {
-        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
-        value.split_whitespace().next()?.parse().ok()
-    })
 }
 
 fn verdicts(src: &str, verdict: &str, reason: &str) -> String {

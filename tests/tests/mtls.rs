@@ -245,18 +245,27 @@ fn cross_node_traffic_is_unchanged_for_applications_and_the_wire_carries_only_tl
         .collect();
     let streams = capture::tcp_streams(&tunnel).unwrap();
     assert!(!streams.is_empty(), "no tunnel traffic captured");
-    let mut application_bytes = 0;
-    for ((src, dst), bytes) in &streams {
-        let records = capture::tls_records(bytes)
-            .unwrap_or_else(|e| panic!("{src:?} → {dst:?} is not TLS: {e}"));
-        application_bytes += records
-            .iter()
-            .filter(|r| r.0 == 23)
-            .map(|r| r.1)
-            .sum::<usize>();
-    }
+    let application_bytes = tls_application_bytes(&streams);
     // 1000 × 4 KiB each way plus the marker runs, all inside TLS records.
     assert!(application_bytes > 2 * 1000 * 4096, "{application_bytes}");
+}
+
+/// The application data carried by `streams`, each of which must be TLS
+/// records from its first byte.
+fn tls_application_bytes(
+    streams: &std::collections::BTreeMap<capture::Direction, Vec<u8>>,
+) -> usize {
+    streams
+        .iter()
+        .map(|((src, dst), bytes)| {
+            capture::tls_records(bytes)
+                .unwrap_or_else(|e| panic!("{src:?} → {dst:?} is not TLS: {e}"))
+                .iter()
+                .filter(|r| r.0 == 23)
+                .map(|r| r.1)
+                .sum::<usize>()
+        })
+        .sum()
 }
 
 /// Whether this kernel takes the `tls` upper-layer protocol, asked as the
@@ -275,12 +284,16 @@ fn kernel_has_tls() -> bool {
     .is_ok()
 }
 
-/// The value of the counter series `series` (name and labels), 0 if absent.
-fn counter_value(metrics: &str, series: &str) -> u64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0)
+/// `mesh_bulk_tunnels_total` of `node`'s agent for `direction`, with the
+/// records where this kernel puts them (0 if absent), and the metrics it
+/// was read from.
+fn bulk_tunnels(m: &Mesh, node: usize, direction: &str) -> (u64, String) {
+    let records = if kernel_has_tls() { "kernel" } else { "user" };
+    let metrics = agent::scrape_metrics(&m.bed, node).unwrap();
+    let series =
+        format!("mesh_bulk_tunnels_total{{direction=\"{direction}\",records=\"{records}\"}}");
+    let count = agent::metric_sample(&metrics, &series).unwrap_or(0.0) as u64;
+    (count, metrics)
 }
 
 #[test]
@@ -312,16 +325,7 @@ fn bulk_ports_get_a_tls_connection_each_with_kernel_tls_where_the_kernel_has_it(
         .cloned()
         .collect();
     let streams = capture::tcp_streams(&tunnel).unwrap();
-    let mut application_bytes = 0;
-    for ((src, dst), bytes) in &streams {
-        let records = capture::tls_records(bytes)
-            .unwrap_or_else(|e| panic!("{src:?} → {dst:?} is not TLS: {e}"));
-        application_bytes += records
-            .iter()
-            .filter(|r| r.0 == 23)
-            .map(|r| r.1)
-            .sum::<usize>();
-    }
+    let application_bytes = tls_application_bytes(&streams);
     assert!(
         application_bytes > 2 * 64 * 1024 * 1024,
         "{application_bytes}"
@@ -329,14 +333,11 @@ fn bulk_ports_get_a_tls_connection_each_with_kernel_tls_where_the_kernel_has_it(
 
     // Each connection had its TLS connection, and both agents say where
     // its records were encrypted.
-    let records = if kernel_has_tls() { "kernel" } else { "user" };
     for (node, direction) in [(0, "outbound"), (1, "inbound")] {
-        let metrics = agent::scrape_metrics(&m.bed, node).unwrap();
-        let series =
-            format!("mesh_bulk_tunnels_total{{direction=\"{direction}\",records=\"{records}\"}}");
+        let (count, metrics) = bulk_tunnels(&m, node, direction);
         assert!(
-            counter_value(&metrics, &series) >= 2,
-            "node {node}: {series} should count the transfer's and the marker's connections\n{metrics}"
+            count >= 2,
+            "node {node}: {direction} bulk tunnels should count the transfer's and the marker's connections\n{metrics}"
         );
     }
 }
@@ -369,12 +370,7 @@ fn bulk_tunnels_ride_through_certificate_rotation_without_a_failed_request() {
         "never renewed"
     );
     // Every one of them was a bulk tunnel.
-    let metrics = agent::scrape_metrics(&m.bed, 0).unwrap();
-    let records = if kernel_has_tls() { "kernel" } else { "user" };
-    let bulk = counter_value(
-        &metrics,
-        &format!("mesh_bulk_tunnels_total{{direction=\"outbound\",records=\"{records}\"}}"),
-    );
+    let (bulk, _) = bulk_tunnels(&m, 0, "outbound");
     assert!(
         bulk > total,
         "{bulk} bulk tunnels for {total} probes and a held one"
