@@ -802,3 +802,38 @@ fn a_connected_udp_socket_leaves_a_backend_that_left_its_service() {
     assert_eq!(report["reconnects"], 0, "{report}");
     assert!(report["errors"].as_object().unwrap().is_empty(), "{report}");
 }
+
+/// The abort above is reported ahead of whatever the socket had queued, so
+/// the answer to the question it interrupted can still be waiting when the
+/// client asks again. The client (like a resolver) must skip it, not fall
+/// one answer behind for good. A server on loopback leaves such an answer.
+#[test]
+fn the_udp_client_skips_an_answer_to_an_earlier_question() {
+    let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let to = server.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        let mut first = true;
+        while let Ok((n, from)) = server.recv_from(&mut buf) {
+            if std::mem::take(&mut first) {
+                // An answer to question 0, which the client never asked in
+                // this life of its socket.
+                server.send_to(b"late:0", from).unwrap();
+            }
+            let answer = [b"srv:", &buf[..n]].concat();
+            server.send_to(&answer, from).unwrap();
+        }
+    });
+    let out = std::process::Command::new(mesh_tests::topology::pod_tool())
+        .args(["udp-session", "--to", &to.to_string(), "--until", "srv"])
+        .args(["--give-up-ms", "3000"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let (first, report) = stdout.split_once('\n').unwrap();
+    assert_eq!(first, "answered by srv", "{stdout}");
+    let report: Value = serde_json::from_str(report).unwrap();
+    assert_eq!(report["moved"], true, "{report}");
+    assert_eq!(report["answers"], serde_json::json!({"srv": 1}), "{report}");
+    assert!(report["errors"].as_object().unwrap().is_empty(), "{report}");
+}

@@ -1551,22 +1551,29 @@ fn udp_session(
             );
         }
         let asked = seq.to_string();
-        let outcome = sock
-            .send(asked.as_bytes())
-            .and_then(|_| sock.recv(&mut buf));
-        match outcome {
-            Ok(n) => {
+        let outcome = sock.send(asked.as_bytes()).and_then(|_| {
+            loop {
+                // An answer to an earlier question (one queued before an
+                // abort, which the kernel reports ahead of the queue) is
+                // skipped, as a resolver matches answers to its question:
+                // asking again instead would leave every later answer one
+                // question behind.
+                let n = sock.recv(&mut buf)?;
                 let text = String::from_utf8_lossy(&buf[..n]);
-                let (tag, echoed) = text.split_once(':').unwrap_or(("", &text));
-                if echoed != asked {
-                    // A late answer to an earlier question.
-                    continue;
+                if let Some((tag, echoed)) = text.split_once(':')
+                    && echoed == asked
+                {
+                    break Ok(tag.to_string());
                 }
+            }
+        });
+        match outcome {
+            Ok(tag) => {
                 if answers.values().sum::<u64>() == 0 {
                     println!("answered by {tag}");
                     std::io::stdout().flush()?;
                 }
-                *answers.entry(tag.to_string()).or_default() += 1;
+                *answers.entry(tag.clone()).or_default() += 1;
                 if tag == until {
                     return Ok(
                         json!({ "ok": true, "moved": true, "answers": answers, "errors": errors, "reconnects": reconnects }),
