@@ -10,7 +10,7 @@ fn main() {
     let object = match env::var_os("MESH_EBPF_OBJECT") {
         Some(path) => PathBuf::from(path),
         None => PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap())
-            .join("../../target/ebpf/bpfel-unknown-none/release/mesh-ebpf"),
+            .join("../../target/ebpf/mesh-ebpf.o"),
     };
     println!("cargo:rerun-if-changed={}", object.display());
     let len = std::fs::metadata(&object).map(|m| m.len()).unwrap_or(0);

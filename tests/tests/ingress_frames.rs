@@ -59,8 +59,7 @@ const IP_MF: u16 = 0x2000;
 
 /// The kernel object `cargo xtask build-ebpf` (and `cargo xtask test`) builds.
 fn object_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/ebpf/bpfel-unknown-none/release/mesh-ebpf")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/ebpf/mesh-ebpf.o")
 }
 
 /// The loaded program and its maps. Fields drop in order: the program and

@@ -36,6 +36,11 @@ const PACKAGES: &[&str] = &[
 const VIRTME_NG: &str = "virtme-ng";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+/// A tool of the LLVM that `setup` installs for bpf-linker.
+pub fn llvm_tool(name: &str) -> String {
+    format!("{LLVM_PREFIX}/bin/{name}")
+}
 /// Debian's rustc, which can build for bpfel-unknown-none.
 pub const BPF_RUSTC: &str = "/usr/bin/rustc";
 /// Debian's clippy for that rustc (rustup's cannot read its `core`).
