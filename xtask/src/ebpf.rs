@@ -22,12 +22,17 @@ pub fn build() -> anyhow::Result<()> {
     // The DWARF was only needed to generate the BTF, which the loader keeps
     // using (.BTF, .BTF.ext). Without it the object the agent embeds is 80 %
     // smaller, and so is its share of the agent's read-only pages.
+    // Written only when the linked object is newer: the agent's build
+    // script rebuilds whatever embeds it when its time changes.
     let object = root.join(OBJECT);
-    installed(&setup::llvm_tool("llvm-objcopy"))?;
-    run(std::process::Command::new(setup::llvm_tool("llvm-objcopy"))
-        .arg("--strip-debug")
-        .arg(&linked)
-        .arg(&object))?;
+    let modified = |path: &std::path::Path| path.metadata().and_then(|m| m.modified()).ok();
+    if modified(&object) < modified(&linked) {
+        installed(&setup::llvm_tool("llvm-objcopy"))?;
+        run(std::process::Command::new(setup::llvm_tool("llvm-objcopy"))
+            .arg("--strip-debug")
+            .arg(&linked)
+            .arg(&object))?;
+    }
     eprintln!("xtask: eBPF object at {}", object.display());
     Ok(())
 }
