@@ -541,8 +541,13 @@ impl FlowBudget {
 /// remembered (LRU: a forgotten source starts with a whole burst).
 pub const MAX_FLOW_SOURCES: u32 = 16_384;
 
-/// Capacity of `FLOWS` in bytes (a power of two, as the kernel requires).
-pub const FLOWS_RING_BYTES: u32 = 1 << 20;
+/// Capacity of `FLOWS` in bytes (a power of two, as the kernel requires):
+/// 4,681 events of 112 bytes (104 and the ring's header), more than two
+/// sources' whole bursts at the default `--flow-events-per-source` while
+/// the agent is not reading. The agent maps the events twice (so that
+/// one can wrap), and every page counts in its RSS: 1 MiB cost it 2 MiB.
+/// A ring pinned by an earlier agent keeps its size.
+pub const FLOWS_RING_BYTES: u32 = 1 << 19;
 
 /// Default capacities; each is configurable on `mesh-agent run`.
 pub const DEFAULT_MAX_ENDPOINTS: u32 = 65_536;
