@@ -63,6 +63,8 @@ pub struct RecordReader {
     records: RecordBoundary,
     /// `TCP_ULP tls` is set: the kernel can take the records over.
     kernel_ready: bool,
+    /// [`ktls::KernelTls`]'s lower record limit, if it has one.
+    record_limit: Option<u64>,
 }
 
 impl RecordReader {
@@ -72,6 +74,7 @@ impl RecordReader {
             bounded: true,
             records: RecordBoundary::default(),
             kernel_ready: false,
+            record_limit: None,
         }
     }
 
@@ -81,6 +84,7 @@ impl RecordReader {
     /// set, bytes pass through unchanged.
     pub fn ready_kernel_tls(&mut self, kernel: &ktls::KernelTls) {
         self.kernel_ready = kernel.attach(&self.tcp);
+        self.record_limit = kernel.record_limit();
     }
 
     pub fn kernel_ready(&self) -> bool {
@@ -239,6 +243,7 @@ macro_rules! bulk_tls {
                     return Err(rustls::Error::General("not a TLS 1.3 connection".into()));
                 };
                 let limit = suite.common.confidentiality_limit;
+                let limit = io.record_limit.map_or(limit, |lower| lower.min(limit));
                 let secrets = conn.dangerous_extract_secrets()?;
                 Ok((io.tcp, ktls::Secrets::new(secrets, limit)?))
             }

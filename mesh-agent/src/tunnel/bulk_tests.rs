@@ -82,6 +82,11 @@ impl Bed {
 }
 
 async fn bulk_agents(dest: SocketAddr, serve: Serve) -> Bed {
+    bulk_agents_with(dest, serve, || KernelTls::new(true)).await
+}
+
+/// Both agents with `kernel` as their kernel TLS.
+async fn bulk_agents_with(dest: SocketAddr, serve: Serve, kernel: fn() -> KernelTls) -> Bed {
     let (acceptor, connector) = bulk_mutual_tls();
     let (started_tx, started) = mpsc::unbounded_channel();
     let (opened_tx, opened) = mpsc::unbounded_channel();
@@ -107,7 +112,7 @@ async fn bulk_agents(dest: SocketAddr, serve: Serve) -> Bed {
                         _ => connect_to_target(request).await,
                     }
                 };
-                let kernel = KernelTls::new(true);
+                let kernel = kernel();
                 let _ = bulk::serve(tls, PATIENCE, handler, &kernel, |r| {
                     let _ = started.send(("server", r));
                 })
@@ -129,7 +134,7 @@ async fn bulk_agents(dest: SocketAddr, serve: Serve) -> Bed {
                     .connect(name, RecordReader::new(tcp))
                     .await
                     .unwrap();
-                let kernel = KernelTls::new(true);
+                let kernel = kernel();
                 match bulk::open(tls, dest, PATIENCE, &kernel).await {
                     Ok((tls, rest)) => {
                         let _ = opened.send(Ok(()));
@@ -291,4 +296,47 @@ async fn a_tcp_end_without_close_notify_resets_the_application() {
         .await
         .unwrap();
     assert_eq!((who, records), ("client", expected_records().await));
+}
+
+/// Kernels before 6.13 cannot give a kernel TLS socket new keys, so a bulk
+/// tunnel in the kernel is reset before its cipher's record limit (lowered
+/// here to 64 records): both ends see a reset, never a clean end that would
+/// pass a cut-off transfer for a whole one. In user space rustls updates
+/// its keys itself, and the same transfer is carried whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_in_the_kernel_is_reset_before_its_record_limit() {
+    let request = random_bytes(4 * MIB, 41);
+    let reply = random_bytes(64 * KIB, 42);
+    let (dest, mut outcomes) = answer_after_request(request.clone(), reply.clone()).await;
+    let mut bed = bulk_agents_with(dest, Serve::Connect, || {
+        KernelTls::with_record_limit(true, 64)
+    })
+    .await;
+    let mut app = TcpStream::connect(bed.agent).await.unwrap();
+    let application = within("application", async {
+        write_and_shut(&mut app, &request).await?;
+        read_exact_stream(&mut app, &reply).await
+    })
+    .await;
+    let destination = within("destination", outcomes.recv()).await.unwrap();
+    let records = expected_records().await;
+    bed.both_carried_by(records).await;
+    match records {
+        Records::Kernel => {
+            let kind = application.expect_err("a whole 4 MiB in 64 records").kind();
+            assert!(
+                matches!(
+                    kind,
+                    io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+                ),
+                "the application saw {kind:?}, not a reset"
+            );
+            let kind = destination.expect_err("the request arrived whole").kind();
+            assert_eq!(kind, io::ErrorKind::ConnectionReset);
+        }
+        Records::User => {
+            application.expect("carried whole in user space");
+            destination.expect("received whole in user space");
+        }
+    }
 }

@@ -61,13 +61,29 @@ impl Records {
 #[derive(Debug)]
 pub struct KernelTls {
     on: AtomicBool,
+    /// Records one key may encrypt, when lower than its cipher's limit:
+    /// the tests reach it in a few records.
+    record_limit: Option<u64>,
 }
 
 impl KernelTls {
     pub fn new(on: bool) -> Self {
         Self {
             on: AtomicBool::new(on),
+            record_limit: None,
         }
+    }
+
+    #[cfg(test)]
+    pub fn with_record_limit(on: bool, records: u64) -> Self {
+        Self {
+            record_limit: Some(records),
+            ..Self::new(on)
+        }
+    }
+
+    pub(super) fn record_limit(&self) -> Option<u64> {
+        self.record_limit
     }
 
     fn on(&self) -> bool {
