@@ -342,7 +342,10 @@ mod tests {
     // Stream resets and GOAWAYs as h2 reports them cannot be made outside
     // h2: the tunnel tests' scripted peer refuses a stream and crashes
     // after one (`a_refused_stream_carries_its_first_bytes_again_on_the_retry`,
-    // `first_bytes_are_not_sent_again_after_the_peer_may_have_acted_on_them`).
+    // `first_bytes_are_not_sent_again_after_the_peer_may_have_acted_on_them`),
+    // and a peer writing its frames by hand goes away under one
+    // (`a_stream_beyond_a_goaway_carries_its_first_bytes_again_on_a_new_connection`,
+    // `first_bytes_are_not_sent_again_when_a_goaway_says_their_stream_was_processed`).
     #[test]
     fn a_refusal_is_not_retried() {
         let refused = OpenError::Refused {

@@ -808,32 +808,156 @@ async fn open_after_writing(
     (opened, app, agent_side)
 }
 
+/// The tunnel a retry opened carries the workload's bytes, echoed once:
+/// the copy sent on the stream the peer did not process went nowhere.
+async fn echoed_once(
+    tunnel: client::Tunnel,
+    mut app: TcpStream,
+    agent_side: TcpStream,
+    first: &[u8],
+) {
+    tokio::spawn(tunnel.splice(agent_side));
+    app.shutdown().await.unwrap();
+    within("echo", read_exact_stream(&mut app, first))
+        .await
+        .unwrap();
+}
+
+/// The open failed for good: the first bytes may have been acted on, so
+/// no other connection was tried.
+fn failed_for_good(opened: Result<client::Tunnel, PoolError>) {
+    match opened {
+        Err(PoolError::Open(error @ OpenError::Failed(_))) => assert!(!error.is_retryable()),
+        other => panic!("expected the open to fail for good, got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn a_refused_stream_carries_its_first_bytes_again_on_the_retry() {
     let (peer, mut seen) = scripted_peer(vec![Step::Refuse]).await;
-    let (opened, mut app, agent_side) = open_after_writing(peer, b"hello").await;
+    let (opened, app, agent_side) = open_after_writing(peer, b"hello").await;
     let tunnel = opened.unwrap();
     assert_eq!(seen.recv().await.unwrap(), "hello", "the refused stream");
     assert_eq!(seen.recv().await.unwrap(), "hello", "the retried stream");
-    tokio::spawn(tunnel.splice(agent_side));
-    app.shutdown().await.unwrap();
-    // Echoed once: the refused stream's copy went nowhere.
-    within("echo", read_exact_stream(&mut app, b"hello"))
-        .await
-        .unwrap();
+    echoed_once(tunnel, app, agent_side, b"hello").await;
 }
 
 #[tokio::test]
 async fn first_bytes_are_not_sent_again_after_the_peer_may_have_acted_on_them() {
     let (peer, mut seen) = scripted_peer(vec![Step::Crash]).await;
     let (opened, _app, _agent_side) = open_after_writing(peer, b"transfer 100").await;
-    match opened {
-        Err(PoolError::Open(error @ OpenError::Failed(_))) => assert!(!error.is_retryable()),
-        other => panic!("expected the open to fail for good, got {other:?}"),
-    }
+    failed_for_good(opened);
     assert_eq!(seen.recv().await.unwrap(), "transfer 100");
     assert!(
         seen.try_recv().is_err(),
+        "the bytes were sent on one stream only"
+    );
+}
+
+/// Which streams a [`going_away_peer`]'s GOAWAY says it processed.
+#[derive(Debug, Clone, Copy)]
+enum LastStream {
+    /// None: the shutdown began before the stream arrived.
+    None,
+    /// The stream it took: it may have acted on it before going away.
+    Taken,
+}
+
+/// A peer agent whose first connection goes away under the first stream:
+/// it reads the stream's HEADERS and first DATA (reported), answers with
+/// a graceful GOAWAY (NO_ERROR) naming `last` as the last stream it
+/// processed, and closes. h2 cannot send that GOAWAY (it counts a stream
+/// processed once its HEADERS arrive), so the frames are written by hand.
+/// Later connections are passed to `answering`.
+async fn going_away_peer(
+    last: LastStream,
+    answering: SocketAddr,
+) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Bytes>) {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    const DATA: u8 = 0;
+    const SETTINGS: u8 = 4;
+    const GOAWAY: u8 = 7;
+    const ACK: u8 = 1;
+    fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let len = (payload.len() as u32).to_be_bytes();
+        let mut frame = vec![len[1], len[2], len[3], kind, flags, 0, 0, 0, 0];
+        frame.extend_from_slice(payload);
+        frame
+    }
+    let listener = tokio::net::TcpListener::bind(LOCALHOST).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (seen, seen_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut preface = [0u8; PREFACE.len()];
+        tcp.read_exact(&mut preface).await.unwrap();
+        assert_eq!(preface, PREFACE);
+        tcp.write_all(&frame(SETTINGS, 0, &[])).await.unwrap();
+        loop {
+            let mut head = [0u8; 9];
+            tcp.read_exact(&mut head).await.unwrap();
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let (kind, flags) = (head[3], head[4]);
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            let mut payload = vec![0u8; len];
+            tcp.read_exact(&mut payload).await.unwrap();
+            match kind {
+                SETTINGS if flags & ACK == 0 => {
+                    tcp.write_all(&frame(SETTINGS, ACK, &[])).await.unwrap();
+                }
+                DATA if stream != 0 && !payload.is_empty() => {
+                    let _ = seen.send(Bytes::from(payload));
+                    let last = match last {
+                        LastStream::None => 0,
+                        LastStream::Taken => stream,
+                    };
+                    let mut goaway = last.to_be_bytes().to_vec();
+                    goaway.extend_from_slice(&0u32.to_be_bytes()); // NO_ERROR
+                    tcp.write_all(&frame(GOAWAY, 0, &goaway)).await.unwrap();
+                    break;
+                }
+                _ => {}
+            }
+        }
+        drop(tcp);
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut upstream = TcpStream::connect(answering).await?;
+                tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await
+            });
+        }
+    });
+    (addr, seen_rx)
+}
+
+#[tokio::test]
+async fn a_stream_beyond_a_goaway_carries_its_first_bytes_again_on_a_new_connection() {
+    let (answering, mut answered) = scripted_peer(vec![Step::Answer]).await;
+    let (peer, mut unprocessed) = going_away_peer(LastStream::None, answering).await;
+    let (opened, app, agent_side) = open_after_writing(peer, b"hello").await;
+    let tunnel = opened.unwrap();
+    assert_eq!(
+        unprocessed.recv().await.unwrap(),
+        "hello",
+        "the stream the GOAWAY left unprocessed"
+    );
+    assert_eq!(
+        answered.recv().await.unwrap(),
+        "hello",
+        "the retried stream, on a new connection"
+    );
+    echoed_once(tunnel, app, agent_side, b"hello").await;
+}
+
+#[tokio::test]
+async fn first_bytes_are_not_sent_again_when_a_goaway_says_their_stream_was_processed() {
+    let (answering, mut answered) = scripted_peer(vec![Step::Answer]).await;
+    let (peer, mut taken) = going_away_peer(LastStream::Taken, answering).await;
+    let (opened, _app, _agent_side) = open_after_writing(peer, b"transfer 100").await;
+    failed_for_good(opened);
+    assert_eq!(taken.recv().await.unwrap(), "transfer 100");
+    assert!(
+        answered.try_recv().is_err(),
         "the bytes were sent on one stream only"
     );
 }
