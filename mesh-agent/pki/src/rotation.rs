@@ -72,21 +72,27 @@ pub struct CertManager {
 struct Shared {
     store: SvidStore,
     wanted: watch::Sender<HashSet<String>>,
-    /// The wanted identities without a certificate, sorted.
+    /// The wanted identities without a recorded certificate, sorted.
     missing: watch::Sender<Vec<String>>,
+    /// The identities whose certificates the task has recorded in
+    /// `certs.json`, as of its last record. Readiness waits for `missing`
+    /// to empty and promises that `inspect certs` then lists every local
+    /// workload's certificate: being in the store is not enough.
+    recorded: std::sync::Mutex<HashSet<String>>,
 }
 
 impl Shared {
-    /// Recomputes the wanted identities still without an SVID, under the
-    /// watch's lock from the latest wanted set and store, so concurrent
-    /// updates cannot leave a stale answer.
+    /// Recomputes the wanted identities whose certificate is not recorded
+    /// yet, under the watch's lock from the latest wanted set, so
+    /// concurrent updates cannot leave a stale answer.
     fn refresh_missing(&self) {
         self.missing.send_if_modified(|missing| {
+            let recorded = self.recorded.lock().unwrap_or_else(|p| p.into_inner());
             let mut now: Vec<String> = self
                 .wanted
                 .borrow()
                 .iter()
-                .filter(|id| self.store.get(id).is_none())
+                .filter(|id| !recorded.contains(*id))
                 .cloned()
                 .collect();
             now.sort();
@@ -94,6 +100,19 @@ impl Shared {
             *missing = now;
             changed
         });
+    }
+
+    /// What the store holds has been recorded (or its record attempted,
+    /// and the failure logged).
+    fn recorded(&self) {
+        let held = self
+            .store
+            .all()
+            .iter()
+            .map(|s| s.spiffe_id.clone())
+            .collect();
+        *self.recorded.lock().unwrap_or_else(|p| p.into_inner()) = held;
+        self.refresh_missing();
     }
 }
 
@@ -118,6 +137,7 @@ impl CertManager {
             store,
             wanted: watch::channel(HashSet::new()).0,
             missing: watch::channel(Vec::new()).0,
+            recorded: Default::default(),
         });
         let task = tokio::spawn(run(issuer, shared.clone(), config, backoff));
         CertManager { shared, task }
@@ -172,10 +192,13 @@ async fn run(
     let mut wanted_rx = shared.wanted.subscribe();
     let mut entries: HashMap<String, Entry> = HashMap::new();
     let store = &shared.store;
+    let mut first_round = true;
     loop {
         let wanted = wanted_rx.borrow_and_update().clone();
         let now = SystemTime::now();
-        let mut changed = false;
+        // The first round records what the store starts with.
+        let mut changed = first_round;
+        first_round = false;
 
         for svid in store.all() {
             if !wanted.contains(&svid.spiffe_id) {
@@ -261,7 +284,7 @@ async fn run(
             if let Err(e) = write_state(&config.state_dir, store, &entries) {
                 warn!(error = %e, "cannot record the certificates' state");
             }
-            shared.refresh_missing();
+            shared.recorded();
         }
 
         // Sleep until the next renewal, retry or expiry, or a new wanted set.
@@ -572,6 +595,66 @@ mod tests {
         fn trust_bundle(&self) -> Vec<CertificateDer<'static>> {
             self.bundle.clone()
         }
+    }
+
+    /// A reload sets the wanted set again while the task records what it
+    /// has just issued: the certificate stays missing until it is
+    /// recorded, so "ready" is never announced before `inspect certs` can
+    /// list it (a CI run read certs.json right after "ready" and found
+    /// none). The record's temporary file is a FIFO here, so writing it
+    /// holds the task between issuing and recording until the test reads.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_certificate_stays_missing_until_it_is_recorded() {
+        let dir = TempDir::new("cert-manager-record");
+        let ca = TestCa::root(TD);
+        let bundle = ca.bundle().to_vec();
+        let store = SvidStore::new(TD, TrustBundle::new(bundle.clone()).unwrap());
+        let issuer = Flaky {
+            ca,
+            failures: Mutex::new(0),
+            bundle,
+        };
+        let manager = start(issuer, &store, dir.path());
+        // The first round's record, of no certificate yet.
+        let first_record = async {
+            while !state_path(dir.path()).exists() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), first_record)
+            .await
+            .unwrap();
+        let fifo = dir.path().join(format!(".{STATE_FILE}.tmp"));
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.unwrap().success(), "mkfifo {}", fifo.display());
+        // The reader opens the FIFO when told, or when the test fails
+        // first (the sender dropped): the task is never left blocked.
+        let (read_now, go) = std::sync::mpsc::channel::<()>();
+        let record = std::thread::spawn(move || {
+            let _ = go.recv();
+            std::fs::read_to_string(fifo).unwrap()
+        });
+        manager.set_wanted([id("cart")].into());
+        let issued = async {
+            while store.get(&id("cart")).is_none() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), issued)
+            .await
+            .unwrap();
+
+        manager.set_wanted([id("cart")].into());
+        assert_eq!(
+            *manager.missing().borrow(),
+            [id("cart")],
+            "issued, not recorded yet"
+        );
+        read_now.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), manager.wait_all_issued())
+            .await
+            .unwrap();
+        assert!(record.join().unwrap().contains(&id("cart")));
     }
 
     #[tokio::test]
