@@ -38,7 +38,7 @@ pub fn build() -> anyhow::Result<()> {
 }
 
 /// The kernel programs' object the agent embeds, under the workspace root.
-pub const OBJECT: &str = "target/ebpf/mesh-ebpf.o";
+const OBJECT: &str = "target/ebpf/mesh-ebpf.o";
 
 /// Clippy on the kernel crate, warnings denied: Debian's clippy, the one
 /// that matches the rustc whose `core` the crate builds against.

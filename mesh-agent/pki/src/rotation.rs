@@ -497,6 +497,18 @@ mod tests {
         )
     }
 
+    /// Waits until `done` holds, for at most 5 s.
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let waited = async {
+            while !done() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), waited)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: not within 5 s"));
+    }
+
     #[tokio::test]
     async fn issues_renews_drops_and_records() {
         let dir = TempDir::new("cert-manager");
@@ -558,14 +570,7 @@ mod tests {
         );
 
         manager.set_wanted([id("frontend")].into());
-        let dropped = async {
-            while store.get(&id("cart")).is_some() {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(5), dropped)
-            .await
-            .unwrap();
+        until("cart dropped", || store.get(&id("cart")).is_none()).await;
         assert!(manager.missing().borrow().is_empty());
     }
 
@@ -616,14 +621,7 @@ mod tests {
         };
         let manager = start(issuer, &store, dir.path());
         // The first round's record, of no certificate yet.
-        let first_record = async {
-            while !state_path(dir.path()).exists() {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(5), first_record)
-            .await
-            .unwrap();
+        until("the first record", || state_path(dir.path()).exists()).await;
         let fifo = dir.path().join(format!(".{STATE_FILE}.tmp"));
         let made = std::process::Command::new("mkfifo").arg(&fifo).status();
         assert!(made.unwrap().success(), "mkfifo {}", fifo.display());
@@ -635,14 +633,7 @@ mod tests {
             std::fs::read_to_string(fifo).unwrap()
         });
         manager.set_wanted([id("cart")].into());
-        let issued = async {
-            while store.get(&id("cart")).is_none() {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(5), issued)
-            .await
-            .unwrap();
+        until("cart issued", || store.get(&id("cart")).is_some()).await;
 
         manager.set_wanted([id("cart")].into());
         assert_eq!(
@@ -673,19 +664,11 @@ mod tests {
         let manager = start(issuer, &store, dir.path());
         manager.set_wanted([id("cart")].into());
         // The failed attempts are recorded while retrying.
-        let recorded = async {
-            loop {
-                if let Ok(text) = std::fs::read_to_string(state_path(dir.path()))
-                    && text.contains("connection refused")
-                {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(5), recorded)
-            .await
-            .unwrap();
+        until("the failures recorded", || {
+            std::fs::read_to_string(state_path(dir.path()))
+                .is_ok_and(|text| text.contains("connection refused"))
+        })
+        .await;
         tokio::time::timeout(Duration::from_secs(5), manager.wait_all_issued())
             .await
             .unwrap();
